@@ -1,0 +1,178 @@
+"""The phone bot: one Pipecat pipeline per call.
+
+    transport.input() → STT → user aggregator (Silero VAD + Smart Turn) → LLM → TTS
+        → transport.output() → assistant aggregator
+
+`bot(runner_args)` is Pipecat Cloud's entry point and what `server.py`'s `/ws` calls, so
+the same code runs self-hosted and on Pipecat Cloud. `run_bot(transport, call)` builds
+and runs the pipeline for a call that has already been verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import WebSocket
+from loguru import logger
+from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+from pipecat.audio.vad.silero import SileroVADAnalyzer
+from pipecat.frames.frames import TTSSpeakFrame
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregatorParams,
+)
+from pipecat.runner.types import RunnerArguments
+from pipecat.transports.base_transport import BaseTransport
+from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
+from pipecat.turns.user_turn_strategies import UserTurnStrategies
+from pipecat.workers.runner import WorkerRunner
+
+from phonebot.config import Settings, get_settings
+from phonebot.personas import Persona, opening_line, select_persona
+from phonebot.providers import build_services
+from phonebot.session import (
+    CallSession,
+    StreamRejected,
+    accept_twilio_stream,
+    reject_stream,
+    twilio_transport,
+)
+
+PHONE_SAMPLE_RATE = 8000
+
+
+def system_prompt(persona: Persona, call: CallSession) -> str:
+    """The persona's instructions plus how this call opens."""
+    opening = opening_line(persona, call.parameters)
+    if call.direction == "outbound":
+        return (
+            f"{persona.system_prompt()} You placed this call and the callee has just "
+            f"picked up. Your first reply must be exactly: {opening}"
+        )
+    return f"{persona.system_prompt()} You have already greeted the caller with: {opening}"
+
+
+def user_turn_params() -> LLMUserAggregatorParams:
+    """Silero VAD hears speech; Pipecat's bundled Smart Turn model decides the turn ended."""
+    return LLMUserAggregatorParams(
+        vad_analyzer=SileroVADAnalyzer(),
+        user_turn_strategies=UserTurnStrategies(
+            stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3())]
+        ),
+    )
+
+
+async def run_bot(
+    transport: BaseTransport, call: CallSession, settings: Settings | None = None
+) -> None:
+    """Run one call's pipeline until the call ends."""
+    settings = settings or get_settings()
+    persona = select_persona(call.parameters)
+    services = build_services(settings, persona)
+    context = LLMContext(messages=[{"role": "system", "content": system_prompt(persona, call)}])
+    user_aggregator, assistant_aggregator = LLMContextAggregatorPair(
+        context, user_params=user_turn_params()
+    )
+
+    pipeline = Pipeline(
+        [
+            transport.input(),
+            services.stt,
+            user_aggregator,
+            services.llm,
+            services.tts,
+            transport.output(),
+            assistant_aggregator,
+        ]
+    )
+    worker = PipelineWorker(
+        pipeline,
+        params=PipelineParams(
+            audio_in_sample_rate=PHONE_SAMPLE_RATE,
+            audio_out_sample_rate=PHONE_SAMPLE_RATE,
+            enable_metrics=True,
+            enable_usage_metrics=True,
+        ),
+    )
+    opener = CallOpener(worker, opening_line(persona, call.parameters), call.direction, settings)
+
+    @user_aggregator.event_handler("on_user_turn_started")
+    async def on_user_turn_started(aggregator, strategy):
+        opener.caller_spoke()
+
+    @transport.event_handler("on_client_connected")
+    async def on_client_connected(transport, client):
+        logger.info(
+            f"Call {call.call_sid} started: {call.direction}, persona={persona.name}, "
+            f"parameters={call.loggable_parameters()}"
+        )
+        await opener.start()
+
+    @transport.event_handler("on_client_disconnected")
+    async def on_client_disconnected(transport, client):
+        logger.info(f"Call {call.call_sid}: caller hung up")
+        await worker.cancel()
+
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    try:
+        await runner.run()
+    finally:
+        opener.stop()
+        logger.info(f"Call {call.call_sid} ended")
+
+
+class CallOpener:
+    """Who speaks first.
+
+    Dial-in: the bot greets at once. Dial-out: the callee usually answers with "Hello?",
+    and the LLM's first reply (instructed by the system prompt) is the campaign opening;
+    if the callee stays silent for `dialout_greeting_delay_s`, the bot opens anyway.
+    """
+
+    def __init__(self, worker: PipelineWorker, opening: str, direction: str, settings: Settings):
+        self._worker = worker
+        self._opening = opening
+        self._direction = direction
+        self._delay_s = settings.dialout_greeting_delay_s
+        self._caller_spoke = False
+        self._timer: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self._direction == "outbound":
+            self._timer = asyncio.create_task(self._open_if_silent())
+        else:
+            await self._speak_opening()
+
+    def caller_spoke(self) -> None:
+        self._caller_spoke = True
+
+    def stop(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+
+    async def _open_if_silent(self) -> None:
+        await asyncio.sleep(self._delay_s)
+        if not self._caller_spoke:
+            await self._speak_opening()
+
+    async def _speak_opening(self) -> None:
+        await self._worker.queue_frames([TTSSpeakFrame(self._opening)])
+
+
+async def serve_call(websocket: WebSocket, settings: Settings) -> None:
+    """Verify a Twilio stream and run its call; a rejected stream is closed, costing nothing."""
+    try:
+        call = await accept_twilio_stream(websocket, settings)
+    except StreamRejected as rejection:
+        await reject_stream(websocket, str(rejection))
+        return
+    await run_bot(twilio_transport(websocket, call, settings), call, settings)
+
+
+async def bot(runner_args: RunnerArguments) -> None:
+    """Pipecat Cloud's entry point (a `WebSocketRunnerArguments` for Twilio calls)."""
+    await serve_call(runner_args.websocket, get_settings())  # type: ignore[attr-defined]

@@ -1,0 +1,94 @@
+"""Place outbound calls through Twilio's REST API, from `POST /dialout` or the command line.
+
+    python dialout.py +15551234567 --param campaign_id=summer_sale --param customer_id=c-42
+
+The call is created with `url=` pointing at this server's signed `POST /outbound`
+endpoint, carrying the campaign parameters in its query string. When the callee picks
+up, Twilio fetches that URL with the new CallSid (signed with the auth token), and the
+TwiML it gets back carries every parameter, `call_type=outbound` and a stream token bound
+to that CallSid. No token has to be guessed or remembered before the CallSid exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from urllib.parse import urlencode
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from phonebot.config import Settings, get_settings
+from phonebot.twilio_api import TwilioUnavailable, create_call
+from phonebot.twiml import ParameterError, validate_custom_parameters
+
+E164 = r"^\+[1-9]\d{1,14}$"
+
+
+class DialoutRequest(BaseModel):
+    """Body of `POST /dialout`."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    to: str = Field(pattern=E164, description="Number to call, E.164 (+15551234567)")
+    from_: str | None = Field(
+        default=None, alias="from", pattern=E164, description="Caller ID; TWILIO_PHONE_NUMBER"
+    )
+    parameters: dict[str, str] = Field(
+        default_factory=dict, description="Stream parameters, e.g. campaign_id, customer_id"
+    )
+
+
+class DialoutResponse(BaseModel):
+    call_sid: str
+    status: str
+    to: str
+
+
+async def place_call(request: DialoutRequest, settings: Settings, base_url: str) -> DialoutResponse:
+    """Validate the parameters and ask Twilio to place the call.
+
+    Raises ParameterError (the caller's fault) or TwilioUnavailable (Twilio's answer).
+    """
+    parameters = validate_custom_parameters(request.parameters, settings, where="parameters")
+    from_number = request.from_ or settings.twilio_phone_number
+    if not from_number:
+        raise ParameterError("from", "not given and TWILIO_PHONE_NUMBER is not set")
+    query = f"?{urlencode(parameters)}" if parameters else ""
+    created = await create_call(
+        settings, to=request.to, from_=from_number, twiml_url=f"{base_url}/outbound{query}"
+    )
+    return DialoutResponse(call_sid=created.sid, status=created.status, to=created.to)
+
+
+def _parse_param(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Place an outbound call with the phone bot.")
+    parser.add_argument("to", help="number to call, E.164, e.g. +15551234567")
+    parser.add_argument("--from", dest="from_", help="caller ID (default TWILIO_PHONE_NUMBER)")
+    parser.add_argument(
+        "--param", action="append", type=_parse_param, default=[], metavar="NAME=VALUE"
+    )
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    if not settings.public_url:
+        print("error: PUBLIC_URL must be set: Twilio fetches the call's TwiML from it")
+        return 2
+    try:
+        request = DialoutRequest(to=args.to, from_=args.from_, parameters=dict(args.param))
+        response = asyncio.run(place_call(request, settings, settings.public_url))
+    except (ValueError, TwilioUnavailable) as error:  # pydantic's ValidationError included
+        print(f"error: {error}")
+        return 1
+    print(f"call {response.call_sid} to {response.to}: {response.status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The one place configuration is read.
+
+Every setting comes from the environment (or `.env`, loaded with python-dotenv) into a
+typed `Settings` object once per process. Modules take a `Settings` argument instead of
+reading `os.environ`, so tests build their own object and never see a developer's `.env`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Literal
+
+from dotenv import load_dotenv
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TWILIO_API_BASE_URL = "https://api.twilio.com"
+PIPECAT_CLOUD_TWILIO_WS_URL = "wss://api.pipecat.daily.co/ws/twilio"
+
+
+class Settings(BaseSettings):
+    """Server settings; field names are the environment variable names, lower-cased."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, env_ignore_empty=True)
+
+    # Where Twilio reaches this server, e.g. https://abc.ngrok.app. When unset, URLs are
+    # derived from each request (fine for loopback; set it behind ngrok or a proxy).
+    public_url: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    log_level: str = "INFO"
+
+    # "production" points the <Stream> at Pipecat Cloud instead of this server.
+    env: Literal["local", "production"] = "local"
+    agent_name: str | None = None
+    organization_name: str | None = None
+    pipecat_cloud_ws_url: str = PIPECAT_CLOUD_TWILIO_WS_URL
+
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_phone_number: str | None = None
+    twilio_api_base_url: str = DEFAULT_TWILIO_API_BASE_URL
+    # Signs the per-call stream token; falls back to TWILIO_AUTH_TOKEN, then to a random
+    # per-process secret (which only works while one process serves webhook and stream).
+    stream_secret: SecretStr | None = None
+
+    dialout_api_key: SecretStr | None = None
+    # Bounds on the custom <Parameter>s a call may carry (webhook query or /dialout body).
+    max_call_parameters: int = Field(default=16, ge=0)
+    max_parameter_name_length: int = Field(default=64, ge=1)
+    max_parameter_value_length: int = Field(default=256, ge=1)
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-4.1-mini"
+    openai_stt_model: str = "gpt-4o-transcribe"
+    openai_tts_model: str = "gpt-4o-mini-tts"
+    openai_tts_voice: str = "alloy"
+    deepgram_api_key: SecretStr | None = None
+    cartesia_api_key: SecretStr | None = None
+    cartesia_voice_id: str = "71a7ad14-091c-4e8e-a314-022ece01c121"
+
+    # Dial-out: how long the bot waits for the callee's "Hello?" before opening anyway.
+    dialout_greeting_delay_s: float = Field(default=3.0, ge=0)
+
+    @field_validator(
+        "twilio_auth_token",
+        "stream_secret",
+        "dialout_api_key",
+        "openai_api_key",
+        "deepgram_api_key",
+        "cartesia_api_key",
+        mode="before",
+    )
+    @classmethod
+    def _empty_secret_is_unset(cls, value):
+        """`KEY=` in .env means "not configured", never "configured as empty"."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        return value or None
+
+    @field_validator("public_url", "openai_base_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @cached_property
+    def stream_token_secret(self) -> bytes:
+        """The key that signs per-call stream tokens (see `phonebot.security`)."""
+        for candidate in (self.stream_secret, self.twilio_auth_token):
+            if candidate and candidate.get_secret_value():
+                return candidate.get_secret_value().encode()
+        return secrets.token_bytes(32)
+
+    @property
+    def twilio_credentials(self) -> tuple[str, str] | None:
+        """(AccountSid, AuthToken) when both are configured, else None."""
+        token = self.twilio_auth_token.get_secret_value() if self.twilio_auth_token else ""
+        if self.twilio_account_sid and token:
+            return self.twilio_account_sid, token
+        return None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Read `./.env` (without overriding the real environment) and the environment once.
+
+    Only the working directory's `.env` is read, never one found by walking up the tree,
+    so a test server started in a scratch directory can't pick up a developer's keys.
+    """
+    load_dotenv(Path.cwd() / ".env", override=False)
+    return Settings()
+
+
+def mask(secret: str | None, keep: int = 4) -> str:
+    """Show only the last few characters of an identifier or token in logs."""
+    if not secret:
+        return "<unset>"
+    return f"…{secret[-keep:]}" if len(secret) > keep * 2 else "…"

@@ -1,0 +1,77 @@
+"""The offline responder: sits where the LLM sits when no LLM is configured.
+
+It reads the same `LLMContext` the LLM would, so the pipeline is identical in both modes.
+It opens with the persona's greeting, answers from the persona's keyword table, and
+otherwise says plainly that it is running offline and takes a message. It never pretends
+to be an AI model. After a goodbye it ends the call the way the LLM does: by asking the
+pipeline to end once everything queued (the goodbye audio) has been played.
+"""
+
+from __future__ import annotations
+
+from pipecat.frames.frames import (
+    EndWorkerFrame,
+    Frame,
+    LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+)
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.llm_service import LLMService
+
+from phonebot.personas import Persona, keyword_answer
+
+OFFLINE_FALLBACK = (
+    "I'm running in offline mode, so I can't answer that myself. "
+    "I can take a message for the team. What would you like me to pass on?"
+)
+GOODBYE_WORDS = ("goodbye", "bye", "that's all", "hang up")
+
+
+def _text_of(message) -> str:
+    content = message.get("content", "") if isinstance(message, dict) else ""
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content or "")
+
+
+def _said_goodbye(utterance: str) -> bool:
+    lowered = f" {utterance.lower()} "
+    return any(f" {word}" in lowered for word in GOODBYE_WORDS)
+
+
+class OfflineResponder(LLMService):
+    """A scripted, keyword-driven stand-in for the LLM."""
+
+    def __init__(self, *, persona: Persona, **kwargs):
+        super().__init__(**kwargs)
+        self._persona = persona
+
+    def reply_to(self, context: LLMContext) -> tuple[str, bool]:
+        """The reply for the current context, and whether the call should end after it."""
+        messages = context.get_messages()
+        if not any(_message_role(m) == "assistant" for m in messages):
+            return f"{self._persona.greeting} {self._persona.question}", False
+        user_turns = [_text_of(m) for m in messages if _message_role(m) == "user"]
+        last = user_turns[-1] if user_turns else ""
+        if _said_goodbye(last):
+            return self._persona.goodbye, True
+        return keyword_answer(self._persona, last) or OFFLINE_FALLBACK, False
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if not isinstance(frame, LLMContextFrame):
+            await self.push_frame(frame, direction)
+            return
+        reply, end_call = self.reply_to(frame.context)
+        await self.push_frame(LLMFullResponseStartFrame())
+        await self.push_frame(LLMTextFrame(reply))
+        await self.push_frame(LLMFullResponseEndFrame())
+        if end_call:
+            await self.push_frame(EndWorkerFrame(reason="bot said goodbye"))
+
+
+def _message_role(message) -> str:
+    return message.get("role", "") if isinstance(message, dict) else ""

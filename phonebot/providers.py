@@ -1,0 +1,166 @@
+"""Which STT, LLM and TTS a call uses: the one place providers are chosen.
+
+Each kind has an ordered table; the first provider whose settings are present wins, and
+the offline engine closes every table, so a machine with no keys still answers calls.
+Only the chosen provider is imported and constructed: a provider without its key is
+never half-started. Providers fall back independently (an OpenAI key and no Deepgram key
+means OpenAI transcription with, say, Cartesia speech).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pipecat.processors.frame_processor import FrameProcessor
+
+from phonebot.config import Settings
+from phonebot.personas import Persona
+
+OPENAI_TTS_SAMPLE_RATE = 24000
+
+
+def _secret(value) -> str:
+    return value.get_secret_value() if value else ""
+
+
+def _has_openai_key(settings: Settings) -> bool:
+    return bool(_secret(settings.openai_api_key))
+
+
+def _deepgram_stt(settings: Settings, persona: Persona) -> FrameProcessor:
+    from pipecat.services.deepgram.stt import DeepgramSTTService
+
+    return DeepgramSTTService(api_key=_secret(settings.deepgram_api_key))
+
+
+def _openai_stt(settings: Settings, persona: Persona) -> FrameProcessor:
+    from pipecat.services.openai.stt import OpenAISTTService
+
+    return OpenAISTTService(
+        api_key=_secret(settings.openai_api_key), model=settings.openai_stt_model
+    )
+
+
+def _offline_stt(settings: Settings, persona: Persona) -> FrameProcessor:
+    from phonebot.offline.stt import OfflineSTTService
+
+    return OfflineSTTService()
+
+
+def _openai_llm(settings: Settings, persona: Persona) -> FrameProcessor:
+    from pipecat.services.openai.llm import OpenAILLMService
+
+    return OpenAILLMService(
+        # Local OpenAI-compatible servers (Ollama, vLLM, llama.cpp) accept any key.
+        api_key=_secret(settings.openai_api_key) or "not-needed",
+        base_url=settings.openai_base_url,
+        settings=OpenAILLMService.Settings(model=settings.openai_model),
+    )
+
+
+def _offline_llm(settings: Settings, persona: Persona) -> FrameProcessor:
+    from phonebot.offline.responder import OfflineResponder
+
+    return OfflineResponder(persona=persona)
+
+
+def _cartesia_tts(settings: Settings, persona: Persona) -> FrameProcessor:
+    from pipecat.services.cartesia.tts import CartesiaTTSService
+
+    return CartesiaTTSService(
+        api_key=_secret(settings.cartesia_api_key),
+        settings=CartesiaTTSService.Settings(voice=settings.cartesia_voice_id),
+    )
+
+
+def _openai_tts(settings: Settings, persona: Persona) -> FrameProcessor:
+    from pipecat.services.openai.tts import OpenAITTSService
+
+    return OpenAITTSService(
+        api_key=_secret(settings.openai_api_key),
+        model=settings.openai_tts_model,
+        voice=settings.openai_tts_voice,
+        sample_rate=OPENAI_TTS_SAMPLE_RATE,
+    )
+
+
+def _offline_tts(settings: Settings, persona: Persona) -> FrameProcessor:
+    from phonebot.offline.tts import OfflineTTSService
+
+    return OfflineTTSService()
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One row of a provider table: a name, when it applies, how to build it."""
+
+    name: str
+    is_configured: Callable[[Settings], bool]
+    build: Callable[[Settings, Persona], FrameProcessor]
+
+
+def _always(settings: Settings) -> bool:
+    return True
+
+
+STT_PROVIDERS: Sequence[Provider] = (
+    Provider("deepgram", lambda s: bool(_secret(s.deepgram_api_key)), _deepgram_stt),
+    Provider("openai", _has_openai_key, _openai_stt),
+    Provider("offline", _always, _offline_stt),
+)
+LLM_PROVIDERS: Sequence[Provider] = (
+    Provider("openai", lambda s: _has_openai_key(s) or bool(s.openai_base_url), _openai_llm),
+    Provider("offline", _always, _offline_llm),
+)
+TTS_PROVIDERS: Sequence[Provider] = (
+    Provider("cartesia", lambda s: bool(_secret(s.cartesia_api_key)), _cartesia_tts),
+    Provider("openai", _has_openai_key, _openai_tts),
+    Provider("offline", _always, _offline_tts),
+)
+
+
+def choose(table: Sequence[Provider], settings: Settings) -> Provider:
+    return next(provider for provider in table if provider.is_configured(settings))
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    """The providers this server's settings select, by name."""
+
+    stt: str
+    llm: str
+    tts: str
+
+    @property
+    def offline(self) -> bool:
+        """True when any part of the pipeline runs on an offline engine."""
+        return "offline" in (self.stt, self.llm, self.tts)
+
+    def describe(self) -> str:
+        return f"STT={self.stt} LLM={self.llm} TTS={self.tts}"
+
+
+def chosen_providers(settings: Settings) -> ProviderChoice:
+    return ProviderChoice(
+        stt=choose(STT_PROVIDERS, settings).name,
+        llm=choose(LLM_PROVIDERS, settings).name,
+        tts=choose(TTS_PROVIDERS, settings).name,
+    )
+
+
+@dataclass
+class CallServices:
+    """The three AI services one call's pipeline runs."""
+
+    stt: FrameProcessor
+    llm: FrameProcessor
+    tts: FrameProcessor
+
+
+def build_services(settings: Settings, persona: Persona) -> CallServices:
+    return CallServices(
+        stt=choose(STT_PROVIDERS, settings).build(settings, persona),
+        llm=choose(LLM_PROVIDERS, settings).build(settings, persona),
+        tts=choose(TTS_PROVIDERS, settings).build(settings, persona),
+    )

@@ -1,0 +1,104 @@
+"""The real server, started as `python server.py` on a loopback port, for integration tests.
+
+A subprocess, not an in-process app: the server gets its own interpreter and core (as in
+production), its settings come from the environment only (its working directory is a
+scratch folder, so no developer `.env` leaks in), and its log is captured for assertions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """A running `server.py`; `logs` holds every line it has written to stderr."""
+
+    def __init__(self, env: dict[str, str], workdir: Path):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.logs: list[str] = []
+        full_env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", str(workdir)),
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "LOG_LEVEL": "INFO",
+            **env,
+        }
+        self._process = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py")],
+            cwd=workdir,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read_logs, daemon=True)
+        self._reader.start()
+        self._wait_until_healthy()
+
+    def _read_logs(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            self.logs.append(line.rstrip("\n"))
+
+    def _wait_until_healthy(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError("server exited at startup:\n" + "\n".join(self.logs[-40:]))
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become healthy:\n" + "\n".join(self.logs[-40:]))
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.base_url}/health", timeout=5).json()
+
+    def log_text(self) -> str:
+        return "\n".join(self.logs)
+
+    def error_lines(self) -> list[str]:
+        """Lines logged at ERROR or worse, and tracebacks."""
+        markers = ("| ERROR", "| CRITICAL", "Traceback (most recent call last)")
+        return [line for line in self.logs if any(m in line for m in markers)]
+
+    def wait_for_log(self, text: str, timeout_s: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.logs):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._reader.join(timeout=5)
