@@ -1,6 +1,6 @@
 """The phone bot: one Pipecat pipeline per call.
 
-    transport.input() → STT → user aggregator (Silero VAD + Smart Turn) → LLM → TTS
+    transport.input() → STT → keypad digits → user aggregator (Silero VAD + Smart Turn) → LLM → TTS
         → transport.output() → assistant aggregator
 
 `bot(runner_args)` is Pipecat Cloud's entry point and what `server.py`'s `/ws` calls, so
@@ -31,6 +31,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 
 from phonebot.config import Settings, get_settings
+from phonebot.keypad import keypad_aggregator
 from phonebot.personas import Persona, opening_line, select_persona
 from phonebot.providers import build_services
 from phonebot.session import (
@@ -81,6 +82,7 @@ async def run_bot(
         [
             transport.input(),
             services.stt,
+            keypad_aggregator(),
             user_aggregator,
             services.llm,
             services.tts,

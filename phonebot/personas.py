@@ -36,9 +36,36 @@ class Persona:
     question: str
     answers: tuple[KeywordAnswer, ...] = field(default_factory=tuple)
     goodbye: str = "Thanks for calling. Goodbye!"
+    # What callers typically say to this persona; the offline STT listens for these words.
+    caller_phrases: tuple[str, ...] = field(default_factory=tuple)
 
     def system_prompt(self) -> str:
         return f"{self.instructions} {PHONE_STYLE}"
+
+    def offline_vocabulary(self) -> tuple[str, ...]:
+        """The phrases the offline recogniser is limited to on a call with this persona."""
+        keywords = tuple(k for entry in self.answers for k in entry.keywords)
+        return COMMON_CALLER_PHRASES + self.caller_phrases + keywords
+
+
+# Said on any call; with the persona's own phrases they make the offline STT's vocabulary.
+COMMON_CALLER_PHRASES = (
+    "hello",
+    "hello who is this",
+    "yes",
+    "yes please",
+    "no",
+    "no thank you",
+    "okay",
+    "thank you",
+    "thanks that's all goodbye",
+    "goodbye",
+    "bye",
+    "wait I have a question",
+    "can I speak to a person",
+    "what are your opening hours",
+    "sorry can you say that again",
+)
 
 
 COMMON_ANSWERS = (
@@ -87,6 +114,14 @@ DIALIN_PERSONAS: dict[str, Persona] = {
             ),
             *COMMON_ANSWERS,
         ),
+        caller_phrases=(
+            "my order has not arrived",
+            "where is my package",
+            "I'd like to book an appointment",
+            "I want a refund",
+            "I want to return an item",
+            "my order number is one two three four",
+        ),
     ),
     "sales": Persona(
         name="sales",
@@ -104,6 +139,12 @@ DIALIN_PERSONAS: dict[str, Persona] = {
             ),
             KeywordAnswer(("price", "cost", "discount"), "Everything is thirty percent off."),
             *COMMON_ANSWERS,
+        ),
+        caller_phrases=(
+            "I'm looking for a tent",
+            "I need camping gear",
+            "how much does it cost",
+            "is there a discount",
         ),
     ),
 }
@@ -133,6 +174,13 @@ CAMPAIGNS: dict[str, Persona] = {
             ),
         ),
         goodbye="Thanks for your time, and enjoy your summer. Goodbye!",
+        caller_phrases=(
+            "hello who is calling",
+            "sure I have a minute",
+            "I'm busy right now",
+            "I'm not interested",
+            "yes send me the code",
+        ),
     ),
 }
 

@@ -45,7 +45,9 @@ def _openai_stt(settings: Settings, persona: Persona) -> FrameProcessor:
 def _offline_stt(settings: Settings, persona: Persona) -> FrameProcessor:
     from phonebot.offline.stt import OfflineSTTService
 
-    return OfflineSTTService()
+    # Pocketsphinx on 8 kHz phone audio is only usable when limited to the words a caller
+    # is likely to say to this persona (see README, "offline engines").
+    return OfflineSTTService(vocabulary=persona.offline_vocabulary())
 
 
 def _openai_llm(settings: Settings, persona: Persona) -> FrameProcessor:

@@ -9,6 +9,8 @@ pipeline to end once everything queued (the goodbye audio) has been played.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from pipecat.frames.frames import (
     EndWorkerFrame,
     Frame,
@@ -20,7 +22,9 @@ from pipecat.frames.frames import (
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.llm_service import LLMService
+from pipecat.services.settings import LLMSettings
 
+from phonebot.keypad import pressed_digits, spoken_digits
 from phonebot.personas import Persona, keyword_answer
 
 OFFLINE_FALLBACK = (
@@ -46,7 +50,11 @@ class OfflineResponder(LLMService):
     """A scripted, keyword-driven stand-in for the LLM."""
 
     def __init__(self, *, persona: Persona, **kwargs):
-        super().__init__(**kwargs)
+        # Pipecat checks that every LLM setting is initialised; none applies to a script.
+        unused = {f.name: None for f in fields(LLMSettings) if f.name != "extra"}
+        unused["model"] = "offline-responder"
+        unused["use_provider_thinking_default"] = False
+        super().__init__(settings=LLMSettings(**unused), **kwargs)
         self._persona = persona
 
     def reply_to(self, context: LLMContext) -> tuple[str, bool]:
@@ -58,6 +66,9 @@ class OfflineResponder(LLMService):
         last = user_turns[-1] if user_turns else ""
         if _said_goodbye(last):
             return self._persona.goodbye, True
+        digits = pressed_digits(last)
+        if digits is not None:
+            return f"You pressed {spoken_digits(digits)}.", False
         return keyword_answer(self._persona, last) or OFFLINE_FALLBACK, False
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):

@@ -1,0 +1,609 @@
+"""Call your bot from a terminal: no phone, no Twilio account, no keys.
+
+    python -m phonebot.call --say "I'd like to book an appointment" --pause 2 --say "yes"
+    python -m phonebot.call --dialout +15551234567 --param campaign_id=summer_sale --say "Hello?"
+
+Dial-in rings the server's voice webhook exactly as Twilio would (signed with
+TWILIO_AUTH_TOKEN when set) and streams the caller over Media Streams. Dial-out starts the
+Twilio REST emulator on loopback, asks the server's `/dialout` to call, and answers the call
+the server places through it. Steps run in command-line order; both sides are printed as a
+live transcript with response latencies, and the call is saved as a stereo WAV (caller
+left, bot right) under `recordings/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from phonebot.audio import TWILIO_SAMPLE_RATE, tone
+from phonebot.emulator.errors import (
+    EmulatorError,
+    NoBotAudioError,
+    NoStreamError,
+    ServerNotRunningError,
+    StreamClosedError,
+    WebhookError,
+)
+from phonebot.emulator.ids import mask
+from phonebot.emulator.media_stream import MediaStreamCaller
+from phonebot.emulator.rest import TwilioRestEmulator
+from phonebot.emulator.result import CallEvent, CallResult, Utterance
+from phonebot.emulator.script import (
+    Dtmf,
+    Hangup,
+    Pause,
+    Speak,
+    Step,
+    WaitForBot,
+    WaitForHangup,
+)
+from phonebot.emulator.webhook import dial_in
+
+DEFAULT_REST_PORT = 8099
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_SERVER_DOWN, EXIT_NO_STREAM, EXIT_CLOSED_EARLY, EXIT_NO_BOT_AUDIO = 3, 4, 5, 6
+
+Transcriber = Callable[[bytes, int], str]
+
+
+# ------------------------------------------------------------------ arguments
+
+
+class _StepAction(argparse.Action):
+    """Append (kind, value) to one shared, ordered `steps` list, whatever the option."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        steps = list(getattr(namespace, "steps", None) or [])
+        steps.append((self.dest, values))
+        namespace.steps = steps
+
+
+def _param(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m phonebot.call",
+        description="Call the bot like Twilio would: dial-in (default) or --dialout.",
+        epilog=(
+            "Exit codes: 0 ok, 1 other error, 2 usage, 3 server not reachable, "
+            "4 TwiML without <Connect><Stream>, 5 stream closed early by the server, "
+            "6 no audio from the bot in time."
+        ),
+    )
+    parser.set_defaults(steps=[])
+    call = parser.add_argument_group("call")
+    call.add_argument(
+        "--server",
+        help="server URL (voice webhook for dial-in); "
+        "default http://127.0.0.1:$PORT/ (PORT defaults to 8000)",
+    )
+    call.add_argument(
+        "--param",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="custom parameter (dial-in: webhook query string; dial-out: body)",
+    )
+    call.add_argument("--from", dest="from_", default="+15550001111", help="caller number")
+    call.add_argument("--to", default="+15550002222", help="called number (dial-in)")
+    call.add_argument("--dialout", metavar="NUMBER", help="ask the server to call NUMBER")
+    call.add_argument(
+        "--rest-port",
+        type=int,
+        default=DEFAULT_REST_PORT,
+        help="port of the Twilio REST emulator (default %(default)s)",
+    )
+    call.add_argument(
+        "--public-url",
+        help="URL Twilio would have signed (the server's PUBLIC_URL), when different from --server",
+    )
+    call.add_argument(
+        "--keep-stream-url",
+        action="store_true",
+        help="connect to the <Stream> URL as given (default: a wss:// URL is reached "
+        "through --server's host over ws://)",
+    )
+    call.add_argument(
+        "--bot-timeout",
+        type=float,
+        default=10.0,
+        help="max seconds to wait for the bot to start talking (default 10)",
+    )
+    call.add_argument(
+        "--hangup-after",
+        type=float,
+        default=120.0,
+        help="hang up after this many seconds in any case (default 120)",
+    )
+    call.add_argument(
+        "--no-greeting",
+        action="store_true",
+        help="dial-in: don't wait for the bot's greeting before the first step",
+    )
+    call.add_argument(
+        "--no-auto-wait",
+        action="store_true",
+        help="don't wait for the bot's reply after each --say/--wav",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument("--record-dir", default="recordings", help="where WAVs go")
+    out.add_argument("--no-record", action="store_true", help="don't save a WAV")
+    out.add_argument("--no-transcribe", action="store_true", help="don't run STT on the bot")
+    out.add_argument("-v", "--verbose", action="store_true", help="also show marks etc.")
+    steps = parser.add_argument_group("caller steps (run in the order given)")
+    steps.add_argument(
+        "--say",
+        action=_StepAction,
+        metavar="TEXT",
+        help="speak TEXT (offline TTS), then wait for the reply",
+    )
+    steps.add_argument(
+        "--wav",
+        action=_StepAction,
+        metavar="FILE",
+        help="play a WAV file as caller speech, then wait for the reply",
+    )
+    steps.add_argument(
+        "--pause",
+        action=_StepAction,
+        type=float,
+        metavar="SECONDS",
+        help="stay silent (silence frames keep flowing)",
+    )
+    steps.add_argument("--dtmf", action=_StepAction, metavar="DIGITS", help="press keys")
+    steps.add_argument(
+        "--wait",
+        action=_StepAction,
+        nargs="?",
+        type=float,
+        metavar="SECONDS",
+        help="wait for the bot to speak and finish (default --bot-timeout)",
+    )
+    steps.add_argument(
+        "--expect-hangup",
+        action=_StepAction,
+        nargs="?",
+        type=float,
+        metavar="SECONDS",
+        help="wait for the bot to hang up (default 15 s)",
+    )
+    steps.add_argument("--hangup", action=_StepAction, nargs=0, help="hang up now")
+    return parser
+
+
+# ------------------------------------------------------------------ speech I/O
+
+
+def synthesize(text: str) -> tuple[bytes, str | None]:
+    """Caller speech at 8 kHz from the offline TTS; a tone burst (plus a warning) without it."""
+    try:
+        from phonebot.offline.espeak import synthesize_at
+
+        return synthesize_at(text, TWILIO_SAMPLE_RATE), None
+    except Exception as error:  # no TTS must not stop the tool: warn and send a stand-in
+        seconds = min(4.0, 0.5 + 0.06 * len(text))
+        warning = f"offline TTS unavailable ({error}); sending a {seconds:.1f} s tone instead"
+        return tone(440.0, seconds, TWILIO_SAMPLE_RATE), warning
+
+
+def load_transcriber() -> Transcriber | None:
+    """The offline STT, or None when it can't be imported (transcripts fall back)."""
+    try:
+        from phonebot.offline.stt import transcribe
+    except Exception:
+        return None
+    return lambda pcm, rate: transcribe(pcm, rate)
+
+
+def build_script(args: argparse.Namespace, *, dialout: bool) -> tuple[list[Step], list[str]]:
+    """Steps from the command line, plus warnings (e.g. TTS fallback) to show first."""
+    warnings: list[str] = []
+    script: list[Step] = []
+    reply_wait = [] if args.no_auto_wait else [WaitForBot(timeout=args.bot_timeout)]
+    if not dialout and not args.no_greeting:
+        script.append(WaitForBot(timeout=args.bot_timeout))
+    for kind, value in args.steps:
+        if kind == "say":
+            pcm, warning = synthesize(value)
+            warnings += [warning] if warning else []
+            script += [Speak(pcm, TWILIO_SAMPLE_RATE, value), *reply_wait]
+        elif kind == "wav":
+            script += [Speak.from_wav(value), *reply_wait]
+        elif kind == "pause":
+            script.append(Pause(value))
+        elif kind == "dtmf":
+            script.append(Dtmf(value))
+        elif kind == "wait":
+            script.append(WaitForBot(timeout=value or args.bot_timeout))
+        elif kind == "expect_hangup":
+            script.append(WaitForHangup(timeout=value or 15.0))
+        elif kind == "hangup":
+            script.append(Hangup())
+    if dialout and not args.steps:
+        script.append(WaitForBot(timeout=args.bot_timeout))  # hear the bot's opener
+    return script, warnings
+
+
+# ------------------------------------------------------------------ transcript
+
+
+def stamp(t: float) -> str:
+    minutes, seconds = divmod(max(0.0, t), 60)
+    return f"[{int(minutes):02d}:{seconds:05.2f}]"
+
+
+@dataclass
+class TranscriptPrinter:
+    """Prints the call as it happens; bot turns are transcribed off the event loop."""
+
+    transcriber: Transcriber | None
+    verbose: bool = False
+    out: TextIO = sys.stdout
+    _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
+    _pending: set[asyncio.Future[Any]] = field(default_factory=set)
+    _warned_sid: bool = False
+
+    def line(self, t: float, who: str, text: str) -> None:
+        print(f"{stamp(t)} {who}: {text}", file=self.out, flush=True)
+
+    def on_event(self, event: CallEvent) -> None:
+        handler = getattr(self, f"_on_{event.kind}", None)
+        if handler is not None:
+            handler(event)
+        elif self.verbose:
+            details = ", ".join(f"{k}={v}" for k, v in event.data.items())
+            self.line(event.t, "event", f"{event.kind} {details}".strip())
+
+    def _on_caller_speech(self, event: CallEvent) -> None:
+        self.line(event.t, "caller", event.data.get("text") or "(audio)")
+
+    def _on_dtmf(self, event: CallEvent) -> None:
+        self.line(event.t, "caller", f"(DTMF {event.data['digit']})")
+
+    def _on_clear(self, event: CallEvent) -> None:
+        dropped = event.data["dropped"]
+        self.line(
+            event.t, "event", f"clear (barge-in): dropped {dropped:.1f} s of unplayed bot audio"
+        )
+
+    def _on_hangup(self, event: CallEvent) -> None:
+        self.line(event.t, "event", f"hang-up: {event.data['reason']}")
+
+    def _on_closed(self, event: CallEvent) -> None:
+        if event.data["by"] == "server":
+            reason = f" {event.data['reason']!r}" if event.data["reason"] else ""
+            self.line(
+                event.t,
+                "event",
+                f"the server closed the stream (code {event.data['code']}{reason})",
+            )
+
+    def _on_streamsid_mismatch(self, event: CallEvent) -> None:
+        if not self._warned_sid:
+            self._warned_sid = True
+            self.line(
+                event.t,
+                "warning",
+                f"server sent {event.data['event']!r} with streamSid "
+                f"{event.data['got']!r}; ignored (and any more like it)",
+            )
+
+    def _on_wait_timeout(self, event: CallEvent) -> None:
+        self.line(event.t, "note", f"stopped waiting: {event.data['reason']}")
+
+    def _on_bot_utterance(self, event: CallEvent) -> None:
+        utterance: Utterance = event.data["utterance"]
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._transcribe, utterance)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        future.add_done_callback(lambda _: self._print_bot(utterance))
+
+    def _transcribe(self, utterance: Utterance) -> None:
+        fallback = f"[bot audio {utterance.duration:.1f} s]"
+        if self.transcriber is None:
+            utterance.text = fallback
+            return
+        try:
+            utterance.text = self.transcriber(utterance.pcm, TWILIO_SAMPLE_RATE).strip() or fallback
+        except Exception:
+            utterance.text = fallback
+
+    def _print_bot(self, utterance: Utterance) -> None:
+        latency = "" if utterance.latency is None else f"   (latency {utterance.latency:.2f} s)"
+        self.line(utterance.start, "bot", f"{utterance.text}{latency}")
+
+    async def drain(self) -> None:
+        """Wait for transcriptions still running, then free the worker thread."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=30)
+        await asyncio.sleep(0)  # let done-callbacks print
+        self._executor.shutdown(wait=False)
+
+
+def print_summary(result: CallResult, out: TextIO = sys.stdout) -> None:
+    latencies = result.latencies
+    print(
+        f"call {result.call_sid}: {result.duration:.1f} s, ended by {result.ended_by or 'unknown'}",
+        file=out,
+    )
+    if latencies:
+        shown = " / ".join(f"{v:.2f}" for v in latencies)
+        mean = sum(latencies) / len(latencies)
+        print(
+            f"bot turns: {len(result.bot_utterances)}; response latency {shown} s "
+            f"(mean {mean:.2f} s, max {max(latencies):.2f} s)",
+            file=out,
+        )
+    else:
+        print(f"bot turns: {len(result.bot_utterances)}; no measured response latency", file=out)
+    if result.clears:
+        print(f"barge-ins (clear): {len(result.clears)}", file=out)
+    if result.streamsid_mismatches:
+        print(
+            f"warning: {result.streamsid_mismatches} server messages had a wrong streamSid",
+            file=out,
+        )
+
+
+def save_recording(result: CallResult, directory: str) -> Path:
+    stamp_ = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(directory) / f"call-{stamp_}-{result.call_sid[:10]}.wav"
+    return result.save_wav(path)
+
+
+# ------------------------------------------------------------------ the calls
+
+
+@dataclass
+class Env:
+    """Settings read from the environment / `.env` (the server's own loader is separate)."""
+
+    account_sid: str | None
+    auth_token: str | None
+    dialout_api_key: str | None
+    port: str
+
+    @classmethod
+    def load(cls) -> Env:
+        try:
+            from dotenv import find_dotenv, load_dotenv
+
+            load_dotenv(find_dotenv(usecwd=True), override=False)
+        except ImportError:
+            pass
+        return cls(
+            account_sid=os.environ.get("TWILIO_ACCOUNT_SID") or None,
+            auth_token=os.environ.get("TWILIO_AUTH_TOKEN") or None,
+            dialout_api_key=os.environ.get("DIALOUT_API_KEY") or None,
+            port=os.environ.get("PORT") or "8000",
+        )
+
+
+def server_base(url: str) -> str:
+    """`http://host:port` of a server URL (drops path and query)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+
+
+async def start_rest(
+    args: argparse.Namespace, env: Env, server: str, *, required: bool, **kwargs: Any
+) -> TwilioRestEmulator | None:
+    """The REST emulator on --rest-port; optional for dial-in (only serves bot hang-ups)."""
+    rest = TwilioRestEmulator(
+        account_sid=env.account_sid,
+        auth_token=env.auth_token,
+        port=args.rest_port,
+        local_server_url=server_base(server),
+        **kwargs,
+    )
+    try:
+        return await rest.start()
+    except EmulatorError:
+        if required:
+            raise
+        return None
+
+
+async def run_dial_in(
+    args: argparse.Namespace, env: Env, server: str, script: list[Step], printer: TranscriptPrinter
+) -> CallResult:
+    rest = await start_rest(args, env, server, required=False)
+    try:
+        account_sid = rest.account_sid if rest else env.account_sid
+        call = await dial_in(
+            server,
+            from_=args.from_,
+            to=args.to,
+            auth_token=env.auth_token,
+            account_sid=account_sid,
+            query=dict(args.param),
+            signed_url=args.public_url,
+            rewrite_stream_url=not args.keep_stream_url,
+        )
+        print(f"answered: {call.twiml.describe()}")
+        print(
+            f"streaming to {call.stream_url} as {call.call_sid} "
+            f"parameters={sorted(call.parameters)}"
+        )
+        caller = call.caller(on_event=printer.on_event)
+        if rest is not None:
+            rest.register_call(call.call_sid, to=args.to, from_=args.from_, caller=caller)
+        return await caller.run(script, max_duration=args.hangup_after)
+    finally:
+        if rest is not None:
+            await rest.stop()
+
+
+async def request_dialout(
+    server: str, number: str, parameters: dict[str, str], api_key: str | None
+) -> str:
+    """POST the server's `/dialout`; returns its answer body (for display)."""
+    url = f"{server_base(server)}/dialout"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+            response = await client.post(
+                url, json={"to": number, "parameters": parameters}, headers=headers
+            )
+    except httpx.ConnectError:
+        raise ServerNotRunningError(f"cannot connect to {url}: is the server running?") from None
+    except httpx.HTTPError as error:
+        raise WebhookError(f"POST {url} failed: {error}") from None
+    if response.status_code in (401, 503):
+        hint = (
+            "set DIALOUT_API_KEY to the server's key"
+            if api_key is None
+            else (f"check DIALOUT_API_KEY ({mask(api_key)})")
+        )
+        raise WebhookError(
+            f"{url} answered HTTP {response.status_code}: {response.text[:200]} — {hint}"
+        )
+    if response.status_code >= 300:
+        raise WebhookError(f"{url} answered HTTP {response.status_code}: {response.text[:300]}")
+    return response.text
+
+
+async def run_dial_out(
+    args: argparse.Namespace, env: Env, server: str, script: list[Step], printer: TranscriptPrinter
+) -> CallResult:
+    async def answer(call: Any, caller: MediaStreamCaller) -> None:
+        print(
+            f"answered {call.sid}: streaming to {caller.url} "
+            f"parameters={sorted(caller.result.parameters)}"
+        )
+        await caller.run(script, max_duration=args.hangup_after)
+
+    rest = await start_rest(
+        args,
+        env,
+        server,
+        required=True,
+        on_answer=answer,
+        caller_options={"on_event": printer.on_event},
+        rewrite_stream_urls=not args.keep_stream_url,
+    )
+    assert rest is not None
+    try:
+        print(
+            f"Twilio REST emulator on {rest.base_url}. The server must send its calls here: "
+            f"start it with TWILIO_API_BASE_URL={rest.base_url} (same TWILIO_ACCOUNT_SID / "
+            "TWILIO_AUTH_TOKEN)."
+        )
+        body = await request_dialout(server, args.dialout, dict(args.param), env.dialout_api_key)
+        print(f"/dialout accepted: {' '.join(body.split())[:200]}")
+        try:
+            call = await rest.wait_for_call(timeout=15)
+        except EmulatorError:
+            raise EmulatorError(
+                f"the server did not call the Twilio API at {rest.base_url} "
+                f"within 15 s; is it running with TWILIO_API_BASE_URL="
+                f"{rest.base_url}?"
+            ) from None
+        print(f"calls.create → {call.sid} to {call.to} from {call.from_}")
+        await call.wait_finished(timeout=args.hangup_after + 60)
+        if call.exception is not None:
+            raise call.exception
+        if call.result is None:
+            raise EmulatorError(call.error or "the call ended before it was answered")
+        return call.result
+    finally:
+        await rest.stop()
+
+
+EXIT_CODES: tuple[tuple[type[EmulatorError], int], ...] = (
+    (ServerNotRunningError, EXIT_SERVER_DOWN),
+    (NoStreamError, EXIT_NO_STREAM),
+    (StreamClosedError, EXIT_CLOSED_EARLY),
+    (NoBotAudioError, EXIT_NO_BOT_AUDIO),
+)
+
+
+def exit_code(error: BaseException) -> int:
+    """The documented exit code for a failure (1 when it has no specific one)."""
+    return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), EXIT_ERROR)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    env = Env.load()
+    server = args.server or f"http://127.0.0.1:{env.port}/"
+    script, warnings = build_script(args, dialout=bool(args.dialout))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not args.steps:
+        print(
+            'note: no caller steps given (try --say "hello"): listening to the bot\'s first '
+            "turn, then hanging up."
+        )
+    if env.auth_token:
+        print(f"signing webhooks with TWILIO_AUTH_TOKEN {mask(env.auth_token)}")
+    printer = TranscriptPrinter(
+        None if args.no_transcribe else load_transcriber(), verbose=args.verbose
+    )
+    result: CallResult | None = None
+    code = EXIT_OK
+    try:
+        runner = run_dial_out if args.dialout else run_dial_in
+        result = await runner(args, env, server, script, printer)
+    except EmulatorError as error:
+        result = getattr(error, "result", None)
+        code = exit_code(error)
+        await printer.drain()
+        print(f"error: {error}", file=sys.stderr)
+    await printer.drain()
+    if result is not None:
+        print_summary(result)
+        if not args.no_record and result.duration >= 0.1:
+            print(f"recording: {save_recording(result, args.record_dir)} (caller left, bot right)")
+    return code
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Library debug chatter (TTS init, uvicorn) would drown the transcript."""
+    try:
+        from loguru import logger
+    except ImportError:
+        return
+    logger.remove()
+    logger.add(sys.stderr, level="DEBUG" if verbose else "WARNING")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_logs(args.verbose)
+    try:
+        return asyncio.run(main_async(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as error:  # bad WAV file, bad DTMF digits, unreadable path
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

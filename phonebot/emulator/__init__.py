@@ -1,0 +1,86 @@
+"""Twilio emulator: call the bot from a terminal or a test, no phone and no keys.
+
+The same code is the `python -m phonebot.call` tool and the integration-test harness, so
+the Twilio protocol (voice webhook, Media Streams, REST calls API) is written once:
+
+- `dial_in()` rings the server's voice webhook and returns where to stream;
+- `MediaStreamCaller` plays a caller script over the Media Stream and records the call;
+- `TwilioRestEmulator` stands in for Twilio's REST API and answers dial-out calls.
+"""
+
+from phonebot.emulator.calls import EmulatedCall
+from phonebot.emulator.errors import (
+    CallFailedError,
+    EmulatorError,
+    ExpectationError,
+    NoBotAudioError,
+    NoStreamError,
+    ServerNotRunningError,
+    StreamClosedError,
+    StreamConnectError,
+    TwiMLError,
+    WebhookError,
+    WebhookHTTPError,
+)
+from phonebot.emulator.media_stream import MediaStreamCaller
+from phonebot.emulator.rest import RecordedRequest, TwilioRestEmulator
+from phonebot.emulator.result import (
+    CallEvent,
+    CallResult,
+    ClearRecord,
+    CloseInfo,
+    MarkRecord,
+    Utterance,
+)
+from phonebot.emulator.script import (
+    Dtmf,
+    Hangup,
+    Pause,
+    Speak,
+    Step,
+    WaitForBot,
+    WaitForHangup,
+)
+from phonebot.emulator.signature import compute_signature, validate_signature
+from phonebot.emulator.twiml import StreamTarget, TwiML, parse_twiml
+from phonebot.emulator.webhook import DialIn, dial_in, post_webhook, voice_webhook_form
+
+__all__ = [
+    "CallEvent",
+    "CallFailedError",
+    "CallResult",
+    "ClearRecord",
+    "CloseInfo",
+    "DialIn",
+    "Dtmf",
+    "EmulatedCall",
+    "EmulatorError",
+    "ExpectationError",
+    "Hangup",
+    "MarkRecord",
+    "MediaStreamCaller",
+    "NoBotAudioError",
+    "NoStreamError",
+    "Pause",
+    "RecordedRequest",
+    "ServerNotRunningError",
+    "Speak",
+    "Step",
+    "StreamClosedError",
+    "StreamConnectError",
+    "StreamTarget",
+    "TwiML",
+    "TwiMLError",
+    "TwilioRestEmulator",
+    "Utterance",
+    "WaitForBot",
+    "WaitForHangup",
+    "WebhookError",
+    "WebhookHTTPError",
+    "compute_signature",
+    "dial_in",
+    "parse_twiml",
+    "post_webhook",
+    "validate_signature",
+    "voice_webhook_form",
+]

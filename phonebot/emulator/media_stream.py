@@ -1,0 +1,639 @@
+"""The Twilio side of a Media Stream: a scripted caller on a websocket.
+
+`MediaStreamCaller` connects to the stream URL from the TwiML, sends `connected` and
+`start`, then does two things at once, like Twilio's media edge:
+
+- sends one 20 ms μ-law `media` frame per slot of an absolute clock (frame k leaves at
+  t0 + (k+1)·20 ms, so pacing never drifts), filled from the caller script (speech,
+  silence, DTMF events, waits), and
+- receives the bot's `media` into a playout buffer drained at 8000 samples/s, honours
+  `clear` (drops what has not played) and echoes each `mark` once the audio queued before
+  it has played.
+
+Everything lands in a `CallResult` on one sample clock: both audio tracks, events, bot
+utterances and per-turn response latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from loguru import logger
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from phonebot.audio import (
+    FRAME_SAMPLES,
+    SILENCE_RMS,
+    TWILIO_SAMPLE_RATE,
+    array_to_pcm16,
+    pcm16_to_array,
+    resample_array,
+    ulaw_decode,
+    ulaw_encode,
+)
+from phonebot.emulator.errors import (
+    CallFailedError,
+    ExpectationError,
+    NoBotAudioError,
+    StreamClosedError,
+    StreamConnectError,
+)
+from phonebot.emulator.ids import new_account_sid, new_call_sid, new_stream_sid
+from phonebot.emulator.result import (
+    CallEvent,
+    CallResult,
+    ClearRecord,
+    CloseInfo,
+    MarkRecord,
+    Utterance,
+)
+from phonebot.emulator.script import Dtmf, Hangup, Pause, Speak, Step, WaitForBot, WaitForHangup
+from phonebot.emulator.timeline import Playback, Segment, SpeechTracker, Track, response_latency
+
+RATE = TWILIO_SAMPLE_RATE
+FRAME = FRAME_SAMPLES
+FRAME_S = FRAME / RATE
+UTTERANCE_GAP_S = 0.4
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+EventCallback = Callable[[CallEvent], None]
+
+
+class _HangupRequested(Exception):
+    """Internal: end the call now (REST update, max duration); not a failure."""
+
+    def __init__(self, reason: str, ended_by: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.ended_by = ended_by
+
+
+class _ServerHungUp(Exception):
+    """Internal: the server closed the stream while the script expected it to."""
+
+
+def _frames(seconds: float) -> int:
+    return max(0, math.ceil(seconds / FRAME_S - 1e-9))
+
+
+class MediaStreamCaller:
+    """One emulated call over a Twilio Media Stream websocket; see the module docstring.
+
+    Run it with `await caller.run(script)`; read `caller.result` (also returned). The
+    REST emulator ends it with `request_hangup()` as Twilio does on `Status=completed`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        parameters: Mapping[str, str] | None = None,
+        call_sid: str | None = None,
+        account_sid: str | None = None,
+        stream_sid: str | None = None,
+        on_event: EventCallback | None = None,
+        silence_threshold: float = SILENCE_RMS,
+        utterance_gap: float = UTTERANCE_GAP_S,
+        connect_timeout: float = 10.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.url = url
+        self.stream_sid = stream_sid or new_stream_sid()
+        self.result = CallResult(
+            url=url,
+            call_sid=call_sid or new_call_sid(),
+            account_sid=account_sid or new_account_sid(),
+            stream_sid=self.stream_sid,
+            parameters=dict(parameters or {}),
+        )
+        self._on_event = on_event
+        self._connect_timeout = connect_timeout
+        self._headers = dict(headers or {})
+        gap = round(utterance_gap * RATE)
+        self._caller_track, self._bot_track = Track(), Track()
+        self._playback = Playback(self._bot_track)
+        self._caller_vad = SpeechTracker(silence_threshold, gap)
+        self._bot_vad = SpeechTracker(silence_threshold, gap)
+        self._ws: ClientConnection | None = None
+        self._t0: float | None = None
+        self._frames_sent = 0
+        self._bot_scanned = 0
+        self._seq = 0
+        self._pending_marks: list[tuple[int, MarkRecord]] = []
+        self._bot_starts: list[int] = []
+        self._latency: dict[int, float | None] = {}
+        self._closed = asyncio.Event()
+        self._started = asyncio.Event()
+        self._hangup_request: tuple[str, str] | None = None
+        self._hanging_up = False
+        self._expect_close = False
+        self._done = False
+        self._max_frames: int | None = None
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def now(self) -> float:
+        """Seconds since the `start` message (0.0 before it)."""
+        if self._t0 is None:
+            return 0.0
+        return asyncio.get_running_loop().time() - self._t0
+
+    @property
+    def call_sid(self) -> str:
+        return self.result.call_sid
+
+    @property
+    def finished(self) -> bool:
+        """True once the call is over (hung up, or the stream closed)."""
+        return self._done or self._closed.is_set()
+
+    async def run(
+        self, script: Iterable[Step], *, max_duration: float | None = None, check: bool = True
+    ) -> CallResult:
+        """Place the call and play `script`; hangs up (with `stop`) when the script ends.
+
+        `max_duration` caps the call (then hangs up normally). With `check` (default) a
+        failure raises a `CallFailedError` whose `.result` has everything recorded;
+        otherwise the failure is in `result.error`.
+        """
+        self._max_frames = None if max_duration is None else _frames(max_duration)
+        try:
+            await self._run(list(script))
+        except CallFailedError as error:
+            error.result = self.result
+            self.result.error = str(error)
+            self.result.ended_by = self.result.ended_by or "error"
+            if check:
+                raise
+        return self.result
+
+    def request_hangup(self, reason: str = "call completed", ended_by: str = "rest") -> None:
+        """End the call at the next frame with `stop` + close (Twilio's side hanging up)."""
+        if self._hangup_request is None:
+            self._hangup_request = (reason, ended_by)
+
+    async def wait_started(self, timeout: float = 10.0) -> None:
+        """Return once `start` has been sent (the stream is live)."""
+        await asyncio.wait_for(self._started.wait(), timeout)
+
+    async def wait_for_bot_speech(self, timeout: float, *, after: float | None = None) -> float:
+        """Wait (while `run` plays in another task) for bot speech starting at/after `after`.
+
+        Returns its start time; raises `NoBotAudioError` after `timeout` seconds.
+        """
+        ref = round((self.now if after is None else after) * RATE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._bot_vad.spoke_since(ref):
+            if loop.time() >= deadline or self.finished:
+                raise NoBotAudioError(self._no_audio_message(timeout), self.result)
+            await asyncio.sleep(FRAME_S)
+        return self._bot_vad.last_voiced_start / RATE
+
+    # ---------------------------------------------------------- connection & run
+
+    async def _run(self, script: list[Step]) -> None:
+        ws = await self._connect()
+        self._ws = ws
+        receiver = asyncio.create_task(self._receive(ws))
+        try:
+            await self._handshake()
+            await self._play(script)
+        finally:
+            await self._shutdown(receiver)
+            self._finalize()
+
+    async def _connect(self) -> ClientConnection:
+        host = urlsplit(self.url).hostname or ""
+        try:
+            return await connect(
+                self.url,
+                open_timeout=self._connect_timeout,
+                close_timeout=2,
+                ping_interval=None,
+                compression=None,
+                max_size=None,
+                additional_headers=self._headers or None,
+                proxy=None if host in LOOPBACK_HOSTS else True,
+            )
+        except InvalidStatus as error:
+            status = error.response.status_code
+            raise StreamConnectError(
+                f"the server refused the media stream {self.url} (HTTP {status})"
+            ) from None
+        except (OSError, TimeoutError, WebSocketException, ValueError) as error:
+            raise StreamConnectError(
+                f"could not open the media stream {self.url}: {error or type(error).__name__}"
+            ) from None
+
+    async def _handshake(self) -> None:
+        await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        self._t0 = asyncio.get_running_loop().time()
+        self.result.started_at = time.time()
+        start = {
+            "accountSid": self.result.account_sid,
+            "streamSid": self.stream_sid,
+            "callSid": self.result.call_sid,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1},
+            "customParameters": dict(self.result.parameters),
+        }
+        await self._send(
+            {
+                "event": "start",
+                "sequenceNumber": self._next_seq(),
+                "start": start,
+                "streamSid": self.stream_sid,
+            }
+        )
+        self._started.set()
+        self._emit("start", stream_sid=self.stream_sid, call_sid=self.result.call_sid)
+
+    async def _play(self, script: list[Step]) -> None:
+        try:
+            for step in script:
+                if self._done:
+                    return
+                await self._step(step)
+            if not self._done:
+                await self._hangup("script finished", send_stop=True, ended_by="caller")
+        except _HangupRequested as request:
+            await self._hangup(request.reason, send_stop=True, ended_by=request.ended_by)
+
+    async def _shutdown(self, receiver: asyncio.Task[None]) -> None:
+        """Close our side if still open (e.g. after an error) and let the receiver finish."""
+        if not self._hanging_up and not self._closed.is_set():
+            await self._hangup("caller error", send_stop=True, ended_by="error")
+        try:
+            await asyncio.wait_for(receiver, timeout=3)
+        except TimeoutError:
+            receiver.cancel()
+
+    # ------------------------------------------------------------------ sending
+
+    def _next_seq(self) -> str:
+        self._seq += 1
+        return str(self._seq)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        """Send one JSON message; a closed socket becomes the matching call outcome."""
+        assert self._ws is not None
+        try:
+            await self._ws.send(json.dumps(message))
+        except ConnectionClosed:
+            if not self._hanging_up:
+                await self._await_close()
+
+    def _check(self) -> None:
+        """Raise if the call must stop before the next frame (and say why)."""
+        if self._hangup_request is not None:
+            raise _HangupRequested(*self._hangup_request)
+        if self._closed.is_set():
+            if self._expect_close:
+                raise _ServerHungUp()
+            raise StreamClosedError(self._closed_message(), self.result)
+        if self._max_frames is not None and self._frames_sent >= self._max_frames:
+            raise _HangupRequested("max call duration reached", "max_duration")
+
+    async def _wait_slot(self) -> None:
+        """Sleep until the next frame's slot on the absolute clock (no drift)."""
+        assert self._t0 is not None
+        loop = asyncio.get_running_loop()
+        delay = self._t0 + (self._frames_sent + 1) * FRAME_S - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _tick(self, frame: np.ndarray | None = None) -> None:
+        """Send the next 20 ms frame (silence when `frame` is None) in its time slot."""
+        self._check()
+        await self._wait_slot()
+        self._check()
+        samples = np.zeros(FRAME, dtype=np.int16)
+        if frame is not None:
+            samples[: len(frame)] = frame[:FRAME]
+        timestamp = self._frames_sent * FRAME_S * 1000
+        media = {
+            "track": "inbound",
+            "chunk": str(self._frames_sent + 1),
+            "timestamp": str(round(timestamp)),
+            "payload": base64.b64encode(ulaw_encode(samples).tobytes()).decode(),
+        }
+        await self._send(
+            {
+                "event": "media",
+                "sequenceNumber": self._next_seq(),
+                "media": media,
+                "streamSid": self.stream_sid,
+            }
+        )
+        self._caller_track.write(self._frames_sent * FRAME, samples)
+        self._caller_vad.feed(self._frames_sent * FRAME, samples)
+        self._frames_sent += 1
+        await self._service()
+
+    async def _await_close(self) -> None:
+        """A send failed: let the receiver record the close, then report it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), timeout=2)
+        self._check()
+        raise StreamClosedError(self._closed_message(), self.result)
+
+    async def _service(self) -> None:
+        """Per-frame chores: echo marks whose audio has played, scan played bot audio."""
+        now = self._now_sample()
+        due = [item for item in self._pending_marks if item[0] <= now]
+        for item in due:
+            self._pending_marks.remove(item)
+            await self._answer_mark(item[1])
+        while (self._bot_scanned + 1) * FRAME <= now:
+            self._scan_bot_frame()
+
+    async def _answer_mark(self, mark: MarkRecord) -> None:
+        await self._send(
+            {
+                "event": "mark",
+                "sequenceNumber": self._next_seq(),
+                "streamSid": self.stream_sid,
+                "mark": {"name": mark.name},
+            }
+        )
+        mark.answered = self.now
+        self._emit("mark_answered", name=mark.name, delay=mark.answered - mark.received)
+
+    # -------------------------------------------------------------------- steps
+
+    async def _step(self, step: Step) -> None:
+        if isinstance(step, Speak):
+            await self._speak(step)
+        elif isinstance(step, Pause):
+            self._emit("pause", seconds=step.seconds)
+            await self._silence(step.seconds)
+        elif isinstance(step, Dtmf):
+            await self._dtmf(step)
+        elif isinstance(step, WaitForBot):
+            await self._wait_for_bot(step)
+        elif isinstance(step, WaitForHangup):
+            await self._wait_for_hangup(step)
+        elif isinstance(step, Hangup):
+            await self._hangup("caller hung up", send_stop=step.send_stop, ended_by="caller")
+        else:
+            raise TypeError(f"unknown script step: {step!r}")
+
+    async def _speak(self, step: Speak) -> None:
+        samples = resample_array(pcm16_to_array(step.pcm), step.sample_rate, RATE)
+        self._emit(
+            "caller_speech",
+            t=(self._frames_sent * FRAME) / RATE,
+            text=step.text,
+            duration=len(samples) / RATE,
+        )
+        for offset in range(0, len(samples), FRAME):
+            await self._tick(samples[offset : offset + FRAME])
+
+    async def _silence(self, seconds: float) -> None:
+        for _ in range(_frames(seconds)):
+            await self._tick()
+
+    async def _dtmf(self, step: Dtmf) -> None:
+        for digit in step.digits:
+            self._check()
+            await self._send(
+                {
+                    "event": "dtmf",
+                    "streamSid": self.stream_sid,
+                    "sequenceNumber": self._next_seq(),
+                    "dtmf": {"track": "inbound_track", "digit": digit},
+                }
+            )
+            self.result.dtmf.append((self.now, digit))
+            self._emit("dtmf", digit=digit)
+            await self._silence(step.interval)
+
+    async def _wait_for_bot(self, step: WaitForBot) -> None:
+        """Tick silence until the bot has replied to the caller's latest speech."""
+        ref = self._caller_vad.last_voiced_end
+        start_limit = self._frames_sent + _frames(step.timeout)
+        total_limit = self._frames_sent + _frames(max(step.max_wait, step.timeout))
+        self._emit("wait", until=step.until, timeout=step.timeout)
+        while True:
+            spoke = self._bot_vad.spoke_since(ref)
+            if spoke and (step.until == "speech" or self._bot_quiet_for() >= step.quiet):
+                return
+            if not spoke and self._frames_sent >= start_limit:
+                if step.require:
+                    raise NoBotAudioError(self._no_audio_message(step.timeout), self.result)
+                self._emit("wait_timeout", reason="no bot speech", timeout=step.timeout)
+                return
+            if self._frames_sent >= total_limit:
+                self._emit("wait_timeout", reason="bot still talking", timeout=step.max_wait)
+                return
+            await self._tick()
+
+    async def _wait_for_hangup(self, step: WaitForHangup) -> None:
+        """Tick silence until the server ends the call; `ExpectationError` if it doesn't."""
+        self._expect_close = True
+        try:
+            await self._silence(step.timeout)
+        except _ServerHungUp:
+            self.result.ended_by = self.result.ended_by or "server"
+            self._done = True
+            return
+        except _HangupRequested as request:
+            if request.ended_by != "rest":
+                raise
+            await self._hangup(request.reason, send_stop=True, ended_by="rest")
+            return
+        finally:
+            self._expect_close = False
+        raise ExpectationError(f"the bot did not hang up within {step.timeout:g} s", self.result)
+
+    async def _hangup(self, reason: str, *, send_stop: bool, ended_by: str) -> None:
+        """Twilio ending the call: `stop` (unless an abrupt drop), then close the socket."""
+        if self._hanging_up:
+            return
+        self._hanging_up = True
+        self._done = True
+        self.result.ended_by = self.result.ended_by or ended_by
+        if self._ws is not None and not self._closed.is_set():
+            if send_stop:
+                await self._send(
+                    {
+                        "event": "stop",
+                        "sequenceNumber": self._next_seq(),
+                        "streamSid": self.stream_sid,
+                        "stop": {
+                            "accountSid": self.result.account_sid,
+                            "callSid": self.result.call_sid,
+                        },
+                    }
+                )
+                self._emit("stop_sent")
+            await self._ws.close(1000)
+        self._emit("hangup", reason=reason, by=ended_by, send_stop=send_stop)
+
+    # ---------------------------------------------------------------- receiving
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        try:
+            async for message in ws:
+                self._handle(message)
+        except ConnectionClosed:
+            pass
+        except Exception:  # a bug here must not hang the call; it is logged and recorded
+            logger.exception("media stream receiver failed")
+        finally:
+            self._record_close(ws)
+
+    def _record_close(self, ws: ClientConnection) -> None:
+        by = "caller" if self._hanging_up else "server"
+        info = CloseInfo(self.now, by, ws.close_code, ws.close_reason or "")
+        self.result.close = info
+        if by == "server" and self._hangup_request is None:
+            self.result.ended_by = self.result.ended_by or "server"
+        self._closed.set()
+        self._emit("closed", by=by, code=info.code, reason=info.reason)
+
+    def _handle(self, message: str | bytes) -> None:
+        if self._hanging_up:
+            return
+        try:
+            data = json.loads(message)
+            event = data["event"]
+        except (ValueError, TypeError, KeyError):
+            self._emit("bad_message", message=str(message)[:200])
+            return
+        handler = {"media": self._on_media, "clear": self._on_clear, "mark": self._on_mark}
+        if event not in handler:
+            self.result.unknown_events.append(str(event))
+            self._emit("unknown_event", event=event)
+            return
+        if data.get("streamSid") != self.stream_sid:
+            self.result.streamsid_mismatches += 1
+            self._emit("streamsid_mismatch", event=event, got=data.get("streamSid"))
+            return
+        handler[event](data)
+
+    def _on_media(self, data: dict[str, Any]) -> None:
+        try:
+            payload = base64.b64decode(data["media"]["payload"], validate=True)
+        except (KeyError, TypeError, binascii.Error):
+            self._emit("bad_message", message="media without a valid base64 payload")
+            return
+        if not payload:
+            return
+        samples = ulaw_decode(np.frombuffer(payload, dtype=np.uint8))
+        if self.result.first_bot_audio is None:
+            self.result.first_bot_audio = self.now
+        self._playback.enqueue(self._now_sample(), samples)
+
+    def _on_clear(self, data: dict[str, Any]) -> None:
+        now = self._now_sample()
+        dropped = self._playback.clear(now) / RATE
+        self.result.clears.append(ClearRecord(now / RATE, dropped))
+        # Twilio answers outstanding marks right away when the buffer is cleared.
+        self._pending_marks = [(now, mark) for _, mark in self._pending_marks]
+        self._emit("clear", dropped=dropped)
+
+    def _on_mark(self, data: dict[str, Any]) -> None:
+        name = str((data.get("mark") or {}).get("name", ""))
+        now = self._now_sample()
+        due = max(now, self._playback.end)
+        mark = MarkRecord(name, now / RATE, due / RATE)
+        self.result.marks.append(mark)
+        self._pending_marks.append((due, mark))
+        self._emit("mark", name=name, due=due / RATE)
+
+    # ------------------------------------------------------------------ analysis
+
+    def _now_sample(self) -> int:
+        return max(0, int(self.now * RATE))
+
+    def _bot_quiet_for(self) -> float:
+        """Seconds of played bot audio since its last voiced frame."""
+        return (self._bot_scanned * FRAME - self._bot_vad.last_voiced_end) / RATE
+
+    def _scan_bot_frame(self) -> None:
+        start = self._bot_scanned * FRAME
+        started, ended = self._bot_vad.feed(start, self._bot_track.view(start, start + FRAME))
+        self._bot_scanned += 1
+        if ended is not None:
+            self._bot_utterance_ended(ended)
+        if started is not None:
+            self._bot_utterance_started(started)
+
+    def _bot_utterance_started(self, segment: Segment) -> None:
+        previous = self._bot_starts[-1] if self._bot_starts else None
+        samples = response_latency(self._caller_vad.all_segments(), segment.start, previous)
+        latency = None if samples is None else samples / RATE
+        self._bot_starts.append(segment.start)
+        self._latency[segment.start] = latency
+        self._emit("bot_speech_start", t=segment.start / RATE, latency=latency)
+
+    def _bot_utterance_ended(self, segment: Segment) -> None:
+        pcm = array_to_pcm16(self._bot_track.view(segment.start, segment.end))
+        utterance = Utterance(
+            index=len(self.result.bot_utterances),
+            start=segment.start / RATE,
+            end=segment.end / RATE,
+            latency=self._latency.get(segment.start),
+            pcm=pcm,
+        )
+        self.result.bot_utterances.append(utterance)
+        self._emit("bot_utterance", t=utterance.start, utterance=utterance)
+
+    def _finalize(self) -> None:
+        """Close open segments and build the recording (only audio that actually played)."""
+        end = self._now_sample() if self._t0 is not None else 0
+        while (self._bot_scanned + 1) * FRAME <= end:
+            self._scan_bot_frame()
+        last = self._bot_vad.flush()
+        if last is not None:
+            self._bot_utterance_ended(last)
+        self._caller_vad.flush()
+        result = self.result
+        result.duration = end / RATE
+        result.bot_audio_received = self._playback.received / RATE
+        result.bot_audio_dropped = (self._playback.dropped + self._playback.pending(end)) / RATE
+        result.caller_audio = self._caller_track.view(0, self._frames_sent * FRAME)
+        result.bot_audio = self._bot_track.view(0, end)
+        result.caller_segments = [(s.start / RATE, s.end / RATE) for s in self._caller_vad.segments]
+
+    # -------------------------------------------------------------------- events
+
+    def _emit(self, kind: str, t: float | None = None, **data: Any) -> None:
+        event = CallEvent(self.now if t is None else t, kind, data)
+        self.result.events.append(event)
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # an observer's bug must not break the call
+                logger.exception("on_event callback failed")
+
+    def _closed_message(self) -> str:
+        close = self.result.close
+        if close is None:
+            return "the server closed the media stream before the caller's script finished"
+        reason = f" {close.reason!r}" if close.reason else ""
+        return (
+            f"the server closed the media stream at {close.t:.2f} s (code {close.code}"
+            f"{reason}) before the caller's script finished"
+        )
+
+    def _no_audio_message(self, timeout: float) -> str:
+        received = self._playback.received / RATE
+        detail = "nothing received" if received == 0 else f"{received:.1f} s received, all silent"
+        if self.result.streamsid_mismatches:
+            detail += f"; {self.result.streamsid_mismatches} messages ignored for a wrong streamSid"
+        return f"no audio from the bot within {timeout:g} s ({detail})"

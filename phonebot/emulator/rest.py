@@ -1,0 +1,603 @@
+"""A Twilio-compatible REST endpoint for calls, served on loopback.
+
+Point the server's Twilio client at `emulator.base_url` (`TWILIO_API_BASE_URL`) and its
+`calls.create` / `calls(sid).update` land here instead of at Twilio:
+
+- `POST /2010-04-01/Accounts/{AccountSid}/Calls.json` creates a call (201, Call JSON), then
+  "answers" it in the background: the inline `Twiml`, or the TwiML fetched from `Url` with
+  a signed form, gives the `<Connect><Stream>`; a `MediaStreamCaller` for it is handed to
+  `on_answer(call, caller)`, which decides what the callee says.
+- `POST …/Calls/{CallSid}.json` updates it: `Status=completed` stops the media stream the
+  way Twilio does (`stop`, then close); new `Twiml`/`Url` (e.g. a `<Dial>` transfer) ends
+  the stream and is recorded.
+- `GET …/Calls/{CallSid}.json` fetches it.
+
+Basic auth is checked like Twilio's (401, code 20003); every request is recorded in
+`requests`; `inject_fault` makes the next N requests fail or stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from loguru import logger
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from phonebot.emulator.calls import API_VERSION, EmulatedCall, twilio_error
+from phonebot.emulator.errors import EmulatorError, NoStreamError, TwiMLError
+from phonebot.emulator.ids import new_account_sid, new_call_sid
+from phonebot.emulator.loopback import LoopbackServer
+from phonebot.emulator.media_stream import MediaStreamCaller
+from phonebot.emulator.script import Pause
+from phonebot.emulator.twiml import TwiML, parse_twiml
+from phonebot.emulator.webhook import (
+    local_stream_url,
+    post_webhook,
+    send_signed_form,
+    voice_webhook_form,
+)
+
+AnswerHandler = Callable[[EmulatedCall, MediaStreamCaller], Awaitable[Any]]
+PHONE_NUMBER = re.compile(r"^\+[1-9]\d{6,14}$")
+CALLS = "/2010-04-01/Accounts/{account_sid}/Calls.json"
+CALL = "/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json"
+DEFAULT_CALL_LIMIT_S = 120.0
+
+
+@dataclass
+class RecordedRequest:
+    """One request as received: `form` keeps the last value per field, `form_lists` all."""
+
+    method: str
+    path: str
+    form: dict[str, str]
+    form_lists: dict[str, list[str]]
+    query: dict[str, str]
+    authorized: bool
+    status: int = 0
+
+
+@dataclass
+class Fault:
+    """A scripted failure: answer `status` (Twilio error `code`) and/or wait `delay` first."""
+
+    status: int | None
+    code: int | None = None
+    message: str | None = None
+    delay: float = 0.0
+    remaining: int = 1
+    on: str = "any"  # "create", "update", "fetch" or "any"
+
+
+@dataclass
+class StatusCallback:
+    """A status/AMD callback the emulator POSTed, and what came back."""
+
+    url: str
+    form: dict[str, str]
+    status: int | None = None
+    error: str | None = None
+
+
+def _valid_address(value: str) -> bool:
+    """E.164 numbers, plus `client:` and `sip:` addresses that Twilio also dials."""
+    return bool(PHONE_NUMBER.match(value)) or value.startswith(("client:", "sip:"))
+
+
+def _rebase(url: str, base: str | None) -> str:
+    """Same path and query on `base`'s scheme and host (reach the server on loopback)."""
+    if not base:
+        return url
+    target = urlsplit(base)
+    return urlunsplit(urlsplit(url)._replace(scheme=target.scheme, netloc=target.netloc))
+
+
+class TwilioRestEmulator:
+    """The REST side of Twilio for calls; see the module docstring.
+
+    `auth_token=None` accepts any Basic credentials (handy when the server's token is
+    unknown); `local_server_url` (e.g. `http://127.0.0.1:8000`) is where webhook URLs and
+    `wss://` stream URLs naming a public host are really sent (unless
+    `rewrite_stream_urls=False`); `caller_options` go to every `MediaStreamCaller` the
+    emulator creates.
+    """
+
+    def __init__(
+        self,
+        *,
+        account_sid: str | None = None,
+        auth_token: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        on_answer: AnswerHandler | None = None,
+        local_server_url: str | None = None,
+        answer_delay: float = 0.0,
+        answered_by: str = "human",
+        webhook_timeout: float = 10.0,
+        caller_options: Mapping[str, Any] | None = None,
+        rewrite_stream_urls: bool = True,
+    ) -> None:
+        self.account_sid = account_sid or new_account_sid()
+        self.auth_token = auth_token
+        self.on_answer = on_answer
+        self.local_server_url = local_server_url
+        self.answer_delay = answer_delay
+        self.answered_by = answered_by
+        self.webhook_timeout = webhook_timeout
+        self.caller_options = dict(caller_options or {})
+        self.rewrite_stream_urls = rewrite_stream_urls
+        self.requests: list[RecordedRequest] = []
+        self.calls: dict[str, EmulatedCall] = {}
+        self.status_callbacks: list[StatusCallback] = []
+        self.faults: list[Fault] = []
+        self._created: asyncio.Queue[EmulatedCall] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.app = Starlette(routes=self._routes())
+        self._server = LoopbackServer(self.app, host, port)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def base_url(self) -> str:
+        """Where to point the Twilio client (`client.api.base_url`), e.g. http://127.0.0.1:8099."""
+        return self._server.base_url
+
+    async def start(self) -> TwilioRestEmulator:
+        await self._server.start()
+        return self
+
+    async def stop(self) -> None:
+        """Hang up live streams, finish background work, stop serving."""
+        for call in self.calls.values():
+            if call.caller is not None:
+                call.caller.request_hangup("emulator stopping", "rest")
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+        for task in set(self._tasks):
+            task.cancel()
+        await self._server.stop()
+
+    async def __aenter__(self) -> TwilioRestEmulator:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # --------------------------------------------------------------- test hooks
+
+    def inject_fault(
+        self,
+        status: int | None = 500,
+        *,
+        code: int | None = None,
+        message: str | None = None,
+        count: int = 1,
+        delay: float = 0.0,
+        on: str = "any",
+    ) -> Fault:
+        """Make the next `count` matching requests wait `delay` s, then fail with `status`.
+
+        `status=None` only delays. Example: `inject_fault(400, code=21211, on="create")`.
+        """
+        fault = Fault(status, code, message, delay, count, on)
+        self.faults.append(fault)
+        return fault
+
+    def register_call(
+        self,
+        call_sid: str,
+        *,
+        to: str,
+        from_: str,
+        caller: MediaStreamCaller | None = None,
+        direction: str = "inbound",
+    ) -> EmulatedCall:
+        """Make a dial-in call known, so the server can update it (e.g. hang it up)."""
+        call = EmulatedCall(call_sid, self.account_sid, to, from_, direction, caller=caller)
+        call.set_status("in-progress")
+        call.answered.set()
+        self.calls[call_sid] = call
+        return call
+
+    async def wait_for_call(self, timeout: float = 10.0) -> EmulatedCall:
+        """The next call created through the REST API (in creation order)."""
+        try:
+            return await asyncio.wait_for(self._created.get(), timeout)
+        except TimeoutError:
+            raise EmulatorError(
+                f"no calls.create arrived at {self.base_url} within {timeout:g} s"
+            ) from None
+
+    def client(self, *, async_http: bool = False) -> Any:
+        """A `twilio.rest.Client` whose API requests go to this emulator."""
+        from twilio.http.async_http_client import AsyncTwilioHttpClient
+        from twilio.rest import Client
+
+        http_client = AsyncTwilioHttpClient() if async_http else None
+        client = Client(
+            self.account_sid, self.auth_token or "emulator-token", http_client=http_client
+        )
+        client.api.base_url = self.base_url
+        return client
+
+    # ------------------------------------------------------------------ routing
+
+    def _routes(self) -> list[Route]:
+        return [
+            Route(CALLS, self._create, methods=["POST"]),
+            Route(CALLS, self._list, methods=["GET"]),
+            Route(CALL, self._update, methods=["POST"]),
+            Route(CALL, self._fetch, methods=["GET"]),
+            Route("/{path:path}", self._not_found, methods=["GET", "POST", "DELETE"]),
+        ]
+
+    async def _record(self, request: Request) -> RecordedRequest:
+        form = await request.form() if request.method == "POST" else None
+        lists = {key: [str(v) for v in form.getlist(key)] for key in form} if form else {}
+        record = RecordedRequest(
+            method=request.method,
+            path=request.url.path,
+            form={key: values[-1] for key, values in lists.items()},
+            form_lists=lists,
+            query=dict(request.query_params),
+            authorized=self._authorized(request),
+        )
+        self.requests.append(record)
+        return record
+
+    def _authorized(self, request: Request) -> bool:
+        """Basic auth as AccountSid:AuthToken; the path's AccountSid must be the same."""
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        path_account = request.path_params.get("account_sid", user)
+        if user != path_account:
+            return False
+        if self.auth_token is None:
+            return True
+        return hmac.compare_digest(user, self.account_sid) and hmac.compare_digest(
+            password.encode(), self.auth_token.encode()
+        )
+
+    def _respond(self, record: RecordedRequest, body: dict[str, Any], status: int) -> JSONResponse:
+        record.status = status
+        headers = {"WWW-Authenticate": 'Basic realm="Twilio API"'} if status == 401 else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def _error(self, record: RecordedRequest, code: int, message: str, status: int) -> JSONResponse:
+        return self._respond(record, twilio_error(code, message, status), status)
+
+    async def _guard(
+        self, request: Request, kind: str
+    ) -> tuple[RecordedRequest, JSONResponse | None]:
+        """Record, authenticate, apply faults; a response here short-circuits the route."""
+        record = await self._record(request)
+        if not record.authorized:
+            return record, self._error(record, 20003, "Authenticate", 401)
+        fault = self._take_fault(kind)
+        if fault is not None:
+            await asyncio.sleep(fault.delay)
+            if fault.status is not None:
+                code = fault.code or fault.status
+                message = fault.message or f"Injected fault (HTTP {fault.status})"
+                return record, self._error(record, code, message, fault.status)
+        return record, None
+
+    def _take_fault(self, kind: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.remaining > 0 and fault.on in (kind, "any"):
+                fault.remaining -= 1
+                return fault
+        return None
+
+    def _not_found_error(self, record: RecordedRequest) -> JSONResponse:
+        message = f"The requested resource {record.path} was not found"
+        return self._error(record, 20404, message, 404)
+
+    async def _not_found(self, request: Request) -> JSONResponse:
+        return self._not_found_error(await self._record(request))
+
+    # ------------------------------------------------------------------- routes
+
+    async def _create(self, request: Request) -> JSONResponse:
+        record, early = await self._guard(request, "create")
+        if early is not None:
+            return early
+        form = record.form
+        problem = self._create_problem(form)
+        if problem is not None:
+            return self._error(record, *problem, 400)
+        call = EmulatedCall(new_call_sid(), self.account_sid, form["To"], form["From"], form=form)
+        self.calls[call.sid] = call
+        self._created.put_nowait(call)
+        self._spawn(self._answer(call, record.form_lists))
+        return self._respond(record, call.to_json(), 201)
+
+    @staticmethod
+    def _create_problem(form: Mapping[str, str]) -> tuple[int, str] | None:
+        """Twilio's 400 for a create it would refuse, as (code, message); None if fine."""
+        if not form.get("To"):
+            return 21201, "No 'To' number is specified"
+        if not _valid_address(form["To"]):
+            return 21211, f"Invalid 'To' Phone Number: {form['To']}"
+        if not form.get("From"):
+            return 21213, "No 'From' number is specified"
+        if not (form.get("Url") or form.get("Twiml") or form.get("ApplicationSid")):
+            return 21205, "Url parameter is required."
+        return None
+
+    async def _list(self, request: Request) -> JSONResponse:
+        record, early = await self._guard(request, "fetch")
+        if early is not None:
+            return early
+        calls = [call.to_json() for call in self.calls.values()]
+        body = {
+            "calls": calls,
+            "end": max(0, len(calls) - 1),
+            "page": 0,
+            "page_size": 50,
+            "start": 0,
+            "uri": record.path,
+            "first_page_uri": record.path,
+            "next_page_uri": None,
+            "previous_page_uri": None,
+        }
+        return self._respond(record, body, 200)
+
+    async def _fetch(self, request: Request) -> JSONResponse:
+        record, early = await self._guard(request, "fetch")
+        if early is not None:
+            return early
+        call = self.calls.get(request.path_params["call_sid"])
+        if call is None:
+            return self._not_found_error(record)
+        return self._respond(record, call.to_json(), 200)
+
+    async def _update(self, request: Request) -> JSONResponse:
+        record, early = await self._guard(request, "update")
+        if early is not None:
+            return early
+        call = self.calls.get(request.path_params["call_sid"])
+        if call is None:
+            return self._not_found_error(record)
+        call.updates.append(dict(record.form))
+        status = record.form.get("Status")
+        if status in ("completed", "canceled"):
+            self._end_call(call, status)
+        elif record.form.get("Twiml"):
+            try:
+                twiml = parse_twiml(record.form["Twiml"])
+            except TwiMLError as error:
+                return self._error(record, 12100, f"Document parse failure: {error}", 400)
+            self._redirect(call, twiml)
+        elif record.form.get("Url"):
+            self._spawn(self._redirect_to_url(call, record.form["Url"]))
+        return self._respond(record, call.to_json(), 200)
+
+    # --------------------------------------------------------------- call flow
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _end_call(self, call: EmulatedCall, status: str) -> None:
+        """`Status=completed` hangs up any call; `canceled` only one not yet answered."""
+        if not call.active:
+            return
+        if status == "canceled" and call.status == "in-progress":
+            return
+        call.set_status(status)
+        if call.caller is not None:
+            call.caller.request_hangup(f"call {status} via REST", "rest")
+
+    def _redirect(self, call: EmulatedCall, twiml: TwiML) -> None:
+        """New TwiML for a live call: the stream ends (Twilio leaves `<Connect>`)."""
+        call.twiml = twiml
+        call.dialed.extend(twiml.dials)
+        if call.caller is not None:
+            reason = "call redirected" + (
+                f" to <Dial> {', '.join(twiml.dials)}" if twiml.dials else ""
+            )
+            call.caller.request_hangup(reason, "rest")
+        if twiml.stream is not None:
+            call.caller = None  # the old stream's end must not complete the call
+        if twiml.has_hangup or not (twiml.dials or twiml.stream):
+            call.set_status("completed")
+        elif twiml.stream is not None:
+            self._spawn(self._stream(call, twiml, webhook_url=None))
+
+    async def _redirect_to_url(self, call: EmulatedCall, url: str) -> None:
+        try:
+            twiml = await self._fetch_twiml(call, url, call_status="in-progress")
+        except EmulatorError as error:
+            call.error = str(error)
+            return
+        self._redirect(call, twiml)
+
+    async def _answer(self, call: EmulatedCall, form_lists: Mapping[str, list[str]]) -> None:
+        """Ring, pick up, get the TwiML, and stream — as Twilio does after a create."""
+        try:
+            events = self._callback_events(form_lists)
+            await self._status_callback(call, "initiated", events)
+            await asyncio.sleep(self.answer_delay)
+            if not call.active:
+                return
+            call.set_status("ringing")
+            await self._status_callback(call, "ringing", events)
+            await self._pick_up(call, events)
+            await self._status_callback(call, "completed", events)
+        finally:
+            call.finished.set()
+
+    async def _pick_up(self, call: EmulatedCall, events: set[str]) -> None:
+        call.set_status("in-progress")
+        if call.form.get("MachineDetection"):
+            call.answered_by = self.answered_by
+        await self._status_callback(call, "answered", events)
+        try:
+            twiml, webhook_url = await self._initial_twiml(call)
+        except EmulatorError as error:
+            self._fail(call, error)
+            return
+        call.twiml = twiml
+        self._spawn_amd_callback(call)
+        await self._run_twiml(call, twiml, webhook_url)
+
+    async def _initial_twiml(self, call: EmulatedCall) -> tuple[TwiML, str | None]:
+        if call.form.get("Twiml"):
+            return parse_twiml(call.form["Twiml"]), None
+        url = call.form.get("Url")
+        if not url:
+            raise EmulatorError("calls.create had no Twiml or Url this emulator can run")
+        return await self._fetch_twiml(call, url, call_status="in-progress"), url
+
+    async def _run_twiml(self, call: EmulatedCall, twiml: TwiML, webhook_url: str | None) -> None:
+        if twiml.stream is not None:
+            await self._stream(call, twiml, webhook_url)
+            return
+        call.dialed.extend(twiml.dials)
+        self._fail(call, NoStreamError(f"found: {twiml.describe()}"), status="completed")
+
+    def _fail(self, call: EmulatedCall, error: EmulatorError, status: str = "failed") -> None:
+        logger.warning(f"emulated call {call.sid}: {error}")
+        call.error, call.exception = str(error), error
+        if call.active:
+            call.set_status(status)
+
+    async def _fetch_twiml(self, call: EmulatedCall, url: str, call_status: str) -> TwiML:
+        """POST the signed voice-webhook form to `url` (via the local server) for TwiML."""
+        extra = {"AnsweredBy": self.answered_by} if self._sync_amd(call) else None
+        form = voice_webhook_form(
+            call_sid=call.sid,
+            account_sid=call.account_sid,
+            from_=call.from_,
+            to=call.to,
+            direction=call.direction,
+            call_status=call_status,
+            extra=extra,
+        )
+        return await post_webhook(
+            _rebase(url, self.local_server_url),
+            form,
+            auth_token=self.auth_token,
+            signed_url=url,
+            timeout=self.webhook_timeout,
+        )
+
+    def _stream_url(self, url: str, webhook_url: str | None) -> str:
+        """A `wss://public-host/…` stream is reached on loopback (see `local_stream_url`)."""
+        if not self.rewrite_stream_urls:
+            return url
+        if self.local_server_url:
+            return local_stream_url(url, self.local_server_url)
+        if webhook_url:
+            return local_stream_url(url, webhook_url)
+        return url
+
+    async def _stream(self, call: EmulatedCall, twiml: TwiML, webhook_url: str | None) -> None:
+        """Connect the callee's media stream and let `on_answer` (or silence) drive it."""
+        stream = twiml.require_stream()
+        caller = MediaStreamCaller(
+            self._stream_url(stream.url, webhook_url),
+            parameters=stream.parameters,
+            call_sid=call.sid,
+            account_sid=call.account_sid,
+            **self.caller_options,
+        )
+        call.caller = caller
+        call.answered.set()
+        try:
+            if self.on_answer is not None:
+                await self.on_answer(call, caller)
+            else:
+                await caller.run([Pause(DEFAULT_CALL_LIMIT_S)], check=False)
+        except Exception as error:  # the handler's failure is the test's to inspect
+            call.exception = error
+            call.error = str(error)
+        call.result = caller.result
+        if call.caller is caller and call.active:
+            call.set_status("completed")  # after a <Dial> too: no one is on the other leg
+
+    # -------------------------------------------------------------- callbacks
+
+    @staticmethod
+    def _callback_events(form_lists: Mapping[str, list[str]]) -> set[str]:
+        """StatusCallbackEvent values (repeated or space-separated); Twilio's default."""
+        values = " ".join(form_lists.get("StatusCallbackEvent", [])).split()
+        return set(values) or {"completed"}
+
+    async def _status_callback(self, call: EmulatedCall, event: str, events: set[str]) -> None:
+        url = call.form.get("StatusCallback")
+        if not url or event not in events:
+            return
+        form = voice_webhook_form(
+            call_sid=call.sid,
+            account_sid=call.account_sid,
+            from_=call.from_,
+            to=call.to,
+            direction=call.direction,
+            call_status=call.status,
+            extra={
+                "CallbackSource": "call-progress-events",
+                "SequenceNumber": str(len(self.status_callbacks)),
+            },
+        )
+        if event == "completed":
+            form["CallDuration"] = call.to_json()["duration"] or "0"
+        await self._post_callback(url, form)
+
+    def _sync_amd(self, call: EmulatedCall) -> bool:
+        return bool(call.form.get("MachineDetection")) and call.form.get("AsyncAmd") != "true"
+
+    def _spawn_amd_callback(self, call: EmulatedCall) -> None:
+        url = call.form.get("AsyncAmdStatusCallback")
+        if not (call.form.get("MachineDetection") and call.form.get("AsyncAmd") == "true" and url):
+            return
+        form = {
+            "AccountSid": call.account_sid,
+            "CallSid": call.sid,
+            "AnsweredBy": self.answered_by,
+            "MachineDetectionDuration": "1200",
+        }
+        self._spawn(self._post_callback(url, form))
+
+    async def _post_callback(self, url: str, form: dict[str, str]) -> None:
+        """POST a status/AMD callback; failures are recorded, never raised (as Twilio)."""
+        record = StatusCallback(url, form)
+        self.status_callbacks.append(record)
+        try:
+            response = await send_signed_form(
+                _rebase(url, self.local_server_url),
+                form,
+                auth_token=self.auth_token,
+                signed_url=url,
+                timeout=self.webhook_timeout,
+            )
+            record.status = response.status_code
+        except EmulatorError as error:
+            record.error = str(error)
+
+
+__all__ = [
+    "API_VERSION",
+    "AnswerHandler",
+    "RecordedRequest",
+    "StatusCallback",
+    "TwilioRestEmulator",
+]

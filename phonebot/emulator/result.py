@@ -1,0 +1,120 @@
+"""What one emulated call recorded: events, bot utterances, latencies, audio.
+
+All times are seconds since the `start` message (the call's t = 0), on the same clock as
+the stereo recording, so a test can say "the clear came 0.3 s after the caller spoke".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phonebot.audio import TWILIO_SAMPLE_RATE, write_stereo_wav
+
+
+@dataclass(frozen=True)
+class CallEvent:
+    """Something that happened on the call; `kind` names it, `data` has the details.
+
+    Kinds: start, caller_speech, pause, dtmf, wait, wait_timeout, bot_speech_start,
+    bot_utterance, clear, mark, mark_answered, stop_sent, hangup, closed, unknown_event,
+    streamsid_mismatch, bad_message.
+    """
+
+    t: float
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Utterance:
+    """A stretch of bot speech as the caller heard it (after any `clear` truncation).
+
+    `latency` is seconds from the end of the caller's last speech to `start`, or None when
+    this utterance is not a reply (greeting, follow-on sentence, overlap). `text` is left
+    for a transcriber (the CLI) to fill in.
+    """
+
+    index: int
+    start: float
+    end: float
+    latency: float | None
+    pcm: bytes
+    text: str | None = None
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ClearRecord:
+    """A `clear` from the server (barge-in): when, and how much unplayed audio it dropped."""
+
+    t: float
+    dropped: float
+
+
+@dataclass
+class MarkRecord:
+    """A `mark` from the server and when the emulator echoed it back (None: never)."""
+
+    name: str
+    received: float
+    due: float
+    answered: float | None = None
+
+
+@dataclass(frozen=True)
+class CloseInfo:
+    """How the websocket ended: who closed it, when, code and reason."""
+
+    t: float
+    by: str  # "server" or "caller"
+    code: int | None
+    reason: str
+
+
+@dataclass
+class CallResult:
+    """Everything recorded about one media-stream call."""
+
+    url: str
+    call_sid: str
+    account_sid: str
+    stream_sid: str
+    parameters: dict[str, str]
+    started_at: float = 0.0  # wall clock (epoch seconds) of t = 0
+    duration: float = 0.0
+    events: list[CallEvent] = field(default_factory=list)
+    bot_utterances: list[Utterance] = field(default_factory=list)
+    caller_segments: list[tuple[float, float]] = field(default_factory=list)
+    clears: list[ClearRecord] = field(default_factory=list)
+    marks: list[MarkRecord] = field(default_factory=list)
+    dtmf: list[tuple[float, str]] = field(default_factory=list)
+    close: CloseInfo | None = None
+    ended_by: str | None = None  # caller, server, rest, max_duration, error
+    streamsid_mismatches: int = 0
+    unknown_events: list[str] = field(default_factory=list)
+    bot_audio_received: float = 0.0
+    bot_audio_dropped: float = 0.0
+    first_bot_audio: float | None = None
+    caller_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
+    bot_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
+    error: str | None = None
+
+    @property
+    def latencies(self) -> list[float]:
+        """Response latency of every bot turn that answered the caller, in order."""
+        return [u.latency for u in self.bot_utterances if u.latency is not None]
+
+    def events_of(self, kind: str) -> list[CallEvent]:
+        """Events of one kind, in order."""
+        return [event for event in self.events if event.kind == kind]
+
+    def save_wav(self, path: str | Path) -> Path:
+        """Stereo 8 kHz WAV: caller on the left, bot (as played) on the right."""
+        return write_stereo_wav(path, self.caller_audio, self.bot_audio, TWILIO_SAMPLE_RATE)

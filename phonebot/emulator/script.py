@@ -1,0 +1,94 @@
+"""What the emulated caller does, as a list of steps run in order on the 20 ms clock.
+
+While any step runs, a frame goes out every 20 ms (speech or silence), exactly as a real
+phone line keeps streaming; the steps only decide what is in the frames and when to move
+on. Build scripts in code (tests) or from the command line (`phonebot.call`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from phonebot.audio import TWILIO_SAMPLE_RATE, read_wav, tone
+
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+
+
+@dataclass(frozen=True)
+class Speak:
+    """Send `pcm` (16-bit mono at `sample_rate`) as the caller's voice; `text` is a label."""
+
+    pcm: bytes
+    sample_rate: int = TWILIO_SAMPLE_RATE
+    text: str | None = None
+
+    @classmethod
+    def from_wav(cls, path: str | Path, text: str | None = None) -> Speak:
+        """Speak the contents of a WAV file (any PCM rate/width/channels)."""
+        return cls(read_wav(path, TWILIO_SAMPLE_RATE), TWILIO_SAMPLE_RATE, text or Path(path).name)
+
+    @classmethod
+    def tone(cls, seconds: float, frequency: float = 440.0, amplitude: float = 0.3) -> Speak:
+        """A sine burst standing in for speech (tests that need 'some voice', not words)."""
+        label = f"[tone {frequency:g} Hz {seconds:g} s]"
+        return cls(tone(frequency, seconds, TWILIO_SAMPLE_RATE, amplitude), text=label)
+
+    @property
+    def duration(self) -> float:
+        return len(self.pcm) / 2 / self.sample_rate
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Stay quiet for `seconds` (silence frames keep flowing)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Dtmf:
+    """Press keys: one `dtmf` event per digit, then `interval` seconds of silence each."""
+
+    digits: str
+    interval: float = 0.25
+
+    def __post_init__(self) -> None:
+        bad = set(self.digits) - DTMF_DIGITS
+        if not self.digits or bad:
+            raise ValueError(f"DTMF digits must be from 0-9 * # A-D, got {self.digits!r}")
+
+
+@dataclass(frozen=True)
+class WaitForBot:
+    """Wait for the bot's reply to the caller's latest speech (or its greeting).
+
+    `until="speech"` returns once the bot starts talking; `"done"` once it has talked and
+    then been quiet for `quiet` seconds. No bot speech within `timeout` raises
+    `NoBotAudioError` (or just moves on when `require=False`); a reply still going after
+    `max_wait` seconds is left running and the script moves on.
+    """
+
+    timeout: float = 10.0
+    until: Literal["speech", "done"] = "done"
+    quiet: float = 0.8
+    max_wait: float = 60.0
+    require: bool = True
+
+
+@dataclass(frozen=True)
+class WaitForHangup:
+    """Expect the bot to end the call (close the stream or complete it via REST) in time."""
+
+    timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class Hangup:
+    """Hang up: Twilio's `stop` message then a close, or (send_stop=False) an abrupt close."""
+
+    send_stop: bool = True
+
+
+Step = Speak | Pause | Dtmf | WaitForBot | WaitForHangup | Hangup

@@ -1,0 +1,156 @@
+"""The call's common timeline: sample-indexed tracks, the phone's playout buffer, and
+speech segmentation.
+
+Everything is counted in 8 kHz samples from the `start` message, so caller audio, bot
+audio and events line up exactly in the stereo recording and in latency figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from phonebot.audio import rms
+
+
+class Track:
+    """A growable int16 buffer addressed by absolute sample index (unwritten = silence)."""
+
+    def __init__(self, capacity: int = 8000 * 60) -> None:
+        self._data = np.zeros(capacity, dtype=np.int16)
+        self.length = 0
+
+    def _ensure(self, size: int) -> None:
+        if size > len(self._data):
+            grown = np.zeros(max(size, 2 * len(self._data)), dtype=np.int16)
+            grown[: self.length] = self._data[: self.length]
+            self._data = grown
+
+    def write(self, at: int, samples: np.ndarray) -> None:
+        """Place `samples` starting at sample `at`, overwriting whatever was there."""
+        end = at + len(samples)
+        self._ensure(end)
+        self._data[at:end] = samples
+        self.length = max(self.length, end)
+
+    def zero(self, start: int, end: int) -> None:
+        """Silence [start, end) — used when a `clear` discards audio that never played."""
+        end = min(end, self.length)
+        if end > start:
+            self._data[start:end] = 0
+
+    def view(self, start: int, end: int) -> np.ndarray:
+        """Samples [start, end), zero-padded past what has been written."""
+        out = np.zeros(max(0, end - start), dtype=np.int16)
+        stop = min(end, self.length)
+        if stop > start:
+            out[: stop - start] = self._data[start:stop]
+        return out
+
+
+class Playback:
+    """The phone's playout buffer: audio plays in arrival order at 8000 samples/s.
+
+    A chunk arriving at `now` starts playing when the buffer drains (or at once if empty),
+    so its place on the timeline is when the callee would actually hear it. That is what
+    `clear` truncates and what a `mark` waits for.
+    """
+
+    def __init__(self, track: Track) -> None:
+        self.track = track
+        self.end = 0  # sample where queued audio finishes playing
+        self.received = 0
+        self.dropped = 0
+
+    def enqueue(self, now: int, samples: np.ndarray) -> int:
+        """Queue a chunk; returns the sample at which it starts playing."""
+        start = max(now, self.end)
+        self.track.write(start, samples)
+        self.end = start + len(samples)
+        self.received += len(samples)
+        return start
+
+    def clear(self, now: int) -> int:
+        """Drop everything not yet played at `now`; returns how many samples were dropped."""
+        dropped = max(0, self.end - now)
+        self.track.zero(now, self.end)
+        self.end = min(self.end, now)
+        self.dropped += dropped
+        return dropped
+
+    def pending(self, now: int) -> int:
+        """Samples queued but not yet played."""
+        return max(0, self.end - now)
+
+
+@dataclass
+class Segment:
+    """A stretch of speech, in samples; `end` is the end of its last voiced frame."""
+
+    start: int
+    end: int
+
+
+class SpeechTracker:
+    """Frame-energy speech segmentation: voiced frames, joined across gaps < `gap`."""
+
+    def __init__(self, threshold: float, gap: int) -> None:
+        self.threshold = threshold
+        self.gap = gap
+        self.segments: list[Segment] = []
+        self.current: Segment | None = None
+        self.last_voiced_start = -1
+        self.last_voiced_end = 0
+
+    def feed(self, start: int, frame: np.ndarray) -> tuple[Segment | None, Segment | None]:
+        """Feed the next contiguous frame; returns (segment started, segment ended)."""
+        end = start + len(frame)
+        ended = None
+        voiced = rms(frame) >= self.threshold
+        if self.current is not None and not voiced and end - self.current.end >= self.gap:
+            ended = self.flush()
+        if not voiced:
+            return None, ended
+        self.last_voiced_start, self.last_voiced_end = start, end
+        if self.current is None:
+            self.current = Segment(start, end)
+            return self.current, ended
+        self.current.end = end
+        return None, ended
+
+    def flush(self) -> Segment | None:
+        """Close the open segment, if any (end of call)."""
+        segment, self.current = self.current, None
+        if segment is not None:
+            self.segments.append(segment)
+        return segment
+
+    def all_segments(self) -> list[Segment]:
+        """Closed segments plus the open one."""
+        return self.segments + ([self.current] if self.current else [])
+
+    def spoke_since(self, sample: int) -> bool:
+        """True when a voiced frame started at or after `sample`."""
+        return self.last_voiced_start >= sample
+
+
+def response_latency(
+    caller: list[Segment], bot_start: int, previous_bot_start: int | None
+) -> int | None:
+    """Samples from the end of the caller's last speech to `bot_start`, or None.
+
+    None when the caller was still talking as the bot started (overlap) or has not spoken
+    since the bot's previous turn began (a second bot utterance is not a response).
+    """
+    last_end = None
+    for segment in caller:
+        if segment.start < bot_start < segment.end:
+            return None
+        if segment.end <= bot_start:
+            last_end = segment.end
+    if last_end is None:
+        return None
+    if previous_bot_start is not None and last_end <= previous_bot_start:
+        return None
+    return bot_start - last_end

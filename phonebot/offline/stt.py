@@ -1,0 +1,308 @@
+"""Offline speech recognition with pocketsphinx and its bundled US-English model.
+
+Why pocketsphinx: its wheel ships an acoustic model, a 134k-word dictionary and a general
+language model, so recognition works with no API key and no download. It is far less accurate
+than cloud STT on open speech, but restricted to a small vocabulary (the phrases a test expects
+the bot to say, or a persona's keywords) it is reliable enough to assert on.
+
+Phone audio is 8 kHz. The bundled acoustic model was trained on 16 kHz audio with a mel
+filterbank reaching 6800 Hz; running pocketsphinx at 8 kHz needs a filterbank that stops below
+4 kHz, and the model does not survive that mismatch (word accuracy falls from ~35 % to about
+0 %, see ``bench/offline_engines.py``). Upsampling the 8 kHz audio to 16 kHz keeps the model's
+own front end and is what this module does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Iterable
+from functools import cache
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soxr
+from loguru import logger
+from pipecat.frames.frames import ErrorFrame, Frame, StartFrame, TranscriptionFrame
+from pipecat.services.settings import STTSettings
+from pipecat.services.stt_service import SegmentedSTTService
+from pipecat.transcriptions.language import Language
+from pipecat.utils.time import time_now_iso8601
+from pipecat.utils.tracing.service_decorators import traced_stt
+from pocketsphinx import Decoder, get_model_path
+from pocketsphinx.lm import ArpaBoLM
+
+__all__ = [
+    "MODEL_SAMPLE_RATE",
+    "OfflineSTTService",
+    "normalize_transcript",
+    "transcribe",
+    "vocabulary_words",
+    "warm_up",
+]
+
+MODEL_SAMPLE_RATE = 16000
+
+# Back-off mass of the per-vocabulary LM. Lower keeps decoding closer to the given phrases;
+# 0.2 measured best on TTS->phone audio (0.5, the pocketsphinx default, lost ~10 points).
+_VOCAB_DISCOUNT_MASS = 0.2
+# Building a decoder costs 0.1-0.5 s and a few MB; a handful covers every persona in a process.
+_MAX_CACHED_DECODERS = 8
+
+_ONES = [
+    *("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
+    *("ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen"),
+    *("seventeen", "eighteen", "nineteen"),
+]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_TOKEN = re.compile(r"\d+|[a-z]+(?:'[a-z]+)*")
+_ALT_PRONUNCIATION = re.compile(r"\(\d+\)$")
+_THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}\b)")
+_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+
+
+def _number_words(n: int) -> list[str]:
+    """Spell 0..999,999,999 the way espeak-ng (en-us) reads it: no "and", no hyphens."""
+    if n < 20:
+        return [_ONES[n]]
+    if n < 100:
+        return [_TENS[n // 10]] + ([_ONES[n % 10]] if n % 10 else [])
+    for size, name in ((1_000_000, "million"), (1000, "thousand"), (100, "hundred")):
+        if n >= size:
+            rest = n % size
+            return _number_words(n // size) + [name] + (_number_words(rest) if rest else [])
+    raise AssertionError("unreachable")
+
+
+def _digits_to_words(digits: str) -> list[str]:
+    """Numbers are read as numbers; zero-led or very long ones (codes) digit by digit."""
+    if len(digits) <= 9 and not (len(digits) > 1 and digits.startswith("0")):
+        return _number_words(int(digits))
+    return [_ONES[int(d)] for d in digits]
+
+
+def normalize_transcript(text: str) -> str:
+    """Lower-case words with digits spelled out and punctuation dropped.
+
+    This is the form :func:`transcribe` returns, so compare a reference with a transcript by
+    normalising the reference with this function.
+    """
+    text = _THOUSANDS_SEPARATOR.sub("", text.lower().replace("\u2019", "'"))
+    text = _DECIMAL_POINT.sub(" point ", text)
+    words: list[str] = []
+    for token in _TOKEN.findall(text):
+        words.extend(_digits_to_words(token) if token.isdigit() else [token])
+    return " ".join(words)
+
+
+@cache
+def _pronunciations() -> dict[str, list[str]]:
+    """The bundled dictionary as ``word -> ["word PH ...", "word(2) PH ..."]``, parsed once."""
+    entries: dict[str, list[str]] = {}
+    path = Path(get_model_path("en-us/cmudict-en-us.dict"))
+    for line in path.read_text(encoding="utf-8").splitlines():
+        head = line.split(" ", 1)[0]
+        entries.setdefault(_ALT_PRONUNCIATION.sub("", head), []).append(line)
+    return entries
+
+
+def vocabulary_words(phrases: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split the words of ``phrases`` into ``(known, unknown)`` against the dictionary."""
+    known: dict[str, None] = {}
+    unknown: dict[str, None] = {}
+    lexicon = _pronunciations()
+    for phrase in phrases:
+        for word in normalize_transcript(phrase).split():
+            (known if word in lexicon else unknown)[word] = None
+    return list(known), list(unknown)
+
+
+def _vocabulary_key(vocabulary: Iterable[str] | None) -> tuple[str, ...] | None:
+    """Order-independent cache key: the LM only depends on the set of normalised phrases."""
+    if vocabulary is None:
+        return None
+    if isinstance(vocabulary, str):  # a lone phrase, not an iterable of characters
+        vocabulary = [vocabulary]
+    phrases = {normalize_transcript(p) for p in vocabulary}
+    return tuple(sorted(p for p in phrases if p))
+
+
+def _vocabulary_files(phrases: tuple[str, ...], directory: Path) -> dict[str, str] | None:
+    """Write a tiny ARPA LM and a matching dictionary; None if no phrase word is known.
+
+    Words missing from the dictionary are dropped from the phrases (pocketsphinx cannot
+    recognise a word it cannot pronounce); the rest of the phrase still shapes the LM.
+    """
+    _, unknown = vocabulary_words(phrases)
+    if unknown:
+        logger.debug(f"offline STT: dropping words not in the dictionary: {unknown}")
+    missing = set(unknown)
+    sentences = [" ".join(w for w in p.split() if w not in missing) for p in phrases]
+    sentences = [s for s in sentences if s]
+    if not sentences:
+        return None
+    lm = ArpaBoLM(text="\n".join(sentences), add_start=True, discount_mass=_VOCAB_DISCOUNT_MASS)
+    lm.compute()
+    arpa = StringIO()
+    lm.write(arpa)
+    lexicon = _pronunciations()
+    words = sorted({w for s in sentences for w in s.split()})
+    (directory / "vocab.lm").write_text(arpa.getvalue(), encoding="utf-8")
+    dict_text = "\n".join(line for w in words for line in lexicon[w]) + "\n"
+    (directory / "vocab.dict").write_text(dict_text, encoding="utf-8")
+    return {"lm": str(directory / "vocab.lm"), "dict": str(directory / "vocab.dict")}
+
+
+def _build_decoder(key: tuple[str, ...] | None) -> Decoder:
+    """General decoder for ``None``, otherwise one restricted to the vocabulary's words."""
+    if key is None:
+        return Decoder(loglevel="ERROR")
+    with tempfile.TemporaryDirectory(prefix="phonebot-stt-") as tmp:
+        files = _vocabulary_files(key, Path(tmp))
+        if files is None:  # _get_decoder already routes such vocabularies to the general key
+            return Decoder(loglevel="ERROR")
+        # pocketsphinx reads both files completely while initialising, so the directory can go.
+        return Decoder(loglevel="ERROR", **files)
+
+
+class _CachedDecoder:
+    """A decoder plus the lock that serialises it (pocketsphinx decoders are not re-entrant)."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.lock = threading.Lock()
+
+    def decode(self, pcm16k: bytes) -> str:
+        with self.lock:
+            self.decoder.start_utt()
+            self.decoder.process_raw(pcm16k, full_utt=True)
+            self.decoder.end_utt()
+            hyp = self.decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+
+_cache: OrderedDict[tuple[str, ...] | None, _CachedDecoder] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _get_decoder(vocabulary: Iterable[str] | None) -> _CachedDecoder:
+    """LRU-cached decoder for a vocabulary; built under the lock so it is built only once."""
+    key = _vocabulary_key(vocabulary)
+    with _cache_lock:
+        return _cached_entry(key)
+
+
+def _cached_entry(key: tuple[str, ...] | None) -> _CachedDecoder:
+    """Look up or build the entry for ``key``; the caller holds ``_cache_lock``."""
+    entry = _cache.get(key)
+    if entry is None:
+        if key is not None and not vocabulary_words(key)[0]:
+            # Share the general decoder (~100 MB) rather than building a second copy of it.
+            logger.warning("offline STT: no vocabulary word is in the dictionary; using general")
+            entry = _cached_entry(None)
+        else:
+            entry = _CachedDecoder(_build_decoder(key))
+        _cache[key] = entry
+        if len(_cache) > _MAX_CACHED_DECODERS:
+            _cache.popitem(last=False)
+    _cache.move_to_end(key)
+    return entry
+
+
+def to_model_rate(pcm: bytes, sample_rate: int) -> bytes:
+    """Resample 16-bit mono PCM to the model's 16 kHz (upsampling 8 kHz phone audio)."""
+    if sample_rate == MODEL_SAMPLE_RATE or not pcm:
+        return pcm
+    samples = np.frombuffer(pcm[: len(pcm) & ~1], dtype=np.int16)
+    return soxr.resample(samples, sample_rate, MODEL_SAMPLE_RATE).astype(np.int16).tobytes()
+
+
+def transcribe(pcm: bytes, sample_rate: int, *, vocabulary: Iterable[str] | None = None) -> str:
+    """Transcribe 16-bit mono PCM; returns normalised lower-case words ("" for silence).
+
+    Blocking (roughly 0.05-0.3 s per second of audio). With ``vocabulary`` (phrases or
+    sentences) the decoder only knows those words, which makes assertions on expected speech
+    reliable; without it the general 134k-word model is used.
+    """
+    if len(pcm) < 2:
+        return ""
+    text = _get_decoder(vocabulary).decode(to_model_rate(pcm, sample_rate))
+    return normalize_transcript(text)
+
+
+def warm_up(vocabulary: Iterable[str] | None = None) -> None:
+    """Build (and cache) the decoder now, so the first utterance is not delayed by it."""
+    _get_decoder(vocabulary)
+
+
+class OfflineSTTService(SegmentedSTTService):
+    """Pipecat STT on pocketsphinx: transcribes each VAD-delimited segment in a worker thread.
+
+    Needs a VAD upstream (as every ``SegmentedSTTService`` does). English only: the bundled
+    model is US English.
+    """
+
+    def __init__(
+        self,
+        *,
+        vocabulary: Iterable[str] | None = None,
+        settings: STTSettings | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Create the service.
+
+        Args:
+            vocabulary: Optional phrases to restrict recognition to (e.g. a persona's keywords
+                and expected answers). None uses the general English model.
+            settings: Standard Pipecat STT settings; only ``language`` English is meaningful.
+            **kwargs: Passed to ``SegmentedSTTService`` (e.g. ``sample_rate``).
+        """
+        default_settings = STTSettings(model="pocketsphinx-en-us", language=Language.EN)
+        if settings is not None:
+            default_settings.apply_update(settings)
+        kwargs.setdefault("ttfs_p99_latency", 1.0)
+        super().__init__(settings=default_settings, **kwargs)
+        self._vocabulary = _vocabulary_key(vocabulary)
+
+    @property
+    def wants_wav_segments(self) -> bool:
+        """Receive raw 16-bit PCM: pocketsphinx reads samples, not a WAV container."""
+        return False
+
+    def can_generate_metrics(self) -> bool:
+        """Processing time is measured around each segment's decode."""
+        return True
+
+    async def start(self, frame: StartFrame) -> None:
+        """Build the decoder before the first utterance, off the event loop."""
+        await super().start(frame)
+        await asyncio.to_thread(warm_up, self._vocabulary)
+
+    @traced_stt
+    async def _handle_transcription(
+        self, transcript: str, is_final: bool, language: Language | None = None
+    ) -> None:
+        """Tracing hook (the decorator records the transcript)."""
+
+    async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame, None]:
+        """Transcribe one speech segment (raw 16-bit PCM at ``self.sample_rate``)."""
+        await self.start_processing_metrics()
+        try:
+            text = await asyncio.to_thread(
+                transcribe, audio, self.sample_rate, vocabulary=self._vocabulary
+            )
+        except Exception as e:  # a decoder failure must not kill the pipeline
+            await self.stop_processing_metrics()
+            yield ErrorFrame(error=f"{self}: offline transcription failed: {e}")
+            return
+        await self.stop_processing_metrics()
+        if not text:
+            return
+        await self._handle_transcription(text, True, Language.EN)
+        logger.debug(f"{self}: transcription [{text}]")
+        yield TranscriptionFrame(text, self._user_id, time_now_iso8601(), Language.EN)

@@ -1,0 +1,261 @@
+"""Whole calls, end to end: the real server, the Twilio emulator, the offline engines.
+
+Nothing in the pipeline is a test double: `python server.py` runs with no AI keys, so its
+STT, responder and TTS are the offline engines. The emulator is Twilio: it rings the
+webhook (signed), streams 20 ms μ-law frames in real time, answers marks, honours clears,
+and plays the Twilio REST API on loopback for dial-out and hang-up. What the bot said is
+read back with the offline STT restricted to the phrases the bot could say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from difflib import SequenceMatcher
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from phonebot.emulator import (
+    CallResult,
+    Dtmf,
+    Hangup,
+    MediaStreamCaller,
+    Pause,
+    Speak,
+    TwilioRestEmulator,
+    WaitForBot,
+    WaitForHangup,
+    dial_in,
+)
+from phonebot.offline.espeak import synthesize_at
+from phonebot.offline.responder import OFFLINE_FALLBACK
+from phonebot.offline.stt import normalize_transcript, transcribe
+from phonebot.personas import CAMPAIGNS, DIALIN_PERSONAS, opening_line
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY
+from tests.live_server import LiveServer, free_port
+
+CALLER = "+15557654321"
+OUR_NUMBER = "+15550001111"
+
+
+@pytest.fixture(scope="module")
+def rest_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(rest_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    env = {
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_PHONE_NUMBER": OUR_NUMBER,
+        "TWILIO_API_BASE_URL": f"http://127.0.0.1:{rest_port}",
+        "DIALOUT_API_KEY": DIALOUT_KEY,
+    }
+    live = LiveServer(env, tmp_path_factory.mktemp("server"))
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+async def twilio(server: LiveServer, rest_port: int) -> AsyncIterator[TwilioRestEmulator]:
+    emulator = TwilioRestEmulator(
+        account_sid=ACCOUNT_SID,
+        auth_token=AUTH_TOKEN,
+        port=rest_port,
+        local_server_url=server.base_url,
+    )
+    async with emulator:
+        yield emulator
+
+
+def say(text: str) -> Speak:
+    return Speak(synthesize_at(text, 8000), 8000, text)
+
+
+def heard(result: CallResult, index: int, phrases: list[str]) -> str:
+    """Which of `phrases` the bot said in utterance `index`.
+
+    The offline STT, restricted to the words of `phrases`, still drops or swaps a word now
+    and then; picking the phrase whose words best match the transcript is robust to that
+    while still telling one persona's line from another's.
+    """
+    assert len(result.bot_utterances) > index, f"bot said only {len(result.bot_utterances)}"
+    transcript = transcribe(result.bot_utterances[index].pcm, 8000, vocabulary=phrases)
+    scores = {phrase: _similarity(transcript, phrase) for phrase in phrases}
+    best = max(scores, key=scores.get)
+    assert scores[best] > 0.5, f"bot said {transcript!r}, unlike any of {phrases}"
+    return best
+
+
+def _similarity(transcript: str, phrase: str) -> float:
+    words = lambda text: normalize_transcript(text).split()  # noqa: E731
+    return SequenceMatcher(None, words(transcript), words(phrase)).ratio()
+
+
+def assert_real_phone_audio(result: CallResult) -> None:
+    """Bot audio came as media for our streamSid, decoded to non-silent 8 kHz speech."""
+    assert result.streamsid_mismatches == 0
+    assert result.bot_audio_received > 1.0  # seconds of bot audio
+    samples = np.frombuffer(result.bot_utterances[0].pcm, dtype=np.int16)
+    assert np.sqrt(np.mean(samples.astype(np.float64) ** 2)) > 300
+
+
+async def call_in(server: LiveServer, twilio: TwilioRestEmulator, script, **query) -> CallResult:
+    dial = await dial_in(
+        f"{server.base_url}/", auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID, query=query,
+        from_=CALLER, to=OUR_NUMBER,
+    )
+    caller: MediaStreamCaller = dial.caller()
+    twilio.register_call(dial.call_sid, to=OUR_NUMBER, from_=CALLER, caller=caller)
+    return await caller.run(script)
+
+
+def assert_call_ended_cleanly(server: LiveServer, call_sid: str) -> None:
+    assert server.wait_for_log(f"Call {call_sid} ended", timeout_s=10), server.log_text()[-3000:]
+    assert server.error_lines() == []
+    assert not [line for line in server.logs if "dangling" in line.lower()]
+    assert AUTH_TOKEN not in server.log_text()
+
+
+async def test_dialin_support_greeting_is_spoken_to_the_right_stream(server, twilio):
+    result = await call_in(server, twilio, [WaitForBot(), Hangup()], session_type="support")
+
+    assert_real_phone_audio(result)
+    openings = {
+        name: opening_line(persona, {"caller_id": CALLER})
+        for name, persona in DIALIN_PERSONAS.items()
+    }
+    assert heard(result, 0, list(openings.values())) == openings["support"]
+    assert "calling from the number ending in 4 3 2 1" in openings["support"]
+    assert_call_ended_cleanly(server, result.call_sid)
+    assert server.health()["active_streams"] == 0
+
+
+async def test_a_question_from_the_keyword_table_gets_its_answer(server, twilio):
+    support = DIALIN_PERSONAS["support"]
+    script = [WaitForBot(), say("my order has not arrived"), WaitForBot(timeout=15), Hangup()]
+    result = await call_in(server, twilio, script, session_type="support")
+
+    phrases = [entry.answer for entry in support.answers] + [OFFLINE_FALLBACK]
+    assert "order number" in heard(result, 1, phrases)
+    assert result.latencies and result.latencies[-1] is not None
+    assert_call_ended_cleanly(server, result.call_sid)
+
+
+async def test_keypad_digits_reach_the_bot(server, twilio):
+    # Keys are not speech, so wait a fixed while for the bot's answer to them.
+    script = [WaitForBot(), Dtmf("42#"), Pause(5), Hangup()]
+    result = await call_in(server, twilio, script)
+
+    phrases = ["You pressed 4 2 pound.", "You pressed 1 2 3.", OFFLINE_FALLBACK]
+    assert heard(result, 1, phrases) == phrases[0]
+
+
+async def test_talking_over_the_bot_clears_twilio_playback(server, twilio):
+    script = [
+        WaitForBot(until="speech"),
+        Pause(0.6),
+        say("wait wait I have a question about my order"),
+        WaitForBot(timeout=15),
+        Hangup(),
+    ]
+    result = await call_in(server, twilio, script)
+
+    assert result.clears, "no clear message arrived after barge-in"
+    assert result.clears[0].t > result.bot_utterances[0].start
+
+
+async def test_stop_ends_the_pipeline_with_nothing_left_running(server, twilio):
+    result = await call_in(server, twilio, [WaitForBot(until="speech"), Hangup(send_stop=True)])
+    assert_call_ended_cleanly(server, result.call_sid)
+    assert server.health()["active_streams"] == 0
+
+
+async def test_a_goodbye_ends_the_call_through_the_rest_api(server, twilio):
+    script = [WaitForBot(), say("thanks that's all goodbye"), WaitForHangup(timeout=20)]
+    result = await call_in(server, twilio, script)
+
+    hangups = [r for r in twilio.requests if r.form.get("Status") == "completed"]
+    assert [r.path.rsplit("/", 1)[-1] for r in hangups] == [f"{result.call_sid}.json"]
+    assert_call_ended_cleanly(server, result.call_sid)
+
+
+async def dialout(server: LiveServer, body: dict) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=20) as client:
+        return await client.post(
+            f"{server.base_url}/dialout",
+            json=body,
+            headers={"Authorization": f"Bearer {DIALOUT_KEY}"},
+        )
+
+
+async def test_dialout_carries_the_campaign_and_opens_with_its_pitch(server, twilio):
+    async def callee(call, caller: MediaStreamCaller):
+        call.result = await caller.run([say("hello?"), WaitForBot(timeout=15), Hangup()])
+
+    twilio.on_answer = callee
+    campaign = {"campaign_id": "summer_sale", "customer_id": "c-42"}
+    response = await dialout(server, {"to": "+15551234567", "parameters": campaign})
+
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert created["to"] == "+15551234567"
+    call = await twilio.wait_for_call()
+    assert call.sid == created["call_sid"]
+    await call.wait_finished(timeout=40)
+    assert call.exception is None
+    parameters = call.twiml.stream.parameters
+    assert parameters["campaign_id"] == "summer_sale"
+    assert parameters["customer_id"] == "c-42"
+    assert parameters["call_type"] == "outbound"
+    assert parameters["token"]
+    pitch = opening_line(CAMPAIGNS["summer_sale"], parameters)
+    others = [opening_line(p, parameters) for p in DIALIN_PERSONAS.values()]
+    assert heard(call.result, 0, [pitch, *others]) == pitch
+    assert_call_ended_cleanly(server, call.sid)
+
+
+async def test_dialout_opens_anyway_when_the_callee_stays_silent(server, twilio):
+    async def callee(call, caller: MediaStreamCaller):
+        call.result = await caller.run([WaitForBot(timeout=10), Hangup()])
+
+    twilio.on_answer = callee
+    campaign = {"campaign_id": "summer_sale"}
+    response = await dialout(server, {"to": "+15551234567", "parameters": campaign})
+    assert response.status_code == 201
+    call = await twilio.wait_for_call()
+    await call.wait_finished(timeout=30)
+    first = call.result.bot_utterances[0]
+    assert 2.5 < first.start < 6.0, f"bot opened at {first.start:.2f} s"
+
+
+async def test_a_twilio_rest_error_comes_back_as_502_with_its_code(server, twilio):
+    twilio.inject_fault(400, code=21211, message="Invalid 'To' Phone Number", on="create")
+    response = await dialout(server, {"to": "+15551234567"})
+    assert response.status_code == 502
+    assert response.json()["code"] == 21211
+    assert "Invalid 'To' Phone Number" in response.json()["message"]
+    assert "Traceback" not in response.text
+
+
+async def test_save_recording(tmp_path: Path, server, twilio):
+    result = await call_in(server, twilio, [WaitForBot(until="speech"), Pause(1), Hangup()])
+    path = result.save_wav(tmp_path / "call.wav")
+    assert path.stat().st_size > 8000
+
+
+async def test_two_calls_at_once_each_get_their_own_persona(server, twilio):
+    support, sales = await asyncio.gather(
+        call_in(server, twilio, [WaitForBot(), Hangup()], session_type="support"),
+        call_in(server, twilio, [WaitForBot(), Hangup()], session_type="sales"),
+    )
+    openings = {
+        name: opening_line(persona, {"caller_id": CALLER})
+        for name, persona in DIALIN_PERSONAS.items()
+    }
+    assert heard(support, 0, list(openings.values())) == openings["support"]
+    assert heard(sales, 0, list(openings.values())) == openings["sales"]
