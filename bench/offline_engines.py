@@ -129,7 +129,8 @@ def decode_with(decoder: Decoder) -> Callable[[bytes], str]:
 
     def decode(pcm: bytes) -> str:
         decoder.start_utt()
-        decoder.process_raw(pcm, full_utt=True)
+        # Same silence handling as stt.transcribe, so only the front end differs.
+        decoder.process_raw(stt.squeeze_silence(pcm, PHONE_SAMPLE_RATE), full_utt=True)
         decoder.end_utt()
         hyp = decoder.hyp()
         return hyp.hypstr if hyp is not None else ""

@@ -7,7 +7,9 @@ from urllib.parse import urlencode
 
 import pytest
 from defusedxml import ElementTree
+from fastapi import FastAPI, WebSocket
 from fastapi.testclient import TestClient
+from pipecat.runner.types import WebSocketRunnerArguments
 from starlette.websockets import WebSocketDisconnect
 from twilio.request_validator import RequestValidator
 
@@ -269,3 +271,32 @@ def test_health_names_the_providers(client):
     assert body["providers"] == {"stt": "offline", "llm": "offline", "tts": "offline"}
     assert body["offline"] is True
     assert body["version"]
+
+
+def test_pipecat_cloud_entry_point_verifies_the_token_then_runs_the_call(
+    settings, monkeypatch
+):
+    """`bot(runner_args)` is what Pipecat Cloud calls: same verification, same pipeline."""
+    import bot
+
+    calls = []
+
+    async def fake_run_bot(transport, call, settings):
+        calls.append(call)
+
+    monkeypatch.setattr(bot, "get_settings", lambda: settings)
+    monkeypatch.setattr(bot, "run_bot", fake_run_bot)
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    async def cloud(websocket: WebSocket):
+        await websocket.accept()
+        await bot.bot(WebSocketRunnerArguments(websocket=websocket))
+
+    token = call_token(CALL_SID, settings.stream_token_secret)
+    with TestClient(app).websocket_connect("/ws") as websocket:
+        websocket.send_text(json.dumps({"event": "connected", "protocol": "Call"}))
+        websocket.send_text(start_message(token))
+    assert [c.call_sid for c in calls] == [CALL_SID]
+    assert calls[0].parameters["caller_id"] == "+15557654321"
+    assert calls[0].stream_sid == "MZ" + "3" * 32

@@ -31,6 +31,7 @@ from phonebot.offline.espeak import synthesize, synthesize_at, voice_for_languag
 from phonebot.offline.stt import (
     OfflineSTTService,
     normalize_transcript,
+    squeeze_silence,
     transcribe,
     vocabulary_words,
 )
@@ -175,3 +176,12 @@ async def test_offline_tts_language_update_switches_voice() -> None:
         pipeline_params=PipelineParams(audio_out_sample_rate=8000),
     )
     assert tts._settings.voice == "es"
+
+
+def test_squeeze_silence_trims_long_silences_and_pads_short_ones() -> None:
+    speech = synthesize_at("Yes, please.", 8000)
+    padded = bytes(16000) + speech + bytes(16000)  # 1 s of silence either side
+    squeezed = squeeze_silence(padded, 8000)
+    # At most 0.15 s of silence survives on each side (espeak's own end pause is cut too).
+    assert len(speech) - 16000 < len(squeezed) < len(speech) + 2 * 0.15 * 16000 + 320
+    assert squeeze_silence(bytes(16000), 8000) == b""

@@ -124,6 +124,8 @@ class MediaStreamCaller:
         self._caller_track, self._bot_track = Track(), Track()
         self._playback = Playback(self._bot_track)
         self._caller_vad = SpeechTracker(silence_threshold, gap)
+        # Keys are caller input too: a wait after `Dtmf` waits for the bot's answer to them.
+        self._last_keypress_end = 0
         self._bot_vad = SpeechTracker(silence_threshold, gap)
         self._ws: ClientConnection | None = None
         self._t0: float | None = None
@@ -418,12 +420,13 @@ class MediaStreamCaller:
                 }
             )
             self.result.dtmf.append((self.now, digit))
+            self._last_keypress_end = self._frames_sent * FRAME
             self._emit("dtmf", digit=digit)
             await self._silence(step.interval)
 
     async def _wait_for_bot(self, step: WaitForBot) -> None:
-        """Tick silence until the bot has replied to the caller's latest speech."""
-        ref = self._caller_vad.last_voiced_end
+        """Tick silence until the bot has replied to the caller's latest speech or keys."""
+        ref = max(self._caller_vad.last_voiced_end, self._last_keypress_end)
         start_limit = self._frames_sent + _frames(step.timeout)
         total_limit = self._frames_sent + _frames(max(step.max_wait, step.timeout))
         self._emit("wait", until=step.until, timeout=step.timeout)
