@@ -14,6 +14,7 @@ import asyncio
 
 from fastapi import WebSocket
 from loguru import logger
+from pipecat.adapters.schemas.tools_schema import ToolsSchema
 from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.frames.frames import TTSSpeakFrame
@@ -30,6 +31,7 @@ from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 
+from phonebot.call_control import END_CALL_TOOL, CallControl, EndReason, PlayoutTracker
 from phonebot.config import Settings, get_settings
 from phonebot.keypad import keypad_aggregator
 from phonebot.personas import Persona, opening_line, select_persona
@@ -56,10 +58,14 @@ def system_prompt(persona: Persona, call: CallSession) -> str:
     return f"{persona.system_prompt()} You have already greeted the caller with: {opening}"
 
 
-def user_turn_params() -> LLMUserAggregatorParams:
-    """Silero VAD hears speech; Pipecat's bundled Smart Turn model decides the turn ended."""
+def user_turn_params(settings: Settings) -> LLMUserAggregatorParams:
+    """Silero VAD hears speech; Pipecat's bundled Smart Turn model decides the turn ended.
+
+    Pipecat's user-idle timer (started when the bot stops speaking) drives re-prompts.
+    """
     return LLMUserAggregatorParams(
         vad_analyzer=SileroVADAnalyzer(),
+        user_idle_timeout=settings.silence_timeout_s,
         user_turn_strategies=UserTurnStrategies(
             stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3())]
         ),
@@ -73,14 +79,19 @@ async def run_bot(
     settings = settings or get_settings()
     persona = select_persona(call.parameters)
     services = build_services(settings, persona)
-    context = LLMContext(messages=[{"role": "system", "content": system_prompt(persona, call)}])
-    user_aggregator, assistant_aggregator = LLMContextAggregatorPair(
-        context, user_params=user_turn_params()
+    context = LLMContext(
+        messages=[{"role": "system", "content": system_prompt(persona, call)}],
+        tools=ToolsSchema(standard_tools=[END_CALL_TOOL]),
     )
+    user_aggregator, assistant_aggregator = LLMContextAggregatorPair(
+        context, user_params=user_turn_params(settings)
+    )
+    playout = PlayoutTracker()
 
     pipeline = Pipeline(
         [
             transport.input(),
+            playout,
             services.stt,
             keypad_aggregator(),
             user_aggregator,
@@ -98,12 +109,21 @@ async def run_bot(
             enable_metrics=True,
             enable_usage_metrics=True,
         ),
+        idle_timeout_secs=settings.pipeline_idle_timeout_s,
+        enable_rtvi=False,  # No RTVI client on a phone line.
     )
+    control = CallControl(worker, context, persona, settings, playout, call.stream_sid)
+    services.llm.register_function("end_call", control.end_call_tool)
     opener = CallOpener(worker, opening_line(persona, call.parameters), call.direction, settings)
 
     @user_aggregator.event_handler("on_user_turn_started")
     async def on_user_turn_started(aggregator, strategy):
         opener.caller_spoke()
+        control.caller_spoke()
+
+    @user_aggregator.event_handler("on_user_turn_idle")
+    async def on_user_turn_idle(aggregator):
+        await control.on_caller_silent()
 
     @transport.event_handler("on_client_connected")
     async def on_client_connected(transport, client):
@@ -111,12 +131,21 @@ async def run_bot(
             f"Call {call.call_sid} started: {call.direction}, persona={persona.name}, "
             f"parameters={call.loggable_parameters()}"
         )
+        control.start_duration_limit()
         await opener.start()
 
     @transport.event_handler("on_client_disconnected")
     async def on_client_disconnected(transport, client):
-        logger.info(f"Call {call.call_sid}: caller hung up")
+        control.note_end(EndReason.CALLER_HUNG_UP)
         await worker.cancel()
+
+    @worker.event_handler("on_idle_timeout")
+    async def on_idle_timeout(worker):
+        control.note_end(EndReason.IDLE)
+
+    @worker.event_handler("on_pipeline_error")
+    async def on_pipeline_error(worker, error):
+        control.note_end(EndReason.ERROR)
 
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
@@ -124,7 +153,12 @@ async def run_bot(
         await runner.run()
     finally:
         opener.stop()
-        logger.info(f"Call {call.call_sid} ended")
+        control.stop()
+        logger.info(
+            f"Call {call.call_sid} ended after {control.duration_s():.1f} s "
+            f"({control.end_reason or EndReason.ERROR}): {call.direction}, "
+            f"parameters={call.loggable_parameters()}"
+        )
 
 
 class CallOpener:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request, WebSocket, status
+from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, status
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from pydantic import BaseModel
@@ -35,6 +35,7 @@ from phonebot.security import (
 from phonebot.twilio_api import TwilioUnavailable
 from phonebot.twiml import (
     ParameterError,
+    busy_twiml,
     connect_stream_twiml,
     stream_target,
     validate_custom_parameters,
@@ -62,6 +63,9 @@ async def call_twiml(request: Request, call_type: str) -> Response:
     if not call_sid:
         raise ParameterError("CallSid", "is required (this endpoint is for Twilio)")
     custom = validate_custom_parameters(dict(request.query_params), settings, where="query")
+    if request.app.state.active_streams >= settings.max_concurrent_calls:
+        logger.warning(f"{call_type} call {call_sid}: busy ({settings.max_concurrent_calls} calls)")
+        return Response(busy_twiml(), media_type="application/xml")
     parameters = {
         **custom,
         "caller_id": str(form.get("From", "")),
@@ -130,6 +134,12 @@ def create_app(settings: Settings) -> FastAPI:
         dependencies=[Depends(require_dialout_key)],
     )
     async def dialout(body: DialoutRequest, request: Request) -> DialoutResponse:
+        if app.state.active_streams >= settings.max_concurrent_calls:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                f"at capacity: {settings.max_concurrent_calls} concurrent calls "
+                "(MAX_CONCURRENT_CALLS)",
+            )
         return await place_call(body, settings, public_base_url(request))
 
     @app.get("/health")

@@ -7,20 +7,27 @@ Dial-in rings the server's voice webhook exactly as Twilio would (signed with
 TWILIO_AUTH_TOKEN when set) and streams the caller over Media Streams. Dial-out starts the
 Twilio REST emulator on loopback, asks the server's `/dialout` to call, and answers the call
 the server places through it. Steps run in command-line order; both sides are printed as a
-live transcript with response latencies, and the call is saved as a stereo WAV (caller
-left, bot right) under `recordings/`.
+live transcript in time order with response latencies (the bot's side through the offline
+STT, limited to the offline responder's lines when the server runs it and marked "approx."
+otherwise), and the call is saved as a stereo WAV (caller left, bot right) under
+`recordings/`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import heapq
+import importlib.util
+import itertools
+import multiprocessing
 import os
 import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
@@ -39,7 +46,7 @@ from phonebot.emulator.errors import (
 from phonebot.emulator.ids import mask
 from phonebot.emulator.media_stream import MediaStreamCaller
 from phonebot.emulator.rest import TwilioRestEmulator
-from phonebot.emulator.result import CallEvent, CallResult, Utterance
+from phonebot.emulator.result import CallEvent, CallResult, ClearRecord, Utterance
 from phonebot.emulator.script import (
     Dtmf,
     Hangup,
@@ -55,7 +62,7 @@ DEFAULT_REST_PORT = 8099
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_SERVER_DOWN, EXIT_NO_STREAM, EXIT_CLOSED_EARLY, EXIT_NO_BOT_AUDIO = 3, 4, 5, 6
 
-Transcriber = Callable[[bytes, int], str]
+Transcriber = Callable[[bytes], Awaitable[str]]  # 8 kHz bot audio -> text
 
 
 # ------------------------------------------------------------------ arguments
@@ -147,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument(
         "--no-auto-wait",
         action="store_true",
-        help="don't wait for the bot's reply after each --say/--wav",
+        help="don't wait for the bot's reply after each --say/--wav/--dtmf",
     )
     out = parser.add_argument_group("output")
     out.add_argument("--record-dir", default="recordings", help="where WAVs go")
@@ -174,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stay silent (silence frames keep flowing)",
     )
-    steps.add_argument("--dtmf", action=_StepAction, metavar="DIGITS", help="press keys")
+    steps.add_argument(
+        "--dtmf", action=_StepAction, metavar="DIGITS", help="press keys, then wait for the reply"
+    )
     steps.add_argument(
         "--wait",
         action=_StepAction,
@@ -210,13 +219,73 @@ def synthesize(text: str) -> tuple[bytes, str | None]:
         return tone(440.0, seconds, TWILIO_SAMPLE_RATE), warning
 
 
-def load_transcriber() -> Transcriber | None:
-    """The offline STT, or None when it can't be imported (transcripts fall back)."""
+async def bot_llm(server: str) -> str | None:
+    """The server's LLM provider from `GET /health` ("offline", ...), None if unknown."""
     try:
-        from phonebot.offline.stt import transcribe
-    except Exception:
+        async with httpx.AsyncClient(timeout=3, trust_env=False) as client:
+            response = await client.get(f"{server_base(server)}/health")
+        return str(response.json()["providers"]["llm"])
+    except Exception:  # no /health (another server), not running, odd JSON: just unknown
         return None
-    return lambda pcm, rate: transcribe(pcm, rate)
+
+
+@cache
+def _bot_vocabulary(offline: bool) -> tuple[str, ...] | None:
+    """Every line the offline responder can say; None (the general model) for a real LLM."""
+    if not offline:
+        return None
+    from phonebot.personas import offline_bot_phrases
+
+    return tuple(offline_bot_phrases())
+
+
+def _worker_start(offline: bool) -> None:
+    """Worker process set-up: quiet logs, then build the decoder before the first turn."""
+    quiet_logs(verbose=False)
+    from phonebot.offline.stt import warm_up
+
+    warm_up(_bot_vocabulary(offline))
+
+
+def _worker_transcribe(pcm: bytes, offline: bool) -> str:
+    from phonebot.offline.stt import transcribe
+
+    return transcribe(pcm, TWILIO_SAMPLE_RATE, vocabulary=_bot_vocabulary(offline))
+
+
+class BotTranscriber:
+    """Offline STT of the bot's turns in a worker process.
+
+    Not a thread: pocketsphinx holds the GIL while it decodes (up to ~2 s per turn with the
+    general model), which would stall the 20 ms frame clock and then burst the late frames.
+    Against the offline responder (`offline`) the decoder knows only the lines that bot can
+    say, which makes it accurate; otherwise the general model gives approximate text.
+    """
+
+    def __init__(self, *, offline: bool) -> None:
+        self.offline = offline
+        self._pool = ProcessPoolExecutor(
+            1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_start,
+            initargs=(offline,),
+        )
+        self._pool.submit(int)  # start the worker (and its warm-up) now, not at the first turn
+
+    async def __call__(self, pcm: bytes) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, _worker_transcribe, pcm, self.offline)
+
+    def close(self) -> None:
+        """Let the worker exit once the work already queued is done."""
+        self._pool.shutdown(wait=False)
+
+
+def load_transcriber(llm: str | None) -> BotTranscriber | None:
+    """The bot-side transcriber, or None without the offline STT (transcripts fall back)."""
+    if importlib.util.find_spec("pocketsphinx") is None:
+        return None
+    return BotTranscriber(offline=llm == "offline")
 
 
 def build_script(args: argparse.Namespace, *, dialout: bool) -> tuple[list[Step], list[str]]:
@@ -236,7 +305,7 @@ def build_script(args: argparse.Namespace, *, dialout: bool) -> tuple[list[Step]
         elif kind == "pause":
             script.append(Pause(value))
         elif kind == "dtmf":
-            script.append(Dtmf(value))
+            script += [Dtmf(value), *reply_wait]
         elif kind == "wait":
             script.append(WaitForBot(timeout=value or args.bot_timeout))
         elif kind == "expect_hangup":
@@ -251,6 +320,18 @@ def build_script(args: argparse.Namespace, *, dialout: bool) -> tuple[list[Step]
 # ------------------------------------------------------------------ transcript
 
 
+# A `clear` that cuts the bot off ends its utterance right there (within a frame or two).
+CUT_OFF_SLACK_S = 0.1
+
+
+def is_barge_in(clear: ClearRecord, bot_utterances: Sequence[Utterance]) -> bool:
+    """Whether a `clear` cut the bot off. Pipecat also sends one whenever the caller starts
+    a turn, the bot talking or not; those are not barge-ins."""
+    return clear.dropped > 0 or any(
+        u.start <= clear.t <= u.end + CUT_OFF_SLACK_S for u in bot_utterances
+    )
+
+
 def stamp(t: float) -> str:
     minutes, seconds = divmod(max(0.0, t), 60)
     return f"[{int(minutes):02d}:{seconds:05.2f}]"
@@ -258,17 +339,39 @@ def stamp(t: float) -> str:
 
 @dataclass
 class TranscriptPrinter:
-    """Prints the call as it happens; bot turns are transcribed off the event loop."""
+    """Prints the call live and in time order; each line is stamped with when it began.
+
+    Caller lines print as the caller starts speaking. A bot turn prints once it has ended
+    and been transcribed (off the event loop), so the lines that began after it are held
+    until then: the transcript never goes back in time.
+    """
 
     transcriber: Transcriber | None
+    approximate: bool = False  # the transcriber guesses from a general model
     verbose: bool = False
     out: TextIO = sys.stdout
-    _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
-    _pending: set[asyncio.Future[Any]] = field(default_factory=set)
+    # Lines not printed yet, a heap of (t, seq, line); a line may be rendered at print time.
+    _held: list[tuple[float, int, str | Callable[[], str | None]]] = field(default_factory=list)
+    _seq: Iterator[int] = field(default_factory=itertools.count)  # ties keep arrival order
+    _open_turns: set[float] = field(default_factory=set)  # starts of bot turns not yet printed
+    _bot_turns: list[Utterance] = field(default_factory=list)  # printed ones
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _warned_sid: bool = False
 
     def line(self, t: float, who: str, text: str) -> None:
-        print(f"{stamp(t)} {who}: {text}", file=self.out, flush=True)
+        self._hold(t, f"{stamp(t)} {who}: {text}")
+
+    def _hold(self, t: float, line: str | Callable[[], str | None]) -> None:
+        heapq.heappush(self._held, (t, next(self._seq), line))
+        self._flush()
+
+    def _flush(self) -> None:
+        first_open = min(self._open_turns, default=float("inf"))
+        while self._held and self._held[0][0] <= first_open:
+            line = heapq.heappop(self._held)[-1]
+            text = line() if callable(line) else line
+            if text is not None:
+                print(text, file=self.out, flush=True)
 
     def on_event(self, event: CallEvent) -> None:
         handler = getattr(self, f"_on_{event.kind}", None)
@@ -285,10 +388,18 @@ class TranscriptPrinter:
         self.line(event.t, "caller", f"(DTMF {event.data['digit']})")
 
     def _on_clear(self, event: CallEvent) -> None:
-        dropped = event.data["dropped"]
-        self.line(
-            event.t, "event", f"clear (barge-in): dropped {dropped:.1f} s of unplayed bot audio"
-        )
+        clear = ClearRecord(event.t, event.data["dropped"])
+
+        def render() -> str | None:  # by print time, every bot turn before it is known
+            if is_barge_in(clear, self._bot_turns):
+                what = f"barge-in: the bot was cut off (clear, {clear.dropped:.1f} s unplayed)"
+            elif self.verbose:
+                what = "clear (the bot was not talking)"
+            else:
+                return None
+            return f"{stamp(clear.t)} event: {what}"
+
+        self._hold(clear.t, render)
 
     def _on_hangup(self, event: CallEvent) -> None:
         self.line(event.t, "event", f"hang-up: {event.data['reason']}")
@@ -315,34 +426,35 @@ class TranscriptPrinter:
     def _on_wait_timeout(self, event: CallEvent) -> None:
         self.line(event.t, "note", f"stopped waiting: {event.data['reason']}")
 
+    def _on_bot_speech_start(self, event: CallEvent) -> None:
+        self._open_turns.add(event.t)
+
     def _on_bot_utterance(self, event: CallEvent) -> None:
-        utterance: Utterance = event.data["utterance"]
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._transcribe, utterance)
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-        future.add_done_callback(lambda _: self._print_bot(utterance))
+        task = asyncio.ensure_future(self._print_bot(event.data["utterance"]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _transcribe(self, utterance: Utterance) -> None:
-        fallback = f"[bot audio {utterance.duration:.1f} s]"
-        if self.transcriber is None:
-            utterance.text = fallback
-            return
-        try:
-            utterance.text = self.transcriber(utterance.pcm, TWILIO_SAMPLE_RATE).strip() or fallback
-        except Exception:
-            utterance.text = fallback
-
-    def _print_bot(self, utterance: Utterance) -> None:
+    async def _print_bot(self, utterance: Utterance) -> None:
+        who, text = "bot", None
+        if self.transcriber is not None:
+            try:
+                text = (await self.transcriber(utterance.pcm)).strip() or None
+            except Exception:  # a broken STT must not break the call: show the duration
+                text = None
+        if text is not None and self.approximate:
+            who = "bot (approx.)"
+        utterance.text = text or f"[bot audio {utterance.duration:.1f} s]"
         latency = "" if utterance.latency is None else f"   (latency {utterance.latency:.2f} s)"
-        self.line(utterance.start, "bot", f"{utterance.text}{latency}")
+        self._bot_turns.append(utterance)
+        self._open_turns.discard(utterance.start)
+        self.line(utterance.start, who, f"{utterance.text}{latency}")
 
     async def drain(self) -> None:
-        """Wait for transcriptions still running, then free the worker thread."""
-        if self._pending:
-            await asyncio.wait(set(self._pending), timeout=30)
-        await asyncio.sleep(0)  # let done-callbacks print
-        self._executor.shutdown(wait=False)
+        """Wait for transcriptions still running, then print everything held."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=30)
+        self._open_turns.clear()
+        self._flush()
 
 
 def print_summary(result: CallResult, out: TextIO = sys.stdout) -> None:
@@ -362,7 +474,8 @@ def print_summary(result: CallResult, out: TextIO = sys.stdout) -> None:
     else:
         print(f"bot turns: {len(result.bot_utterances)}; no measured response latency", file=out)
     if result.clears:
-        print(f"barge-ins (clear): {len(result.clears)}", file=out)
+        cut_off = sum(is_barge_in(clear, result.bot_utterances) for clear in result.clears)
+        print(f"barge-ins: {cut_off} (clear messages: {len(result.clears)})", file=out)
     if result.streamsid_mismatches:
         print(
             f"warning: {result.streamsid_mismatches} server messages had a wrong streamSid",
@@ -371,7 +484,7 @@ def print_summary(result: CallResult, out: TextIO = sys.stdout) -> None:
 
 
 def save_recording(result: CallResult, directory: str) -> Path:
-    stamp_ = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp_ = datetime.fromtimestamp(result.started_at).strftime("%Y%m%d-%H%M%S")
     path = Path(directory) / f"call-{stamp_}-{result.call_sid[:10]}.wav"
     return result.save_wav(path)
 
@@ -548,6 +661,20 @@ def exit_code(error: BaseException) -> int:
     return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), EXIT_ERROR)
 
 
+def bot_hung_up_at_the_end(error: EmulatorError, script: list[Step]) -> bool:
+    """True when the server closed the call while the script's last step, a wait for the
+    bot, was running: the bot ending the call (e.g. after "goodbye"), not a failure."""
+    result = getattr(error, "result", None)
+    waits = sum(isinstance(step, WaitForBot) for step in script)
+    return (
+        isinstance(error, StreamClosedError)
+        and result is not None
+        and bool(script)
+        and isinstance(script[-1], WaitForBot)
+        and len(result.events_of("wait")) == waits
+    )
+
+
 async def main_async(args: argparse.Namespace) -> int:
     env = Env.load()
     server = args.server or f"http://127.0.0.1:{env.port}/"
@@ -561,25 +688,32 @@ async def main_async(args: argparse.Namespace) -> int:
         )
     if env.auth_token:
         print(f"signing webhooks with TWILIO_AUTH_TOKEN {mask(env.auth_token)}")
+    transcriber = None if args.no_transcribe else load_transcriber(await bot_llm(server))
     printer = TranscriptPrinter(
-        None if args.no_transcribe else load_transcriber(), verbose=args.verbose
+        transcriber,
+        approximate=transcriber is not None and not transcriber.offline,
+        verbose=args.verbose,
     )
     result: CallResult | None = None
-    code = EXIT_OK
+    failure: EmulatorError | None = None
     try:
         runner = run_dial_out if args.dialout else run_dial_in
         result = await runner(args, env, server, script, printer)
     except EmulatorError as error:
         result = getattr(error, "result", None)
-        code = exit_code(error)
-        await printer.drain()
-        print(f"error: {error}", file=sys.stderr)
+        if not bot_hung_up_at_the_end(error, script):
+            failure = error
     await printer.drain()
+    if transcriber is not None:
+        transcriber.close()
+    if failure is not None:
+        sys.stdout.flush()  # the transcript first, then the error (stdout may be buffered)
+        print(f"error: {failure}", file=sys.stderr, flush=True)
     if result is not None:
         print_summary(result)
         if not args.no_record and result.duration >= 0.1:
             print(f"recording: {save_recording(result, args.record_dir)} (caller left, bot right)")
-    return code
+    return EXIT_OK if failure is None else exit_code(failure)
 
 
 def quiet_logs(verbose: bool) -> None:

@@ -62,8 +62,25 @@ class Settings(BaseSettings):
     cartesia_api_key: SecretStr | None = None
     cartesia_voice_id: str = "71a7ad14-091c-4e8e-a314-022ece01c121"
 
+    # Voice and language for every call, unless the persona sets its own. TTS_VOICE is the
+    # active TTS provider's voice (Cartesia voice id, OpenAI voice name, espeak voice).
+    tts_voice: str | None = None
+    language: str = "en"
+
     # Dial-out: how long the bot waits for the callee's "Hello?" before opening anyway.
     dialout_greeting_delay_s: float = Field(default=3.0, ge=0)
+
+    # Call control (issue: silence, limits). Personas may not override these yet.
+    silence_timeout_s: float = Field(default=8.0, gt=0)
+    reprompt_phrase: str = "Sorry, I didn't catch that. Could you say it again?"
+    max_reprompts: int = Field(default=2, ge=0)
+    max_call_duration_s: float = Field(default=600.0, gt=0)
+    duration_limit_phrase: str = (
+        "I'm sorry, we've reached the time limit for this call. Thanks for calling. Goodbye!"
+    )
+    # No audio either way for this long ends the pipeline (a stuck or abandoned stream).
+    pipeline_idle_timeout_s: float = Field(default=120.0, gt=0)
+    max_concurrent_calls: int = Field(default=20, ge=1)
 
     @field_validator(
         "twilio_auth_token",
@@ -80,6 +97,17 @@ class Settings(BaseSettings):
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         return value or None
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        from pipecat.transcriptions.language import Language
+
+        try:
+            Language(value)
+        except ValueError:
+            raise ValueError(f"unknown language code {value!r} (e.g. en, en-US, es)") from None
+        return value
 
     @field_validator("public_url", "openai_base_url")
     @classmethod

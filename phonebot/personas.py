@@ -38,6 +38,9 @@ class Persona:
     goodbye: str = "Thanks for calling. Goodbye!"
     # What callers typically say to this persona; the offline STT listens for these words.
     caller_phrases: tuple[str, ...] = field(default_factory=tuple)
+    # Override TTS_VOICE / LANGUAGE for this persona (a voice of the active TTS provider).
+    voice: str | None = None
+    language: str | None = None
 
     def system_prompt(self) -> str:
         return f"{self.instructions} {PHONE_STYLE}"
@@ -230,3 +233,15 @@ def keyword_answer(persona: Persona, utterance: str) -> str | None:
             if (" " in keyword and f" {keyword} " in text) or keyword in words:
                 return entry.answer
     return None
+
+
+def offline_bot_phrases() -> list[str]:
+    """Every line the offline bot can say, for transcribing it reliably (emulator, tests)."""
+    from phonebot.offline.responder import OFFLINE_FALLBACK  # responder imports personas
+
+    lines = [OFFLINE_FALLBACK, "You pressed 1 2 3 4 5 6 7 8 9 0 star pound."]
+    for persona in (*DIALIN_PERSONAS.values(), *CAMPAIGNS.values(), OUTBOUND_DEFAULT):
+        lines += [persona.greeting, persona.question, persona.goodbye]
+        lines += [entry.answer for entry in persona.answers]
+    lines.append("I see you're calling from the number ending in")
+    return lines

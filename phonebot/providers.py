@@ -13,11 +13,41 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.transcriptions.language import Language
 
 from phonebot.config import Settings
 from phonebot.personas import Persona
+from phonebot.voice_text import voice_text_filters
 
 OPENAI_TTS_SAMPLE_RATE = 24000
+
+
+@dataclass(frozen=True)
+class Voice:
+    """The voice and language one call speaks and listens in."""
+
+    voice: str | None
+    language: Language
+
+
+def call_voice(settings: Settings, persona: Persona) -> Voice:
+    """Persona overrides first, then TTS_VOICE / LANGUAGE; STT follows the language."""
+    code = persona.language or settings.language
+    try:
+        language = Language(code)
+    except ValueError:
+        raise ValueError(f"LANGUAGE: unknown language code {code!r} (e.g. en, en-US, es)") from None
+    return Voice(voice=persona.voice or settings.tts_voice, language=language)
+
+
+def _tts_extras(persona: Persona) -> dict:
+    """What every TTS gets: text made speakable first (see phonebot.voice_text).
+
+    `text_filters` is deprecated in Pipecat 1.14 in favour of `text_transforms`, but the
+    transforms are never reset between replies, and the filter keeps per-reply state
+    (open code blocks, which warnings it has logged); keep the filter hook until then.
+    """
+    return {"text_filters": voice_text_filters(persona.name)}
 
 
 def _secret(value) -> str:
@@ -31,14 +61,20 @@ def _has_openai_key(settings: Settings) -> bool:
 def _deepgram_stt(settings: Settings, persona: Persona) -> FrameProcessor:
     from pipecat.services.deepgram.stt import DeepgramSTTService
 
-    return DeepgramSTTService(api_key=_secret(settings.deepgram_api_key))
+    return DeepgramSTTService(
+        api_key=_secret(settings.deepgram_api_key),
+        settings=DeepgramSTTService.Settings(language=call_voice(settings, persona).language),
+    )
 
 
 def _openai_stt(settings: Settings, persona: Persona) -> FrameProcessor:
     from pipecat.services.openai.stt import OpenAISTTService
 
     return OpenAISTTService(
-        api_key=_secret(settings.openai_api_key), model=settings.openai_stt_model
+        api_key=_secret(settings.openai_api_key),
+        settings=OpenAISTTService.Settings(
+            model=settings.openai_stt_model, language=call_voice(settings, persona).language
+        ),
     )
 
 
@@ -46,7 +82,7 @@ def _offline_stt(settings: Settings, persona: Persona) -> FrameProcessor:
     from phonebot.offline.stt import OfflineSTTService
 
     # Pocketsphinx on 8 kHz phone audio is only usable when limited to the words a caller
-    # is likely to say to this persona (see README, "offline engines").
+    # is likely to say to this persona (see README, "offline engines"). English only.
     return OfflineSTTService(vocabulary=persona.offline_vocabulary())
 
 
@@ -70,9 +106,13 @@ def _offline_llm(settings: Settings, persona: Persona) -> FrameProcessor:
 def _cartesia_tts(settings: Settings, persona: Persona) -> FrameProcessor:
     from pipecat.services.cartesia.tts import CartesiaTTSService
 
+    voice = call_voice(settings, persona)
     return CartesiaTTSService(
         api_key=_secret(settings.cartesia_api_key),
-        settings=CartesiaTTSService.Settings(voice=settings.cartesia_voice_id),
+        settings=CartesiaTTSService.Settings(
+            voice=voice.voice or settings.cartesia_voice_id, language=voice.language
+        ),
+        **_tts_extras(persona),
     )
 
 
@@ -81,16 +121,20 @@ def _openai_tts(settings: Settings, persona: Persona) -> FrameProcessor:
 
     return OpenAITTSService(
         api_key=_secret(settings.openai_api_key),
-        model=settings.openai_tts_model,
-        voice=settings.openai_tts_voice,
+        settings=OpenAITTSService.Settings(
+            model=settings.openai_tts_model,
+            voice=call_voice(settings, persona).voice or settings.openai_tts_voice,
+        ),
         sample_rate=OPENAI_TTS_SAMPLE_RATE,
+        **_tts_extras(persona),
     )
 
 
 def _offline_tts(settings: Settings, persona: Persona) -> FrameProcessor:
     from phonebot.offline.tts import OfflineTTSService
 
-    return OfflineTTSService()
+    voice = call_voice(settings, persona)
+    return OfflineTTSService(voice=voice.voice, language=voice.language, **_tts_extras(persona))
 
 
 @dataclass(frozen=True)

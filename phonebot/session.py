@@ -8,11 +8,13 @@ costs nothing: no STT, LLM or TTS has been constructed at that point.
 
 from __future__ import annotations
 
+import json
 from contextlib import suppress
 from dataclasses import dataclass, field
 
 from fastapi import WebSocket
 from loguru import logger
+from pipecat.frames.frames import Frame, InputTransportMessageFrame
 from pipecat.runner.utils import parse_telephony_websocket
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.transports.websocket.fastapi import (
@@ -69,6 +71,23 @@ async def reject_stream(websocket: WebSocket, reason: str) -> None:
         await websocket.close(code=POLICY_VIOLATION)
 
 
+class TwilioMarkSerializer(TwilioFrameSerializer):
+    """Pipecat's Twilio serializer, plus Twilio's `mark` echoes as transport messages.
+
+    Pipecat drops inbound `mark` events; we need them, because Twilio echoes a mark only
+    once all audio sent before it has been played, which is how the bot knows its
+    goodbye was heard before it hangs up (see `phonebot.call_control`).
+    """
+
+    async def deserialize(self, data: str | bytes) -> Frame | None:
+        if isinstance(data, str) and '"mark"' in data:
+            with suppress(ValueError):
+                message = json.loads(data)
+                if isinstance(message, dict) and message.get("event") == "mark":
+                    return InputTransportMessageFrame(message=message)
+        return await super().deserialize(data)
+
+
 def twilio_transport(
     websocket: WebSocket, call: CallSession, settings: Settings
 ) -> FastAPIWebsocketTransport:
@@ -79,7 +98,7 @@ def twilio_transport(
     no account) there is nothing to hang up and auto hang-up stays off.
     """
     credentials = settings.twilio_credentials
-    serializer = TwilioFrameSerializer(
+    serializer = TwilioMarkSerializer(
         stream_sid=call.stream_sid,
         call_sid=call.call_sid,
         account_sid=credentials[0] if credentials else None,
@@ -92,5 +111,8 @@ def twilio_transport(
         audio_out_enabled=True,
         add_wav_header=False,
         serializer=serializer,
+        # Pipecat pads 2 s of silence after an EndFrame so the last words aren't cut; we
+        # wait for Twilio's playback mark instead (phonebot.call_control), so no padding.
+        audio_out_end_silence_secs=0,
     )
     return FastAPIWebsocketTransport(websocket=websocket, params=params)

@@ -86,3 +86,14 @@ def connect_stream_twiml(target: StreamTarget, parameters: Mapping[str, str]) ->
     response.append(connect)
     response.pause(length=PAUSE_AFTER_STREAM_S)
     return str(response)
+
+
+BUSY_MESSAGE = "Sorry, all our lines are busy right now. Please call again later. Goodbye."
+
+
+def busy_twiml() -> str:
+    """Answer for a call over MAX_CONCURRENT_CALLS: say so and hang up, no stream."""
+    response = VoiceResponse()
+    response.say(BUSY_MESSAGE)
+    response.hangup()
+    return str(response)

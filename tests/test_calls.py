@@ -28,7 +28,6 @@ from phonebot.emulator import (
     Speak,
     TwilioRestEmulator,
     WaitForBot,
-    WaitForHangup,
     dial_in,
 )
 from phonebot.offline.espeak import synthesize_at
@@ -179,15 +178,6 @@ async def test_stop_ends_the_pipeline_with_nothing_left_running(server, twilio):
     result = await call_in(server, twilio, [WaitForBot(until="speech"), Hangup(send_stop=True)])
     assert_call_ended_cleanly(server, result.call_sid)
     assert server.health()["active_streams"] == 0
-
-
-async def test_a_goodbye_ends_the_call_through_the_rest_api(server, twilio):
-    script = [WaitForBot(), say("thanks that's all goodbye"), WaitForHangup(timeout=20)]
-    result = await call_in(server, twilio, script)
-
-    hangups = [r for r in twilio.requests if r.form.get("Status") == "completed"]
-    assert [r.path.rsplit("/", 1)[-1] for r in hangups] == [f"{result.call_sid}.json"]
-    assert_call_ended_cleanly(server, result.call_sid)
 
 
 async def dialout(server: LiveServer, body: dict) -> httpx.Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import re
 import socket
@@ -23,8 +24,17 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.server import ServerConnection, serve
 
 from phonebot import audio
-from phonebot.call import build_parser
+from phonebot.call import (
+    TranscriptPrinter,
+    bot_hung_up_at_the_end,
+    build_parser,
+    build_script,
+    print_summary,
+)
 from phonebot.emulator import (
+    CallEvent,
+    CallResult,
+    ClearRecord,
     Dtmf,
     MediaStreamCaller,
     NoBotAudioError,
@@ -35,6 +45,7 @@ from phonebot.emulator import (
     StreamClosedError,
     TwilioRestEmulator,
     TwiMLError,
+    Utterance,
     WaitForBot,
     WebhookHTTPError,
     compute_signature,
@@ -176,6 +187,113 @@ def test_cli_steps_keep_command_line_order() -> None:
     kinds = [kind for kind, _ in args.steps]
     assert kinds == ["say", "pause", "dtmf", "say", "wait", "hangup"]
     assert args.steps[1] == ("pause", 2.0)
+
+
+def test_cli_waits_for_the_reply_after_keys_as_after_speech() -> None:
+    def script(*argv: str) -> list[Any]:
+        return build_script(build_parser().parse_args(argv), dialout=False)[0]
+
+    assert script("--dtmf", "12", "--pause", "1") == [
+        WaitForBot(),  # the greeting
+        Dtmf("12"),
+        WaitForBot(),
+        Pause(1.0),
+    ]
+    assert script("--no-auto-wait", "--no-greeting", "--dtmf", "1") == [Dtmf("1")]
+
+
+def bot_turn(start: float, end: float, latency: float | None = None) -> Utterance:
+    return Utterance(index=0, start=start, end=end, latency=latency, pcm=b"\0\0" * 80)
+
+
+@pytest.mark.asyncio
+async def test_transcript_is_printed_in_time_order() -> None:
+    """A bot turn prints only once heard and transcribed; what began after it waits for it."""
+    transcribed = asyncio.Event()
+
+    async def slow_stt(pcm: bytes) -> str:
+        await transcribed.wait()
+        return "hello how can I help"
+
+    out = io.StringIO()
+    printer = TranscriptPrinter(slow_stt, out=out)
+    greeting, cut_off = bot_turn(0.2, 8.0), bot_turn(12.0, 13.38, latency=1.0)
+    printer.on_event(CallEvent(0.2, "bot_speech_start"))
+    printer.on_event(CallEvent(8.4, "bot_utterance", {"utterance": greeting}))
+    printer.on_event(CallEvent(9.0, "caller_speech", {"text": "my order"}))
+    printer.on_event(CallEvent(9.4, "clear", {"dropped": 0.0}))  # a turn start, not a barge-in
+    printer.on_event(CallEvent(11.0, "dtmf", {"digit": "1"}))
+    printer.on_event(CallEvent(12.0, "bot_speech_start"))
+    printer.on_event(CallEvent(13.0, "caller_speech", {"text": "wait"}))
+    printer.on_event(CallEvent(13.4, "clear", {"dropped": 0.0}))  # cuts the bot off
+    await asyncio.sleep(0.01)
+    assert out.getvalue() == ""  # everything waits for the greeting's text
+    transcribed.set()
+    await asyncio.sleep(0.01)
+    assert out.getvalue().splitlines() == [
+        "[00:00.20] bot: hello how can I help",
+        "[00:09.00] caller: my order",
+        "[00:11.00] caller: (DTMF 1)",
+    ]  # the second bot turn, still going, holds back the lines after 00:12.00
+    printer.on_event(CallEvent(13.8, "bot_utterance", {"utterance": cut_off}))
+    await printer.drain()
+    assert out.getvalue().splitlines()[3:] == [
+        "[00:12.00] bot: hello how can I help   (latency 1.00 s)",
+        "[00:13.00] caller: wait",
+        "[00:13.40] event: barge-in: the bot was cut off (clear, 0.0 s unplayed)",
+    ]
+
+
+@pytest.mark.asyncio
+async def test_transcript_marks_approximate_text_and_falls_back_to_durations() -> None:
+    async def stt(pcm: bytes) -> str:
+        return "maybe this"
+
+    async def broken(pcm: bytes) -> str:
+        raise RuntimeError("no model")
+
+    for transcriber, approximate, expected in [
+        (stt, True, "[00:01.00] bot (approx.): maybe this"),
+        (stt, False, "[00:01.00] bot: maybe this"),
+        (broken, True, "[00:01.00] bot: [bot audio 1.5 s]"),
+        (None, False, "[00:01.00] bot: [bot audio 1.5 s]"),
+    ]:
+        out = io.StringIO()
+        printer = TranscriptPrinter(transcriber, approximate=approximate, out=out)
+        printer.on_event(CallEvent(1.0, "bot_speech_start"))
+        printer.on_event(CallEvent(2.9, "bot_utterance", {"utterance": bot_turn(1.0, 2.5)}))
+        await printer.drain()
+        assert out.getvalue().splitlines() == [expected]
+
+
+def empty_result() -> CallResult:
+    return CallResult(url="", call_sid="CA1", account_sid=ACCOUNT, stream_sid="MZ1", parameters={})
+
+
+def test_summary_counts_turns_latency_and_only_real_barge_ins() -> None:
+    result = empty_result()
+    result.duration, result.ended_by = 20.0, "server"
+    result.bot_utterances = [bot_turn(0.2, 3.0), bot_turn(5.0, 6.0, 0.5), bot_turn(9.0, 9.9, 1.5)]
+    result.clears = [ClearRecord(4.6, 0.0), ClearRecord(9.9, 0.06), ClearRecord(12.0, 0.0)]
+    out = io.StringIO()
+    print_summary(result, out)
+    assert out.getvalue().splitlines() == [
+        "call CA1: 20.0 s, ended by server",
+        "bot turns: 3; response latency 0.50 / 1.50 s (mean 1.00 s, max 1.50 s)",
+        "barge-ins: 1 (clear messages: 3)",
+    ]
+
+
+def test_the_bot_hanging_up_during_the_last_wait_is_not_an_error() -> None:
+    result = empty_result()
+    script = [WaitForBot(), Speak.tone(0.5), WaitForBot()]
+    closed = StreamClosedError("the server closed the media stream", result)
+    result.events = [CallEvent(0.0, "wait")]
+    assert not bot_hung_up_at_the_end(closed, script)  # mid-script: the call was cut short
+    result.events.append(CallEvent(3.0, "wait"))
+    assert bot_hung_up_at_the_end(closed, script)
+    assert not bot_hung_up_at_the_end(closed, [*script, Pause(1)])
+    assert not bot_hung_up_at_the_end(NoBotAudioError("silent", result), script)
 
 
 # -------------------------------------------------------------------- webhook
@@ -370,6 +488,24 @@ async def test_response_latency_utterances_and_recording(tmp_path: Any) -> None:
     with wave.open(str(path)) as wav:
         assert wav.getnchannels() == 2 and wav.getframerate() == 8000
         assert wav.getnframes() == max(len(result.caller_audio), len(result.bot_audio))
+
+
+@pytest.mark.asyncio
+async def test_keys_are_on_the_frame_clock_and_their_reply_has_a_latency() -> None:
+    async def answer_keys(ws: ServerConnection) -> None:
+        sid = (await read_start(ws))["streamSid"]
+        async for message in ws:
+            if json.loads(message)["event"] == "dtmf":
+                await asyncio.sleep(0.3)
+                await ws.send(media(sid, 0.5))
+
+    async with ws_server(answer_keys) as url:
+        script = [Pause(0.5), Dtmf("7"), WaitForBot(timeout=3)]
+        result = await MediaStreamCaller(url).run(script)
+    ((t, digit),) = result.dtmf
+    assert digit == "7" and t == pytest.approx(0.5, abs=1e-9)  # right after 25 frames
+    assert [event.t for event in result.events_of("dtmf")] == [t]
+    assert len(result.latencies) == 1 and 0.25 <= result.latencies[0] <= 0.45
 
 
 @pytest.mark.asyncio

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
+import pytest
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.openai.llm import OpenAILLMService
 
@@ -12,6 +14,7 @@ from phonebot.offline.stt import OfflineSTTService
 from phonebot.offline.tts import OfflineTTSService
 from phonebot.personas import DIALIN_PERSONAS
 from phonebot.providers import build_services
+from phonebot.voice_text import VoiceTextFilter
 from tests.conftest import make_settings
 
 
@@ -29,3 +32,30 @@ def test_each_key_builds_only_its_own_provider():
     assert isinstance(services.llm, OpenAILLMService)
     assert isinstance(services.tts, OfflineTTSService)
     assert "pipecat.services.cartesia.tts" not in sys.modules
+
+
+def test_voice_and_language_come_from_the_persona_then_the_settings():
+    general = DIALIN_PERSONAS["general"]
+    by_setting = build_services(make_settings(language="es", tts_voice="es-419"), general)
+    assert (by_setting.tts._settings.voice, by_setting.tts._settings.language) == ("es-419", "es")
+
+    persona = dataclasses.replace(general, voice="en-gb", language="en")
+    by_persona = build_services(make_settings(language="es", tts_voice="fr-fr"), persona)
+    assert by_persona.tts._settings.voice == "en-gb"
+
+
+def test_stt_language_follows_the_call_language():
+    settings = make_settings(openai_api_key="sk-test", language="es")
+    services = build_services(settings, DIALIN_PERSONAS["general"])
+    assert services.stt._settings.language == "es"
+
+
+def test_an_unknown_language_is_refused_at_startup():
+    with pytest.raises(ValueError, match="language"):
+        make_settings(language="klingon")
+
+
+def test_every_tts_cleans_text_before_speaking():
+    for keys in ({}, {"openai_api_key": "sk-test"}, {"cartesia_api_key": "ca-test"}):
+        tts = build_services(make_settings(**keys), DIALIN_PERSONAS["support"]).tts
+        assert [type(f) for f in tts._text_filters] == [VoiceTextFilter]

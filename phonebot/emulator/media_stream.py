@@ -126,6 +126,7 @@ class MediaStreamCaller:
         self._caller_vad = SpeechTracker(silence_threshold, gap)
         # Keys are caller input too: a wait after `Dtmf` waits for the bot's answer to them.
         self._last_keypress_end = 0
+        self._keypresses: list[Segment] = []
         self._bot_vad = SpeechTracker(silence_threshold, gap)
         self._ws: ClientConnection | None = None
         self._t0: float | None = None
@@ -419,9 +420,12 @@ class MediaStreamCaller:
                     "dtmf": {"track": "inbound_track", "digit": digit},
                 }
             )
-            self.result.dtmf.append((self.now, digit))
+            # On the frame clock, like caller speech: it goes out between two frames.
             self._last_keypress_end = self._frames_sent * FRAME
-            self._emit("dtmf", digit=digit)
+            self._keypresses.append(Segment(self._last_keypress_end, self._last_keypress_end))
+            t = self._last_keypress_end / RATE
+            self.result.dtmf.append((t, digit))
+            self._emit("dtmf", t=t, digit=digit)
             await self._silence(step.interval)
 
     async def _wait_for_bot(self, step: WaitForBot) -> None:
@@ -578,7 +582,8 @@ class MediaStreamCaller:
 
     def _bot_utterance_started(self, segment: Segment) -> None:
         previous = self._bot_starts[-1] if self._bot_starts else None
-        samples = response_latency(self._caller_vad.all_segments(), segment.start, previous)
+        caller = sorted(self._caller_vad.all_segments() + self._keypresses, key=lambda s: s.end)
+        samples = response_latency(caller, segment.start, previous)
         latency = None if samples is None else samples / RATE
         self._bot_starts.append(segment.start)
         self._latency[segment.start] = latency

@@ -3,17 +3,18 @@
 It reads the same `LLMContext` the LLM would, so the pipeline is identical in both modes.
 It opens with the persona's greeting, answers from the persona's keyword table, and
 otherwise says plainly that it is running offline and takes a message. It never pretends
-to be an AI model. After a goodbye it ends the call the way the LLM does: by asking the
-pipeline to end once everything queued (the goodbye audio) has been played.
+to be an AI model. After a goodbye it ends the call the way the LLM does: by calling the
+`end_call` function (see `phonebot.call_control`).
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import fields
 
 from pipecat.frames.frames import (
-    EndWorkerFrame,
     Frame,
+    FunctionCallFromLLM,
     LLMContextFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
@@ -77,11 +78,23 @@ class OfflineResponder(LLMService):
             await self.push_frame(frame, direction)
             return
         reply, end_call = self.reply_to(frame.context)
+        if end_call:
+            # The same path an LLM takes: a call to the `end_call` function, whose
+            # handler speaks the goodbye and hangs up once it has been played.
+            await self.run_function_calls([_end_call(reply, frame.context)])
+            return
         await self.push_frame(LLMFullResponseStartFrame())
         await self.push_frame(LLMTextFrame(reply))
         await self.push_frame(LLMFullResponseEndFrame())
-        if end_call:
-            await self.push_frame(EndWorkerFrame(reason="bot said goodbye"))
+
+
+def _end_call(goodbye: str, context: LLMContext) -> FunctionCallFromLLM:
+    return FunctionCallFromLLM(
+        function_name="end_call",
+        tool_call_id=f"offline-{uuid.uuid4().hex[:12]}",
+        arguments={"goodbye": goodbye},
+        context=context,
+    )
 
 
 def _message_role(message) -> str:

@@ -1,0 +1,235 @@
+"""How a call ends: the bot's `end_call`, re-prompts on silence, and the limits.
+
+Every way the bot ends a call goes through `CallControl.end_call`: speak a closing line,
+wait until Twilio has actually *played* it (a Media Streams `mark` sent after the audio
+comes back only then), and end the pipeline, whose `EndFrame` makes the serializer
+complete the call through the REST API. Pipecat's websocket output sends audio at up to
+twice real time, so "sent" is not "heard": hanging up at "sent" would cut the goodbye.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from contextlib import suppress
+
+from loguru import logger
+from pipecat.adapters.schemas.function_schema import FunctionSchema
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    EndFrame,
+    Frame,
+    InputTransportMessageFrame,
+    OutputTransportMessageFrame,
+    TTSSpeakFrame,
+)
+from pipecat.pipeline.worker import PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.services.llm_service import FunctionCallParams
+
+from phonebot.config import Settings
+from phonebot.personas import Persona
+
+END_CALL_TOOL = FunctionSchema(
+    name="end_call",
+    description=(
+        "Hang up. Use it when the caller says goodbye or the conversation is over. Put your "
+        "short goodbye in `goodbye`: it is spoken before the line is closed."
+    ),
+    properties={"goodbye": {"type": "string", "description": "The last thing to say."}},
+    required=["goodbye"],
+)
+PLAYOUT_MARK = "phonebot-playout"
+PLAYOUT_SLACK_S = 5.0
+SETTLE_S = 0.5
+
+
+class EndReason:
+    """Why a call ended, as logged in the call's end event."""
+
+    CALLER_HUNG_UP = "caller hung up"
+    BOT_ENDED = "bot ended"
+    SILENCE = "caller silent"
+    LIMIT = "duration limit"
+    IDLE = "idle pipeline"
+    ERROR = "error"
+
+
+class PlayoutTracker(FrameProcessor):
+    """Tells when the bot stops speaking and when Twilio has played what we sent.
+
+    Sits right after `transport.input()`: it sees Twilio's `mark` echoes going downstream
+    (our serializer turns them into `InputTransportMessageFrame`s) and the output
+    transport's bot-speaking frames coming upstream.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._bot_speaking = False
+        self._bot_quiet = asyncio.Event()
+        self._bot_quiet.set()
+        self._marks: dict[str, asyncio.Event] = {}
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, BotStartedSpeakingFrame):
+            self._bot_speaking = True
+            self._bot_quiet.clear()
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._bot_speaking = False
+            self._bot_quiet.set()
+        elif isinstance(frame, InputTransportMessageFrame) and _is_mark(frame.message):
+            name = frame.message.get("mark", {}).get("name", "")
+            self._marks.setdefault(name, asyncio.Event()).set()
+            return  # Our own bookkeeping; nothing downstream needs it.
+        await self.push_frame(frame, direction)
+
+    @property
+    def bot_speaking(self) -> bool:
+        return self._bot_speaking
+
+    async def wait_bot_done(self, settle_s: float, timeout: float) -> None:
+        """Until the bot has stopped speaking and not started again for `settle_s`.
+
+        Consecutive utterances (a greeting, then a closing line queued behind it) each
+        start and stop the bot, so one "stopped" is not the end of what is queued.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._bot_quiet.wait(), deadline - time.monotonic())
+            await asyncio.sleep(settle_s)
+            if not self._bot_speaking:
+                return
+
+    def expect_mark(self, name: str) -> asyncio.Event:
+        self._marks[name] = asyncio.Event()
+        return self._marks[name]
+
+
+def _is_mark(message) -> bool:
+    return isinstance(message, dict) and message.get("event") == "mark"
+
+
+def last_question(context: LLMContext) -> str | None:
+    """The last question the bot asked, to repeat it when the caller goes quiet."""
+    for message in reversed(context.get_messages()):
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        content = message.get("content")
+        text = content if isinstance(content, str) else ""
+        questions = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.endswith("?")]
+        if questions:
+            return questions[-1]
+    return None
+
+
+class CallControl:
+    """One call's ending, re-prompts and limits."""
+
+    def __init__(
+        self,
+        worker: PipelineWorker,
+        context: LLMContext,
+        persona: Persona,
+        settings: Settings,
+        playout: PlayoutTracker,
+        stream_sid: str,
+    ):
+        self._worker = worker
+        self._context = context
+        self._persona = persona
+        self._settings = settings
+        self._playout = playout
+        self._stream_sid = stream_sid
+        self._unanswered_reprompts = 0
+        self._ending = False
+        self._tasks: set[asyncio.Task] = set()
+        self.started_at = time.monotonic()
+        self.end_reason: str | None = None
+
+    # --- ending -------------------------------------------------------------------
+
+    def note_end(self, reason: str) -> None:
+        """Record why the call ended, keeping the first reason given."""
+        self.end_reason = self.end_reason or reason
+
+    async def end_call(self, closing_line: str, reason: str) -> None:
+        """Say `closing_line`, wait until Twilio has played it, then end the call."""
+        if self._ending:
+            return
+        self._ending = True
+        self.note_end(reason)
+        logger.info(f"Ending call ({reason}): {closing_line!r}")
+        await self._worker.queue_frames([TTSSpeakFrame(closing_line)])
+        await self._wait_played(closing_line)
+        await self._worker.queue_frame(EndFrame(reason=reason))
+
+    async def _wait_played(self, text: str) -> None:
+        # Whatever is queued ahead of the closing line plays first; bound the wait by the
+        # call's own limit on one utterance (~15 characters a second) plus slack.
+        budget = 2 * len(text) / 15 + 2 * PLAYOUT_SLACK_S
+        deadline = time.monotonic() + budget
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._wait_bot_started(), timeout=PLAYOUT_SLACK_S)
+        await self._playout.wait_bot_done(SETTLE_S, max(0.1, deadline - time.monotonic()))
+        echoed = self._playout.expect_mark(PLAYOUT_MARK)
+        mark = {"event": "mark", "streamSid": self._stream_sid, "mark": {"name": PLAYOUT_MARK}}
+        # Not urgent: it must queue behind any audio the output transport still holds.
+        await self._worker.queue_frame(OutputTransportMessageFrame(message=mark))
+        try:
+            await asyncio.wait_for(echoed.wait(), max(1.0, deadline - time.monotonic()))
+        except TimeoutError:
+            logger.warning("Twilio did not confirm playback of the closing line; ending anyway")
+
+    async def _wait_bot_started(self) -> None:
+        while not self._playout.bot_speaking:
+            await asyncio.sleep(0.02)
+
+    async def end_call_tool(self, params: FunctionCallParams) -> None:
+        """The `end_call` function, for the LLM and the offline responder alike."""
+        goodbye = str(params.arguments.get("goodbye") or self._persona.goodbye)
+        await params.result_callback({"status": "ending call"})
+        self._spawn(self.end_call(goodbye, EndReason.BOT_ENDED))
+
+    # --- silence ------------------------------------------------------------------
+
+    def caller_spoke(self) -> None:
+        self._unanswered_reprompts = 0
+
+    async def on_caller_silent(self) -> None:
+        """Re-prompt, and after MAX_REPROMPTS unanswered re-prompts say goodbye."""
+        if self._ending:
+            return
+        if self._unanswered_reprompts >= self._settings.max_reprompts:
+            await self.end_call(self._persona.goodbye, EndReason.SILENCE)
+            return
+        self._unanswered_reprompts += 1
+        prompt = last_question(self._context) or self._settings.reprompt_phrase
+        logger.info(f"Caller silent: re-prompt {self._unanswered_reprompts}: {prompt!r}")
+        await self._worker.queue_frames([TTSSpeakFrame(prompt)])
+
+    # --- limits -------------------------------------------------------------------
+
+    def start_duration_limit(self) -> None:
+        self._spawn(self._duration_limit())
+
+    async def _duration_limit(self) -> None:
+        await asyncio.sleep(self._settings.max_call_duration_s)
+        await self.end_call(self._settings.duration_limit_phrase, EndReason.LIMIT)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def stop(self) -> None:
+        """Cancel timers and pending endings when the pipeline is gone."""
+        for task in list(self._tasks):
+            task.cancel()
+
+    def duration_s(self) -> float:
+        return time.monotonic() - self.started_at

@@ -1,0 +1,139 @@
+"""Call control through the emulator: silence, the bot hanging up, limits, capacity.
+
+Each test starts `python server.py` with the settings it exercises (short timeouts), so
+the behaviour is the real server's, on real time, with the offline engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from defusedxml import ElementTree
+
+from phonebot.emulator import (
+    CallResult,
+    Hangup,
+    TwilioRestEmulator,
+    WaitForBot,
+    WaitForHangup,
+)
+from phonebot.emulator.ids import new_call_sid
+from phonebot.emulator.signature import signed_headers
+from phonebot.emulator.webhook import voice_webhook_form
+from phonebot.personas import DIALIN_PERSONAS
+from phonebot.twiml import BUSY_MESSAGE
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY
+from tests.live_server import LiveServer, free_port
+from tests.test_calls import CALLER, OUR_NUMBER, call_in, heard, say
+
+
+@pytest.fixture
+async def phone(tmp_path: Path) -> AsyncIterator[Callable]:
+    """Start servers with extra settings; each gets a Twilio REST emulator of its own."""
+    started: list[tuple[LiveServer, TwilioRestEmulator]] = []
+
+    async def start(**settings: str) -> tuple[LiveServer, TwilioRestEmulator]:
+        rest_port = free_port()
+        env = {
+            "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "TWILIO_PHONE_NUMBER": OUR_NUMBER,
+            "TWILIO_API_BASE_URL": f"http://127.0.0.1:{rest_port}",
+            "DIALOUT_API_KEY": DIALOUT_KEY,
+            **settings,
+        }
+        server = LiveServer(env, tmp_path)
+        twilio = TwilioRestEmulator(
+            account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, port=rest_port,
+            local_server_url=server.base_url,
+        )
+        await twilio.start()
+        started.append((server, twilio))
+        return server, twilio
+
+    yield start
+    for server, twilio in started:
+        await twilio.stop()
+        server.stop()
+
+
+def hangups(twilio: TwilioRestEmulator, call_sid: str) -> list:
+    return [
+        r for r in twilio.requests
+        if r.form.get("Status") == "completed" and r.path.endswith(f"/{call_sid}.json")
+    ]
+
+
+def assert_hung_up_after_playout(result: CallResult, twilio: TwilioRestEmulator) -> None:
+    """The bot's last words were played before the line was closed, then REST hang-up."""
+    assert len(hangups(twilio, result.call_sid)) == 1
+    played = [m for m in result.marks if m.answered is not None]
+    assert played, "the bot hung up without waiting for Twilio to confirm playback"
+    last_words = result.bot_utterances[-1]
+    assert played[-1].answered >= last_words.end
+    assert result.close is not None and result.close.t >= played[-1].answered
+    assert result.bot_audio_dropped == 0
+
+
+async def test_silence_reprompts_twice_then_says_goodbye_and_hangs_up(phone):
+    server, twilio = await phone(SILENCE_TIMEOUT_S="1.5", MAX_REPROMPTS="2")
+    result = await call_in(server, twilio, [WaitForBot(), WaitForHangup(timeout=40)])
+
+    general = DIALIN_PERSONAS["general"]
+    lines = [general.greeting, general.question, general.goodbye]
+    # greeting, the question repeated twice, goodbye
+    assert len(result.bot_utterances) == 4, [u.start for u in result.bot_utterances]
+    assert heard(result, 1, lines) == general.question
+    assert heard(result, 2, lines) == general.question
+    assert heard(result, 3, lines) == general.goodbye
+    assert_hung_up_after_playout(result, twilio)
+    assert server.wait_for_log("(caller silent)")
+
+
+async def test_a_spoken_goodbye_is_heard_in_full_before_the_hang_up(phone):
+    server, twilio = await phone()
+    script = [WaitForBot(), say("thanks that's all goodbye"), WaitForHangup(timeout=30)]
+    result = await call_in(server, twilio, script)
+
+    assert_hung_up_after_playout(result, twilio)
+    assert server.wait_for_log("(bot ended)")
+
+
+async def test_the_duration_limit_ends_the_call_with_a_closing_line(phone):
+    server, twilio = await phone(MAX_CALL_DURATION_S="4", SILENCE_TIMEOUT_S="30")
+    result = await call_in(server, twilio, [WaitForHangup(timeout=30)])
+
+    assert_hung_up_after_playout(result, twilio)
+    assert server.wait_for_log("(duration limit)")
+
+
+async def test_above_the_concurrency_cap_callers_hear_busy_and_dialout_gets_429(phone):
+    server, twilio = await phone(MAX_CONCURRENT_CALLS="1")
+    call = asyncio.create_task(call_in(server, twilio, [WaitForBot(timeout=15), Hangup()]))
+    for _ in range(100):
+        if server.health()["active_streams"] == 1:
+            break
+        await asyncio.sleep(0.1)
+
+    form = voice_webhook_form(
+        call_sid=new_call_sid(), from_=CALLER, to=OUR_NUMBER, account_sid=ACCOUNT_SID
+    )
+    url = f"{server.base_url}/"
+    async with httpx.AsyncClient() as client:
+        webhook = await client.post(url, data=form, headers=signed_headers(AUTH_TOKEN, url, form))
+        dialout = await client.post(
+            f"{server.base_url}/dialout",
+            json={"to": "+15551234567"},
+            headers={"Authorization": f"Bearer {DIALOUT_KEY}"},
+        )
+    await call
+
+    root = ElementTree.fromstring(webhook.text)
+    assert [child.tag for child in root] == ["Say", "Hangup"]
+    assert root.find("Say").text == BUSY_MESSAGE
+    assert dialout.status_code == 429
+    assert "MAX_CONCURRENT_CALLS" in dialout.json()["detail"]
