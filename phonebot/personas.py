@@ -41,6 +41,10 @@ class Persona:
     # Override TTS_VOICE / LANGUAGE for this persona (a voice of the active TTS provider).
     voice: str | None = None
     language: str | None = None
+    # Left on an answering machine when dial-out asked for machine detection.
+    voicemail: str = (
+        "Hi, this is Sam from Acme Outdoor. Sorry we missed you. We'll try again soon. Goodbye!"
+    )
 
     def system_prompt(self) -> str:
         return f"{self.instructions} {PHONE_STYLE}"
@@ -177,6 +181,10 @@ CAMPAIGNS: dict[str, Persona] = {
             ),
         ),
         goodbye="Thanks for your time, and enjoy your summer. Goodbye!",
+        voicemail=(
+            "Hi, this is Sam from Acme Outdoor. Our summer sale is on: everything is thirty "
+            "percent off until the end of August. Call us back any time. Goodbye!"
+        ),
         caller_phrases=(
             "hello who is calling",
             "sure I have a minute",
