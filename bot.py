@@ -31,7 +31,13 @@ from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 
-from phonebot.call_control import END_CALL_TOOL, CallControl, EndReason, PlayoutTracker
+from phonebot.call_control import (
+    END_CALL_TOOL,
+    TRANSFER_TOOL,
+    CallControl,
+    EndReason,
+    PlayoutTracker,
+)
 from phonebot.config import Settings, get_settings
 from phonebot.keypad import keypad_aggregator
 from phonebot.personas import Persona, opening_line, select_persona
@@ -39,6 +45,7 @@ from phonebot.providers import build_services
 from phonebot.session import (
     CallSession,
     StreamRejected,
+    TwilioMarkSerializer,
     accept_twilio_stream,
     reject_stream,
     twilio_transport,
@@ -58,6 +65,14 @@ def system_prompt(persona: Persona, call: CallSession) -> str:
     return f"{persona.system_prompt()} You have already greeted the caller with: {opening}"
 
 
+def call_tools(
+    persona: Persona, settings: Settings, serializer: TwilioMarkSerializer | None
+) -> list:
+    """The functions the LLM may call: hang up always; transfer when there is a target."""
+    can_transfer = bool(persona.transfer_to or settings.transfer_target) and serializer
+    return [END_CALL_TOOL, TRANSFER_TOOL] if can_transfer else [END_CALL_TOOL]
+
+
 def user_turn_params(settings: Settings) -> LLMUserAggregatorParams:
     """Silero VAD hears speech; Pipecat's bundled Smart Turn model decides the turn ended.
 
@@ -73,15 +88,22 @@ def user_turn_params(settings: Settings) -> LLMUserAggregatorParams:
 
 
 async def run_bot(
-    transport: BaseTransport, call: CallSession, settings: Settings | None = None
+    transport: BaseTransport,
+    call: CallSession,
+    settings: Settings | None = None,
+    serializer: TwilioMarkSerializer | None = None,
 ) -> None:
-    """Run one call's pipeline until the call ends."""
+    """Run one call's pipeline until the call ends.
+
+    `serializer` is what lets a transfer keep the caller on the line; without it
+    (another transport) the bot simply doesn't offer transfers.
+    """
     settings = settings or get_settings()
     persona = select_persona(call.parameters)
     services = build_services(settings, persona)
     context = LLMContext(
         messages=[{"role": "system", "content": system_prompt(persona, call)}],
-        tools=ToolsSchema(standard_tools=[END_CALL_TOOL]),
+        tools=ToolsSchema(standard_tools=call_tools(persona, settings, serializer)),
     )
     user_aggregator, assistant_aggregator = LLMContextAggregatorPair(
         context, user_params=user_turn_params(settings)
@@ -112,8 +134,9 @@ async def run_bot(
         idle_timeout_secs=settings.pipeline_idle_timeout_s,
         enable_rtvi=False,  # No RTVI client on a phone line.
     )
-    control = CallControl(worker, context, persona, settings, playout, call.stream_sid)
+    control = CallControl(worker, context, persona, settings, playout, call, serializer)
     services.llm.register_function("end_call", control.end_call_tool)
+    services.llm.register_function("transfer_call", control.transfer_call_tool)
     opener = CallOpener(worker, opening_line(persona, call.parameters), call.direction, settings)
 
     @user_aggregator.event_handler("on_user_turn_started")
@@ -206,7 +229,8 @@ async def serve_call(websocket: WebSocket, settings: Settings) -> None:
     except StreamRejected as rejection:
         await reject_stream(websocket, str(rejection))
         return
-    await run_bot(twilio_transport(websocket, call, settings), call, settings)
+    transport, serializer = twilio_transport(websocket, call, settings)
+    await run_bot(transport, call, settings, serializer)
 
 
 async def bot(runner_args: RunnerArguments) -> None:

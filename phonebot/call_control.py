@@ -21,6 +21,7 @@ from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
     EndFrame,
     Frame,
+    FunctionCallResultProperties,
     InputTransportMessageFrame,
     OutputTransportMessageFrame,
     TTSSpeakFrame,
@@ -30,8 +31,11 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.llm_service import FunctionCallParams
 
-from phonebot.config import Settings
+from phonebot.config import Settings, mask
 from phonebot.personas import Persona
+from phonebot.session import CallSession, TwilioMarkSerializer
+from phonebot.transfer import dial_twiml, redirect_call
+from phonebot.twilio_api import TwilioUnavailable
 
 END_CALL_TOOL = FunctionSchema(
     name="end_call",
@@ -41,6 +45,15 @@ END_CALL_TOOL = FunctionSchema(
     ),
     properties={"goodbye": {"type": "string", "description": "The last thing to say."}},
     required=["goodbye"],
+)
+TRANSFER_TOOL = FunctionSchema(
+    name="transfer_call",
+    description=(
+        "Connect the caller to a person on our team, when they ask for a human or you "
+        "cannot help. The hand-off line is spoken for you; say nothing else."
+    ),
+    properties={},
+    required=[],
 )
 PLAYOUT_MARK = "phonebot-playout"
 PLAYOUT_SLACK_S = 5.0
@@ -53,6 +66,8 @@ class EndReason:
     CALLER_HUNG_UP = "caller hung up"
     BOT_ENDED = "bot ended"
     SILENCE = "caller silent"
+    TRANSFER = "transferred"
+    VOICEMAIL = "voicemail"
     LIMIT = "duration limit"
     IDLE = "idle pipeline"
     ERROR = "error"
@@ -137,14 +152,16 @@ class CallControl:
         persona: Persona,
         settings: Settings,
         playout: PlayoutTracker,
-        stream_sid: str,
+        call: CallSession,
+        serializer: TwilioMarkSerializer | None = None,
     ):
         self._worker = worker
         self._context = context
         self._persona = persona
         self._settings = settings
         self._playout = playout
-        self._stream_sid = stream_sid
+        self._call = call
+        self._serializer = serializer
         self._unanswered_reprompts = 0
         self._ending = False
         self._tasks: set[asyncio.Task] = set()
@@ -164,9 +181,12 @@ class CallControl:
         self._ending = True
         self.note_end(reason)
         logger.info(f"Ending call ({reason}): {closing_line!r}")
-        await self._worker.queue_frames([TTSSpeakFrame(closing_line)])
-        await self._wait_played(closing_line)
+        await self._say_and_wait(closing_line)
         await self._worker.queue_frame(EndFrame(reason=reason))
+
+    async def _say_and_wait(self, line: str) -> None:
+        await self._worker.queue_frames([TTSSpeakFrame(line)])
+        await self._wait_played(line)
 
     async def _wait_played(self, text: str) -> None:
         # Whatever is queued ahead of the closing line plays first; bound the wait by the
@@ -177,7 +197,7 @@ class CallControl:
             await asyncio.wait_for(self._wait_bot_started(), timeout=PLAYOUT_SLACK_S)
         await self._playout.wait_bot_done(SETTLE_S, max(0.1, deadline - time.monotonic()))
         echoed = self._playout.expect_mark(PLAYOUT_MARK)
-        mark = {"event": "mark", "streamSid": self._stream_sid, "mark": {"name": PLAYOUT_MARK}}
+        mark = {"event": "mark", "streamSid": self._call.stream_sid, "mark": {"name": PLAYOUT_MARK}}
         # Not urgent: it must queue behind any audio the output transport still holds.
         await self._worker.queue_frame(OutputTransportMessageFrame(message=mark))
         try:
@@ -194,6 +214,47 @@ class CallControl:
         goodbye = str(params.arguments.get("goodbye") or self._persona.goodbye)
         await params.result_callback({"status": "ending call"})
         self._spawn(self.end_call(goodbye, EndReason.BOT_ENDED))
+
+    # --- transfer -----------------------------------------------------------------
+
+    def transfer_target(self) -> str | None:
+        return self._persona.transfer_to or self._settings.transfer_target
+
+    async def transfer_call_tool(self, params: FunctionCallParams) -> None:
+        """The `transfer_call` function: hand the caller to a person, if we have one."""
+        target = self.transfer_target()
+        if target is None or self._serializer is None or self._settings.twilio_credentials is None:
+            await params.result_callback({"error": "no one to transfer to; keep helping"})
+            return
+        await params.result_callback(
+            {"status": "transferring"}, properties=FunctionCallResultProperties(run_llm=False)
+        )
+        self._spawn(self.transfer(target))
+
+    async def transfer(self, target: str) -> None:
+        """Say the hand-off line, put `<Dial>` on the call, and leave the caller connected.
+
+        A failed transfer is apologised for and the conversation goes on.
+        """
+        if self._ending or self._serializer is None:
+            return
+        self._ending = True
+        await self._say_and_wait(self._settings.transfer_phrase)
+        self._serializer.keep_call_on_end()
+        # Twilio stops our stream as soon as it starts dialing, maybe before the REST
+        # call returns: the reason must be in place by then.
+        self.note_end(EndReason.TRANSFER)
+        try:
+            await redirect_call(self._settings, self._call.call_sid, dial_twiml(target))
+        except TwilioUnavailable as error:
+            logger.warning(f"Transfer of {self._call.call_sid} failed: {error.code} {error}")
+            self._serializer.keep_call_on_end(False)
+            self._ending = False
+            self.end_reason = None
+            await self._worker.queue_frames([TTSSpeakFrame(self._settings.transfer_failed_phrase)])
+            return
+        logger.info(f"Call {self._call.call_sid} transferred to {mask(target)}")
+        await self._worker.queue_frame(EndFrame(reason=EndReason.TRANSFER))
 
     # --- silence ------------------------------------------------------------------
 

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     cartesia_api_key: SecretStr | None = None
     cartesia_voice_id: str = "71a7ad14-091c-4e8e-a314-022ece01c121"
 
+    # Transfer to a person (`transfer_call`): E.164 number or SIP URI; personas may override.
+    transfer_target: str | None = None
+    transfer_phrase: str = "Sure, I'm connecting you with a member of our team now."
+    transfer_failed_phrase: str = (
+        "I'm sorry, I couldn't connect you right now. Let's keep going: how can I help?"
+    )
+
     # Voice and language for every call, unless the persona sets its own. TTS_VOICE is the
     # active TTS provider's voice (Cartesia voice id, OpenAI voice name, espeak voice).
     tts_voice: str | None = None
@@ -108,6 +115,15 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError(f"unknown language code {value!r} (e.g. en, en-US, es)") from None
         return value
+
+    @field_validator("transfer_target")
+    @classmethod
+    def _dialable(cls, value: str | None) -> str | None:
+        from phonebot.transfer import is_transfer_target
+
+        if value and not is_transfer_target(value):
+            raise ValueError(f"{value!r} is neither an E.164 number nor a SIP URI")
+        return value or None
 
     @field_validator("public_url", "openai_base_url")
     @classmethod

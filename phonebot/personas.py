@@ -41,13 +41,21 @@ class Persona:
     # Override TTS_VOICE / LANGUAGE for this persona (a voice of the active TTS provider).
     voice: str | None = None
     language: str | None = None
+    # Who `transfer_call` connects the caller to (E.164 or SIP URI); else TRANSFER_TARGET.
+    transfer_to: str | None = None
+    # Keypad shortcuts: digit -> action the bot takes at once ("transfer" is the one known).
+    keypad: dict[str, str] = field(default_factory=dict)
     # Left on an answering machine when dial-out asked for machine detection.
     voicemail: str = (
         "Hi, this is Sam from Acme Outdoor. Sorry we missed you. We'll try again soon. Goodbye!"
     )
 
     def system_prompt(self) -> str:
-        return f"{self.instructions} {PHONE_STYLE}"
+        shortcuts = "".join(
+            f" If the caller presses {digit}, call the {action}_call function."
+            for digit, action in self.keypad.items()
+        )
+        return f"{self.instructions} {PHONE_STYLE}{shortcuts}"
 
     def offline_vocabulary(self) -> tuple[str, ...]:
         """The phrases the offline recogniser is limited to on a call with this persona."""
@@ -80,10 +88,6 @@ COMMON_ANSWERS = (
         ("hours", "open", "opening", "close"),
         "We're open Monday to Friday, nine to six, and Saturday ten to two.",
     ),
-    KeywordAnswer(
-        ("person", "human", "agent", "representative"),
-        "I can't transfer you while I'm offline, but I can take a message for the team.",
-    ),
 )
 
 DIALIN_PERSONAS: dict[str, Persona] = {
@@ -99,6 +103,7 @@ DIALIN_PERSONAS: dict[str, Persona] = {
     ),
     "support": Persona(
         name="support",
+        keypad={"0": "transfer"},
         instructions=(
             "You are a patient customer support agent for Acme Outdoor. Find out what the "
             "problem is, ask for an order number when it helps, and offer clear next steps."

@@ -79,6 +79,14 @@ class TwilioMarkSerializer(TwilioFrameSerializer):
     goodbye was heard before it hangs up (see `phonebot.call_control`).
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._hang_up_configured = self._params.auto_hang_up
+
+    def keep_call_on_end(self, keep: bool = True) -> None:
+        """Don't complete the call when the pipeline ends (it was transferred)."""
+        self._params.auto_hang_up = self._hang_up_configured and not keep
+
     async def deserialize(self, data: str | bytes) -> Frame | None:
         if isinstance(data, str) and '"mark"' in data:
             with suppress(ValueError):
@@ -90,7 +98,7 @@ class TwilioMarkSerializer(TwilioFrameSerializer):
 
 def twilio_transport(
     websocket: WebSocket, call: CallSession, settings: Settings
-) -> FastAPIWebsocketTransport:
+) -> tuple[FastAPIWebsocketTransport, TwilioMarkSerializer]:
     """The 8 kHz μ-law transport for one call.
 
     With Twilio credentials the serializer completes the call through the REST API
@@ -115,4 +123,4 @@ def twilio_transport(
         # wait for Twilio's playback mark instead (phonebot.call_control), so no padding.
         audio_out_end_silence_secs=0,
     )
-    return FastAPIWebsocketTransport(websocket=websocket, params=params)
+    return FastAPIWebsocketTransport(websocket=websocket, params=params), serializer

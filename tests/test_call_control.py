@@ -14,9 +14,12 @@ import httpx
 import pytest
 from defusedxml import ElementTree
 
+from phonebot.config import Settings
 from phonebot.emulator import (
     CallResult,
+    Dtmf,
     Hangup,
+    Pause,
     TwilioRestEmulator,
     WaitForBot,
     WaitForHangup,
@@ -59,6 +62,10 @@ async def phone(tmp_path: Path) -> AsyncIterator[Callable]:
     for server, twilio in started:
         await twilio.stop()
         server.stop()
+
+
+TRANSFER_PHRASE = Settings.model_fields["transfer_phrase"].default
+TRANSFER_FAILED_PHRASE = Settings.model_fields["transfer_failed_phrase"].default
 
 
 def hangups(twilio: TwilioRestEmulator, call_sid: str) -> list:
@@ -137,3 +144,33 @@ async def test_above_the_concurrency_cap_callers_hear_busy_and_dialout_gets_429(
     assert root.find("Say").text == BUSY_MESSAGE
     assert dialout.status_code == 429
     assert "MAX_CONCURRENT_CALLS" in dialout.json()["detail"]
+
+
+async def test_transfer_dials_the_target_and_leaves_the_caller_connected(phone):
+    server, twilio = await phone(TRANSFER_TARGET="+15559990000")
+    script = [WaitForBot(), Dtmf("0"), WaitForHangup(timeout=30)]
+    result = await call_in(server, twilio, script, session_type="support")
+
+    updates = [r for r in twilio.requests if r.path.endswith(f"/{result.call_sid}.json")]
+    assert [r.form.get("Status") for r in updates] == [None], "the caller was hung up"
+    dial = ElementTree.fromstring(updates[0].form["Twiml"]).find("./Dial/Number")
+    assert dial is not None and dial.text == "+15559990000"
+    assert twilio.calls[result.call_sid].dialed == ["+15559990000"]
+    assert heard(result, 1, [TRANSFER_PHRASE, DIALIN_PERSONAS["support"].goodbye]) == (
+        TRANSFER_PHRASE
+    )
+    assert server.wait_for_log("(transferred)")
+    assert not hangups(twilio, result.call_sid)
+
+
+async def test_a_failed_transfer_is_apologised_for_and_the_call_goes_on(phone):
+    server, twilio = await phone(TRANSFER_TARGET="sip:desk@pbx.example.com")
+    twilio.inject_fault(500, code=20500, message="Internal Server Error", on="update")
+    script = [WaitForBot(), Dtmf("0"), WaitForBot(timeout=20), Pause(2.5), Hangup()]
+    result = await call_in(server, twilio, script, session_type="support")
+
+    spoken = [TRANSFER_PHRASE, TRANSFER_FAILED_PHRASE]
+    lines = [heard(result, i, spoken) for i in range(1, len(result.bot_utterances))]
+    assert lines[:2] == spoken
+    assert result.ended_by == "caller"
+    assert server.wait_for_log("Transfer of")

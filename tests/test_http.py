@@ -281,7 +281,7 @@ def test_pipecat_cloud_entry_point_verifies_the_token_then_runs_the_call(
 
     calls = []
 
-    async def fake_run_bot(transport, call, settings):
+    async def fake_run_bot(transport, call, settings, serializer):
         calls.append(call)
 
     monkeypatch.setattr(bot, "get_settings", lambda: settings)

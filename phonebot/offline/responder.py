@@ -10,7 +10,7 @@ to be an AI model. After a goodbye it ends the call the way the LLM does: by cal
 from __future__ import annotations
 
 import uuid
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 
 from pipecat.frames.frames import (
     Frame,
@@ -32,6 +32,7 @@ OFFLINE_FALLBACK = (
     "I'm running in offline mode, so I can't answer that myself. "
     "I can take a message for the team. What would you like me to pass on?"
 )
+NO_TRANSFER = "I'm sorry, I can't connect you to a person right now, but I can take a message."
 GOODBYE_WORDS = ("goodbye", "bye", "that's all", "hang up")
 
 
@@ -58,43 +59,62 @@ class OfflineResponder(LLMService):
         super().__init__(settings=LLMSettings(**unused), **kwargs)
         self._persona = persona
 
-    def reply_to(self, context: LLMContext) -> tuple[str, bool]:
-        """The reply for the current context, and whether the call should end after it."""
+    def reply_to(self, context: LLMContext) -> Reply:
+        """What to say to the current context, or which function to call instead."""
         messages = context.get_messages()
+        if messages and _message_role(messages[-1]) == "tool":
+            return Reply(NO_TRANSFER)  # transfer_call refused: nobody to transfer to
         if not any(_message_role(m) == "assistant" for m in messages):
-            return f"{self._persona.greeting} {self._persona.question}", False
+            return Reply(f"{self._persona.greeting} {self._persona.question}")
         user_turns = [_text_of(m) for m in messages if _message_role(m) == "user"]
         last = user_turns[-1] if user_turns else ""
         if _said_goodbye(last):
-            return self._persona.goodbye, True
+            return Reply("", "end_call", {"goodbye": self._persona.goodbye})
         digits = pressed_digits(last)
         if digits is not None:
-            return f"You pressed {spoken_digits(digits)}.", False
-        return keyword_answer(self._persona, last) or OFFLINE_FALLBACK, False
+            action = self._persona.keypad.get(digits.rstrip("#"))
+            if action:
+                return Reply("", f"{action}_call", {})
+            return Reply(f"You pressed {spoken_digits(digits)}.")
+        if keyword_answer(self._persona, last) is None and _wants_a_person(last):
+            return Reply("", "transfer_call", {})
+        return Reply(keyword_answer(self._persona, last) or OFFLINE_FALLBACK)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if not isinstance(frame, LLMContextFrame):
             await self.push_frame(frame, direction)
             return
-        reply, end_call = self.reply_to(frame.context)
-        if end_call:
-            # The same path an LLM takes: a call to the `end_call` function, whose
-            # handler speaks the goodbye and hangs up once it has been played.
-            await self.run_function_calls([_end_call(reply, frame.context)])
+        reply = self.reply_to(frame.context)
+        if reply.function:
+            # The path an LLM takes: a function call, whose handler does the talking.
+            await self.run_function_calls([reply.as_function_call(frame.context)])
             return
         await self.push_frame(LLMFullResponseStartFrame())
-        await self.push_frame(LLMTextFrame(reply))
+        await self.push_frame(LLMTextFrame(reply.text))
         await self.push_frame(LLMFullResponseEndFrame())
 
 
-def _end_call(goodbye: str, context: LLMContext) -> FunctionCallFromLLM:
-    return FunctionCallFromLLM(
-        function_name="end_call",
-        tool_call_id=f"offline-{uuid.uuid4().hex[:12]}",
-        arguments={"goodbye": goodbye},
-        context=context,
-    )
+@dataclass(frozen=True)
+class Reply:
+    """Text to speak, or a function (`end_call`, `transfer_call`) to call instead."""
+
+    text: str
+    function: str | None = None
+    arguments: dict = field(default_factory=dict)
+
+    def as_function_call(self, context: LLMContext) -> FunctionCallFromLLM:
+        return FunctionCallFromLLM(
+            function_name=self.function or "",
+            tool_call_id=f"offline-{uuid.uuid4().hex[:12]}",
+            arguments=self.arguments,
+            context=context,
+        )
+
+
+def _wants_a_person(utterance: str) -> bool:
+    words = set(utterance.lower().split())
+    return bool(words & {"person", "human", "agent", "representative", "operator"})
 
 
 def _message_role(message) -> str:

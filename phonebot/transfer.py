@@ -1,0 +1,48 @@
+"""Handing a live call to a person: `<Dial>` TwiML pushed onto the call over REST.
+
+Twilio leaves `<Connect><Stream>` when the call's TwiML is replaced, stops our media
+stream and dials the target; the caller stays on the line. So the bot's pipeline must end
+*without* its usual REST hang-up, or it would hang up the transferred caller.
+"""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+from twilio.base.exceptions import TwilioRestException
+from twilio.twiml.voice_response import Dial, VoiceResponse
+
+from phonebot.config import Settings
+from phonebot.twilio_api import TwilioUnavailable, twilio_client
+
+E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+SIP_URI = re.compile(r"^sips?:[^\s<>]+@[^\s<>]+$")
+
+
+def is_transfer_target(target: str) -> bool:
+    """An E.164 number or a SIP URI: what `<Dial>` can reach."""
+    return bool(E164.match(target) or SIP_URI.match(target))
+
+
+def dial_twiml(target: str) -> str:
+    """`<Response><Dial><Number>…</Number></Dial></Response>` (or `<Sip>` for a SIP URI)."""
+    response = VoiceResponse()
+    dial = Dial()
+    if SIP_URI.match(target):
+        dial.sip(target)
+    else:
+        dial.number(target)
+    response.append(dial)
+    return str(response)
+
+
+async def redirect_call(settings: Settings, call_sid: str, twiml: str) -> None:
+    """Replace a live call's TwiML (`calls(sid).update(twiml=…)`)."""
+    try:
+        async with twilio_client(settings) as client:
+            await client.calls(call_sid).update_async(twiml=twiml)
+    except TwilioRestException as error:
+        raise TwilioUnavailable(error.msg, code=error.code, status=error.status) from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as error:
+        raise TwilioUnavailable(f"Twilio REST API unreachable: {error}") from None
