@@ -38,7 +38,7 @@ from phonebot.call_control import (
     EndReason,
     PlayoutTracker,
 )
-from phonebot.config import Settings, get_settings
+from phonebot.config import Settings, for_persona, get_settings
 from phonebot.keypad import keypad_aggregator
 from phonebot.personas import Persona, opening_line, select_persona
 from phonebot.providers import build_services
@@ -65,11 +65,9 @@ def system_prompt(persona: Persona, call: CallSession) -> str:
     return f"{persona.system_prompt()} You have already greeted the caller with: {opening}"
 
 
-def call_tools(
-    persona: Persona, settings: Settings, serializer: TwilioMarkSerializer | None
-) -> list:
+def call_tools(settings: Settings, serializer: TwilioMarkSerializer | None) -> list:
     """The functions the LLM may call: hang up always; transfer when there is a target."""
-    can_transfer = bool(persona.transfer_to or settings.transfer_target) and serializer
+    can_transfer = bool(settings.transfer_target) and serializer
     return [END_CALL_TOOL, TRANSFER_TOOL] if can_transfer else [END_CALL_TOOL]
 
 
@@ -98,12 +96,12 @@ async def run_bot(
     `serializer` is what lets a transfer keep the caller on the line; without it
     (another transport) the bot simply doesn't offer transfers.
     """
-    settings = settings or get_settings()
     persona = select_persona(call.parameters)
+    settings = for_persona(settings or get_settings(), persona)
     services = build_services(settings, persona)
     context = LLMContext(
         messages=[{"role": "system", "content": system_prompt(persona, call)}],
-        tools=ToolsSchema(standard_tools=call_tools(persona, settings, serializer)),
+        tools=ToolsSchema(standard_tools=call_tools(settings, serializer)),
     )
     user_aggregator, assistant_aggregator = LLMContextAggregatorPair(
         context, user_params=user_turn_params(settings)

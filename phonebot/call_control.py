@@ -217,12 +217,9 @@ class CallControl:
 
     # --- transfer -----------------------------------------------------------------
 
-    def transfer_target(self) -> str | None:
-        return self._persona.transfer_to or self._settings.transfer_target
-
     async def transfer_call_tool(self, params: FunctionCallParams) -> None:
         """The `transfer_call` function: hand the caller to a person, if we have one."""
-        target = self.transfer_target()
+        target = self._settings.transfer_target
         if target is None or self._serializer is None or self._settings.twilio_credentials is None:
             await params.result_callback({"error": "no one to transfer to; keep helping"})
             return

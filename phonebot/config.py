@@ -163,3 +163,17 @@ def mask(secret: str | None, keep: int = 4) -> str:
     if not secret:
         return "<unset>"
     return f"…{secret[-keep:]}" if len(secret) > keep * 2 else "…"
+
+
+def for_persona(settings: Settings, persona) -> Settings:
+    """The settings one call runs with: the server's, with the persona's overrides applied.
+
+    Validated like the environment is, so a typo in a persona fails loudly.
+    """
+    if not persona.overrides:
+        return settings
+    unknown = set(persona.overrides) - set(Settings.model_fields)
+    if unknown:
+        raise ValueError(f"persona {persona.name!r} overrides unknown settings {sorted(unknown)}")
+    values = {**settings.model_dump(), **persona.overrides}
+    return Settings.model_validate(values)

@@ -38,11 +38,10 @@ class Persona:
     goodbye: str = "Thanks for calling. Goodbye!"
     # What callers typically say to this persona; the offline STT listens for these words.
     caller_phrases: tuple[str, ...] = field(default_factory=tuple)
-    # Override TTS_VOICE / LANGUAGE for this persona (a voice of the active TTS provider).
-    voice: str | None = None
-    language: str | None = None
-    # Who `transfer_call` connects the caller to (E.164 or SIP URI); else TRANSFER_TARGET.
-    transfer_to: str | None = None
+    # Settings this persona changes for its calls, by setting name, e.g.
+    # {"tts_voice": "en-gb", "language": "en", "transfer_target": "+15551230000",
+    #  "silence_timeout_s": 6, "max_call_duration_s": 300}. Checked against the settings.
+    overrides: dict[str, object] = field(default_factory=dict)
     # Keypad shortcuts: digit -> action the bot takes at once ("transfer" is the one known).
     keypad: dict[str, str] = field(default_factory=dict)
     # Left on an answering machine when dial-out asked for machine detection.
@@ -186,6 +185,8 @@ CAMPAIGNS: dict[str, Persona] = {
             ),
         ),
         goodbye="Thanks for your time, and enjoy your summer. Goodbye!",
+        # Sales calls are short; callers get a little less time to think.
+        overrides={"max_call_duration_s": 300, "silence_timeout_s": 6},
         voicemail=(
             "Hi, this is Sam from Acme Outdoor. Our summer sale is on: everything is thirty "
             "percent off until the end of August. Call us back any time. Goodbye!"

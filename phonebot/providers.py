@@ -30,14 +30,9 @@ class Voice:
     language: Language
 
 
-def call_voice(settings: Settings, persona: Persona) -> Voice:
-    """Persona overrides first, then TTS_VOICE / LANGUAGE; STT follows the language."""
-    code = persona.language or settings.language
-    try:
-        language = Language(code)
-    except ValueError:
-        raise ValueError(f"LANGUAGE: unknown language code {code!r} (e.g. en, en-US, es)") from None
-    return Voice(voice=persona.voice or settings.tts_voice, language=language)
+def call_voice(settings: Settings) -> Voice:
+    """TTS_VOICE and LANGUAGE (validated by Settings); STT follows the language."""
+    return Voice(voice=settings.tts_voice, language=Language(settings.language))
 
 
 def _tts_extras(persona: Persona) -> dict:
@@ -63,7 +58,7 @@ def _deepgram_stt(settings: Settings, persona: Persona) -> FrameProcessor:
 
     return DeepgramSTTService(
         api_key=_secret(settings.deepgram_api_key),
-        settings=DeepgramSTTService.Settings(language=call_voice(settings, persona).language),
+        settings=DeepgramSTTService.Settings(language=call_voice(settings).language),
     )
 
 
@@ -73,7 +68,7 @@ def _openai_stt(settings: Settings, persona: Persona) -> FrameProcessor:
     return OpenAISTTService(
         api_key=_secret(settings.openai_api_key),
         settings=OpenAISTTService.Settings(
-            model=settings.openai_stt_model, language=call_voice(settings, persona).language
+            model=settings.openai_stt_model, language=call_voice(settings).language
         ),
     )
 
@@ -106,7 +101,7 @@ def _offline_llm(settings: Settings, persona: Persona) -> FrameProcessor:
 def _cartesia_tts(settings: Settings, persona: Persona) -> FrameProcessor:
     from pipecat.services.cartesia.tts import CartesiaTTSService
 
-    voice = call_voice(settings, persona)
+    voice = call_voice(settings)
     return CartesiaTTSService(
         api_key=_secret(settings.cartesia_api_key),
         settings=CartesiaTTSService.Settings(
@@ -123,7 +118,7 @@ def _openai_tts(settings: Settings, persona: Persona) -> FrameProcessor:
         api_key=_secret(settings.openai_api_key),
         settings=OpenAITTSService.Settings(
             model=settings.openai_tts_model,
-            voice=call_voice(settings, persona).voice or settings.openai_tts_voice,
+            voice=call_voice(settings).voice or settings.openai_tts_voice,
         ),
         sample_rate=OPENAI_TTS_SAMPLE_RATE,
         **_tts_extras(persona),
@@ -133,7 +128,7 @@ def _openai_tts(settings: Settings, persona: Persona) -> FrameProcessor:
 def _offline_tts(settings: Settings, persona: Persona) -> FrameProcessor:
     from phonebot.offline.tts import OfflineTTSService
 
-    voice = call_voice(settings, persona)
+    voice = call_voice(settings)
     return OfflineTTSService(voice=voice.voice, language=voice.language, **_tts_extras(persona))
 
 

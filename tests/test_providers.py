@@ -9,10 +9,11 @@ import pytest
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.openai.llm import OpenAILLMService
 
+from phonebot.config import for_persona
 from phonebot.offline.responder import OfflineResponder
 from phonebot.offline.stt import OfflineSTTService
 from phonebot.offline.tts import OfflineTTSService
-from phonebot.personas import DIALIN_PERSONAS
+from phonebot.personas import CAMPAIGNS, DIALIN_PERSONAS, OUTBOUND_DEFAULT
 from phonebot.providers import build_services
 from phonebot.voice_text import VoiceTextFilter
 from tests.conftest import make_settings
@@ -39,9 +40,27 @@ def test_voice_and_language_come_from_the_persona_then_the_settings():
     by_setting = build_services(make_settings(language="es", tts_voice="es-419"), general)
     assert (by_setting.tts._settings.voice, by_setting.tts._settings.language) == ("es-419", "es")
 
-    persona = dataclasses.replace(general, voice="en-gb", language="en")
-    by_persona = build_services(make_settings(language="es", tts_voice="fr-fr"), persona)
+    persona = dataclasses.replace(general, overrides={"tts_voice": "en-gb", "language": "en"})
+    settings = for_persona(make_settings(language="es", tts_voice="fr-fr"), persona)
+    by_persona = build_services(settings, persona)
     assert by_persona.tts._settings.voice == "en-gb"
+
+
+def test_persona_overrides_are_validated_settings():
+    general = DIALIN_PERSONAS["general"]
+    shorter = dataclasses.replace(general, overrides={"silence_timeout_s": "5"})
+    assert for_persona(make_settings(), shorter).silence_timeout_s == 5.0
+    assert for_persona(make_settings(), general) == make_settings()
+    with pytest.raises(ValueError, match="unknown settings"):
+        for_persona(make_settings(), dataclasses.replace(general, overrides={"nope": 1}))
+    undialable = dataclasses.replace(general, overrides={"transfer_target": "x"})
+    with pytest.raises(ValueError, match="E.164"):
+        for_persona(make_settings(), undialable)
+
+
+def test_every_persona_override_is_a_valid_setting():
+    for persona in (*DIALIN_PERSONAS.values(), *CAMPAIGNS.values(), OUTBOUND_DEFAULT):
+        for_persona(make_settings(), persona)
 
 
 def test_stt_language_follows_the_call_language():
