@@ -50,6 +50,7 @@ from phonebot.session import (
     reject_stream,
     twilio_transport,
 )
+from phonebot.voicemail import AnsweringMachineScreen
 
 PHONE_SAMPLE_RATE = 8000
 
@@ -107,11 +108,13 @@ async def run_bot(
         context, user_params=user_turn_params(settings)
     )
     playout = PlayoutTracker()
+    screen = AnsweringMachineScreen(call.call_sid, call.parameters)
 
     pipeline = Pipeline(
         [
             transport.input(),
             playout,
+            screen.gate,
             services.stt,
             keypad_aggregator(),
             user_aggregator,
@@ -153,7 +156,7 @@ async def run_bot(
             f"parameters={call.loggable_parameters()}"
         )
         control.start_duration_limit()
-        await opener.start()
+        screen.start(control, persona, converse=opener.start)
 
     @transport.event_handler("on_client_disconnected")
     async def on_client_disconnected(transport, client):
@@ -174,6 +177,7 @@ async def run_bot(
         await runner.run()
     finally:
         opener.stop()
+        screen.stop()
         control.stop()
         logger.info(
             f"Call {call.call_sid} ended after {control.duration_s():.1f} s "

@@ -7,6 +7,10 @@ endpoint, carrying the campaign parameters in its query string. When the callee 
 up, Twilio fetches that URL with the new CallSid (signed with the auth token), and the
 TwiML it gets back carries every parameter, `call_type=outbound` and a stream token bound
 to that CallSid. No token has to be guessed or remembered before the CallSid exists.
+
+With `machine_detection`, Twilio also listens for an answering machine and POSTs its
+verdict to `/amd` (see `phonebot.voicemail`); the `/outbound` URL then carries `amd=1`,
+set here after the caller's parameters are validated, so the bot waits for that verdict.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from phonebot.config import Settings, get_settings
 from phonebot.twilio_api import TwilioUnavailable, create_call
 from phonebot.twiml import ParameterError, validate_custom_parameters
+from phonebot.voicemail import AMD_CALLBACK_PATH, AMD_PARAMETER, AMD_REQUESTED
 
 E164 = r"^\+[1-9]\d{1,14}$"
 
@@ -37,6 +42,11 @@ class DialoutRequest(BaseModel):
     parameters: dict[str, str] = Field(
         default_factory=dict, description="Stream parameters, e.g. campaign_id, customer_id"
     )
+    machine_detection: bool = Field(
+        default=False,
+        description="Twilio answering-machine detection: leave the campaign's voicemail "
+        "message on a machine, talk to a human",
+    )
 
 
 class DialoutResponse(BaseModel):
@@ -51,14 +61,35 @@ async def place_call(request: DialoutRequest, settings: Settings, base_url: str)
     Raises ParameterError (the caller's fault) or TwilioUnavailable (Twilio's answer).
     """
     parameters = validate_custom_parameters(request.parameters, settings, where="parameters")
+    if AMD_PARAMETER in parameters:
+        raise ParameterError(f"parameters.{AMD_PARAMETER}", "is reserved; use machine_detection")
     from_number = request.from_ or settings.twilio_phone_number
     if not from_number:
         raise ParameterError("from", "not given and TWILIO_PHONE_NUMBER is not set")
+    amd_callback_url = None
+    if request.machine_detection:
+        _check_amd_possible(settings)
+        # Added after validation: the server's own parameter, not one of the caller's.
+        parameters[AMD_PARAMETER] = AMD_REQUESTED
+        amd_callback_url = f"{base_url}{AMD_CALLBACK_PATH}"
     query = f"?{urlencode(parameters)}" if parameters else ""
     created = await create_call(
-        settings, to=request.to, from_=from_number, twiml_url=f"{base_url}/outbound{query}"
+        settings,
+        to=request.to,
+        from_=from_number,
+        twiml_url=f"{base_url}/outbound{query}",
+        amd_callback_url=amd_callback_url,
     )
     return DialoutResponse(call_sid=created.sid, status=created.status, to=created.to)
+
+
+def _check_amd_possible(settings: Settings) -> None:
+    """The verdict reaches this process; a bot running on Pipecat Cloud would never see it."""
+    if settings.env == "production":
+        raise ParameterError(
+            "machine_detection",
+            "needs ENV=local: the AMD verdict reaches this server, not the bot on Pipecat Cloud",
+        )
 
 
 def _parse_param(text: str) -> tuple[str, str]:
@@ -75,13 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--param", action="append", type=_parse_param, default=[], metavar="NAME=VALUE"
     )
+    parser.add_argument(
+        "--machine-detection",
+        action="store_true",
+        help="detect answering machines: leave the voicemail message, talk to humans",
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
     if not settings.public_url:
         print("error: PUBLIC_URL must be set: Twilio fetches the call's TwiML from it")
         return 2
     try:
-        request = DialoutRequest(to=args.to, from_=args.from_, parameters=dict(args.param))
+        request = DialoutRequest(
+            to=args.to,
+            from_=args.from_,
+            parameters=dict(args.param),
+            machine_detection=args.machine_detection,
+        )
         response = asyncio.run(place_call(request, settings, settings.public_url))
     except (ValueError, TwilioUnavailable) as error:  # pydantic's ValidationError included
         print(f"error: {error}")

@@ -4,6 +4,7 @@
     POST /outbound  the TwiML for calls placed by /dialout (Twilio fetches it on answer)
     WS   /ws        Twilio Media Streams → bot.py's pipeline
     POST /dialout   place an outbound call (Bearer DIALOUT_API_KEY)
+    POST /amd       Twilio's answering-machine verdict for a dial-out call (signed)
     GET  /health    providers in use and version
 
 Run it with `python server.py` (uvicorn on PORT, default 8000).
@@ -11,6 +12,8 @@ Run it with `python server.py` (uvicorn on PORT, default 8000).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -40,6 +43,15 @@ from phonebot.twiml import (
     stream_target,
     validate_custom_parameters,
 )
+from phonebot.voicemail import (
+    AMD_CALLBACK_PATH,
+    AMD_PARAMETER,
+    AMD_REQUESTED,
+    AMD_VERDICTS,
+    ANSWERED_BY,
+)
+
+CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 
 
 class HealthResponse(BaseModel):
@@ -62,12 +74,14 @@ async def call_twiml(request: Request, call_type: str) -> Response:
     call_sid = str(form.get("CallSid", ""))
     if not call_sid:
         raise ParameterError("CallSid", "is required (this endpoint is for Twilio)")
-    custom = validate_custom_parameters(dict(request.query_params), settings, where="query")
+    query, own = server_parameters(request.query_params, call_type)
+    custom = validate_custom_parameters(query, settings, where="query")
     if request.app.state.active_streams >= settings.max_concurrent_calls:
         logger.warning(f"{call_type} call {call_sid}: busy ({settings.max_concurrent_calls} calls)")
         return Response(busy_twiml(), media_type="application/xml")
     parameters = {
         **custom,
+        **own,
         "caller_id": str(form.get("From", "")),
         "called_number": str(form.get("To", "")),
         "call_type": call_type,
@@ -76,6 +90,42 @@ async def call_twiml(request: Request, call_type: str) -> Response:
     target = stream_target(settings, public_base_url(request))
     logger.info(f"{call_type} call {call_sid}: streaming to {target.url}")
     return Response(connect_stream_twiml(target, parameters), media_type="application/xml")
+
+
+def server_parameters(
+    query: Mapping[str, str], call_type: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Split the query into the caller's parameters and the ones `/dialout` set itself.
+
+    `amd=1` is ours, put on the `/outbound` URL by `/dialout` (which refuses it from its
+    own callers); Twilio's signature covers the URL, so it arrives as we wrote it.
+    Anywhere else it is refused, so a webhook can't make the bot wait for a verdict
+    that will never come.
+    """
+    custom = dict(query)
+    amd = custom.pop(AMD_PARAMETER, None)
+    if amd is None:
+        return custom, {}
+    if call_type != "outbound" or amd != AMD_REQUESTED:
+        raise ParameterError(f"query.{AMD_PARAMETER}", "is reserved; /dialout sets it")
+    return custom, {AMD_PARAMETER: amd}
+
+
+async def amd_verdict(request: Request) -> tuple[str, str, str]:
+    """CallSid, AnsweredBy and MachineDetectionDuration (ms) of a Twilio async AMD callback.
+
+    The CallSid keys the in-process registry, so it must look like one; ParameterError
+    names the bad field.
+    """
+    form = await request.form()
+    call_sid = str(form.get("CallSid", ""))
+    answered_by = str(form.get("AnsweredBy", ""))
+    if not CALL_SID.match(call_sid):
+        raise ParameterError("CallSid", "must be CA followed by 32 hex digits")
+    if answered_by not in ANSWERED_BY:
+        raise ParameterError("AnsweredBy", f"must be one of {', '.join(sorted(ANSWERED_BY))}")
+    duration = str(form.get("MachineDetectionDuration", ""))
+    return call_sid, answered_by, duration if duration.isdigit() else "?"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -93,6 +143,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Phone bot", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.active_streams = 0
+    # In-process, shared with the bots this process runs (see phonebot.voicemail).
+    app.state.amd_verdicts = AMD_VERDICTS
 
     @app.exception_handler(ParameterError)
     async def parameter_error(request: Request, error: ParameterError) -> JSONResponse:
@@ -118,6 +170,18 @@ def create_app(settings: Settings) -> FastAPI:
     async def outbound_twiml(request: Request) -> Response:
         """Fetched by Twilio when a call placed by /dialout connects."""
         return await call_twiml(request, "outbound")
+
+    @app.post(
+        AMD_CALLBACK_PATH,
+        status_code=status.HTTP_204_NO_CONTENT,
+        dependencies=[Depends(require_twilio_signature)],
+    )
+    async def amd_callback(request: Request) -> Response:
+        """Twilio's async answering-machine verdict for a call placed by /dialout."""
+        call_sid, answered_by, duration = await amd_verdict(request)
+        logger.info(f"Call {call_sid} answered by {answered_by} (detection took {duration} ms)")
+        app.state.amd_verdicts.set(call_sid, answered_by)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @app.websocket("/ws")
     async def media_stream(websocket: WebSocket) -> None:

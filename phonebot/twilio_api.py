@@ -38,6 +38,22 @@ class CreatedCall:
     to: str
 
 
+def amd_arguments(callback_url: str | None) -> dict[str, str]:
+    """`calls.create` arguments for async AMD that waits for the end of a machine's greeting.
+
+    `DetectMessageEnd` makes Twilio call back after the beep, the moment to leave a
+    message; `async_amd` connects the call at once, so a human isn't kept waiting.
+    """
+    if callback_url is None:
+        return {}
+    return {
+        "machine_detection": "DetectMessageEnd",
+        "async_amd": "true",  # the client sends it as given; Twilio wants "true"
+        "async_amd_status_callback": callback_url,
+        "async_amd_status_callback_method": "POST",
+    }
+
+
 @asynccontextmanager
 async def twilio_client(settings: Settings) -> AsyncIterator[Client]:
     """An async Twilio client aimed at TWILIO_API_BASE_URL; closes its HTTP session."""
@@ -53,12 +69,23 @@ async def twilio_client(settings: Settings) -> AsyncIterator[Client]:
         await http_client.close()
 
 
-async def create_call(settings: Settings, *, to: str, from_: str, twiml_url: str) -> CreatedCall:
-    """`calls.create` with a TwiML URL; Twilio fetches it (signed) once the call connects."""
+async def create_call(
+    settings: Settings,
+    *,
+    to: str,
+    from_: str,
+    twiml_url: str,
+    amd_callback_url: str | None = None,
+) -> CreatedCall:
+    """`calls.create` with a TwiML URL; Twilio fetches it (signed) once the call connects.
+
+    With `amd_callback_url`, Twilio also runs answering-machine detection in the
+    background (the call is not held up) and POSTs its verdict there, signed.
+    """
     try:
         async with twilio_client(settings) as client:
             call = await client.calls.create_async(
-                to=to, from_=from_, url=twiml_url, method="POST"
+                to=to, from_=from_, url=twiml_url, method="POST", **amd_arguments(amd_callback_url)
             )
     except TwilioRestException as error:
         raise TwilioUnavailable(error.msg, code=error.code, status=error.status) from None

@@ -174,3 +174,13 @@ async def test_a_failed_transfer_is_apologised_for_and_the_call_goes_on(phone):
     assert lines[:2] == spoken
     assert result.ended_by == "caller"
     assert server.wait_for_log("Transfer of")
+
+
+async def test_an_idle_pipeline_ends_the_call(phone):
+    # No re-prompts within the test, so nothing is said after the greeting.
+    server, twilio = await phone(PIPELINE_IDLE_TIMEOUT_S="3", SILENCE_TIMEOUT_S="60")
+    result = await call_in(server, twilio, [WaitForBot(), WaitForHangup(timeout=20)])
+
+    assert len(hangups(twilio, result.call_sid)) == 1
+    assert server.wait_for_log(f"Call {result.call_sid} ended after")
+    assert server.wait_for_log("(idle pipeline)")

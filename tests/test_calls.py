@@ -178,6 +178,13 @@ async def test_stop_ends_the_pipeline_with_nothing_left_running(server, twilio):
     result = await call_in(server, twilio, [WaitForBot(until="speech"), Hangup(send_stop=True)])
     assert_call_ended_cleanly(server, result.call_sid)
     assert server.health()["active_streams"] == 0
+    # The call's end event: CallSid, duration, reason, direction, parameters sans token.
+    end = re.compile(
+        rf"Call {result.call_sid} ended after \d+\.\d s \(caller hung up\): inbound, "
+        r"parameters=\{'caller_id': '\+15557654321', 'called_number': '\+15550001111', "
+        r"'call_type': 'inbound'\}$"
+    )
+    assert any(end.search(line) for line in server.logs), server.log_text()[-2000:]
 
 
 async def dialout(server: LiveServer, body: dict) -> httpx.Response:

@@ -110,7 +110,10 @@ class TwilioRestEmulator:
     unknown); `local_server_url` (e.g. `http://127.0.0.1:8000`) is where webhook URLs and
     `wss://` stream URLs naming a public host are really sent (unless
     `rewrite_stream_urls=False`); `caller_options` go to every `MediaStreamCaller` the
-    emulator creates.
+    emulator creates. A call created with `MachineDetection` is answered by
+    `answered_by`; with `AsyncAmd=true` that verdict is POSTed (signed) to
+    `AsyncAmdStatusCallback` `amd_delay` seconds after the TwiML is fetched (as the stream
+    starts), standing in for the time Twilio takes to hear a greeting out to its beep.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class TwilioRestEmulator:
         local_server_url: str | None = None,
         answer_delay: float = 0.0,
         answered_by: str = "human",
+        amd_delay: float = 0.0,
         webhook_timeout: float = 10.0,
         caller_options: Mapping[str, Any] | None = None,
         rewrite_stream_urls: bool = True,
@@ -134,6 +138,7 @@ class TwilioRestEmulator:
         self.local_server_url = local_server_url
         self.answer_delay = answer_delay
         self.answered_by = answered_by
+        self.amd_delay = amd_delay
         self.webhook_timeout = webhook_timeout
         self.caller_options = dict(caller_options or {})
         self.rewrite_stream_urls = rewrite_stream_urls
@@ -569,13 +574,20 @@ class TwilioRestEmulator:
         url = call.form.get("AsyncAmdStatusCallback")
         if not (call.form.get("MachineDetection") and call.form.get("AsyncAmd") == "true" and url):
             return
+        self._spawn(self._amd_callback(call, url))
+
+    async def _amd_callback(self, call: EmulatedCall, url: str) -> None:
+        """Twilio's async AMD verdict, once detection would have finished (`amd_delay`)."""
+        await asyncio.sleep(self.amd_delay)
+        if not call.active:
+            return  # hung up before detection finished: nothing to report
         form = {
             "AccountSid": call.account_sid,
             "CallSid": call.sid,
             "AnsweredBy": self.answered_by,
-            "MachineDetectionDuration": "1200",
+            "MachineDetectionDuration": str(round(self.amd_delay * 1000)),
         }
-        self._spawn(self._post_callback(url, form))
+        await self._post_callback(url, form)
 
     async def _post_callback(self, url: str, form: dict[str, str]) -> None:
         """POST a status/AMD callback; failures are recorded, never raised (as Twilio)."""

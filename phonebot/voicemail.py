@@ -1,0 +1,259 @@
+"""Voicemail on dial-out: Twilio's answering-machine verdict, and what the bot does with it.
+
+`POST /dialout` with `machine_detection: true` creates the call with Twilio's async AMD
+(`MachineDetection=DetectMessageEnd`): the call connects at once and Twilio POSTs its
+verdict to our signed `POST /amd` later, once it has heard a human or the end of a
+machine's greeting (the beep). `/outbound` marks such a call with the `amd=1` Parameter,
+so the bot knows to wait for that verdict before saying anything.
+
+While the verdict is pending the bot must neither open nor answer: a machine's greeting
+would otherwise be taken for the callee's "Hello?" and the pitch spoken over it, and would
+barge in on the message the bot leaves. `AmdGate` mutes the callee until a human is
+confirmed. Then, on a machine, the bot leaves the persona's `voicemail` line and hangs up;
+on a human (or no clear verdict) it opens at once: Twilio decided "human" because the
+callee has already spoken, so waiting for another "Hello?" would only add silence.
+
+The verdicts live in this process (`AMD_VERDICTS`), so the `/amd` callback and the call's
+media stream must reach the same server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from loguru import logger
+from pipecat.frames.frames import (
+    EndWorkerFrame,
+    Frame,
+    InputAudioRawFrame,
+    InputDTMFFrame,
+    TTSSpeakFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+from phonebot.personas import Persona, opening_line
+
+if TYPE_CHECKING:  # only its type: the bot hands us its CallControl
+    from phonebot.call_control import CallControl
+
+# The Stream Parameter (and /outbound query pair) that says "wait for the AMD verdict".
+AMD_PARAMETER = "amd"
+AMD_REQUESTED = "1"
+AMD_CALLBACK_PATH = "/amd"
+# Twilio stops detecting after MachineDetectionTimeout (30 s by default) and reports what
+# it has; wait a little longer so its verdict, not our timeout, normally decides.
+AMD_WAIT_TIMEOUT_S = 35.0
+# A verdict no call claims (the stream never connected) is forgotten after this long.
+VERDICT_TTL_S = 300.0
+MAX_VERDICTS = 10_000
+VOICEMAIL_END_REASON = "voicemail"
+FAX_END_REASON = "fax"
+
+# Twilio's AnsweredBy values. `machine_start` only comes with MachineDetection=Enable;
+# it is still a machine, so it gets the message rather than a conversation.
+MACHINE_ANSWERS = frozenset(
+    {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other"}
+)
+ANSWERED_BY = MACHINE_ANSWERS | {"human", "fax", "unknown"}
+
+
+def amd_requested(parameters: Mapping[str, str]) -> bool:
+    """Whether a call's Stream parameters ask the bot to wait for an AMD verdict."""
+    return (
+        parameters.get(AMD_PARAMETER) == AMD_REQUESTED and parameters.get("call_type") == "outbound"
+    )
+
+
+@dataclass
+class _Verdict:
+    expires_at: float
+    answered_by: str | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class AmdVerdicts:
+    """Twilio's AMD verdicts by CallSid, for the bot of the same call to pick up.
+
+    The callback may arrive before the bot starts waiting (Twilio is fast on a human) or
+    after, so either side creates the entry. Entries expire after `ttl_s` and there are
+    at most `max_entries`, so callbacks for calls that never streamed can't pile up.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float = VERDICT_TTL_S,
+        max_entries: int = MAX_VERDICTS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[str, _Verdict] = {}
+
+    def __len__(self) -> int:
+        self._prune()
+        return len(self._entries)
+
+    def set(self, call_sid: str, answered_by: str) -> None:
+        """Record Twilio's verdict and wake the call's bot if it is waiting."""
+        entry = self._entry(call_sid)
+        entry.answered_by = answered_by
+        entry.ready.set()
+
+    def get(self, call_sid: str) -> str | None:
+        """The verdict recorded for a call, if any (without waiting)."""
+        self._prune()
+        entry = self._entries.get(call_sid)
+        return entry.answered_by if entry else None
+
+    async def wait(self, call_sid: str, timeout: float) -> str | None:
+        """The call's verdict, or None if none came within `timeout` seconds.
+
+        The entry is consumed: each call asks once.
+        """
+        entry = self._entry(call_sid)
+        with suppress(TimeoutError):
+            await asyncio.wait_for(entry.ready.wait(), timeout)
+        self._entries.pop(call_sid, None)
+        return entry.answered_by
+
+    def _entry(self, call_sid: str) -> _Verdict:
+        self._prune()
+        entry = self._entries.get(call_sid)
+        if entry is None:
+            while len(self._entries) >= self._max_entries:
+                self._entries.pop(next(iter(self._entries)))  # the oldest
+            entry = self._entries[call_sid] = _Verdict(self._clock() + self._ttl_s)
+        return entry
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for call_sid in [sid for sid, e in self._entries.items() if e.expires_at <= now]:
+            del self._entries[call_sid]
+
+
+# The process's registry: `POST /amd` writes to it, the call's bot reads from it.
+AMD_VERDICTS = AmdVerdicts()
+
+
+class AmdGate(FrameProcessor):
+    """Keeps the callee out of the conversation until a human is confirmed.
+
+    Placed after the playout tracker and before STT. While muted, callee audio goes on as
+    silence (so the pipeline's timing and idle watch see a live line) and keypad presses
+    are dropped; marks and everything else pass. Without AMD it is never muted.
+    """
+
+    def __init__(self, muted: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self._muted = muted
+
+    @property
+    def muted(self) -> bool:
+        return self._muted
+
+    def unmute(self) -> None:
+        self._muted = False
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if self._muted and isinstance(frame, InputDTMFFrame):
+            return
+        if self._muted and isinstance(frame, InputAudioRawFrame):
+            frame = _silenced(frame)
+        await self.push_frame(frame, direction)
+
+    async def speak(self, text: str) -> None:
+        """Speak `text` (TTS is downstream of the gate)."""
+        await self.push_frame(TTSSpeakFrame(text))
+
+    async def end_pipeline(self, reason: str) -> None:
+        """End the call without a word (the serializer then hangs up through REST)."""
+        await self.push_frame(EndWorkerFrame(reason=reason), FrameDirection.UPSTREAM)
+
+
+def _silenced(frame: InputAudioRawFrame) -> InputAudioRawFrame:
+    silent = InputAudioRawFrame(
+        audio=bytes(len(frame.audio)),
+        sample_rate=frame.sample_rate,
+        num_channels=frame.num_channels,
+    )
+    silent.transport_source = frame.transport_source
+    return silent
+
+
+class AnsweringMachineScreen:
+    """One dial-out call's wait for the AMD verdict, and the bot's answer to it.
+
+    `start()` runs in its own task, because Pipecat waits for transport event handlers
+    to finish when the call is torn down; `stop()` cancels it.
+    """
+
+    def __init__(
+        self,
+        call_sid: str,
+        parameters: Mapping[str, str],
+        *,
+        verdicts: AmdVerdicts = AMD_VERDICTS,
+        timeout_s: float = AMD_WAIT_TIMEOUT_S,
+    ):
+        self.call_sid = call_sid
+        self.requested = amd_requested(parameters)
+        self.gate = AmdGate(muted=self.requested)
+        self.answered_by: str | None = None
+        self._parameters = dict(parameters)
+        self._verdicts = verdicts
+        self._timeout_s = timeout_s
+        self._task: asyncio.Task | None = None
+
+    def start(
+        self, control: CallControl, persona: Persona, converse: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Screen the call in the background; `converse` opens a call that isn't screened."""
+        self._task = asyncio.create_task(self._run(control, persona, converse))
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def _run(
+        self, control: CallControl, persona: Persona, converse: Callable[[], Awaitable[None]]
+    ) -> None:
+        try:
+            await self.screen(control, persona, converse)
+        except Exception:  # a background task's failure would otherwise go unseen
+            logger.exception(f"Call {self.call_sid}: answering-machine screening failed")
+
+    async def screen(
+        self, control: CallControl, persona: Persona, converse: Callable[[], Awaitable[None]]
+    ) -> str:
+        """Wait for the verdict and act on it; returns what was done, as logged."""
+        if not self.requested:
+            await converse()
+            return "conversation"
+        self.answered_by = await self._verdicts.wait(self.call_sid, self._timeout_s)
+        verdict = self.answered_by or f"no verdict within {self._timeout_s:g} s"
+        outcome = self._outcome(self.answered_by)
+        logger.info(f"Call {self.call_sid} voicemail: {verdict} -> {outcome}")
+        if outcome == "left message":
+            await control.end_call(persona.voicemail, VOICEMAIL_END_REASON)
+        elif outcome == "hung up":
+            control.note_end(FAX_END_REASON)
+            await self.gate.end_pipeline(FAX_END_REASON)
+        else:
+            self.gate.unmute()
+            await self.gate.speak(opening_line(persona, self._parameters))
+        return outcome
+
+    @staticmethod
+    def _outcome(answered_by: str | None) -> str:
+        if answered_by in MACHINE_ANSWERS:
+            return "left message"
+        if answered_by == "fax":
+            return "hung up"
+        return "conversation"  # human, unknown, or no callback at all
