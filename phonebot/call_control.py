@@ -34,8 +34,8 @@ from pipecat.services.llm_service import FunctionCallParams
 from phonebot.config import Settings, mask
 from phonebot.personas import Persona
 from phonebot.session import CallSession, TwilioMarkSerializer
-from phonebot.transfer import dial_twiml, redirect_call
-from phonebot.twilio_api import TwilioUnavailable
+from phonebot.transfer import dial_twiml
+from phonebot.twilio_api import TwilioUnavailable, update_call_twiml
 
 END_CALL_TOOL = FunctionSchema(
     name="end_call",
@@ -242,7 +242,7 @@ class CallControl:
         # call returns: the reason must be in place by then.
         self.note_end(EndReason.TRANSFER)
         try:
-            await redirect_call(self._settings, self._call.call_sid, dial_twiml(target))
+            await update_call_twiml(self._settings, self._call.call_sid, dial_twiml(target))
         except TwilioUnavailable as error:
             logger.warning(f"Transfer of {self._call.call_sid} failed: {error.code} {error}")
             self._serializer.keep_call_on_end(False)

@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import re
 
-import aiohttp
-from twilio.base.exceptions import TwilioRestException
 from twilio.twiml.voice_response import Dial, VoiceResponse
-
-from phonebot.config import Settings
-from phonebot.twilio_api import TwilioUnavailable, twilio_client
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 SIP_URI = re.compile(r"^sips?:[^\s<>]+@[^\s<>]+$")
@@ -35,14 +30,3 @@ def dial_twiml(target: str) -> str:
         dial.number(target)
     response.append(dial)
     return str(response)
-
-
-async def redirect_call(settings: Settings, call_sid: str, twiml: str) -> None:
-    """Replace a live call's TwiML (`calls(sid).update(twiml=…)`)."""
-    try:
-        async with twilio_client(settings) as client:
-            await client.calls(call_sid).update_async(twiml=twiml)
-    except TwilioRestException as error:
-        raise TwilioUnavailable(error.msg, code=error.code, status=error.status) from None
-    except (aiohttp.ClientError, OSError, TimeoutError) as error:
-        raise TwilioUnavailable(f"Twilio REST API unreachable: {error}") from None

@@ -56,7 +56,10 @@ def amd_arguments(callback_url: str | None) -> dict[str, str]:
 
 @asynccontextmanager
 async def twilio_client(settings: Settings) -> AsyncIterator[Client]:
-    """An async Twilio client aimed at TWILIO_API_BASE_URL; closes its HTTP session."""
+    """An async Twilio client aimed at TWILIO_API_BASE_URL; closes its HTTP session.
+
+    Any REST failure inside the block comes out as `TwilioUnavailable`.
+    """
     credentials = settings.twilio_credentials
     if credentials is None:
         raise TwilioUnavailable("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set")
@@ -65,6 +68,10 @@ async def twilio_client(settings: Settings) -> AsyncIterator[Client]:
     client.api.base_url = settings.twilio_api_base_url.rstrip("/")
     try:
         yield client
+    except TwilioRestException as error:
+        raise TwilioUnavailable(error.msg, code=error.code, status=error.status) from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as error:
+        raise TwilioUnavailable(f"Twilio REST API unreachable: {error}") from None
     finally:
         await http_client.close()
 
@@ -82,13 +89,14 @@ async def create_call(
     With `amd_callback_url`, Twilio also runs answering-machine detection in the
     background (the call is not held up) and POSTs its verdict there, signed.
     """
-    try:
-        async with twilio_client(settings) as client:
-            call = await client.calls.create_async(
-                to=to, from_=from_, url=twiml_url, method="POST", **amd_arguments(amd_callback_url)
-            )
-    except TwilioRestException as error:
-        raise TwilioUnavailable(error.msg, code=error.code, status=error.status) from None
-    except (aiohttp.ClientError, OSError, TimeoutError) as error:
-        raise TwilioUnavailable(f"Twilio REST API unreachable: {error}") from None
+    async with twilio_client(settings) as client:
+        call = await client.calls.create_async(
+            to=to, from_=from_, url=twiml_url, method="POST", **amd_arguments(amd_callback_url)
+        )
     return CreatedCall(sid=call.sid or "", status=call.status or "queued", to=call.to or to)
+
+
+async def update_call_twiml(settings: Settings, call_sid: str, twiml: str) -> None:
+    """Replace a live call's TwiML (`calls(sid).update(twiml=…)`)."""
+    async with twilio_client(settings) as client:
+        await client.calls(call_sid).update_async(twiml=twiml)

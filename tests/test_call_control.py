@@ -31,7 +31,7 @@ from phonebot.personas import DIALIN_PERSONAS
 from phonebot.twiml import BUSY_MESSAGE
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY
 from tests.live_server import LiveServer, free_port
-from tests.test_calls import CALLER, OUR_NUMBER, call_in, heard, say
+from tests.test_calls import CALLER, OUR_NUMBER, call_in, heard, say, server_env
 
 
 @pytest.fixture
@@ -41,15 +41,7 @@ async def phone(tmp_path: Path) -> AsyncIterator[Callable]:
 
     async def start(**settings: str) -> tuple[LiveServer, TwilioRestEmulator]:
         rest_port = free_port()
-        env = {
-            "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "TWILIO_PHONE_NUMBER": OUR_NUMBER,
-            "TWILIO_API_BASE_URL": f"http://127.0.0.1:{rest_port}",
-            "DIALOUT_API_KEY": DIALOUT_KEY,
-            **settings,
-        }
-        server = LiveServer(env, tmp_path)
+        server = LiveServer(server_env(rest_port, **settings), tmp_path)
         twilio = TwilioRestEmulator(
             account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, port=rest_port,
             local_server_url=server.base_url,

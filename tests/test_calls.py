@@ -41,6 +41,18 @@ CALLER = "+15557654321"
 OUR_NUMBER = "+15550001111"
 
 
+def server_env(rest_port: int, **settings: str) -> dict[str, str]:
+    """A server with a Twilio account whose REST API is the emulator on `rest_port`."""
+    return {
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_PHONE_NUMBER": OUR_NUMBER,
+        "TWILIO_API_BASE_URL": f"http://127.0.0.1:{rest_port}",
+        "DIALOUT_API_KEY": DIALOUT_KEY,
+        **settings,
+    }
+
+
 @pytest.fixture(scope="module")
 def rest_port() -> int:
     return free_port()
@@ -48,14 +60,7 @@ def rest_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(rest_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    env = {
-        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-        "TWILIO_PHONE_NUMBER": OUR_NUMBER,
-        "TWILIO_API_BASE_URL": f"http://127.0.0.1:{rest_port}",
-        "DIALOUT_API_KEY": DIALOUT_KEY,
-    }
-    live = LiveServer(env, tmp_path_factory.mktemp("server"))
+    live = LiveServer(server_env(rest_port), tmp_path_factory.mktemp("server"))
     yield live
     live.stop()
 

@@ -346,7 +346,7 @@ async def test_the_open_gate_changes_nothing():
     assert down[0].audio == audio.audio
 
 
-# --- whole calls (need bot.py wired to phonebot.voicemail) ---------------------------
+# --- whole calls -------------------------------------------------------------------
 
 GREETING = "Hi, you've reached Alex. Please leave a message after the beep."
 BEEP_S = 0.5
