@@ -277,8 +277,8 @@ class BotTranscriber:
         return await loop.run_in_executor(self._pool, _worker_transcribe, pcm, self.offline)
 
     def close(self) -> None:
-        """Let the worker exit once the work already queued is done."""
-        self._pool.shutdown(wait=False)
+        """Stop the worker now; waiting avoids CPython 3.11's noisy exit-time pool wakeup."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_transcriber(llm: str | None) -> BotTranscriber | None:

@@ -212,7 +212,9 @@ class CallControl:
     async def end_call_tool(self, params: FunctionCallParams) -> None:
         """The `end_call` function, for the LLM and the offline responder alike."""
         goodbye = str(params.arguments.get("goodbye") or self._persona.goodbye)
-        await params.result_callback({"status": "ending call"})
+        await params.result_callback(
+            {"status": "ending call"}, properties=FunctionCallResultProperties(run_llm=False)
+        )
         self._spawn(self.end_call(goodbye, EndReason.BOT_ENDED))
 
     # --- transfer -----------------------------------------------------------------

@@ -98,6 +98,9 @@ async def test_a_spoken_goodbye_is_heard_in_full_before_the_hang_up(phone):
     script = [WaitForBot(), say("thanks that's all goodbye"), WaitForHangup(timeout=30)]
     result = await call_in(server, twilio, script)
 
+    general = DIALIN_PERSONAS["general"]
+    assert len(result.bot_utterances) == 2, "the bot said more after its goodbye"
+    assert heard(result, 1, [general.goodbye, general.question]) == general.goodbye
     assert_hung_up_after_playout(result, twilio)
     assert server.wait_for_log("(bot ended)")
 

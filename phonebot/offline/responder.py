@@ -63,7 +63,9 @@ class OfflineResponder(LLMService):
         """What to say to the current context, or which function to call instead."""
         messages = context.get_messages()
         if messages and _message_role(messages[-1]) == "tool":
-            return Reply(NO_TRANSFER)  # transfer_call refused: nobody to transfer to
+            # Only a refused function (transfer_call with nobody to transfer to) asks the
+            # LLM to go on; say so instead of retrying.
+            return Reply(NO_TRANSFER)
         if not any(_message_role(m) == "assistant" for m in messages):
             return Reply(f"{self._persona.greeting} {self._persona.question}")
         user_turns = [_text_of(m) for m in messages if _message_role(m) == "user"]
