@@ -364,22 +364,28 @@ class TwilioRestEmulator:
         }
         return self._respond(record, body, 200)
 
-    async def _fetch(self, request: Request) -> JSONResponse:
-        record, early = await self._guard(request, "fetch")
+    async def _call_request(
+        self, request: Request, kind: str
+    ) -> tuple[RecordedRequest, EmulatedCall | None, JSONResponse | None]:
+        """Guard a request on one call; an early answer (fault, auth, 404) when it fails."""
+        record, early = await self._guard(request, kind)
         if early is not None:
-            return early
+            return record, None, early
         call = self.calls.get(request.path_params["call_sid"])
         if call is None:
-            return self._not_found_error(record)
+            return record, None, self._not_found_error(record)
+        return record, call, None
+
+    async def _fetch(self, request: Request) -> JSONResponse:
+        record, call, early = await self._call_request(request, "fetch")
+        if early is not None or call is None:
+            return early
         return self._respond(record, call.to_json(), 200)
 
     async def _update(self, request: Request) -> JSONResponse:
-        record, early = await self._guard(request, "update")
-        if early is not None:
+        record, call, early = await self._call_request(request, "update")
+        if early is not None or call is None:
             return early
-        call = self.calls.get(request.path_params["call_sid"])
-        if call is None:
-            return self._not_found_error(record)
         call.updates.append(dict(record.form))
         status = record.form.get("Status")
         if status in ("completed", "canceled"):
