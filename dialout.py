@@ -24,10 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from phonebot.config import Settings, get_settings
 from phonebot.twilio_api import TwilioUnavailable, create_call
-from phonebot.twiml import ParameterError, validate_custom_parameters
+from phonebot.twiml import E164, ParameterError, validate_custom_parameters
 from phonebot.voicemail import AMD_CALLBACK_PATH, AMD_PARAMETER, AMD_REQUESTED
-
-E164 = r"^\+[1-9]\d{1,14}$"
 
 
 class DialoutRequest(BaseModel):

@@ -94,12 +94,13 @@ def resample_array(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndar
     """Resample an int16 array with soxr (high quality, whole-buffer, no stream state)."""
     if from_rate == to_rate or samples.size == 0:
         return samples.astype(np.int16, copy=True)
-    out = soxr.resample(samples.astype(np.float32) / 32768.0, from_rate, to_rate, quality="HQ")
-    return np.clip(np.round(out * 32768.0), -32768, 32767).astype(np.int16)
+    return soxr.resample(samples.astype(np.int16), from_rate, to_rate).astype(np.int16)
 
 
 def resample_pcm16(pcm: bytes, from_rate: int, to_rate: int) -> bytes:
-    """Resample 16-bit PCM bytes between sample rates."""
+    """Resample 16-bit PCM bytes between sample rates: the project's one resampler."""
+    if from_rate == to_rate:
+        return bytes(pcm)
     return array_to_pcm16(resample_array(pcm16_to_array(pcm), from_rate, to_rate))
 
 

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from phonebot.audio import TWILIO_SAMPLE_RATE, tone
+from phonebot.config import mask
 from phonebot.emulator.errors import (
     EmulatorError,
     NoBotAudioError,
@@ -43,7 +44,6 @@ from phonebot.emulator.errors import (
     StreamClosedError,
     WebhookError,
 )
-from phonebot.emulator.ids import mask
 from phonebot.emulator.media_stream import MediaStreamCaller
 from phonebot.emulator.rest import TwilioRestEmulator
 from phonebot.emulator.result import CallEvent, CallResult, ClearRecord, Utterance

@@ -11,13 +11,15 @@ import re
 
 from twilio.twiml.voice_response import Dial, VoiceResponse
 
-E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+from phonebot.twiml import E164
+
+E164_NUMBER = re.compile(E164)
 SIP_URI = re.compile(r"^sips?:[^\s<>]+@[^\s<>]+$")
 
 
 def is_transfer_target(target: str) -> bool:
     """An E.164 number or a SIP URI: what `<Dial>` can reach."""
-    return bool(E164.match(target) or SIP_URI.match(target))
+    return bool(E164_NUMBER.match(target) or SIP_URI.match(target))
 
 
 def dial_twiml(target: str) -> str:

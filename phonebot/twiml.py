@@ -21,6 +21,8 @@ PAUSE_AFTER_STREAM_S = 40
 RESERVED_PARAMETERS = frozenset(
     {"token", "caller_id", "called_number", "call_type", "_pipecatCloudServiceHost"}
 )
+# A phone number as Twilio dials it: E.164, e.g. +15551234567.
+E164 = r"^\+[1-9]\d{1,14}$"
 PARAMETER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 

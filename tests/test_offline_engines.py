@@ -26,7 +26,9 @@ from pipecat.frames.frames import (
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 
-from phonebot.offline.channel import phone_channel, ulaw_decode, ulaw_encode
+from phonebot.audio import pcm16_to_ulaw as ulaw_encode
+from phonebot.audio import ulaw_to_pcm16 as ulaw_decode
+from phonebot.offline.channel import phone_channel
 from phonebot.offline.espeak import synthesize, synthesize_at, voice_for_language
 from phonebot.offline.stt import (
     OfflineSTTService,

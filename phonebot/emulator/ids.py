@@ -1,4 +1,4 @@
-"""Twilio-shaped identifiers, and masking so secrets never reach a terminal in full."""
+"""Twilio-shaped identifiers (CallSid, AccountSid, StreamSid)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,3 @@ def new_account_sid() -> str:
 def new_stream_sid() -> str:
     """A fresh `MZ…` media stream SID."""
     return new_sid("MZ")
-
-
-def mask(secret: str | None, keep: int = 4) -> str:
-    """Show only the last `keep` characters of a token; short values are hidden entirely."""
-    if not secret:
-        return "<unset>"
-    return f"…{secret[-keep:]}" if len(secret) > keep * 2 else "…"

@@ -95,6 +95,21 @@ def _valid_address(value: str) -> bool:
     return bool(PHONE_NUMBER.match(value)) or value.startswith(("client:", "sip:"))
 
 
+def _call_form(
+    call: EmulatedCall, call_status: str, extra: Mapping[str, str] | None
+) -> dict[str, str]:
+    """The form Twilio posts about `call` to any of its webhooks."""
+    return voice_webhook_form(
+        call_sid=call.sid,
+        account_sid=call.account_sid,
+        from_=call.from_,
+        to=call.to,
+        direction=call.direction,
+        call_status=call_status,
+        extra=extra,
+    )
+
+
 def _rebase(url: str, base: str | None) -> str:
     """Same path and query on `base`'s scheme and host (reach the server on loopback)."""
     if not base:
@@ -494,15 +509,7 @@ class TwilioRestEmulator:
     async def _fetch_twiml(self, call: EmulatedCall, url: str, call_status: str) -> TwiML:
         """POST the signed voice-webhook form to `url` (via the local server) for TwiML."""
         extra = {"AnsweredBy": self.answered_by} if self._sync_amd(call) else None
-        form = voice_webhook_form(
-            call_sid=call.sid,
-            account_sid=call.account_sid,
-            from_=call.from_,
-            to=call.to,
-            direction=call.direction,
-            call_status=call_status,
-            extra=extra,
-        )
+        form = _call_form(call, call_status, extra)
         return await post_webhook(
             _rebase(url, self.local_server_url),
             form,
@@ -557,14 +564,10 @@ class TwilioRestEmulator:
         url = call.form.get("StatusCallback")
         if not url or event not in events:
             return
-        form = voice_webhook_form(
-            call_sid=call.sid,
-            account_sid=call.account_sid,
-            from_=call.from_,
-            to=call.to,
-            direction=call.direction,
-            call_status=call.status,
-            extra={
+        form = _call_form(
+            call,
+            call.status,
+            {
                 "CallbackSource": "call-progress-events",
                 "SequenceNumber": str(len(self.status_callbacks)),
             },

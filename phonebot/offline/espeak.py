@@ -17,9 +17,9 @@ import ctypes
 import threading
 
 import espeakng_loader
-import numpy as np
-import soxr
 from loguru import logger
+
+from phonebot.audio import resample_pcm16
 
 __all__ = [
     "DEFAULT_RATE_WPM",
@@ -245,14 +245,6 @@ def synthesize(
         return engine.synth(text, voice, rate_wpm), engine.sample_rate
 
 
-def resample_pcm(pcm: bytes, in_rate: int, out_rate: int) -> bytes:
-    """Resample 16-bit mono PCM with soxr (high quality, no state kept between calls)."""
-    if in_rate == out_rate or not pcm:
-        return pcm
-    samples = np.frombuffer(pcm, dtype=np.int16)
-    return soxr.resample(samples, in_rate, out_rate).astype(np.int16).tobytes()
-
-
 def synthesize_at(
     text: str,
     sample_rate: int,
@@ -262,4 +254,4 @@ def synthesize_at(
 ) -> bytes:
     """Like :func:`synthesize` but resampled to ``sample_rate`` (e.g. 8000 for the phone)."""
     pcm, native_rate = synthesize(text, voice=voice, rate_wpm=rate_wpm)
-    return resample_pcm(pcm, native_rate, sample_rate)
+    return resample_pcm16(pcm, native_rate, sample_rate)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soxr
 from loguru import logger
 from pipecat.frames.frames import ErrorFrame, Frame, StartFrame, TranscriptionFrame
 from pipecat.services.settings import STTSettings
@@ -36,6 +35,8 @@ from pipecat.utils.time import time_now_iso8601
 from pipecat.utils.tracing.service_decorators import traced_stt
 from pocketsphinx import Decoder, get_model_path
 from pocketsphinx.lm import ArpaBoLM
+
+from phonebot.audio import resample_pcm16
 
 __all__ = [
     "MODEL_SAMPLE_RATE",
@@ -254,10 +255,7 @@ def squeeze_silence(pcm: bytes, sample_rate: int) -> bytes:
 
 def to_model_rate(pcm: bytes, sample_rate: int) -> bytes:
     """Resample 16-bit mono PCM to the model's 16 kHz (upsampling 8 kHz phone audio)."""
-    if sample_rate == MODEL_SAMPLE_RATE or not pcm:
-        return pcm
-    samples = np.frombuffer(pcm[: len(pcm) & ~1], dtype=np.int16)
-    return soxr.resample(samples, sample_rate, MODEL_SAMPLE_RATE).astype(np.int16).tobytes()
+    return resample_pcm16(pcm, sample_rate, MODEL_SAMPLE_RATE)
 
 
 def transcribe(pcm: bytes, sample_rate: int, *, vocabulary: Iterable[str] | None = None) -> str:

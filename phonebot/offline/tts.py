@@ -20,9 +20,9 @@ from pipecat.transcriptions.language import Language
 from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven, is_given
 
+from phonebot.audio import resample_pcm16
 from phonebot.offline.espeak import (
     DEFAULT_RATE_WPM,
-    resample_pcm,
     synthesize,
     voice_for_language,
 )
@@ -118,7 +118,7 @@ class OfflineTTSService(TTSService):
         voice = str(self._settings.voice or "en-us")
         rate = self._settings.rate_wpm if is_given(self._settings.rate_wpm) else DEFAULT_RATE_WPM
         pcm, native_rate = synthesize(text, voice=voice, rate_wpm=int(rate))
-        return resample_pcm(pcm, native_rate, self.sample_rate)
+        return resample_pcm16(pcm, native_rate, self.sample_rate)
 
     @traced_tts
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame, None]:
