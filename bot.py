@@ -11,12 +11,11 @@ and runs the pipeline for a call that has already been verified.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from fastapi import WebSocket
 from loguru import logger
 from pipecat.adapters.schemas.tools_schema import ToolsSchema
-from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
-from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.frames.frames import TTSSpeakFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
@@ -40,7 +39,10 @@ from phonebot.call_control import (
 )
 from phonebot.config import Settings, for_persona, get_settings
 from phonebot.keypad import keypad_aggregator
+from phonebot.models import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzer
 from phonebot.personas import Persona, opening_line, select_persona
+from phonebot.pipeline_cost import InputAudioStop
+from phonebot.provider_faults import ApologyPlayer, ProviderFaults
 from phonebot.providers import build_services
 from phonebot.session import (
     CallSession,
@@ -50,6 +52,7 @@ from phonebot.session import (
     reject_stream,
     twilio_transport,
 )
+from phonebot.shutdown import ACTIVE_CALLS
 from phonebot.voicemail import AnsweringMachineScreen
 
 PHONE_SAMPLE_RATE = 8000
@@ -75,14 +78,38 @@ def call_tools(settings: Settings, serializer: TwilioMarkSerializer | None) -> l
 def user_turn_params(settings: Settings) -> LLMUserAggregatorParams:
     """Silero VAD hears speech; Pipecat's bundled Smart Turn model decides the turn ended.
 
-    Pipecat's user-idle timer (started when the bot stops speaking) drives re-prompts.
+    Both analyzers run on process-wide ONNX sessions (phonebot.models), so a call adds its
+    own state but no model. Pipecat's user-idle timer (started when the bot stops speaking)
+    drives re-prompts.
     """
     return LLMUserAggregatorParams(
-        vad_analyzer=SileroVADAnalyzer(),
+        vad_analyzer=SharedSileroVADAnalyzer(),
         user_idle_timeout=settings.silence_timeout_s,
         user_turn_strategies=UserTurnStrategies(
-            stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=LocalSmartTurnAnalyzerV3())]
+            stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=SharedSmartTurnAnalyzer())]
         ),
+    )
+
+
+def call_worker(pipeline: Pipeline) -> PipelineWorker:
+    """The call's worker: phone-rate audio, Pipecat's metrics, and no observers.
+
+    With any observer, Pipecat's worker queues every push of every frame in the pipeline
+    to each of them, which under load cost more than the rest of the call: turn tracking
+    feeds only tracing (off), the idle timeout is PlayoutTracker's, and RTVI has no client
+    on a phone line.
+    """
+    return PipelineWorker(
+        pipeline,
+        params=PipelineParams(
+            audio_in_sample_rate=PHONE_SAMPLE_RATE,
+            audio_out_sample_rate=PHONE_SAMPLE_RATE,
+            enable_metrics=True,
+            enable_usage_metrics=True,
+        ),
+        enable_turn_tracking=False,
+        idle_timeout_secs=None,
+        enable_rtvi=False,
     )
 
 
@@ -107,7 +134,20 @@ async def run_bot(
     user_aggregator, assistant_aggregator = LLMContextAggregatorPair(
         context, user_params=user_turn_params(settings)
     )
-    playout = PlayoutTracker()
+
+    async def end_idle() -> None:
+        """No one spoke for the idle timeout: a stuck or abandoned stream (runs once the
+        worker and call control below exist; PlayoutTracker's watchdog calls it)."""
+        logger.warning(
+            f"Call {call.call_sid}: no one spoke for {settings.pipeline_idle_timeout_s:g} s; "
+            "ending the idle pipeline"
+        )
+        control.note_end(EndReason.IDLE)
+        await worker.cancel(reason="idle timeout")
+
+    # Pipecat's idle timeout is replaced by this cheaper watchdog (see PlayoutTracker).
+    playout = PlayoutTracker(settings.pipeline_idle_timeout_s, on_idle=end_idle)
+    apology_player = ApologyPlayer()  # speaks for a broken TTS (phonebot.provider_faults)
     screen = AnsweringMachineScreen(call.call_sid, call.parameters)
 
     pipeline = Pipeline(
@@ -118,32 +158,28 @@ async def run_bot(
             services.stt,
             keypad_aggregator(),
             user_aggregator,
+            InputAudioStop(),  # nothing after the user aggregator listens to the caller
             services.llm,
             services.tts,
+            apology_player,
             transport.output(),
             assistant_aggregator,
         ]
     )
-    worker = PipelineWorker(
-        pipeline,
-        params=PipelineParams(
-            audio_in_sample_rate=PHONE_SAMPLE_RATE,
-            audio_out_sample_rate=PHONE_SAMPLE_RATE,
-            enable_metrics=True,
-            enable_usage_metrics=True,
-        ),
-        idle_timeout_secs=settings.pipeline_idle_timeout_s,
-        enable_rtvi=False,  # No RTVI client on a phone line.
-    )
+    worker = call_worker(pipeline)
     control = CallControl(worker, context, persona, settings, playout, call, serializer)
     services.llm.register_function("end_call", control.end_call_tool)
     services.llm.register_function("transfer_call", control.transfer_call_tool)
+    faults = ProviderFaults(
+        call.call_sid, services, settings, apology_player, worker, control.end_call
+    )
     opener = CallOpener(worker, opening_line(persona, call.parameters), call.direction, settings)
 
     @user_aggregator.event_handler("on_user_turn_started")
     async def on_user_turn_started(aggregator, strategy):
         opener.caller_spoke()
         control.caller_spoke()
+        faults.caller_turn_started()
 
     @user_aggregator.event_handler("on_user_turn_idle")
     async def on_user_turn_idle(aggregator):
@@ -163,22 +199,26 @@ async def run_bot(
         control.note_end(EndReason.CALLER_HUNG_UP)
         await worker.cancel()
 
-    @worker.event_handler("on_idle_timeout")
-    async def on_idle_timeout(worker):
-        control.note_end(EndReason.IDLE)
-
     @worker.event_handler("on_pipeline_error")
     async def on_pipeline_error(worker, error):
-        control.note_end(EndReason.ERROR)
+        # A provider's failure is apologised for and the call goes on (or ends as a
+        # "provider failure"); only other errors mark the call as ended by an error.
+        if not faults.on_error(error):
+            control.note_end(EndReason.ERROR)
 
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
+    ACTIVE_CALLS.add(call.call_sid, control)  # so a server shutdown can say goodbye
     try:
         await runner.run()
     finally:
+        ACTIVE_CALLS.discard(call.call_sid)
         opener.stop()
         screen.stop()
         control.stop()
+        faults.stop()
+        if faults_seen := faults.summary():
+            logger.info(f"Call {call.call_sid} provider errors: {faults_seen}")
         logger.info(
             f"Call {call.call_sid} ended after {control.duration_s():.1f} s "
             f"({control.end_reason or EndReason.ERROR}): {call.direction}, "
@@ -224,12 +264,23 @@ class CallOpener:
         await self._worker.queue_frames([TTSSpeakFrame(self._opening)])
 
 
-async def serve_call(websocket: WebSocket, settings: Settings) -> None:
-    """Verify a Twilio stream and run its call; a rejected stream is closed, costing nothing."""
+async def serve_call(
+    websocket: WebSocket,
+    settings: Settings,
+    admit: Callable[[CallSession], str | None] | None = None,
+) -> None:
+    """Verify a Twilio stream and run its call; a rejected stream is closed, costing nothing.
+
+    `admit` (server.py's admission control) may still turn a verified call away, saying
+    why: its token was already used, the server is full or shutting down.
+    """
     try:
         call = await accept_twilio_stream(websocket, settings)
     except StreamRejected as rejection:
         await reject_stream(websocket, str(rejection))
+        return
+    if admit is not None and (refusal := admit(call)):
+        await reject_stream(websocket, refusal)
         return
     transport, serializer = twilio_transport(websocket, call, settings)
     await run_bot(transport, call, settings, serializer)

@@ -2,6 +2,10 @@
 
     python dialout.py +15551234567 --param campaign_id=summer_sale --param customer_id=c-42
 
+It exits 0 once Twilio accepted the call, 1 when the call was not placed (bad input, Twilio
+refused or could not be reached), 2 without PUBLIC_URL, and 3 when Twilio failed in a way
+that may have placed the call (check the Twilio console before trying again).
+
 The call is created with `url=` pointing at this server's signed `POST /outbound`
 endpoint, carrying the campaign parameters in its query string. When the callee picks
 up, Twilio fetches that URL with the new CallSid (signed with the auth token), and the
@@ -26,6 +30,9 @@ from phonebot.config import Settings, get_settings
 from phonebot.twilio_api import TwilioUnavailable, create_call
 from phonebot.twiml import E164, ParameterError, validate_custom_parameters
 from phonebot.voicemail import AMD_CALLBACK_PATH, AMD_PARAMETER, AMD_REQUESTED
+
+# Exit status of the command line when Twilio failed in a way that may have placed the call.
+EXIT_MAYBE_PLACED = 3
 
 
 class DialoutRequest(BaseModel):
@@ -112,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = get_settings()
     if not settings.public_url:
-        print("error: PUBLIC_URL must be set: Twilio fetches the call's TwiML from it")
+        message = "PUBLIC_URL must be set: Twilio fetches the call's TwiML from it"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     try:
         request = DialoutRequest(
@@ -122,11 +130,23 @@ def main(argv: list[str] | None = None) -> int:
             machine_detection=args.machine_detection,
         )
         response = asyncio.run(place_call(request, settings, settings.public_url))
-    except (ValueError, TwilioUnavailable) as error:  # pydantic's ValidationError included
-        print(f"error: {error}")
+    except ValueError as error:  # pydantic's ValidationError and ParameterError included
+        print(f"error: {error}", file=sys.stderr)
         return 1
+    except TwilioUnavailable as error:
+        return twilio_failure(error)
     print(f"call {response.call_sid} to {response.to}: {response.status}")
     return 0
+
+
+def twilio_failure(error: TwilioUnavailable) -> int:
+    """Say what Twilio did and whether the call may exist; exit 3 if it may, else 1.
+
+    A script that retries on 1 can't ring anyone twice; 3 needs a look at the console.
+    """
+    said = f" Twilio said: {error.message}" if error.message not in error.detail else ""
+    print(f"error: {error.detail}.{said}", file=sys.stderr)
+    return EXIT_MAYBE_PLACED if error.uncertain else 1
 
 
 if __name__ == "__main__":

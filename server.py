@@ -5,16 +5,20 @@
     WS   /ws        Twilio Media Streams → bot.py's pipeline
     POST /dialout   place an outbound call (Bearer DIALOUT_API_KEY)
     POST /amd       Twilio's answering-machine verdict for a dial-out call (signed)
-    GET  /health    providers in use and version
+    GET  /health    providers in use, version, calls, draining (503 while shutting down)
 
-Run it with `python server.py` (uvicorn on PORT, default 8000).
+Run it with `python server.py` (uvicorn on PORT, default 8000). In front of every route
+sit the abuse limits of `phonebot.limits` (body size, replays, admission, /dialout rate);
+SIGTERM drains calls before exiting (`phonebot.shutdown`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Mapping
-from contextlib import asynccontextmanager
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, status
@@ -26,7 +30,17 @@ from bot import serve_call
 from dialout import DialoutRequest, DialoutResponse, place_call
 from phonebot import __version__
 from phonebot.config import Settings, get_settings
+from phonebot.limits import (
+    BodySizeLimit,
+    CallAdmission,
+    RateLimiter,
+    RejectionLog,
+    ReplayGuard,
+    StreamGate,
+    limit_dialout_rate,
+)
 from phonebot.logs import configure_logging
+from phonebot.models import load_shared_models
 from phonebot.providers import chosen_providers
 from phonebot.security import (
     TOKEN_PARAMETER,
@@ -35,6 +49,8 @@ from phonebot.security import (
     require_dialout_key,
     require_twilio_signature,
 )
+from phonebot.shutdown import UVICORN_CLOSE_TIMEOUT_S, Drain, GracefulServer
+from phonebot.stream_guard import MAX_MEDIA_MESSAGE_BYTES
 from phonebot.twilio_api import TwilioUnavailable
 from phonebot.twiml import (
     ParameterError,
@@ -59,7 +75,10 @@ class HealthResponse(BaseModel):
     version: str
     offline: bool
     providers: dict[str, str]
-    active_streams: int
+    active_streams: int  # open /ws connections, verified or not
+    active_calls: int  # admitted streams running a call
+    reserved_calls: int  # webhooks answered whose stream has not connected yet
+    draining: bool
 
 
 def public_base_url(request: Request) -> str:
@@ -68,28 +87,69 @@ def public_base_url(request: Request) -> str:
 
 
 async def call_twiml(request: Request, call_type: str) -> Response:
-    """TwiML that connects a call to our media stream, carrying the call's parameters."""
+    """TwiML that connects a call to our media stream, carrying the call's parameters.
+
+    Answered once per CallSid (`answered_once`); a call that can't be taken (capacity,
+    shutdown) hears the busy message instead.
+    """
     settings: Settings = request.app.state.settings
     form = await request.form()
     call_sid = str(form.get("CallSid", ""))
     if not call_sid:
         raise ParameterError("CallSid", "is required (this endpoint is for Twilio)")
-    query, own = server_parameters(request.query_params, call_type)
-    custom = validate_custom_parameters(query, settings, where="query")
-    if request.app.state.active_streams >= settings.max_concurrent_calls:
-        logger.warning(f"{call_type} call {call_sid}: busy ({settings.max_concurrent_calls} calls)")
-        return Response(busy_twiml(), media_type="application/xml")
-    parameters = {
-        **custom,
-        **own,
-        "caller_id": str(form.get("From", "")),
-        "called_number": str(form.get("To", "")),
-        "call_type": call_type,
-        TOKEN_PARAMETER: call_token(call_sid, settings.stream_token_secret),
-    }
-    target = stream_target(settings, public_base_url(request))
-    logger.info(f"{call_type} call {call_sid}: streaming to {target.url}")
-    return Response(connect_stream_twiml(target, parameters), media_type="application/xml")
+    with answered_once(request, call_sid):
+        query, own = server_parameters(request.query_params, call_type)
+        custom = validate_custom_parameters(query, settings, where="query")
+        parameters = {
+            **custom,
+            **own,
+            "caller_id": str(form.get("From", "")),
+            "called_number": str(form.get("To", "")),
+            "call_type": call_type,
+            TOKEN_PARAMETER: call_token(call_sid, settings.stream_token_secret),
+        }
+        target = stream_target(settings, public_base_url(request))
+        if refusal := admit_webhook(request.app.state.admission, settings, call_sid):
+            logger.warning(f"{call_type} call {call_sid}: busy ({refusal})")
+            return Response(busy_twiml(), media_type="application/xml")
+        logger.info(f"{call_type} call {call_sid}: streaming to {target.url}")
+        return Response(connect_stream_twiml(target, parameters), media_type="application/xml")
+
+
+def admit_webhook(admission: CallAdmission, settings: Settings, call_sid: str) -> str | None:
+    """Reserve a slot for a call about to stream here; why not, or None.
+
+    Only a stream to this server reserves: in production the stream goes to Pipecat
+    Cloud, which admits calls itself, so only draining turns a call away.
+    """
+    if settings.env == "local":
+        return admission.reserve(call_sid)
+    return "the server is shutting down" if admission.draining else None
+
+
+@contextmanager
+def answered_once(request: Request, call_sid: str) -> Iterator[None]:
+    """409 for a webhook we already answered (same CallSid or idempotency token).
+
+    Runs after the signature check, so only Twilio-signed requests are remembered and a
+    stranger can't block a real call by sending its CallSid first. A request that fails
+    here (any exception) is forgotten, so Twilio's retry of it is answered.
+    """
+    replays: ReplayGuard = request.app.state.replays
+    keys = replays.keys(request, call_sid)
+    if replayed := replays.claim(keys):
+        header = {"CallSid": "CallSid", "Idempotency": "I-Twilio-Idempotency-Token"}
+        request.app.state.rejections.note(f"409 replayed webhook to {request.url.path}")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"a webhook with this {header[replayed.split(':', 1)[0]]} was already answered; "
+            "each signed request is accepted once",
+        )
+    try:
+        yield
+    except BaseException:
+        replays.forget(keys)
+        raise
 
 
 def server_parameters(
@@ -128,6 +188,19 @@ async def amd_verdict(request: Request) -> tuple[str, str, str]:
     return call_sid, answered_by, duration if duration.isdigit() else "?"
 
 
+async def warm_up_models(offline_stt: bool) -> None:
+    """Load the shared VAD / Smart Turn sessions (and offline STT workers) before the first call.
+
+    Otherwise the first caller pays for it, and the load runs on the event loop that
+    every other call's audio pacing shares.
+    """
+    await asyncio.to_thread(load_shared_models)
+    if offline_stt:
+        from phonebot.offline.stt import start_decoder_pool
+
+        await start_decoder_pool()
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -138,11 +211,19 @@ def create_app(settings: Settings) -> FastAPI:
             logger.warning("TWILIO_AUTH_TOKEN unset: webhook signatures are not checked")
         if settings.dialout_api_key is None:
             logger.info("DIALOUT_API_KEY unset: POST /dialout is disabled")
+        await warm_up_models(providers.stt == "offline")
         yield
 
     app = FastAPI(title="Phone bot", version=__version__, lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
     app.state.settings = settings
     app.state.active_streams = 0
+    app.state.admission = CallAdmission(settings)
+    app.state.replays = ReplayGuard(settings.replay_cache_ttl_s, settings.replay_cache_size)
+    app.state.dialout_limiter = RateLimiter(
+        settings.dialout_rate_limit_per_minute, settings.dialout_rate_limit_burst
+    )
+    app.state.rejections = RejectionLog()
     # In-process, shared with the bots this process runs (see phonebot.voicemail).
     app.state.amd_verdicts = AMD_VERDICTS
 
@@ -155,11 +236,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(TwilioUnavailable)
     async def twilio_error(request: Request, error: TwilioUnavailable) -> JSONResponse:
-        logger.warning(f"Twilio REST error {error.code}: {error.message}")
-        return JSONResponse(
-            {"detail": "Twilio rejected the request", "code": error.code, "message": error.message},
-            status_code=status.HTTP_502_BAD_GATEWAY,
-        )
+        logger.warning(f"Twilio REST error {error.code}: {error.detail}: {error.message}")
+        body = {
+            "detail": error.detail,  # says whether the call may have been placed
+            "code": error.code,
+            "message": error.message,
+            "call_may_have_been_placed": error.uncertain,
+        }
+        return JSONResponse(body, status_code=status.HTTP_502_BAD_GATEWAY)
 
     @app.post("/", dependencies=[Depends(require_twilio_signature)])
     async def voice_webhook(request: Request) -> Response:
@@ -185,45 +269,68 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.websocket("/ws")
     async def media_stream(websocket: WebSocket) -> None:
+        """A stream runs its call only once admitted (single-use token, capacity, drain)."""
         await websocket.accept()
         app.state.active_streams += 1
+        gate = StreamGate(app.state.admission)
         try:
-            await serve_call(websocket, settings)
+            await serve_call(websocket, settings, admit=gate)
         finally:
+            gate.release()
             app.state.active_streams -= 1
 
     @app.post(
         "/dialout",
         status_code=status.HTTP_201_CREATED,
-        dependencies=[Depends(require_dialout_key)],
+        dependencies=[Depends(limit_dialout_rate), Depends(require_dialout_key)],
     )
     async def dialout(body: DialoutRequest, request: Request) -> DialoutResponse:
-        if app.state.active_streams >= settings.max_concurrent_calls:
+        admission: CallAdmission = app.state.admission
+        if admission.draining:
             raise HTTPException(
-                status.HTTP_429_TOO_MANY_REQUESTS,
-                f"at capacity: {settings.max_concurrent_calls} concurrent calls "
-                "(MAX_CONCURRENT_CALLS)",
+                status.HTTP_503_SERVICE_UNAVAILABLE, "the server is shutting down; no new calls"
             )
+        if refusal := admission.refusal():
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, refusal)
         return await place_call(body, settings, public_base_url(request))
 
     @app.get("/health")
-    async def health() -> HealthResponse:
+    async def health(response: Response) -> HealthResponse:
+        """503 while draining, so a load balancer stops sending calls here."""
         providers = chosen_providers(settings)
+        admission: CallAdmission = app.state.admission
+        if admission.draining:
+            response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return HealthResponse(
-            status="ok",
+            status="draining" if admission.draining else "ok",
             version=__version__,
             offline=providers.offline,
             providers={"stt": providers.stt, "llm": providers.llm, "tts": providers.tts},
             active_streams=app.state.active_streams,
+            active_calls=admission.live,
+            reserved_calls=admission.reserved,
+            draining=admission.draining,
         )
 
     return app
 
 
 def main() -> None:
+    """uvicorn, with our signal handling: SIGTERM drains calls, a second one exits now."""
     settings = get_settings()
     configure_logging(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        ws_max_size=MAX_MEDIA_MESSAGE_BYTES,
+        timeout_graceful_shutdown=UVICORN_CLOSE_TIMEOUT_S,
+    )
+    server = GracefulServer(config, Drain(settings, app.state.admission))
+    server.run()
+    sys.exit(server.exit_code)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,26 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 from loguru import logger
 from pipecat.adapters.schemas.function_schema import FunctionSchema
 from pipecat.frames.frames import (
+    BotSpeakingFrame,
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
+    CancelFrame,
     EndFrame,
     Frame,
     FunctionCallResultProperties,
+    InputDTMFFrame,
     InputTransportMessageFrame,
     OutputTransportMessageFrame,
+    StartFrame,
     TTSSpeakFrame,
+    UserSpeakingFrame,
+    UserStartedSpeakingFrame,
 )
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -56,6 +63,7 @@ TRANSFER_TOOL = FunctionSchema(
     required=[],
 )
 PLAYOUT_MARK = "phonebot-playout"
+Speak = Callable[[str], Awaitable[None]]
 PLAYOUT_SLACK_S = 5.0
 SETTLE_S = 0.5
 
@@ -70,7 +78,23 @@ class EndReason:
     VOICEMAIL = "voicemail"
     LIMIT = "duration limit"
     IDLE = "idle pipeline"
+    SHUTDOWN = "server shutdown"
+    PROVIDER_FAILURE = "provider failure"
     ERROR = "error"
+
+
+# What counts as "someone is talking" for the idle watchdog: the output transport's
+# BotSpeakingFrame (every 200 ms while the bot's audio goes out) and the user aggregator's
+# UserSpeakingFrame (every 200 ms while VAD hears the caller), plus their starts and key
+# presses. Pipecat's own idle timeout watches the same speaking frames.
+ACTIVITY_FRAMES = (
+    BotStartedSpeakingFrame,
+    BotSpeakingFrame,
+    UserStartedSpeakingFrame,
+    UserSpeakingFrame,
+    InputDTMFFrame,
+)
+OnIdle = Callable[[], Awaitable[None]]
 
 
 class PlayoutTracker(FrameProcessor):
@@ -79,17 +103,32 @@ class PlayoutTracker(FrameProcessor):
     Sits right after `transport.input()`: it sees Twilio's `mark` echoes going downstream
     (our serializer turns them into `InputTransportMessageFrame`s) and the output
     transport's bot-speaking frames coming upstream.
+
+    It is also the call's idle watchdog: with `idle_timeout_s`, when neither side has
+    spoken (nor a key been pressed) for that long, `on_idle` runs once. This replaces
+    Pipecat's `idle_timeout_secs`, whose observer makes the worker copy every push of
+    every frame in the pipeline into a queue for it (a third of the CPU of a call under
+    load, with the turn-tracking observer); here it is one time stamp per speaking frame
+    and one timer task per call that wakes once per timeout period.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(
+        self, idle_timeout_s: float | None = None, on_idle: OnIdle | None = None, **kwargs
+    ):
         super().__init__(**kwargs)
         self._bot_speaking = False
         self._bot_quiet = asyncio.Event()
         self._bot_quiet.set()
         self._marks: dict[str, asyncio.Event] = {}
+        self._idle_timeout_s = idle_timeout_s
+        self._on_idle = on_idle
+        self._last_activity = time.monotonic()
+        self._watchdog: asyncio.Task | None = None
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
+        if isinstance(frame, ACTIVITY_FRAMES):
+            self._last_activity = time.monotonic()
         if isinstance(frame, BotStartedSpeakingFrame):
             self._bot_speaking = True
             self._bot_quiet.clear()
@@ -100,7 +139,32 @@ class PlayoutTracker(FrameProcessor):
             name = frame.message.get("mark", {}).get("name", "")
             self._marks.setdefault(name, asyncio.Event()).set()
             return  # Our own bookkeeping; nothing downstream needs it.
+        elif isinstance(frame, StartFrame):
+            self._start_watchdog()
+        elif isinstance(frame, (EndFrame, CancelFrame)):
+            await self._stop_watchdog()
         await self.push_frame(frame, direction)
+
+    async def cleanup(self):
+        await super().cleanup()
+        await self._stop_watchdog()
+
+    def _start_watchdog(self) -> None:
+        if self._idle_timeout_s and self._on_idle and self._watchdog is None:
+            self._last_activity = time.monotonic()
+            self._watchdog = self.create_task(self._watch_idle(self._idle_timeout_s, self._on_idle))
+
+    async def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            task, self._watchdog = self._watchdog, None
+            await self.cancel_task(task)
+
+    async def _watch_idle(self, timeout_s: float, on_idle: OnIdle) -> None:
+        """Sleep until the last activity is `timeout_s` old; activity meanwhile moves it on."""
+        while (quiet_s := time.monotonic() - self._last_activity) < timeout_s:
+            await asyncio.sleep(timeout_s - quiet_s)
+        self._watchdog = None  # done: the CancelFrame `on_idle` causes must not cancel us
+        await on_idle()
 
     @property
     def bot_speaking(self) -> bool:
@@ -174,24 +238,45 @@ class CallControl:
         """Record why the call ended, keeping the first reason given."""
         self.end_reason = self.end_reason or reason
 
-    async def end_call(self, closing_line: str, reason: str) -> None:
-        """Say `closing_line`, wait until Twilio has played it, then end the call."""
+    async def end_call(
+        self,
+        closing_line: str,
+        reason: str,
+        playout_timeout_s: float | None = None,
+        speak: Speak | None = None,
+    ) -> None:
+        """Say `closing_line`, wait until Twilio has played it, then end the call.
+
+        `playout_timeout_s` caps the wait for the playback mark (server shutdown can't
+        wait as long as a normal ending would). `speak` replaces the TTS when it is the TTS
+        that failed (phonebot.provider_faults).
+        """
         if self._ending:
             return
         self._ending = True
         self.note_end(reason)
         logger.info(f"Ending call ({reason}): {closing_line!r}")
-        await self._say_and_wait(closing_line)
+        await self._say_and_wait(closing_line, playout_timeout_s, speak)
         await self._worker.queue_frame(EndFrame(reason=reason))
 
-    async def _say_and_wait(self, line: str) -> None:
-        await self._worker.queue_frames([TTSSpeakFrame(line)])
-        await self._wait_played(line)
+    async def end_for_shutdown(self, phrase: str, playout_timeout_s: float) -> None:
+        """The server is going away: say `phrase` and hang up, the usual way but bounded."""
+        await self.end_call(phrase, EndReason.SHUTDOWN, playout_timeout_s)
 
-    async def _wait_played(self, text: str) -> None:
+    async def _say_and_wait(
+        self, line: str, timeout_s: float | None = None, speak: Speak | None = None
+    ) -> None:
+        if speak:
+            await speak(line)
+        else:
+            await self._worker.queue_frames([TTSSpeakFrame(line)])
+        await self._wait_played(line, timeout_s)
+
+    async def _wait_played(self, text: str, timeout_s: float | None = None) -> None:
         # Whatever is queued ahead of the closing line plays first; bound the wait by the
         # call's own limit on one utterance (~15 characters a second) plus slack.
         budget = 2 * len(text) / 15 + 2 * PLAYOUT_SLACK_S
+        budget = budget if timeout_s is None else min(budget, timeout_s)
         deadline = time.monotonic() + budget
         with suppress(TimeoutError):
             await asyncio.wait_for(self._wait_bot_started(), timeout=PLAYOUT_SLACK_S)

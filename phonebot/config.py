@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     twilio_auth_token: SecretStr | None = None
     twilio_phone_number: str | None = None
     twilio_api_base_url: str = DEFAULT_TWILIO_API_BASE_URL
+    # REST calls (phonebot.twilio_api): seconds one request may take, and tries for one that
+    # is safe to repeat (hang-up, transfer) on 5xx/429/network errors; a dial-out is retried
+    # only when Twilio was never reached.
+    twilio_rest_timeout_s: float = Field(default=10.0, gt=0)
+    twilio_rest_attempts: int = Field(default=3, ge=1, le=10)
     # Signs the per-call stream token; falls back to TWILIO_AUTH_TOKEN, then to a random
     # per-process secret (which only works while one process serves webhook and stream).
     stream_secret: SecretStr | None = None
@@ -54,6 +59,9 @@ class Settings(BaseSettings):
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
+    # Transcription and speech endpoints (None = OpenAI's); e.g. phonebot.emulator.ai_api.
+    openai_stt_base_url: str | None = None
+    openai_tts_base_url: str | None = None
     openai_model: str = "gpt-4.1-mini"
     openai_stt_model: str = "gpt-4o-transcribe"
     openai_tts_model: str = "gpt-4o-mini-tts"
@@ -88,6 +96,44 @@ class Settings(BaseSettings):
     # No audio either way for this long ends the pipeline (a stuck or abandoned stream).
     pipeline_idle_timeout_s: float = Field(default=120.0, gt=0)
     max_concurrent_calls: int = Field(default=20, ge=1)
+
+    # Provider failures (see phonebot/provider_faults.py). A request to the LLM, or to the
+    # OpenAI-compatible STT/TTS, fails after this long without a byte back (never retried:
+    # a retry would double the caller's silence). The caller hears PROVIDER_ERROR_PHRASE and
+    # the call goes on; MAX_PROVIDER_FAILURES failed turns in a row of one provider end the
+    # call with PROVIDER_FAILURE_GOODBYE.
+    llm_timeout_s: float = Field(default=10.0, gt=0)
+    speech_timeout_s: float = Field(default=10.0, gt=0)
+    provider_error_phrase: str = "Sorry, I'm having a little trouble. Could you say that again?"
+    provider_failure_goodbye: str = (
+        "I'm sorry, I'm having technical trouble right now. Please call back later. Goodbye!"
+    )
+    max_provider_failures: int = Field(default=3, ge=1)
+
+    # Abuse limits (phonebot.limits). Twilio's webhook forms are ~1 KB; bigger bodies → 413.
+    max_request_body_bytes: int = Field(default=65_536, ge=1024)
+    # A signed webhook (same CallSid or I-Twilio-Idempotency-Token) is answered once within
+    # this window; the per-call stream token is single-use for the window plus a call's length.
+    replay_cache_ttl_s: float = Field(default=600.0, gt=0)
+    replay_cache_size: int = Field(default=10_000, ge=100)
+    # A webhook answered with <Connect><Stream> holds a call slot until its stream connects
+    # or this long passes, so a burst of webhooks can't overshoot MAX_CONCURRENT_CALLS.
+    call_reservation_ttl_s: float = Field(default=30.0, gt=0)
+    # POST /dialout per client IP: `burst` at once, refilled at `per_minute`.
+    dialout_rate_limit_per_minute: float = Field(default=10.0, gt=0)
+    dialout_rate_limit_burst: int = Field(default=5, ge=1)
+    # Reverse proxies we run in front of the server (ngrok = 1); 0 = ignore X-Forwarded-For.
+    trusted_proxy_hops: int = Field(default=0, ge=0)
+
+    # Graceful shutdown (phonebot.shutdown): on SIGTERM/SIGINT take no new calls, let live
+    # calls run this long, then say the phrase (waiting at most the timeout for it to play)
+    # and hang up. A second signal exits at once.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    shutdown_phrase: str = "I'm sorry, we have to end the call now. Goodbye!"
+    shutdown_goodbye_timeout_s: float = Field(default=10.0, gt=0)
+    # A websocket that hasn't sent Twilio's `connected` + `start` by then is closed, so a
+    # silent or stalled peer can't hold one of the call slots (phonebot.stream_guard).
+    stream_handshake_timeout_s: float = Field(default=10.0, gt=0)
 
     @field_validator(
         "twilio_auth_token",
@@ -125,7 +171,9 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is neither an E.164 number nor a SIP URI")
         return value or None
 
-    @field_validator("public_url", "openai_base_url")
+    @field_validator(
+        "public_url", "openai_base_url", "openai_stt_base_url", "openai_tts_base_url"
+    )
     @classmethod
     def _strip_trailing_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value

@@ -15,6 +15,7 @@ import sys
 from loguru import logger
 
 from phonebot.config import Settings
+from phonebot.provider_faults import not_logged_twice
 
 TOKEN_VALUE = re.compile(r"""(['"]?token['"]?\s*[:=]\s*['"]?)([0-9a-fA-F]{8,})""")
 
@@ -46,7 +47,8 @@ def configure_logging(settings: Settings) -> None:
 
     logger.remove()
     logger.configure(patcher=patch)
-    logger.add(sys.stderr, level=settings.log_level.upper())
+    # Pipecat's own copies of provider errors are dropped: the call logs each once.
+    logger.add(sys.stderr, level=settings.log_level.upper(), filter=not_logged_twice)
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.INFO, force=True)
 
 

@@ -49,6 +49,17 @@ def _secret(value) -> str:
     return value.get_secret_value() if value else ""
 
 
+def _fail_fast(service: FrameProcessor, timeout_s: float) -> FrameProcessor:
+    """Bound an OpenAI service's requests to `timeout_s`, with no silent retries.
+
+    Pipecat builds the `AsyncOpenAI` client itself with the SDK defaults, a 600 s timeout
+    and two retries: a hung endpoint would mean minutes of silence on the line. Failing
+    fast lets phonebot.provider_faults apologise to the caller instead.
+    """
+    service._client = service._client.with_options(timeout=timeout_s, max_retries=0)
+    return service
+
+
 def _has_openai_key(settings: Settings) -> bool:
     return bool(_secret(settings.openai_api_key))
 
@@ -65,12 +76,14 @@ def _deepgram_stt(settings: Settings, persona: Persona) -> FrameProcessor:
 def _openai_stt(settings: Settings, persona: Persona) -> FrameProcessor:
     from pipecat.services.openai.stt import OpenAISTTService
 
-    return OpenAISTTService(
+    service = OpenAISTTService(
         api_key=_secret(settings.openai_api_key),
+        base_url=settings.openai_stt_base_url,
         settings=OpenAISTTService.Settings(
             model=settings.openai_stt_model, language=call_voice(settings).language
         ),
     )
+    return _fail_fast(service, settings.speech_timeout_s)
 
 
 def _offline_stt(settings: Settings, persona: Persona) -> FrameProcessor:
@@ -84,12 +97,13 @@ def _offline_stt(settings: Settings, persona: Persona) -> FrameProcessor:
 def _openai_llm(settings: Settings, persona: Persona) -> FrameProcessor:
     from pipecat.services.openai.llm import OpenAILLMService
 
-    return OpenAILLMService(
+    service = OpenAILLMService(
         # Local OpenAI-compatible servers (Ollama, vLLM, llama.cpp) accept any key.
         api_key=_secret(settings.openai_api_key) or "not-needed",
         base_url=settings.openai_base_url,
         settings=OpenAILLMService.Settings(model=settings.openai_model),
     )
+    return _fail_fast(service, settings.llm_timeout_s)
 
 
 def _offline_llm(settings: Settings, persona: Persona) -> FrameProcessor:
@@ -114,8 +128,9 @@ def _cartesia_tts(settings: Settings, persona: Persona) -> FrameProcessor:
 def _openai_tts(settings: Settings, persona: Persona) -> FrameProcessor:
     from pipecat.services.openai.tts import OpenAITTSService
 
-    return OpenAITTSService(
+    service = OpenAITTSService(
         api_key=_secret(settings.openai_api_key),
+        base_url=settings.openai_tts_base_url,
         settings=OpenAITTSService.Settings(
             model=settings.openai_tts_model,
             voice=call_voice(settings).voice or settings.openai_tts_voice,
@@ -123,6 +138,7 @@ def _openai_tts(settings: Settings, persona: Persona) -> FrameProcessor:
         sample_rate=OPENAI_TTS_SAMPLE_RATE,
         **_tts_extras(persona),
     )
+    return _fail_fast(service, settings.speech_timeout_s)
 
 
 def _offline_tts(settings: Settings, persona: Persona) -> FrameProcessor:

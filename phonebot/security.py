@@ -5,7 +5,9 @@ Three doors, three checks:
   validate against the auth token, computed over the URL as Twilio saw it.
 - `WS /ws` is opened by whoever has the stream URL, which is not a secret. The TwiML we
   hand out carries a `token` Parameter (HMAC of the CallSid), and the stream is dropped
-  before any paid service starts unless `start.callSid` matches it.
+  before any paid service starts unless `start.callSid` matches it. The token is
+  single-use (`phonebot.limits.CallAdmission`), and so is each signed webhook
+  (`phonebot.limits.ReplayGuard`, checked after the signature).
 - `POST /dialout` spends money; it needs `Authorization: Bearer $DIALOUT_API_KEY`.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
+from typing import NoReturn
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -67,18 +70,32 @@ def twilio_signature_is_valid(
 
 
 async def require_twilio_signature(request: Request) -> None:
-    """Dependency for Twilio webhooks: 403 unless signed, when an auth token is set."""
+    """Dependency for Twilio webhooks: 403 unless signed, when an auth token is set.
+
+    A request with no signature header is refused before its body is read: the cheapest
+    possible answer to a flood of unsigned requests.
+    """
     settings: Settings = request.app.state.settings
     if settings.twilio_auth_token is None:
         return
+    signature = request.headers.get("x-twilio-signature")
+    if not signature:
+        refuse_webhook(request, "403 unsigned webhook")
     form = await request.form()
     url = url_as_twilio_saw_it(request, settings.public_url)
     fields = {key: str(value) for key, value in form.items()}
-    signature = request.headers.get("x-twilio-signature")
     if not twilio_signature_is_valid(
         settings.twilio_auth_token.get_secret_value(), url, fields, signature
     ):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "X-Twilio-Signature is missing or invalid")
+        refuse_webhook(request, "403 badly signed webhook")
+
+
+def refuse_webhook(request: Request, what: str) -> NoReturn:
+    """403, noted in the app's flood-proof rejection log (phonebot.limits.RejectionLog)."""
+    rejections = getattr(request.app.state, "rejections", None)
+    if rejections is not None:
+        rejections.note(f"{what} to {request.url.path}")
+    raise HTTPException(status.HTTP_403_FORBIDDEN, "X-Twilio-Signature is missing or invalid")
 
 
 _bearer = HTTPBearer(auto_error=False)

@@ -1,21 +1,23 @@
 """Turning an incoming Media Streams websocket into a verified call.
 
-The first two messages (`connected`, `start`) are read with Pipecat's
-`parse_telephony_websocket`; the call is only let through when its `token` Parameter is
-the HMAC of its CallSid, so a stranger who learns the stream URL gets a closed socket and
-costs nothing: no STT, LLM or TTS has been constructed at that point.
+The first two messages (`connected`, `start`) are read strictly and within
+`STREAM_HANDSHAKE_TIMEOUT_S` (`phonebot.stream_guard.read_start`); the call is only let
+through when its `token` Parameter is the HMAC of its CallSid, so a stranger who learns
+the stream URL, or a peer that sends junk or nothing, gets a closed socket and costs
+nothing: no STT, LLM or TTS has been constructed at that point. After that, every inbound
+message passes the call's `InboundGuard` before it is decoded.
 """
 
 from __future__ import annotations
 
-import json
+import base64
 from contextlib import suppress
 from dataclasses import dataclass, field
 
 from fastapi import WebSocket
 from loguru import logger
-from pipecat.frames.frames import Frame, InputTransportMessageFrame
-from pipecat.runner.utils import parse_telephony_websocket
+from pipecat.audio.utils import ulaw_to_pcm
+from pipecat.frames.frames import Frame, InputAudioRawFrame, InputTransportMessageFrame
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketParams,
@@ -23,7 +25,15 @@ from pipecat.transports.websocket.fastapi import (
 )
 
 from phonebot.config import Settings
+from phonebot.pipeline_cost import (
+    INBOUND_BATCH_MS,
+    OUTBOUND_CHUNK_10MS,
+    ULAW_BYTES_PER_MS,
+    AudioBatcher,
+)
 from phonebot.security import TOKEN_PARAMETER, verify_call_token
+from phonebot.stream_guard import HandshakeError, InboundGuard, describe, read_start
+from phonebot.twilio_api import RetryPolicy, TwilioAccount, hang_up_call
 
 POLICY_VIOLATION = 1008
 
@@ -52,16 +62,15 @@ class StreamRejected(Exception):
 async def accept_twilio_stream(websocket: WebSocket, settings: Settings) -> CallSession:
     """Read `connected` + `start` and check the per-call token, or raise StreamRejected."""
     try:
-        transport_type, call_data = await parse_telephony_websocket(websocket)
-    except Exception as error:  # Pipecat raises ValueError, or JSON errors, on junk.
+        start = await read_start(websocket, settings.stream_handshake_timeout_s)
+    except HandshakeError as error:
         raise StreamRejected(f"no valid Media Streams handshake ({error})") from None
-    if transport_type != "twilio":
-        raise StreamRejected(f"not a Twilio Media Stream (detected {transport_type!r})")
-    parameters = {str(k): str(v) for k, v in (call_data.body or {}).items()}
-    call_sid, stream_sid = call_data.call_id or "", call_data.stream_id or ""
+    parameters = {str(k): str(v) for k, v in start.get("customParameters", {}).items()}
+    call_sid, stream_sid = start["callSid"], start["streamSid"]
     token = parameters.get(TOKEN_PARAMETER)
     if not verify_call_token(call_sid, token, settings.stream_token_secret):
-        raise StreamRejected(f"missing or invalid stream token for CallSid={call_sid or '?'}")
+        # Unverified, so only a truncated form of the CallSid is logged.
+        raise StreamRejected(f"missing or invalid stream token for CallSid={describe(call_sid)}")
     return CallSession(call_sid=call_sid, stream_sid=stream_sid, parameters=parameters)
 
 
@@ -82,18 +91,65 @@ class TwilioMarkSerializer(TwilioFrameSerializer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._hang_up_configured = self._params.auto_hang_up
+        self._guard = InboundGuard(self._call_sid or "?", self._stream_sid)
+        self._batcher = AudioBatcher(INBOUND_BATCH_MS * ULAW_BYTES_PER_MS)
 
     def keep_call_on_end(self, keep: bool = True) -> None:
         """Don't complete the call when the pipeline ends (it was transferred)."""
         self._params.auto_hang_up = self._hang_up_configured and not keep
 
+    # Retries of the end-of-call hang-up; `twilio_transport` sets it from the settings.
+    rest_policy: RetryPolicy = RetryPolicy()
+
+    async def _hang_up_call(self) -> None:
+        """Complete the call when the pipeline ends, through `twilio_api.hang_up_call`.
+
+        Replaces Pipecat's single POST, after which one Twilio 5xx would leave the caller
+        on a silent line: 5xx, 429 and network errors are retried with backoff within
+        `rest_policy`'s bound, a 404 means the call is already over, and a final failure is
+        logged, never raised, so the pipeline still ends.
+        """
+        account = TwilioAccount(self._account_sid or "", self._auth_token or "", self._base_url)
+        await hang_up_call(account, self._call_sid or "", policy=self.rest_policy)
+
+    @property
+    def dropped_messages(self) -> int:
+        """Inbound messages dropped so far as malformed, misaddressed or flooding."""
+        return self._guard.faults.total
+
     async def deserialize(self, data: str | bytes) -> Frame | None:
-        if isinstance(data, str) and '"mark"' in data:
-            with suppress(ValueError):
-                message = json.loads(data)
-                if isinstance(message, dict) and message.get("event") == "mark":
-                    return InputTransportMessageFrame(message=message)
-        return await super().deserialize(data)
+        """Screened by the call's guard, decoded by Pipecat or `_media_frame`; never raises.
+
+        Pipecat's receive loop ends the call on any exception from here, so a malformed
+        message is dropped and logged (`phonebot.stream_guard`) and the call goes on.
+        """
+        message = self._guard.screen(data)
+        if message is None:
+            return None
+        event = message.get("event")
+        if event == "mark":
+            return InputTransportMessageFrame(message=message)
+        try:
+            if event == "media":
+                return await self._media_frame(message)
+            return await super().deserialize(data)
+        except Exception as error:
+            self._guard.decoding_failed(message, error)
+            return None
+
+    async def _media_frame(self, message: dict) -> InputAudioRawFrame | None:
+        """One audio frame per `INBOUND_BATCH_MS` of caller audio (`phonebot.pipeline_cost`).
+
+        Decodes what Pipecat's `deserialize` would (μ-law → PCM at the pipeline's rate),
+        from the message the guard has already parsed and checked, so JSON is parsed once.
+        """
+        batch = self._batcher.add(base64.b64decode(message["media"]["payload"]))
+        if batch is None:
+            return None
+        pcm = await ulaw_to_pcm(
+            batch, self._twilio_sample_rate, self._sample_rate, self._input_resampler
+        )
+        return InputAudioRawFrame(audio=pcm, num_channels=1, sample_rate=self._sample_rate)
 
 
 def twilio_transport(
@@ -114,6 +170,7 @@ def twilio_transport(
         base_url=settings.twilio_api_base_url,
         params=TwilioFrameSerializer.InputParams(auto_hang_up=credentials is not None),
     )
+    serializer.rest_policy = RetryPolicy.from_settings(settings)
     params = FastAPIWebsocketParams(
         audio_in_enabled=True,
         audio_out_enabled=True,
@@ -122,5 +179,6 @@ def twilio_transport(
         # Pipecat pads 2 s of silence after an EndFrame so the last words aren't cut; we
         # wait for Twilio's playback mark instead (phonebot.call_control), so no padding.
         audio_out_end_silence_secs=0,
+        audio_out_10ms_chunks=OUTBOUND_CHUNK_10MS,  # see phonebot.pipeline_cost
     )
     return FastAPIWebsocketTransport(websocket=websocket, params=params), serializer

@@ -93,6 +93,17 @@ class LiveServer:
             time.sleep(0.05)
         return False
 
+    def send_signal(self, sig: int) -> None:
+        """E.g. SIGTERM, to test the graceful shutdown without waiting for it."""
+        self._process.send_signal(sig)
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """The server's exit status, or None if it is still running after `timeout_s`."""
+        try:
+            return self._process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self) -> None:
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)

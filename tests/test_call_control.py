@@ -160,8 +160,10 @@ async def test_transfer_dials_the_target_and_leaves_the_caller_connected(phone):
 
 async def test_a_failed_transfer_is_apologised_for_and_the_call_goes_on(phone):
     server, twilio = await phone(TRANSFER_TARGET="sip:desk@pbx.example.com")
-    twilio.inject_fault(500, code=20500, message="Internal Server Error", on="update")
-    script = [WaitForBot(), Dtmf("0"), WaitForBot(timeout=20), Pause(2.5), Hangup()]
+    # Every try fails (TWILIO_REST_ATTEMPTS, 3): a transfer is retried on a 5xx. The
+    # retries' backoff (about 1 s) is a pause between the hand-off line and the apology.
+    twilio.inject_fault(500, code=20500, message="Internal Server Error", count=3, on="update")
+    script = [WaitForBot(), Dtmf("0"), WaitForBot(timeout=20, quiet=2.5), Pause(2.5), Hangup()]
     result = await call_in(server, twilio, script, session_type="support")
 
     spoken = [TRANSFER_PHRASE, TRANSFER_FAILED_PHRASE]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
+import pytest
 from loguru import logger
 
 from phonebot.logs import configure_logging, redact
@@ -20,7 +24,17 @@ def test_redact_masks_configured_secrets_and_stream_tokens():
     assert "'user_id': 'u1'" in cleaned
 
 
-def test_configured_logger_masks_every_record(capsys):
+@pytest.fixture
+def restore_logging():
+    """configure_logging writes to pytest's captured stderr, closed after the test."""
+    yield
+    logger.remove()
+    logger.configure(patcher=None)
+    logger.add(sys.__stderr__)
+    logging.basicConfig(handlers=[logging.StreamHandler(sys.__stderr__)], force=True)
+
+
+def test_configured_logger_masks_every_record(capsys, restore_logging):
     configure_logging(make_settings(openai_api_key="sk-live-abcdefghijklmnop"))
     logger.info("using key sk-live-abcdefghijklmnop and token=" + "ab" * 32)
     err = capsys.readouterr().err

@@ -24,6 +24,8 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,6 +38,7 @@ from phonebot.audio import (
     FRAME_SAMPLES,
     SILENCE_RMS,
     TWILIO_SAMPLE_RATE,
+    ULAW_SILENCE,
     array_to_pcm16,
     pcm16_to_array,
     resample_array,
@@ -87,6 +90,39 @@ def _frames(seconds: float) -> int:
     return max(0, math.ceil(seconds / FRAME_S - 1e-9))
 
 
+SILENCE_PAYLOAD = base64.b64encode(bytes([ULAW_SILENCE]) * FRAME).decode()
+
+
+@dataclass(frozen=True)
+class SpeechFrames:
+    """Caller speech cut into 20 ms frames, ready to send: done once per utterance.
+
+    A load test runs the same few utterances on many calls at 50 frames/s each, so the
+    resampling, μ-law encoding, base64 and frame energy are computed here once and
+    shared, instead of per frame per call.
+    """
+
+    samples: np.ndarray  # (frames, 160) int16; the last frame zero-padded
+    levels: list[float]  # RMS of each frame, for the caller's speech segmentation
+    payloads: list[str]  # base64 μ-law of each frame, as the `media` message carries it
+    duration: float  # seconds of speech before padding
+
+
+@lru_cache(maxsize=32)
+def speech_frames(pcm: bytes, sample_rate: int) -> SpeechFrames:
+    """`pcm` (16-bit mono at `sample_rate`) as 8 kHz frames; cached per utterance."""
+    samples = resample_array(pcm16_to_array(pcm), sample_rate, RATE)
+    count = -(-len(samples) // FRAME)
+    padded = np.zeros(count * FRAME, dtype=np.int16)
+    padded[: len(samples)] = samples
+    frames = padded.reshape(count, FRAME)
+    wide = frames.astype(np.float64)
+    levels = np.sqrt(np.mean(wide * wide, axis=1)).tolist() if count else []
+    codes = ulaw_encode(padded).reshape(count, FRAME)
+    payloads = [base64.b64encode(row.tobytes()).decode() for row in codes]
+    return SpeechFrames(frames, levels, payloads, len(samples) / RATE)
+
+
 class MediaStreamCaller:
     """One emulated call over a Twilio Media Stream websocket; see the module docstring.
 
@@ -129,6 +165,8 @@ class MediaStreamCaller:
         self._keypresses: list[Segment] = []
         self._bot_vad = SpeechTracker(silence_threshold, gap)
         self._ws: ClientConnection | None = None
+        # The `media` message's fixed tail, JSON-quoted once (frames are formatted, not dumped).
+        self._media_tail = ', "streamSid": ' + json.dumps(self.stream_sid) + "}"
         self._t0: float | None = None
         self._frames_sent = 0
         self._bot_scanned = 0
@@ -190,6 +228,15 @@ class MediaStreamCaller:
     async def wait_started(self, timeout: float = 10.0) -> None:
         """Return once `start` has been sent (the stream is live)."""
         await asyncio.wait_for(self._started.wait(), timeout)
+
+    async def send_raw(self, message: str | bytes) -> None:
+        """Send `message` as is, alongside the script (fault injection: junk, floods).
+
+        Raises websockets' `ConnectionClosed` if the server has closed the stream.
+        """
+        if self._ws is None:
+            raise RuntimeError("the media stream is not open yet")
+        await self._ws.send(message)
 
     async def wait_for_bot_speech(self, timeout: float, *, after: float | None = None) -> float:
         """Wait (while `run` plays in another task) for bot speech starting at/after `after`.
@@ -292,12 +339,29 @@ class MediaStreamCaller:
 
     async def _send(self, message: dict[str, Any]) -> None:
         """Send one JSON message; a closed socket becomes the matching call outcome."""
+        await self._send_text(json.dumps(message))
+
+    async def _send_text(self, text: str) -> None:
         assert self._ws is not None
         try:
-            await self._ws.send(json.dumps(message))
+            await self._ws.send(text)
         except ConnectionClosed:
             if not self._hanging_up:
                 await self._await_close()
+
+    def _media_message(self, payload: str) -> str:
+        """The `media` message for the next frame: exactly `json.dumps` of Twilio's shape.
+
+        Formatted from a template because it is the hot path (50 per second per call).
+        """
+        self._seq += 1
+        chunk = self._frames_sent + 1
+        timestamp = self._frames_sent * FRAME_S * 1000
+        return (
+            f'{{"event": "media", "sequenceNumber": "{self._seq}", "media": '
+            f'{{"track": "inbound", "chunk": "{chunk}", "timestamp": "{round(timestamp)}", '
+            f'"payload": "{payload}"}}{self._media_tail}'
+        )
 
     def _check(self) -> None:
         """Raise if the call must stop before the next frame (and say why)."""
@@ -318,31 +382,27 @@ class MediaStreamCaller:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _tick(self, frame: np.ndarray | None = None) -> None:
-        """Send the next 20 ms frame (silence when `frame` is None) in its time slot."""
+    async def _tick(
+        self,
+        payload: str = SILENCE_PAYLOAD,
+        samples: np.ndarray | None = None,
+        level: float = 0.0,
+    ) -> None:
+        """Send the next 20 ms frame in its time slot: silence, or one of `SpeechFrames`.
+
+        `samples` and `level` are that frame's audio and RMS (None / 0.0 for silence, which
+        the caller's track already holds: unwritten samples are silent).
+        """
         self._check()
         await self._wait_slot()
         self._check()
-        samples = np.zeros(FRAME, dtype=np.int16)
-        if frame is not None:
-            samples[: len(frame)] = frame[:FRAME]
-        timestamp = self._frames_sent * FRAME_S * 1000
-        media = {
-            "track": "inbound",
-            "chunk": str(self._frames_sent + 1),
-            "timestamp": str(round(timestamp)),
-            "payload": base64.b64encode(ulaw_encode(samples).tobytes()).decode(),
-        }
-        await self._send(
-            {
-                "event": "media",
-                "sequenceNumber": self._next_seq(),
-                "media": media,
-                "streamSid": self.stream_sid,
-            }
-        )
-        self._caller_track.write(self._frames_sent * FRAME, samples)
-        self._caller_vad.feed(self._frames_sent * FRAME, samples)
+        await self._send_text(self._media_message(payload))
+        at = self._frames_sent * FRAME
+        if samples is not None:
+            self._caller_track.write(at, samples)
+        self._caller_vad.feed_level(at, at + FRAME, level)
+        if level >= self._caller_vad.threshold:
+            self._playback.end_reply()
         self._frames_sent += 1
         await self._service()
 
@@ -357,7 +417,7 @@ class MediaStreamCaller:
         """Per-frame chores: echo marks whose audio has played, scan played bot audio."""
         now = self._now_sample()
         due = [item for item in self._pending_marks if item[0] <= now]
-        for item in due:
+        for item in due:  # usually none: marks are a few per bot reply
             self._pending_marks.remove(item)
             await self._answer_mark(item[1])
         while (self._bot_scanned + 1) * FRAME <= now:
@@ -395,15 +455,17 @@ class MediaStreamCaller:
             raise TypeError(f"unknown script step: {step!r}")
 
     async def _speak(self, step: Speak) -> None:
-        samples = resample_array(pcm16_to_array(step.pcm), step.sample_rate, RATE)
+        speech = speech_frames(bytes(step.pcm), step.sample_rate)
         self._emit(
             "caller_speech",
             t=(self._frames_sent * FRAME) / RATE,
             text=step.text,
-            duration=len(samples) / RATE,
+            duration=speech.duration,
         )
-        for offset in range(0, len(samples), FRAME):
-            await self._tick(samples[offset : offset + FRAME])
+        for payload, samples, level in zip(
+            speech.payloads, speech.samples, speech.levels, strict=True
+        ):
+            await self._tick(payload, samples, level)
 
     async def _silence(self, seconds: float) -> None:
         for _ in range(_frames(seconds)):
@@ -425,6 +487,7 @@ class MediaStreamCaller:
             self._keypresses.append(Segment(self._last_keypress_end, self._last_keypress_end))
             t = self._last_keypress_end / RATE
             self.result.dtmf.append((t, digit))
+            self._playback.end_reply()
             self._emit("dtmf", t=t, digit=digit)
             await self._silence(step.interval)
 
@@ -573,7 +636,8 @@ class MediaStreamCaller:
 
     def _scan_bot_frame(self) -> None:
         start = self._bot_scanned * FRAME
-        started, ended = self._bot_vad.feed(start, self._bot_track.view(start, start + FRAME))
+        level = self._bot_track.rms(start, start + FRAME)
+        started, ended = self._bot_vad.feed_level(start, start + FRAME, level)
         self._bot_scanned += 1
         if ended is not None:
             self._bot_utterance_ended(ended)
@@ -614,6 +678,10 @@ class MediaStreamCaller:
         result.duration = end / RATE
         result.bot_audio_received = self._playback.received / RATE
         result.bot_audio_dropped = (self._playback.dropped + self._playback.pending(end)) / RATE
+        result.bot_chunks = self._playback.chunks
+        result.late_bot_chunks = self._playback.late_chunks
+        result.bot_underrun = self._playback.underrun / RATE
+        result.bot_long_gaps = self._playback.long_gaps
         result.caller_audio = self._caller_track.view(0, self._frames_sent * FRAME)
         result.bot_audio = self._bot_track.view(0, end)
         result.caller_segments = [(s.start / RATE, s.end / RATE) for s in self._caller_vad.segments]

@@ -13,7 +13,9 @@ Point the server's Twilio client at `emulator.base_url` (`TWILIO_API_BASE_URL`) 
 - `GET …/Calls/{CallSid}.json` fetches it.
 
 Basic auth is checked like Twilio's (401, code 20003); every request is recorded in
-`requests`; `inject_fault` makes the next N requests fail or stall.
+`requests`; `inject_fault` makes the next N requests fail (any status, with `Retry-After`),
+stall (and then fail, or go through as Twilio does when it is slow), or drop the connection
+without an answer.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ AnswerHandler = Callable[[EmulatedCall, MediaStreamCaller], Awaitable[Any]]
 PHONE_NUMBER = re.compile(r"^\+[1-9]\d{6,14}$")
 CALLS = "/2010-04-01/Accounts/{account_sid}/Calls.json"
 CALL = "/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json"
+# Where the outermost ASGI wrapper leaves a way to drop the request's connection.
+ABORT_SCOPE_KEY = "phonebot.emulator.abort"
 DEFAULT_CALL_LIMIT_S = 120.0
 
 
@@ -70,7 +74,8 @@ class RecordedRequest:
 
 @dataclass
 class Fault:
-    """A scripted failure: answer `status` (Twilio error `code`) and/or wait `delay` first."""
+    """A scripted failure: wait `delay`, then drop the connection (`reset`) or answer `status`
+    (Twilio error `code`, with `Retry-After` when `retry_after` is set)."""
 
     status: int | None
     code: int | None = None
@@ -78,6 +83,8 @@ class Fault:
     delay: float = 0.0
     remaining: int = 1
     on: str = "any"  # "create", "update", "fetch" or "any"
+    reset: bool = False
+    retry_after: float | None = None
 
 
 @dataclass
@@ -164,7 +171,7 @@ class TwilioRestEmulator:
         self._created: asyncio.Queue[EmulatedCall] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.app = Starlette(routes=self._routes())
-        self._server = LoopbackServer(self.app, host, port)
+        self._server = LoopbackServer(self._asgi, host, port, interface="asgi3")
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -205,12 +212,19 @@ class TwilioRestEmulator:
         count: int = 1,
         delay: float = 0.0,
         on: str = "any",
+        reset: bool = False,
+        retry_after: float | None = None,
     ) -> Fault:
         """Make the next `count` matching requests wait `delay` s, then fail with `status`.
 
-        `status=None` only delays. Example: `inject_fault(400, code=21211, on="create")`.
+        `status=None` only delays: the request then goes through, as when Twilio is slow but
+        acts (a client that gave up never learns it did). `reset=True` closes the
+        connection without an answer, after the request was read. Examples:
+        `inject_fault(400, code=21211, on="create")`, `inject_fault(503, count=2)`,
+        `inject_fault(429, retry_after=1)`, `inject_fault(None, delay=5)`,
+        `inject_fault(reset=True, on="update")`.
         """
-        fault = Fault(status, code, message, delay, count, on)
+        fault = Fault(status, code, message, delay, count, on, reset, retry_after)
         self.faults.append(fault)
         return fault
 
@@ -253,6 +267,17 @@ class TwilioRestEmulator:
 
     # ------------------------------------------------------------------ routing
 
+    async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The app as served: routes get a way to drop their connection (a `reset` fault).
+
+        ASGI has no "close without answering", so the transport is taken from uvicorn's
+        `send` (a bound method of its request cycle).
+        """
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if transport is not None:
+            scope[ABORT_SCOPE_KEY] = transport.abort
+        await self.app(scope, receive, send)
+
     def _routes(self) -> list[Route]:
         return [
             Route(CALLS, self._create, methods=["POST"]),
@@ -294,9 +319,17 @@ class TwilioRestEmulator:
             password.encode(), self.auth_token.encode()
         )
 
-    def _respond(self, record: RecordedRequest, body: dict[str, Any], status: int) -> JSONResponse:
+    def _respond(
+        self,
+        record: RecordedRequest,
+        body: dict[str, Any],
+        status: int,
+        headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
         record.status = status
-        headers = {"WWW-Authenticate": 'Basic realm="Twilio API"'} if status == 401 else None
+        headers = dict(headers or {})
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Basic realm="Twilio API"'
         return JSONResponse(body, status_code=status, headers=headers)
 
     def _error(self, record: RecordedRequest, code: int, message: str, status: int) -> JSONResponse:
@@ -310,13 +343,31 @@ class TwilioRestEmulator:
         if not record.authorized:
             return record, self._error(record, 20003, "Authenticate", 401)
         fault = self._take_fault(kind)
-        if fault is not None:
-            await asyncio.sleep(fault.delay)
-            if fault.status is not None:
-                code = fault.code or fault.status
-                message = fault.message or f"Injected fault (HTTP {fault.status})"
-                return record, self._error(record, code, message, fault.status)
-        return record, None
+        if fault is None:
+            return record, None
+        await asyncio.sleep(fault.delay)
+        if fault.reset:
+            return record, await self._drop_connection(request)
+        if fault.status is None:
+            return record, None
+        code = fault.code or fault.status
+        message = fault.message or f"Injected fault (HTTP {fault.status})"
+        body = twilio_error(code, message, fault.status)
+        headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+        return record, self._respond(record, body, fault.status, headers)
+
+    @staticmethod
+    async def _drop_connection(request: Request) -> JSONResponse:
+        """Abort the TCP connection; the response returned after it is never sent.
+
+        `status` stays 0 in the record: nothing was answered.
+        """
+        abort = request.scope.get(ABORT_SCOPE_KEY)
+        if abort is None:
+            raise EmulatorError("a reset fault needs the emulator served by uvicorn")
+        abort()
+        await asyncio.sleep(0)  # let the server see the connection lost, so it stays quiet
+        return JSONResponse({}, status_code=599)
 
     def _take_fault(self, kind: str) -> Fault | None:
         for fault in self.faults:

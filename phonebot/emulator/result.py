@@ -101,6 +101,13 @@ class CallResult:
     unknown_events: list[str] = field(default_factory=list)
     bot_audio_received: float = 0.0
     bot_audio_dropped: float = 0.0
+    # Outbound pacing as the caller heard it (see `timeline.Playback`): bot audio chunks
+    # received, those that came after the playout buffer had run dry mid-reply, the
+    # silence that caused (seconds), and mid-reply gaps too long to count as a stall.
+    bot_chunks: int = 0
+    late_bot_chunks: int = 0
+    bot_underrun: float = 0.0
+    bot_long_gaps: int = 0
     first_bot_audio: float | None = None
     caller_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
     bot_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
@@ -110,6 +117,12 @@ class CallResult:
     def latencies(self) -> list[float]:
         """Response latency of every bot turn that answered the caller, in order."""
         return [u.latency for u in self.bot_utterances if u.latency is not None]
+
+    @property
+    def bot_underrun_share(self) -> float:
+        """Share of the bot's speaking time that was silence waiting for late audio."""
+        speaking = self.bot_audio_received + self.bot_underrun
+        return self.bot_underrun / speaking if speaking > 0 else 0.0
 
     def events_of(self, kind: str) -> list[CallEvent]:
         """Events of one kind, in order."""

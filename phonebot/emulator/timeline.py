@@ -7,6 +7,7 @@ audio and events line up exactly in the stereo recording and in latency figures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,19 @@ class Track:
             out[: stop - start] = self._data[start:stop]
         return out
 
+    def rms(self, start: int, end: int) -> float:
+        """RMS of samples [start, end) (unwritten = silence) without copying them out.
+
+        The caller scans the bot's track once per 20 ms frame on every call it runs, so
+        this skips the copy and, past the written end, numpy altogether (a load test runs
+        hundreds of these per second).
+        """
+        stop = min(end, self.length)
+        if stop <= start or end <= start:
+            return 0.0
+        chunk = self._data[start:stop].astype(np.int64)
+        return math.sqrt(float(np.dot(chunk, chunk)) / (end - start))
+
 
 class Playback:
     """The phone's playout buffer: audio plays in arrival order at 8000 samples/s.
@@ -55,21 +69,48 @@ class Playback:
     A chunk arriving at `now` starts playing when the buffer drains (or at once if empty),
     so its place on the timeline is when the callee would actually hear it. That is what
     `clear` truncates and what a `mark` waits for.
+
+    It also measures outbound pacing, as a caller hears it: inside a bot reply (from its
+    first chunk until the caller speaks, presses a key or a `clear` comes, see
+    `end_reply`), a chunk that arrives after the buffer ran dry is *late* and the silence
+    before it is *underrun*. A gap longer than `max_gap` is taken for a new bot turn (a
+    re-prompt, say), not a stall, and is only counted in `long_gaps`.
     """
 
-    def __init__(self, track: Track) -> None:
+    def __init__(self, track: Track, max_gap: int = 16000) -> None:
         self.track = track
         self.end = 0  # sample where queued audio finishes playing
         self.received = 0
         self.dropped = 0
+        self.chunks = 0
+        self.late_chunks = 0
+        self.underrun = 0  # samples of silence inside replies, waiting for late audio
+        self.long_gaps = 0
+        self.max_gap = max_gap
+        self._in_reply = False
 
     def enqueue(self, now: int, samples: np.ndarray) -> int:
         """Queue a chunk; returns the sample at which it starts playing."""
+        if self._in_reply and now > self.end:
+            self._count_gap(now - self.end)
+        self._in_reply = True
         start = max(now, self.end)
         self.track.write(start, samples)
         self.end = start + len(samples)
         self.received += len(samples)
+        self.chunks += 1
         return start
+
+    def _count_gap(self, gap: int) -> None:
+        if gap > self.max_gap:
+            self.long_gaps += 1
+            return
+        self.late_chunks += 1
+        self.underrun += gap
+
+    def end_reply(self) -> None:
+        """The caller took the turn: the next chunk starts a new reply, not a late one."""
+        self._in_reply = False
 
     def clear(self, now: int) -> int:
         """Drop everything not yet played at `now`; returns how many samples were dropped."""
@@ -77,6 +118,7 @@ class Playback:
         self.track.zero(now, self.end)
         self.end = min(self.end, now)
         self.dropped += dropped
+        self._in_reply = False
         return dropped
 
     def pending(self, now: int) -> int:
@@ -105,9 +147,17 @@ class SpeechTracker:
 
     def feed(self, start: int, frame: np.ndarray) -> tuple[Segment | None, Segment | None]:
         """Feed the next contiguous frame; returns (segment started, segment ended)."""
-        end = start + len(frame)
+        return self.feed_level(start, start + len(frame), rms(frame))
+
+    def feed_level(
+        self, start: int, end: int, level: float
+    ) -> tuple[Segment | None, Segment | None]:
+        """`feed` for a frame [start, end) whose RMS is already known (or 0.0: silence).
+
+        The caller's own speech is measured once per utterance, not per frame per call.
+        """
         ended = None
-        voiced = rms(frame) >= self.threshold
+        voiced = level >= self.threshold
         if self.current is not None and not voiced and end - self.current.end >= self.gap:
             ended = self.flush()
         if not voiced:

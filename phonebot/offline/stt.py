@@ -10,16 +10,29 @@ filterbank reaching 6800 Hz; running pocketsphinx at 8 kHz needs a filterbank th
 4 kHz, and the model does not survive that mismatch (word accuracy falls from ~35 % to about
 0 %, see ``bench/offline_engines.py``). Upsampling the 8 kHz audio to 16 kHz keeps the model's
 own front end and is what this module does.
+
+The service decodes in worker processes (see ``_decoder_pool``): pocketsphinx holds the GIL
+while it decodes, so in a thread every turn would stall the server's event loop, and with it the
+audio pacing of every call, for as long as the decode takes (measured: 0.19 s for 5 s of speech
+with a vocabulary, 1.75 s with the general model). ``transcribe`` itself stays a plain blocking
+function for scripts, tests and the emulator (which runs it in a process of its own).
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import multiprocessing.connection
+import os
 import re
+import sys
 import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import cache
 from io import StringIO
 from pathlib import Path
@@ -42,13 +55,23 @@ __all__ = [
     "MODEL_SAMPLE_RATE",
     "OfflineSTTService",
     "normalize_transcript",
+    "shutdown_decoder_pool",
     "squeeze_silence",
+    "start_decoder_pool",
     "transcribe",
+    "transcribe_in_worker",
     "vocabulary_words",
+    "warm_decoder_pool",
     "warm_up",
 ]
 
 MODEL_SAMPLE_RATE = 16000
+
+# pocketsphinx 5 calls start_stream() deprecated and "not necessary", but it is the one call
+# that resets the noise statistics between segments (see _CachedDecoder.decode).
+warnings.filterwarnings(
+    "ignore", message=r"start_stream\(\) is deprecated", category=DeprecationWarning
+)
 
 # Back-off mass of the per-vocabulary LM. Lower keeps decoding closer to the given phrases;
 # 0.2 measured best on TTS->phone audio (0.5, the pocketsphinx default, lost ~10 points).
@@ -60,6 +83,10 @@ _MAX_CACHED_DECODERS = 8
 _SILENCE_KEEP_S = 0.15
 _SILENCE_FLOOR_DB = -35.0  # relative to the loudest 10 ms frame
 _SILENCE_MIN_RMS = 60.0  # about -55 dBFS: never treat quieter frames as speech
+# Decoding is CPU-bound and single-threaded: more workers than cores only add memory (each
+# worker holds its own dictionary, ~40 MB, and decoders). Two let one call's long decode not
+# hold up another's on a multi-core machine.
+_POOL_WORKERS = min(2, os.cpu_count() or 1)
 
 _ONES = [
     *("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
@@ -186,6 +213,12 @@ class _CachedDecoder:
 
     def decode(self, pcm16k: bytes) -> str:
         with self.lock:
+            # Every segment is a stream of its own (another call's, or this caller's next
+            # turn): reset the noise statistics, which otherwise carry over from whatever this
+            # decoder heard last, so that one call's audio changed another's transcript
+            # (measured: "yes please" heard as "yes please you" after "I want to speak to a
+            # person"), and a worker's transcript depended on which worker decoded it.
+            self.decoder.start_stream()
             self.decoder.start_utt()
             self.decoder.process_raw(pcm16k, full_utt=True)
             self.decoder.end_utt()
@@ -277,8 +310,139 @@ def warm_up(vocabulary: Iterable[str] | None = None) -> None:
     _get_decoder(vocabulary)
 
 
+_pool: ProcessPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _exit_when_orphaned(parent_sentinel: int) -> None:
+    """End this worker once its parent has died, however it died.
+
+    A pool's workers otherwise outlive a server that was killed (SIGKILL, the OOM killer):
+    each worker holds the write end of the call queue too, so it never sees the queue close
+    and would wait for work forever, keeping its ~100-150 MB.
+    """
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(0)
+
+
+def _worker_init() -> None:
+    """Worker process set-up: follow the parent's death, warnings only on stderr, and the
+    dictionary parsed once.
+
+    The dictionary (~40 MB) is what every vocabulary decoder is built from; decoders are then
+    built on a worker's first request for a vocabulary and kept in its LRU cache.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.sentinel is not None:
+        threading.Thread(target=_exit_when_orphaned, args=(parent.sentinel,), daemon=True).start()
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    _pronunciations()
+
+
+def _decoder_pool() -> ProcessPoolExecutor:
+    """The process-wide decoding pool, created on first use.
+
+    "spawn", not "fork": the server has threads (uvicorn, Pipecat's executors, ONNX Runtime),
+    and a forked child can inherit a lock that one of them held, and then hang. A spawned
+    worker re-imports the main module (``server.py``, so ~150 MB of RSS per worker instead of
+    ~100 MB); the stdlib's "forkserver" does the same, so it would be no lighter.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ProcessPoolExecutor(
+                _POOL_WORKERS,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+            )
+        return _pool
+
+
+def _discard_pool(broken: ProcessPoolExecutor) -> None:
+    """Drop a pool whose worker died, so the next request starts a fresh one."""
+    global _pool
+    with _pool_lock:
+        if _pool is broken:
+            _pool = None
+    broken.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown_decoder_pool() -> None:
+    """Stop the workers (waiting for a decode in progress); a later request starts new ones.
+
+    For an orderly shutdown (e.g. the server's lifespan) and tests. At interpreter exit the
+    stdlib already does the same for every live pool, and a worker whose parent was killed
+    exits by itself (``_exit_when_orphaned``).
+    """
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit(fn: Any, *args: Any, **kwargs: Any) -> tuple[ProcessPoolExecutor, Future]:
+    """Hand ``fn`` to the pool; a pool found broken (a worker died since) is replaced first."""
+    pool = _decoder_pool()
+    try:
+        return pool, pool.submit(fn, *args, **kwargs)
+    except BrokenProcessPool:
+        _discard_pool(pool)
+        pool = _decoder_pool()
+        return pool, pool.submit(fn, *args, **kwargs)
+
+
+async def _in_pool(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` in the pool. A worker's death fails only the requests in flight then."""
+    pool, future = _submit(fn, *args, **kwargs)
+    try:
+        return await asyncio.wrap_future(future)
+    except BrokenProcessPool:
+        _discard_pool(pool)
+        raise
+
+
+async def transcribe_in_worker(
+    pcm: bytes, sample_rate: int, *, vocabulary: Iterable[str] | None = None
+) -> str:
+    """:func:`transcribe` in a worker process, so the event loop keeps running meanwhile."""
+    return await _in_pool(transcribe, pcm, sample_rate, vocabulary=_vocabulary_key(vocabulary))
+
+
+def _warm_worker(keys: tuple[tuple[str, ...] | None, ...]) -> None:
+    for key in keys:
+        warm_up(key)
+
+
+def _log_failure(future: Future) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        logger.warning(f"offline STT: worker warm-up failed: {error!r}")
+
+
+def warm_decoder_pool(*vocabularies: Iterable[str] | None) -> list[Future]:
+    """Start every worker now and build these vocabularies' decoders in each; don't wait.
+
+    Starting a worker takes 1-3 s (a fresh interpreter importing this module, and the main
+    module: see ``_decoder_pool``), so it should not wait for a call's first utterance. One
+    job per worker, submitted together, starts them all. Each worker builds its own decoders;
+    usually each takes one job, but one still starting may leave both to the other and then
+    builds the decoder on its first utterance (0.1-0.5 s, in the worker, not on the loop).
+    """
+    keys = tuple(_vocabulary_key(v) for v in vocabularies)
+    futures = [_submit(_warm_worker, keys)[1] for _ in range(_POOL_WORKERS)]
+    for future in futures:
+        future.add_done_callback(_log_failure)
+    return futures
+
+
+async def start_decoder_pool(*vocabularies: Iterable[str] | None) -> None:
+    """:func:`warm_decoder_pool`, awaited: for a server's start-up (no vocabulary needed)."""
+    await asyncio.gather(*(asyncio.wrap_future(f) for f in warm_decoder_pool(*vocabularies)))
+
+
 class OfflineSTTService(SegmentedSTTService):
-    """Pipecat STT on pocketsphinx: transcribes each VAD-delimited segment in a worker thread.
+    """Pipecat STT on pocketsphinx: transcribes each VAD-delimited segment in a worker process.
 
     Needs a VAD upstream (as every ``SegmentedSTTService`` does). English only: the bundled
     model is US English.
@@ -316,9 +480,16 @@ class OfflineSTTService(SegmentedSTTService):
         return True
 
     async def start(self, frame: StartFrame) -> None:
-        """Build the decoder before the first utterance, off the event loop."""
+        """Have the workers build this vocabulary's decoder before the first utterance.
+
+        Not awaited: the call (and its greeting) must not wait for worker processes to start.
+        A failure is only logged; an utterance gets a fresh pool if a worker died.
+        """
         await super().start(frame)
-        await asyncio.to_thread(warm_up, self._vocabulary)
+        try:
+            warm_decoder_pool(self._vocabulary)
+        except Exception as e:  # e.g. the interpreter is shutting down
+            logger.warning(f"{self}: offline STT warm-up not started: {e}")
 
     @traced_stt
     async def _handle_transcription(
@@ -330,9 +501,7 @@ class OfflineSTTService(SegmentedSTTService):
         """Transcribe one speech segment (raw 16-bit PCM at ``self.sample_rate``)."""
         await self.start_processing_metrics()
         try:
-            text = await asyncio.to_thread(
-                transcribe, audio, self.sample_rate, vocabulary=self._vocabulary
-            )
+            text = await transcribe_in_worker(audio, self.sample_rate, vocabulary=self._vocabulary)
         except Exception as e:  # a decoder failure must not kill the pipeline
             await self.stop_processing_metrics()
             yield ErrorFrame(error=f"{self}: offline transcription failed: {e}")

@@ -1,0 +1,225 @@
+"""The processes under test: our server, the Pipecat-example baseline, the instant AI API.
+
+Each runs as its own subprocess from a scratch working directory (so no developer `.env`
+leaks in), on a free loopback port, with its log kept in a file for when a step breaks.
+`ProcessMeter` reads the server's CPU time and RSS from /proc: the load generator runs on
+the same machine, so only the server's own process is measured.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+STARTUP_TIMEOUT_S = 120.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def instant_env(ai_base_url: str) -> dict[str, str]:
+    """Point every OpenAI service (LLM, STT, TTS) at the instant AI API."""
+    return {
+        "OPENAI_API_KEY": "test",
+        "OPENAI_BASE_URL": ai_base_url,
+        "OPENAI_STT_BASE_URL": ai_base_url,
+        "OPENAI_TTS_BASE_URL": ai_base_url,
+    }
+
+
+def ours_env(max_calls: int) -> dict[str, str]:
+    """Our server tuned for a benchmark: no call cap in the way, no re-prompts mid-script.
+
+    The caller scripts pause for at most a few seconds, so the silence timeout is set well
+    past that; a re-prompt would be a bot turn the script didn't ask for.
+    """
+    return {
+        "MAX_CONCURRENT_CALLS": str(max(500, 2 * max_calls)),
+        "SILENCE_TIMEOUT_S": "60",
+        "PIPELINE_IDLE_TIMEOUT_S": "60",
+        "SHUTDOWN_GRACE_S": "0",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+@dataclass
+class ServerProcess:
+    """A subprocess serving HTTP on `port`; `ready_path` answers once it can take calls."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    ready_path: str = "/health"
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> ServerProcess:
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
+        self.log_path = workdir / "server.log"
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", str(workdir)),
+            "PYTHONPATH": str(ROOT),
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            **self.env,
+        }
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                self.command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at startup:\n{self.log_tail()}")
+            try:
+                httpx.get(self.base_url + self.ready_path, timeout=1)
+                return  # any HTTP answer: the server is up
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start in {STARTUP_TIMEOUT_S:g} s")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if not self.alive():
+            return
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def ai_api_process(transcript: str) -> ServerProcess:
+    """`python -m phonebot.emulator.ai_api`: instant, deterministic OpenAI look-alike.
+
+    Every transcription returns `transcript`, so every reply is the same length on both
+    servers whatever the caller said.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "phonebot.emulator.ai_api", "--port", str(port)]
+    command += ["--transcript", transcript]
+    return ServerProcess("ai-api", command, {}, ready_path="/_emulator/requests", port=port)
+
+
+def ours_process(max_calls: int, extra_env: dict[str, str]) -> ServerProcess:
+    command = [sys.executable, str(ROOT / "server.py")]
+    return ServerProcess("ours", command, {**ours_env(max_calls), **extra_env})
+
+
+def baseline_process(extra_env: dict[str, str]) -> ServerProcess:
+    command = [sys.executable, str(BENCH / "baseline_server.py")]
+    return ServerProcess("baseline", command, extra_env, ready_path="/")
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (which may contain spaces)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants: a server that forks helpers is measured whole."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue  # exited while we looked
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(parents.get(current, []))
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process tree: utime + stime (+ reaped children's), in seconds."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = _stat(member)
+        except OSError:
+            continue
+        total += sum(int(fields[k]) for k in (11, 12, 13, 14))  # utime stime cutime cstime
+    return total / CLOCK_TICKS
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size (VmRSS) of a process tree, in MB."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+@dataclass
+class ProcessMeter:
+    """CPU over a window and RSS samples of one process (the server, never the callers)."""
+
+    pid: int
+    cpu_start: float = 0.0
+    rss: list[float] = field(default_factory=list)
+
+    def begin(self) -> None:
+        self.cpu_start = cpu_seconds(self.pid)
+        self.rss = []
+
+    def sample(self) -> None:
+        self.rss.append(rss_mb(self.pid))
+
+    def cpu_used(self) -> float:
+        return cpu_seconds(self.pid) - self.cpu_start
+
+    def peak_rss(self) -> float:
+        return max(self.rss, default=rss_mb(self.pid))
