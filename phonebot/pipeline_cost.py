@@ -1,8 +1,9 @@
 """Keeping a call's per-frame cost down, so one 2-core server holds many calls.
 
-Why this exists: under load, a call's CPU goes mostly to Pipecat moving frames, not to
-models. Every frame costs a queue hop and a task wake-up in each processor it passes, and
-Twilio sends a 20 ms audio message 50 times a second per call. So:
+Why this exists: besides the models (Silero VAD on every 32 ms, Smart Turn once per
+pause), a call's CPU goes to Pipecat moving frames: every frame costs a queue hop and a
+task wake-up in each processor it passes, and Twilio sends a 20 ms audio message 50 times
+a second per call. So:
 
 - `AudioBatcher` joins consecutive 20 ms Twilio payloads into one frame of
   `INBOUND_BATCH_MS` (used by `phonebot.session.TwilioMarkSerializer`): a third as many
@@ -22,10 +23,10 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 # μ-law at 8 kHz: 8 bytes per millisecond.
 ULAW_BYTES_PER_MS = 8
-# 60 ms: three Twilio messages per frame. Measured (bench/load.py, instant services):
-# 20 → 60 ms cut the server's CPU per call by about a quarter; the added delay is at most
-# 40 ms on a reply latency of ~500 ms, and Silero's 32 ms windows still run on every
-# sample (the VAD buffers the remainder).
+# 60 ms: three Twilio messages per frame. Measured (10 calls held, instant services):
+# 20 → 60 ms cut the server's CPU per held call by about a fifth, and 100 ms saved no
+# more; the added delay is at most 40 ms on a reply latency of ~450 ms. Silero still
+# scores every sample in its own 32 ms windows (the VAD buffers the remainder).
 INBOUND_BATCH_MS = 60
 # 100 ms of audio per websocket message to Twilio instead of Pipecat's 40 ms default:
 # Twilio plays any payload size, and a chunk costs the same work whatever its length
