@@ -241,7 +241,10 @@ def check_targets(steps: Sequence[StepResult]) -> list[dict]:
     by_n = {step.n: step for step in steps}
     one, target = by_n.get(1), by_n.get(TARGET_CALLS)
     if target is None:
-        return [{"target": f"{TARGET_CALLS} concurrent calls", "met": None, "detail": "not run"}]
+        # The series stopped (broke) below the target, or --max-calls kept it from running.
+        reached = max(by_n, default=0)
+        detail = f"not reached: the series stopped at N = {reached}"
+        return [{"target": f"{TARGET_CALLS} concurrent calls", "met": False, "detail": detail}]
     p95_limit = None if one is None or one.p95 is None else one.p95 * TARGET_P95_FACTOR
     return [
         {

@@ -250,7 +250,8 @@ def test_targets_and_ratios() -> None:
     assert met == [True, True, True, True]
     hundred.p95, hundred.dropped = 0.8, 1
     assert [t["met"] for t in load_report.check_targets([one, hundred])][:2] == [False, False]
-    assert load_report.check_targets([one])[0]["met"] is None  # N = 100 never ran
+    missed = load_report.check_targets([one])[0]  # the series stopped before N = 100
+    assert missed["met"] is False and "stopped at N = 1" in missed["detail"]
     base = load_report.StepResult("baseline", 1, 30.0, p50=0.5, p95=0.4, cpu_per_call_min=4.0)
     ours = load_report.StepResult("ours", 1, 30.0, p50=0.4, p95=0.5, cpu_per_call_min=2.0)
     (row,) = load_report.ratio_rows([ours], [base])
