@@ -37,7 +37,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -164,10 +163,33 @@ def client_ip(request: Request, trusted_proxy_hops: int) -> str:
 # --- rate limits -------------------------------------------------------------------
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float
+class TokenBucket:
+    """Refills at `rate` per second up to `burst`; `admit(cost)` spends it or refuses.
+
+    Used per client for `/dialout`, and per call in audio seconds (rate 1: real time)
+    and key presses (`phonebot.stream_guard`). A legit peer averages
+    at most the rate, so only one sending faster, beyond the burst, is ever refused.
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Clock = time.monotonic):
+        self._rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._last = clock()
+
+    def admit(self, cost: float) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if cost > self._tokens:
+            return False
+        self._tokens -= cost
+        return True
+
+    def wait_s(self, cost: float) -> float:
+        """After a refused `admit(cost)`: seconds until `cost` would be admitted."""
+        return max(0.0, cost - self._tokens) / self._rate
 
 
 class RateLimiter:
@@ -189,21 +211,15 @@ class RateLimiter:
         self._rate = per_minute / 60.0
         self._max_keys = max_keys
         self._clock = clock
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def retry_after(self, key: str) -> float:
         """Take a token for `key`: 0 when allowed, else seconds until one is available."""
-        now = self._clock()
-        bucket = self._bucket(key, now)
-        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self._rate)
-        bucket.updated = now
-        if bucket.tokens >= 1:
-            bucket.tokens -= 1
-            return 0.0
-        return (1 - bucket.tokens) / self._rate
+        bucket = self._bucket(key)
+        return 0.0 if bucket.admit(1) else bucket.wait_s(1)
 
-    def _bucket(self, key: str, now: float) -> _Bucket:
-        bucket = self._buckets.pop(key, None) or _Bucket(tokens=self.burst, updated=now)
+    def _bucket(self, key: str) -> TokenBucket:
+        bucket = self._buckets.pop(key, None) or TokenBucket(self._rate, self.burst, self._clock)
         self._buckets[key] = bucket
         while len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)

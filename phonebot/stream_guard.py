@@ -28,11 +28,13 @@ import binascii
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from loguru import logger
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from phonebot.limits import Clock, TokenBucket
 
 # A Twilio `media` message is ~300 bytes and `start` a few KB (custom parameters are capped
 # by phonebot.twiml); 64 KiB leaves room for both and bounds what one message can cost.
@@ -56,7 +58,6 @@ DETAIL_CHARS = 80
 HANDSHAKE_MESSAGES = 2
 SID_EVENTS = frozenset({"media", "mark", "dtmf"})
 
-Clock = Callable[[], float]
 
 
 class HandshakeError(Exception):
@@ -201,30 +202,6 @@ class FaultLog:
             "warnings suppressed"
         )
         self._suppressed.clear()
-
-
-class TokenBucket:
-    """Refills at `rate` per second up to `burst`; `admit(cost)` spends it or refuses.
-
-    Used in audio seconds (rate 1: real time) and in key presses. A legit peer averages
-    at most the rate, so only one sending faster, beyond the burst, is ever refused.
-    """
-
-    def __init__(self, rate: float, burst: float, clock: Clock = time.monotonic):
-        self._rate = rate
-        self._burst = burst
-        self._clock = clock
-        self._tokens = burst
-        self._last = clock()
-
-    def admit(self, cost: float) -> bool:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if cost > self._tokens:
-            return False
-        self._tokens -= cost
-        return True
 
 
 class InboundGuard:
