@@ -1,7 +1,9 @@
 """The phone bot: one Pipecat pipeline per call.
 
     transport.input() → STT → keypad digits → user aggregator (Silero VAD + Smart Turn) → LLM → TTS
-        → transport.output() → assistant aggregator
+        → transport.output() → turn timer → assistant aggregator
+
+phonebot.turns decides when a caller's turn has ended and logs where each reply's time went.
 
 `bot(runner_args)` is Pipecat Cloud's entry point and what `server.py`'s `/ws` calls, so
 the same code runs self-hosted and on Pipecat Cloud. `run_bot(transport, call)` builds
@@ -15,7 +17,7 @@ from collections.abc import Callable
 
 from fastapi import WebSocket
 from loguru import logger
-from pipecat.adapters.schemas.tools_schema import ToolsSchema
+from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.frames.frames import TTSSpeakFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
@@ -26,10 +28,11 @@ from pipecat.processors.aggregators.llm_response_universal import (
 )
 from pipecat.runner.types import RunnerArguments
 from pipecat.transports.base_transport import BaseTransport
-from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 
+from phonebot.barge_in import vad_params
+from phonebot.bot_speech import BotSpeechLog
 from phonebot.call_control import (
     END_CALL_TOOL,
     TRANSFER_TOOL,
@@ -39,7 +42,7 @@ from phonebot.call_control import (
 )
 from phonebot.config import Settings, for_persona, get_settings
 from phonebot.keypad import keypad_aggregator
-from phonebot.models import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzer
+from phonebot.models import SharedSileroVADAnalyzer
 from phonebot.personas import Persona, opening_line, select_persona
 from phonebot.pipeline_cost import InputAudioStop
 from phonebot.provider_faults import ApologyPlayer, ProviderFaults
@@ -53,6 +56,8 @@ from phonebot.session import (
     twilio_transport,
 )
 from phonebot.shutdown import ACTIVE_CALLS
+from phonebot.stream_guard import Handshake
+from phonebot.turns import TurnTimeline, TurnTimer, phone_turn_stop
 from phonebot.voicemail import AnsweringMachineScreen
 
 PHONE_SAMPLE_RATE = 8000
@@ -75,19 +80,23 @@ def call_tools(settings: Settings, serializer: TwilioMarkSerializer | None) -> l
     return [END_CALL_TOOL, TRANSFER_TOOL] if can_transfer else [END_CALL_TOOL]
 
 
-def user_turn_params(settings: Settings) -> LLMUserAggregatorParams:
-    """Silero VAD hears speech; Pipecat's bundled Smart Turn model decides the turn ended.
+def user_turn_params(
+    settings: Settings, timeline: TurnTimeline | None = None
+) -> LLMUserAggregatorParams:
+    """Silero VAD hears speech; Pipecat's bundled Smart Turn model and the transcript's
+    last words decide the turn ended (phonebot.turns; `timeline` records its timings).
 
     Both analyzers run on process-wide ONNX sessions (phonebot.models), so a call adds its
     own state but no model. Pipecat's user-idle timer (started when the bot stops speaking)
     drives re-prompts.
     """
     return LLMUserAggregatorParams(
-        vad_analyzer=SharedSileroVADAnalyzer(),
+        vad_analyzer=SharedSileroVADAnalyzer(params=vad_params(settings)),  # barge-in
         user_idle_timeout=settings.silence_timeout_s,
-        user_turn_strategies=UserTurnStrategies(
-            stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=SharedSmartTurnAnalyzer())]
-        ),
+        user_turn_strategies=UserTurnStrategies(stop=[phone_turn_stop(settings, timeline)]),
+        # Pipecat's last-resort turn end (5 s after the last speech or transcript) must
+        # not cut short a caller we are deliberately waiting for.
+        user_turn_stop_timeout=max(5.0, settings.turn_dangling_wait_s + 2.0),
     )
 
 
@@ -127,12 +136,14 @@ async def run_bot(
     persona = select_persona(call.parameters)
     settings = for_persona(settings or get_settings(), persona)
     services = build_services(settings, persona)
+    BotSpeechLog(call.call_sid, settings).watch(services.llm)  # "Call … bot says: …"
     context = LLMContext(
         messages=[{"role": "system", "content": system_prompt(persona, call)}],
         tools=ToolsSchema(standard_tools=call_tools(settings, serializer)),
     )
+    timeline = TurnTimeline(call.call_sid)  # "Call … turn timing {…}" at DEBUG, per turn
     user_aggregator, assistant_aggregator = LLMContextAggregatorPair(
-        context, user_params=user_turn_params(settings)
+        context, user_params=user_turn_params(settings, timeline)
     )
 
     async def end_idle() -> None:
@@ -163,6 +174,7 @@ async def run_bot(
             services.tts,
             apology_player,
             transport.output(),
+            TurnTimer(timeline, services.llm.name, services.tts.name),  # reply timings
             assistant_aggregator,
         ]
     )
@@ -268,14 +280,16 @@ async def serve_call(
     websocket: WebSocket,
     settings: Settings,
     admit: Callable[[CallSession], str | None] | None = None,
+    handshake: Handshake | None = None,
 ) -> None:
     """Verify a Twilio stream and run its call; a rejected stream is closed, costing nothing.
 
     `admit` (server.py's admission control) may still turn a verified call away, saying
-    why: its token was already used, the server is full or shutting down.
+    why: its token was already used, the server is full or shutting down. `handshake` is
+    what a Pipecat runner already parsed from the websocket, if it did.
     """
     try:
-        call = await accept_twilio_stream(websocket, settings)
+        call = await accept_twilio_stream(websocket, settings, handshake)
     except StreamRejected as rejection:
         await reject_stream(websocket, str(rejection))
         return
@@ -287,5 +301,15 @@ async def serve_call(
 
 
 async def bot(runner_args: RunnerArguments) -> None:
-    """Pipecat Cloud's entry point (a `WebSocketRunnerArguments` for Twilio calls)."""
-    await serve_call(runner_args.websocket, get_settings())  # type: ignore[attr-defined]
+    """Pipecat Cloud's entry point (a `WebSocketRunnerArguments` for Twilio calls).
+
+    Pipecat's runners hand over the accepted websocket unread (`pipecat.runner.run`), and
+    the handshake is read here as in `/ws`; a runner that parsed it first (through
+    `create_transport`, which fills `call_data`) is taken at its word, then checked.
+    """
+    handshake = None
+    if runner_args.call_data is not None:
+        transport_type = getattr(runner_args, "transport_type", None) or "unknown"
+        handshake = (transport_type, runner_args.call_data)
+    websocket = runner_args.websocket  # type: ignore[attr-defined]
+    await serve_call(websocket, get_settings(), handshake=handshake)

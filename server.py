@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from bot import serve_call
 from dialout import DialoutRequest, DialoutResponse, place_call
 from phonebot import __version__
+from phonebot.caller_id import presented_caller_id
 from phonebot.config import Settings, get_settings
 from phonebot.limits import (
     BodySizeLimit,
@@ -44,9 +45,12 @@ from phonebot.models import load_shared_models
 from phonebot.providers import chosen_providers
 from phonebot.security import (
     TOKEN_PARAMETER,
+    UnsafeConfiguration,
     call_token,
+    checks_webhook_signatures,
     external_base_url,
     require_dialout_key,
+    require_safe_configuration,
     require_twilio_signature,
 )
 from phonebot.shutdown import UVICORN_CLOSE_TIMEOUT_S, Drain, GracefulServer
@@ -55,7 +59,9 @@ from phonebot.twilio_api import TwilioUnavailable
 from phonebot.twiml import (
     ParameterError,
     busy_twiml,
+    closing_phrase,
     connect_stream_twiml,
+    insecure_stream_url,
     stream_target,
     validate_custom_parameters,
 )
@@ -97,23 +103,39 @@ async def call_twiml(request: Request, call_type: str) -> Response:
     call_sid = str(form.get("CallSid", ""))
     if not call_sid:
         raise ParameterError("CallSid", "is required (this endpoint is for Twilio)")
+    replays: ReplayGuard = request.app.state.replays
+    if (again := replays.answer_for_retry(request, call_sid)) is not None:
+        logger.info(f"{call_type} call {call_sid}: Twilio retried its webhook; same answer")
+        return Response(again, media_type="application/xml")
     with answered_once(request, call_sid):
-        query, own = server_parameters(request.query_params, call_type)
-        custom = validate_custom_parameters(query, settings, where="query")
-        parameters = {
-            **custom,
-            **own,
-            "caller_id": str(form.get("From", "")),
-            "called_number": str(form.get("To", "")),
-            "call_type": call_type,
-            TOKEN_PARAMETER: call_token(call_sid, settings.stream_token_secret),
-        }
-        target = stream_target(settings, public_base_url(request))
-        if refusal := admit_webhook(request.app.state.admission, settings, call_sid):
-            logger.warning(f"{call_type} call {call_sid}: busy ({refusal})")
-            return Response(busy_twiml(), media_type="application/xml")
-        logger.info(f"{call_type} call {call_sid}: streaming to {target.url}")
-        return Response(connect_stream_twiml(target, parameters), media_type="application/xml")
+        twiml = answer_call(request, settings, call_sid, call_type, form)
+        replays.remember_answer(request, call_sid, twiml)
+        return Response(twiml, media_type="application/xml")
+
+
+def answer_call(
+    request: Request, settings: Settings, call_sid: str, call_type: str, form: Mapping
+) -> str:
+    """The TwiML for a call we haven't answered yet: the stream, or busy (no slot)."""
+    query, own = server_parameters(request.query_params, call_type)
+    custom = validate_custom_parameters(query, settings, where="query")
+    parameters = {
+        **custom,
+        **own,
+        # A withheld number (+266696687, Anonymous, ...) is passed on as no caller ID.
+        "caller_id": presented_caller_id(str(form.get("From", ""))),
+        "called_number": str(form.get("To", "")),
+        "call_type": call_type,
+        TOKEN_PARAMETER: call_token(call_sid, settings.stream_token_secret),
+    }
+    target = stream_target(settings, public_base_url(request))
+    if refusal := admit_webhook(request.app.state.admission, settings, call_sid):
+        logger.warning(f"{call_type} call {call_sid}: busy ({refusal})")
+        return busy_twiml()
+    if problem := insecure_stream_url(target.url):
+        logger.error(f"{call_type} call {call_sid}: {problem}")
+    logger.info(f"{call_type} call {call_sid}: streaming to {target.url}")
+    return connect_stream_twiml(target, parameters, closing_phrase(settings))
 
 
 def admit_webhook(admission: CallAdmission, settings: Settings, call_sid: str) -> str | None:
@@ -133,7 +155,8 @@ def answered_once(request: Request, call_sid: str) -> Iterator[None]:
 
     Runs after the signature check, so only Twilio-signed requests are remembered and a
     stranger can't block a real call by sending its CallSid first. A request that fails
-    here (any exception) is forgotten, so Twilio's retry of it is answered.
+    here (any exception) is forgotten, so Twilio's retry of it is answered. Twilio's retry
+    of one we answered never gets here: `ReplayGuard.answer_for_retry` answers it first.
     """
     replays: ReplayGuard = request.app.state.replays
     keys = replays.keys(request, call_sid)
@@ -207,19 +230,26 @@ def create_app(settings: Settings) -> FastAPI:
         providers = chosen_providers(settings)
         mode = "offline mode" if providers.offline else "online"
         logger.info(f"Phone bot {__version__} ({mode}): {providers.describe()}")
-        if settings.twilio_auth_token is None:
+        if settings.webhook_auth == "external":
+            logger.info("WEBHOOK_AUTH=external: webhook signatures are left to your gateway")
+        elif not checks_webhook_signatures(settings):
             logger.warning("TWILIO_AUTH_TOKEN unset: webhook signatures are not checked")
         if settings.dialout_api_key is None:
             logger.info("DIALOUT_API_KEY unset: POST /dialout is disabled")
         await warm_up_models(providers.stt == "offline")
         yield
 
+    require_safe_configuration(settings)
     app = FastAPI(title="Phone bot", version=__version__, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
     app.state.settings = settings
     app.state.active_streams = 0
     app.state.admission = CallAdmission(settings)
-    app.state.replays = ReplayGuard(settings.replay_cache_ttl_s, settings.replay_cache_size)
+    app.state.replays = ReplayGuard(
+        settings.replay_cache_ttl_s,
+        settings.replay_cache_size,
+        retry_window_s=settings.webhook_retry_window_s,
+    )
     app.state.dialout_limiter = RateLimiter(
         settings.dialout_rate_limit_per_minute, settings.dialout_rate_limit_burst
     )
@@ -319,7 +349,11 @@ def main() -> None:
     """uvicorn, with our signal handling: SIGTERM drains calls, a second one exits now."""
     settings = get_settings()
     configure_logging(settings)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except UnsafeConfiguration as problem:
+        logger.error(str(problem))
+        sys.exit(2)
     config = uvicorn.Config(
         app,
         host=settings.host,

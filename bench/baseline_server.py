@@ -5,10 +5,15 @@ development runner, which serves `POST /` with a TwiML `<Connect><Stream>` and t
 media-stream websocket `/ws`): parse the Twilio handshake, a `FastAPIWebsocketTransport`
 with a `TwilioFrameSerializer` at 8 kHz, and
 
-    transport.input → STT → user aggregator (plain Silero VAD) → LLM → TTS
+    transport.input → STT → user aggregator (Silero VAD + Smart Turn v3) → LLM → TTS
         → transport.output → assistant aggregator
 
-greeting on connect through the LLM, as the example does. Only the services differ: the
+greeting on connect through the LLM, as the example does. The user aggregator gets only a
+VAD, so its turn strategies are Pipecat 1.14's defaults (`UserTurnStrategies()`): the turn
+starts on VAD or transcription, and it ends by `TurnAnalyzerUserTurnStopStrategy` with
+`LocalSmartTurnAnalyzerV3`, whose silence fallback (`SmartTurnParams.stop_secs`, 3 s)
+applies when the model judges the turn unfinished. So the baseline runs Smart Turn as our
+server does; it is not "plain VAD". Only the services differ: the
 same OpenAI services our server uses, pointed at the same endpoint (`OPENAI_BASE_URL`, the
 instant AI API in the benchmark), so the benchmark compares the servers, not providers.
 Auto hang-up is off (there is no Twilio account to call; our server does the same).
@@ -85,6 +90,12 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     await run_bot(transport)
 
 
+def user_params() -> LLMUserAggregatorParams:
+    """The example's user aggregator settings: a Silero VAD, every turn strategy left to
+    Pipecat's default (which ends turns with Smart Turn v3, see the module docstring)."""
+    return LLMUserAggregatorParams(vad_analyzer=SileroVADAnalyzer())
+
+
 async def run_bot(transport: FastAPIWebsocketTransport) -> None:
     """The example's `run_bot`, with the OpenAI services in place of Google/Deepgram/Cartesia."""
     stt = OpenAISTTService(
@@ -105,7 +116,7 @@ async def run_bot(transport: FastAPIWebsocketTransport) -> None:
     )
     context = LLMContext(messages=[{"role": "system", "content": SYSTEM}])
     user_aggregator, assistant_aggregator = LLMContextAggregatorPair(
-        context, user_params=LLMUserAggregatorParams(vad_analyzer=SileroVADAnalyzer())
+        context, user_params=user_params()
     )
     pipeline = Pipeline(
         [

@@ -1,45 +1,87 @@
 """Figures for one load step, the printed tables, the ours/baseline ratios, JSON and plot.
 
-Latency percentiles are over every answered turn of every call at that N (replies to
-caller speech; replies to DTMF keys are kept apart, as the baseline doesn't answer keys).
-Pacing counts, inside each bot reply as the caller's playout buffer heard it, the silence
-spent waiting for late audio (`underrun`, as a share of the bot's speaking time) and the
-chunks that came after the buffer had run dry (`late`).
+A step is N concurrent calls, repeated `runs` times (ours and the baseline interleaved run
+by run, so a disturbance on the shared machine lands on both). Latency percentiles are
+pooled over every answered turn of every run (replies to caller speech; replies to DTMF
+keys are kept apart, as the baseline doesn't answer keys), and each run's own p50/p95 give
+the spread (min / median / max across runs). Pacing counts, inside each bot reply as the
+caller's playout buffer heard it, the silence spent waiting for late audio (`underrun`, as
+a share of the bot's speaking time) and the chunks that came after the buffer had run dry
+(`late`).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from load_calls import CallSummary, WorkerReport
+from load_stats import (
+    SLOW_TURN_S,
+    STAGES,
+    histogram,
+    percentile,
+    slow_share,
+    spread,
+    summarize_timings,
+)
 
 # Issue 5's targets, checked on our server with the instant services.
 TARGET_CALLS = 100
 TARGET_P95_FACTOR = 1.5
 TARGET_UNDERRUN = 0.01
 TARGET_RSS_PER_CALL_MB = 25.0
+# Issue 9's targets: p95 reply <= 1.2 s at N = 1 and at N = 10, and p50 no worse than the
+# fresh-clone figure the issue measured (0.34-0.42 s), within 10 %.
+TARGET_REPLY_P95_S = 1.2
+TARGET_REPLY_NS = (1, 10)
+TODAY_P50_S = 0.42
+TARGET_P50_TOLERANCE = 0.10
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default method); None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+@dataclass
+class RunData:
+    """One run of a step as measured: the callers' reports and the server's readings."""
+
+    reports: list[WorkerReport]
+    wall_s: float
+    cpu_s: float
+    rss_peak_mb: float
+    timings: list[dict] = field(default_factory=list)  # server turn-timing records
+    ai_api_cpu_s: float | None = None
+
+    @property
+    def calls(self) -> list[CallSummary]:
+        return [call for report in self.reports for call in report.calls]
+
+    @property
+    def latencies(self) -> list[float]:
+        return [lat for call in self.calls for lat in call.speech_latencies]
+
+
+@dataclass
+class RunFigures:
+    """One run's own figures, for the spread across the runs of a step."""
+
+    run: int
+    wall_s: float
+    calls_ok: int
+    failed: int
+    dropped: int
+    turns: int
+    p50: float | None
+    p95: float | None
+    slow_share: float | None
+    underrun_share: float
+    cpu_per_call_min: float | None
 
 
 @dataclass
 class StepResult:
-    """Everything measured at one N for one server."""
+    """Everything measured at one N for one server, pooled over its runs."""
 
     series: str
     n: int
@@ -51,6 +93,9 @@ class StepResult:
     p50: float | None = None
     p95: float | None = None
     p99: float | None = None
+    slow_share: float | None = None  # share of turns slower than SLOW_TURN_S
+    p50_spread: dict | None = None  # min / median / max of the runs' own p50
+    p95_spread: dict | None = None
     key_turns: int = 0
     key_p50: float | None = None
     key_p95: float | None = None
@@ -71,6 +116,11 @@ class StepResult:
     loadgen_lag_max_ms: float | None = None
     ai_api_cpu_per_call_min: float | None = None  # the instant services' own process
     errors: list[str] = field(default_factory=list)
+    runs: list[RunFigures] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # every turn, sorted, seconds
+    histogram: dict = field(default_factory=dict)  # of `latencies`, see load_stats.histogram
+    server_turns: dict | None = None  # summary of the server's turn-timing lines
+    turn_timings: list[dict] = field(default_factory=list)  # those lines, one per turn
 
     @property
     def broken(self) -> bool:
@@ -94,28 +144,47 @@ def distinct_errors(calls: Sequence[CallSummary], limit: int = 3) -> list[str]:
     return errors[:limit]
 
 
+def run_figures(index: int, run: RunData) -> RunFigures:
+    calls, latencies = run.calls, run.latencies
+    minutes = sum(call.duration for call in calls) / 60
+    return RunFigures(
+        run=index,
+        wall_s=run.wall_s,
+        calls_ok=sum(not (c.failed or c.dropped) for c in calls),
+        failed=sum(c.failed for c in calls),
+        dropped=sum(c.dropped for c in calls),
+        turns=len(latencies),
+        p50=percentile(latencies, 50),
+        p95=percentile(latencies, 95),
+        slow_share=slow_share(latencies),
+        underrun_share=pacing(calls)[0],
+        cpu_per_call_min=run.cpu_s / minutes if minutes else None,
+    )
+
+
 def step_result(
     series: str,
     n: int,
-    wall_s: float,
-    reports: Sequence[WorkerReport],
-    cpu_s: float,
+    runs: Sequence[RunData],
     rss_idle_mb: float,
-    rss_peak_mb: float,
     previous: StepResult | None,
 ) -> StepResult:
-    """Combine the workers' call summaries and the server's /proc readings for one step."""
-    calls = [call for report in reports for call in report.calls]
-    speech = [lat for call in calls for lat in call.speech_latencies]
+    """Pool the runs' call summaries and the server's /proc readings for one step."""
+    calls = [call for run in runs for call in run.calls]
+    speech = sorted(lat for run in runs for lat in run.latencies)
     keyed = [lat for call in calls for lat in call.key_latencies]
     share, late, chunks, long_gaps = pacing(calls)
     call_minutes = sum(call.duration for call in calls) / 60
-    lags = [lag for report in reports for lag in report.lags]
-    loadgen_cpu = sum(report.cpu_s for report in reports)
+    lags = [lag for run in runs for report in run.reports for lag in report.lags]
+    loadgen_cpu = sum(report.cpu_s for run in runs for report in run.reports)
+    cpu_s = sum(run.cpu_s for run in runs)
+    rss_peak = max((run.rss_peak_mb for run in runs), default=rss_idle_mb)
+    per_run = [run_figures(k + 1, run) for k, run in enumerate(runs)]
+    timings = [record for run in runs for record in run.timings]
     result = StepResult(
         series=series,
         n=n,
-        wall_s=wall_s,
+        wall_s=sum(run.wall_s for run in runs),
         calls_ok=sum(not (c.failed or c.dropped) for c in calls),
         failed=sum(c.failed for c in calls),
         dropped=sum(c.dropped for c in calls),
@@ -123,6 +192,9 @@ def step_result(
         p50=percentile(speech, 50),
         p95=percentile(speech, 95),
         p99=percentile(speech, 99),
+        slow_share=slow_share(speech),
+        p50_spread=spread(r.p50 for r in per_run),
+        p95_spread=spread(r.p95 for r in per_run),
         key_turns=len(keyed),
         key_p50=percentile(keyed, 50),
         key_p95=percentile(keyed, 95),
@@ -135,15 +207,23 @@ def step_result(
         cpu_s=cpu_s,
         cpu_per_call_min=cpu_s / call_minutes if call_minutes else None,
         rss_idle_mb=rss_idle_mb,
-        rss_peak_mb=rss_peak_mb,
-        rss_per_call_mb=(rss_peak_mb - rss_idle_mb) / n,
+        rss_peak_mb=rss_peak,
+        rss_per_call_mb=(rss_peak - rss_idle_mb) / n,
         loadgen_cpu_per_call_min=loadgen_cpu / call_minutes if call_minutes else None,
         loadgen_lag_p99_ms=_ms(percentile(lags, 99)),
         loadgen_lag_max_ms=_ms(max(lags, default=None)),
         errors=distinct_errors(calls),
+        runs=per_run,
+        latencies=[round(lat, 4) for lat in speech],
+        histogram=histogram(speech),
+        server_turns=summarize_timings(timings) if timings else None,
+        turn_timings=timings,
     )
+    helper_cpu = [run.ai_api_cpu_s for run in runs if run.ai_api_cpu_s is not None]
+    if helper_cpu and call_minutes:
+        result.ai_api_cpu_per_call_min = sum(helper_cpu) / call_minutes
     if previous is not None and n > previous.n:
-        result.rss_slope_mb = (rss_peak_mb - previous.rss_peak_mb) / (n - previous.n)
+        result.rss_slope_mb = (rss_peak - previous.rss_peak_mb) / (n - previous.n)
     return result
 
 
@@ -154,47 +234,80 @@ def _ms(seconds: float | None) -> float | None:
 # ------------------------------------------------------------------ printing
 
 
-def _f(value: float | None, fmt: str = ".2f", scale: float = 1.0) -> str:
-    return "–" if value is None else format(value * scale, fmt)
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    """A figure for a table cell; "–" when it was not measured."""
+    return "–" if value is None else format(value, spec)
+
+
+def fmt_range(spread_: dict | None) -> str:
+    """Lowest–highest of a figure across the runs of a step."""
+    return "–" if not spread_ else f"{spread_['min']:.2f}–{spread_['max']:.2f}"
 
 
 HEADER = (
-    f"{'N':>4} {'ok':>4} {'fail':>4} {'drop':>4} {'turns':>5} "
-    f"{'p50 s':>6} {'p95 s':>6} {'p99 s':>6} {'key p95':>7} "
-    f"{'underrun':>8} {'late':>5} {'CPU s/call-min':>14} "
-    f"{'RSS MB':>7} {'MB/call':>7} {'slope':>6} {'gen CPU':>7} {'gen lag':>7}"
+    f"{'series':<17} {'N':>4} {'runs':>4} {'ok':>4} {'fail':>4} {'drop':>4} {'turns':>5} "
+    f"{'p50 s':>6} {'(runs)':>9} {'p95 s':>6} {'(runs)':>9} {f'>{SLOW_TURN_S:g}s':>5} "
+    f"{'key p95':>7} {'underrun':>8} {'CPU s/call-min':>14} {'RSS MB':>7} {'MB/call':>7} "
+    f"{'gen lag':>7}"
 )
 
 
 def format_row(step: StepResult) -> str:
     return (
-        f"{step.n:>4} {step.calls_ok:>4} {step.failed:>4} {step.dropped:>4} {step.turns:>5} "
-        f"{_f(step.p50):>6} {_f(step.p95):>6} {_f(step.p99):>6} {_f(step.key_p95):>7} "
-        f"{_f(step.underrun_share, '.2%'):>8} {step.late_chunks:>5} "
-        f"{_f(step.cpu_per_call_min):>14} {step.rss_peak_mb:>7.0f} "
-        f"{_f(step.rss_per_call_mb, '.1f'):>7} {_f(step.rss_slope_mb, '.1f'):>6} "
-        f"{_f(step.loadgen_cpu_per_call_min):>7} {_f(step.loadgen_lag_p99_ms, '.0f'):>5}ms"
+        f"{step.series:<17} {step.n:>4} {len(step.runs):>4} {step.calls_ok:>4} "
+        f"{step.failed:>4} {step.dropped:>4} {step.turns:>5} "
+        f"{fmt(step.p50):>6} {fmt_range(step.p50_spread):>9} "
+        f"{fmt(step.p95):>6} {fmt_range(step.p95_spread):>9} {fmt(step.slow_share, '.0%'):>5} "
+        f"{fmt(step.key_p95):>7} {fmt(step.underrun_share, '.2%'):>8} "
+        f"{fmt(step.cpu_per_call_min):>14} {step.rss_peak_mb:>7.0f} "
+        f"{fmt(step.rss_per_call_mb, '.1f'):>7} {fmt(step.loadgen_lag_p99_ms, '.0f'):>5}ms"
     )
 
 
-def print_header(series: str, note: str = "") -> None:
-    print(f"\n== {series} {note}".rstrip(), flush=True)
+def format_run(series: str, n: int, run: RunFigures, runs: int) -> str:
+    """One progress line per run, so a long step shows it is alive."""
+    return (
+        f"  {series} N = {n} run {run.run}/{runs}: {run.turns} turns, p50 {fmt(run.p50)} s, "
+        f"p95 {fmt(run.p95)} s, {run.failed + run.dropped} failed/dropped ({run.wall_s:.0f} s)"
+    )
+
+
+def format_server_turns(summary: dict | None) -> str | None:
+    """The server's own account of its turns: where the reply time went, and verdicts."""
+    if not summary:
+        return None
+    stages = " · ".join(
+        f"{STAGES[name]} {fmt(fig['p50'])}/{fmt(fig['p95'])}"
+        for name, fig in summary["stages"].items()
+        if fig["n"]
+    )
+    verdicts = ", ".join(f"{k} {v}" for k, v in summary["verdicts"].items())
+    rules = ", ".join(f"{k} {v}" for k, v in summary["rules"].items())
+    return f"     server p50/p95 s: {stages}\n     verdicts: {verdicts}; rules: {rules}"
+
+
+def print_header(note: str = "") -> None:
+    print(f"\n== load steps {note}".rstrip(), flush=True)
     print(HEADER, flush=True)
 
 
 def print_row(step: StepResult) -> None:
     print(format_row(step), flush=True)
+    breakdown = format_server_turns(step.server_turns)
+    if breakdown:
+        print(breakdown, flush=True)
     for error in step.errors:
         print(f"     ! {error}", flush=True)
 
 
-LEGEND = """\
-latency: end of caller speech -> first bot audio the caller hears (p50/p95/p99 over all
-turns; 'key p95' for replies to DTMF). underrun: share of the bot's speaking time the
-caller's playout buffer sat empty waiting for late audio; late: chunks that came after it
-ran dry. CPU s/call-min and RSS are the server process only; MB/call = (peak - idle) / N,
-slope = MB per call added since the previous N. gen CPU / gen lag: the load generator's own
-CPU s per call-minute and event-loop lag p99 (high lag inflates latency and underrun)."""
+LEGEND = f"""\
+latency: end of caller speech -> first bot audio the caller hears, pooled over every turn
+of every run ('(runs)': lowest-highest of the runs' own p50 / p95; '>{SLOW_TURN_S:g}s': share
+of turns slower than that; 'key p95' for replies to DTMF). underrun: share of the bot's
+speaking time the caller's playout buffer sat empty waiting for late audio. CPU s/call-min
+and RSS are the server process only; MB/call = (peak - idle) / N. gen lag: the load
+generator's event-loop lag p99 (high lag inflates latency and underrun). 'server': stages
+of the server's turn-timing log lines (seconds after the caller's speech ended)."""
 
 
 def ratio(ours: float | None, base: float | None) -> str:
@@ -236,17 +349,53 @@ def print_ratios(rows: Sequence[dict]) -> None:
         )
 
 
+def reply_targets(steps: Sequence[StepResult]) -> list[dict]:
+    """Issue 9's reply targets at N = 1 and N = 10 (a step that did not run is missed)."""
+    by_n = {step.n: step for step in steps}
+    p50_limit = TODAY_P50_S * (1 + TARGET_P50_TOLERANCE)
+    targets = []
+    for n in TARGET_REPLY_NS:
+        step = by_n.get(n)
+        targets.append(
+            {
+                "target": f"p95 reply <= {TARGET_REPLY_P95_S:g} s at N = {n}",
+                "met": step is not None and step.p95 is not None and step.p95 <= TARGET_REPLY_P95_S,
+                "detail": _measured(step, "p95"),
+            }
+        )
+        targets.append(
+            {
+                "target": f"p50 reply <= {p50_limit:.2f} s at N = {n} "
+                f"(fresh clone {TODAY_P50_S:g} s + {TARGET_P50_TOLERANCE:.0%})",
+                "met": step is not None and step.p50 is not None and step.p50 <= p50_limit,
+                "detail": _measured(step, "p50"),
+            }
+        )
+    return targets
+
+
+def _measured(step: StepResult | None, name: str) -> str:
+    if step is None:
+        return "not measured at this N (the series stopped earlier, or --steps left it out)"
+    spread_ = step.p50_spread if name == "p50" else step.p95_spread
+    return f"{fmt(getattr(step, name))} s over {step.turns} turns (runs {fmt_range(spread_)} s)"
+
+
 def check_targets(steps: Sequence[StepResult]) -> list[dict]:
-    """Issue 5's targets for our server with the instant services, each met or not."""
+    """Issues 9 and 5's targets for our server with the instant services, each met or not."""
+    targets = reply_targets(steps)
     by_n = {step.n: step for step in steps}
     one, target = by_n.get(1), by_n.get(TARGET_CALLS)
     if target is None:
-        # The series stopped (broke) below the target, or --max-calls kept it from running.
+        # The series stopped below the target, or --max-calls / the time budget kept it out.
         reached = max(by_n, default=0)
         detail = f"not reached: the series stopped at N = {reached}"
-        return [{"target": f"{TARGET_CALLS} concurrent calls", "met": False, "detail": detail}]
+        targets.append(
+            {"target": f"{TARGET_CALLS} concurrent calls", "met": False, "detail": detail}
+        )
+        return targets
     p95_limit = None if one is None or one.p95 is None else one.p95 * TARGET_P95_FACTOR
-    return [
+    return targets + [
         {
             "target": f"{TARGET_CALLS} calls held, none dropped or failed",
             "met": not target.broken,
@@ -255,7 +404,7 @@ def check_targets(steps: Sequence[StepResult]) -> list[dict]:
         {
             "target": f"p95 at {TARGET_CALLS} <= {TARGET_P95_FACTOR}x p95 at 1",
             "met": None if p95_limit is None or target.p95 is None else target.p95 <= p95_limit,
-            "detail": f"{_f(target.p95)} s vs limit {_f(p95_limit)} s",
+            "detail": f"{fmt(target.p95)} s vs limit {fmt(p95_limit)} s",
         },
         {
             "target": f"empty bot-speech slots <= {TARGET_UNDERRUN:.0%}",
@@ -265,16 +414,18 @@ def check_targets(steps: Sequence[StepResult]) -> list[dict]:
         {
             "target": f"RSS per added call <= {TARGET_RSS_PER_CALL_MB:g} MB",
             "met": (target.rss_per_call_mb or 0) <= TARGET_RSS_PER_CALL_MB,
-            "detail": f"{_f(target.rss_per_call_mb, '.1f')} MB",
+            "detail": f"{fmt(target.rss_per_call_mb, '.1f')} MB",
         },
     ]
+
+
+MARKS = {True: "met", False: "MISSED", None: "n/a"}
 
 
 def print_targets(targets: Sequence[dict]) -> None:
     print("\n== targets (ours, instant services)")
     for target in targets:
-        mark = {True: "PASS", False: "FAIL", None: "n/a "}[target["met"]]
-        print(f"  [{mark}] {target['target']}: {target['detail']}")
+        print(f"  [{MARKS[target['met']]:>6}] {target['target']}: {target['detail']}")
 
 
 # ------------------------------------------------------------------ files
@@ -283,11 +434,6 @@ def print_targets(targets: Sequence[dict]) -> None:
 def write_json(path: Path, series: dict[str, list[StepResult]], extra: dict) -> Path:
     data = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
         **extra,
         "series": {name: [asdict(step) for step in steps] for name, steps in series.items()},
     }
@@ -300,7 +446,7 @@ STYLES = {"ours-instant": "-o", "baseline-instant": "--s", "ours-offline": ":^"}
 
 
 def write_plot(path: Path, series: dict[str, list[StepResult]]) -> Path | None:
-    """Latency p50/p95 and CPU per call-minute against N, one line per server and mode."""
+    """Latency against N (p50, p95 with the runs' spread), CPU, and each step's CDF."""
     try:
         import matplotlib
 
@@ -309,48 +455,35 @@ def write_plot(path: Path, series: dict[str, list[StepResult]]) -> Path | None:
     except ImportError:
         print("matplotlib is not installed (pip install -r bench/requirements.txt): no plot")
         return None
-    figure, (latency, cpu) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (latency, cpu, cdf) = plt.subplots(1, 3, figsize=(16, 4.6))
     for name, steps in series.items():
-        if not steps:
-            continue
-        style = STYLES.get(name, "-")
-        ns = [step.n for step in steps]
-        (line,) = latency.plot(ns, [step.p95 for step in steps], style, label=f"{name} p95")
-        latency.plot(
-            ns,
-            [step.p50 for step in steps],
-            style,
-            alpha=0.45,
-            color=line.get_color(),
-            label=f"{name} p50",
-        )
-        cpu.plot(ns, [step.cpu_per_call_min for step in steps], style, label=name)
-        for step in steps:
-            if step.broken and step.p95 is not None:
-                label = f"{step.failed + step.dropped} failed"
-                latency.annotate(
-                    label,
-                    (step.n, step.p95),
-                    xytext=(-48, -3),
-                    textcoords="offset points",
-                    fontsize=7,
-                    color="red",
-                )
+        if steps:
+            color = _plot_series(latency, cpu, name, steps)
+            _plot_cdf(cdf, name, steps, color)
     latency.set(
         xlabel="concurrent calls (N)",
-        ylabel="response latency (s)",
-        title="End of caller speech → first bot audio",
+        ylabel="reply latency (s)",
+        title="End of caller speech → first bot audio\n(bars: lowest–highest run)",
     )
     cpu.set(
         xlabel="concurrent calls (N)",
         ylabel="server CPU s per call-minute",
         title="Server CPU per call-minute",
     )
+    cdf.set(
+        xlabel="reply latency (s)",
+        ylabel="share of turns answered",
+        title="Per-turn latency distribution (CDF per N)",
+        xlim=(0, 4),
+        ylim=(0, 1.02),
+    )
+    cdf.axvline(SLOW_TURN_S, color="grey", linestyle=":", linewidth=1)
     ticks = sorted({step.n for steps in series.values() for step in steps})
     for axis in (latency, cpu):
         axis.set_xscale("symlog", linthresh=10)
         axis.set_xticks(ticks, [str(n) for n in ticks])
         axis.set_ylim(bottom=0)
+    for axis in (latency, cpu, cdf):
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -358,3 +491,52 @@ def write_plot(path: Path, series: dict[str, list[StepResult]]) -> Path | None:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _plot_series(latency, cpu, name: str, steps: Sequence[StepResult]) -> str:
+    """p95 with its run spread as error bars, p50 fainter, CPU; returns the line colour."""
+    style = STYLES.get(name, "-")
+    ns = [step.n for step in steps]
+    p95 = [step.p95 for step in steps]
+    low = [_gap(step.p95, step.p95_spread, "min") for step in steps]
+    high = [_gap(step.p95, step.p95_spread, "max") for step in steps]
+    bars = latency.errorbar(ns, p95, yerr=[low, high], fmt=style, capsize=3, label=f"{name} p95")
+    color = bars.lines[0].get_color()
+    latency.plot(ns, [s.p50 for s in steps], style, alpha=0.45, color=color, label=f"{name} p50")
+    cpu.plot(ns, [step.cpu_per_call_min for step in steps], style, color=color, label=name)
+    for step in steps:
+        if step.broken and step.p95 is not None:
+            latency.annotate(
+                f"{step.failed + step.dropped} failed",
+                (step.n, step.p95),
+                xytext=(-48, -3),
+                textcoords="offset points",
+                fontsize=7,
+                color="red",
+            )
+    return color
+
+
+def _gap(value: float | None, spread_: dict | None, side: str) -> float:
+    """Error-bar length from the pooled figure to the runs' lowest / highest (never < 0)."""
+    if value is None or not spread_:
+        return 0.0
+    return max(0.0, value - spread_["min"]) if side == "min" else max(0.0, spread_["max"] - value)
+
+
+def _plot_cdf(axis, name: str, steps: Sequence[StepResult], color: str) -> None:
+    """One step-curve per N: darker for larger N, the series' own colour."""
+    for k, step in enumerate(steps):
+        if not step.latencies:
+            continue
+        count = len(step.latencies)
+        shares = [0.0] + [(i + 1) / count for i in range(count)]  # from 0 at the fastest
+        alpha = 0.35 + 0.65 * (k + 1) / len(steps)
+        axis.step(
+            [step.latencies[0], *step.latencies],
+            shares,
+            where="post",
+            color=color,
+            alpha=alpha,
+            label=f"{name} N = {step.n}",
+        )

@@ -117,6 +117,20 @@ class ServerProcess:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def log_size(self) -> int:
+        """Bytes logged so far: where the next run's log lines will start."""
+        if self.log_path is None or not self.log_path.exists():
+            return 0
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> list[str]:
+        """The lines logged after `offset` (from `log_size`)."""
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace").splitlines()
+
     def stop(self) -> None:
         if not self.alive():
             return
@@ -142,7 +156,8 @@ def ai_api_process(transcript: str) -> ServerProcess:
 
 
 def ours_process(max_calls: int, extra_env: dict[str, str]) -> ServerProcess:
-    command = [sys.executable, str(ROOT / "server.py")]
+    """`server.py` through `ours_server.py`, which also logs the per-turn timing lines."""
+    command = [sys.executable, str(BENCH / "ours_server.py")]
     return ServerProcess("ours", command, {**ours_env(max_calls), **extra_env})
 
 

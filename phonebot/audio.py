@@ -1,9 +1,10 @@
 """Telephone audio helpers: G.711 μ-law, resampling, loudness, WAV in and out.
 
-Twilio carries 8 kHz G.711 μ-law. The stdlib `audioop` that used to do the conversion is
-gone in Python 3.13, so the codec is implemented here with numpy, bit-exact with the ITU
-G.711 reference (and with `audioop`, which follows the same Sun/CCITT algorithm): a 64 Ki
-entry table for encoding and a 256 entry table for decoding, both built once at import.
+Twilio carries 8 kHz G.711 μ-law. The codec is the one Pipecat's `ulaw_to_pcm` and
+`pcm_to_ulaw` run underneath: `audioop` (the standard library's up to Python 3.12, the
+`audioop-lts` package Pipecat depends on from 3.13). Pipecat's functions are async and
+resample in the same call; the offline engines, the emulator and the channel simulation
+need a plain synchronous conversion at one rate, so they call `audioop` directly.
 
 PCM throughout is signed 16-bit little-endian mono unless a name says otherwise.
 """
@@ -11,11 +12,19 @@ PCM throughout is signed 16-bit little-endian mono unless a name says otherwise.
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 import wave
 from pathlib import Path
 
 import numpy as np
 import soxr
+
+with warnings.catch_warnings():
+    # Deprecated in 3.11-3.12 (removed in 3.13, where audioop-lts provides the module);
+    # Pipecat imports it too, so this only keeps the warning off our own import line.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
 
 TWILIO_SAMPLE_RATE = 8000
 FRAME_MS = 20
@@ -25,34 +34,9 @@ FRAME_SAMPLES = TWILIO_SAMPLE_RATE * FRAME_MS // 1000  # 160 samples = 160 μ-la
 # speech (hundreds to thousands) and well over μ-law idle noise (0..~10).
 SILENCE_RMS = 150.0
 
-_ULAW_BIAS = 0x84
-_ULAW_CLIP = 8159  # in the 14-bit domain, as in the reference implementation
-_ULAW_SEG_END = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF], dtype=np.int32)
-
-
-def _build_encode_table() -> np.ndarray:
-    """μ-law byte for every int16 value (index = sample + 32768), per G.711 / audioop."""
-    linear = np.arange(-32768, 32768, dtype=np.int32) >> 2  # 14-bit, arithmetic shift
-    mask = np.where(linear < 0, 0x7F, 0xFF)
-    magnitude = np.minimum(np.abs(linear), _ULAW_CLIP) + (_ULAW_BIAS >> 2)
-    segment = np.searchsorted(_ULAW_SEG_END, magnitude, side="left")
-    mantissa = (magnitude >> (np.minimum(segment, 7) + 1)) & 0xF
-    code = np.where(segment >= 8, 0x7F, (segment << 4) | mantissa)
-    return (code ^ mask).astype(np.uint8)
-
-
-def _build_decode_table() -> np.ndarray:
-    """int16 value for every μ-law byte, per G.711 / audioop."""
-    code = ~np.arange(256, dtype=np.int32) & 0xFF
-    exponent = (code & 0x70) >> 4
-    mantissa = code & 0x0F
-    magnitude = ((mantissa << 3) + _ULAW_BIAS) << exponent
-    return np.where(code & 0x80, _ULAW_BIAS - magnitude, magnitude - _ULAW_BIAS).astype(np.int16)
-
-
-_ENCODE_TABLE = _build_encode_table()
-_DECODE_TABLE = _build_decode_table()
-ULAW_SILENCE = int(_ENCODE_TABLE[32768])  # 0xFF
+ULAW_SILENCE = audioop.lin2ulaw(bytes(2), 2)[0]  # 0xFF
+# audioop works on native-endian samples; our PCM is little-endian.
+_NATIVE_LE = sys.byteorder == "little"
 
 
 def pcm16_to_array(pcm: bytes | bytearray | memoryview) -> np.ndarray:
@@ -72,22 +56,32 @@ def array_to_pcm16(samples: np.ndarray) -> bytes:
 
 def ulaw_encode(samples: np.ndarray) -> np.ndarray:
     """int16 array → uint8 μ-law array."""
-    return _ENCODE_TABLE[samples.astype(np.int32) + 32768]
+    samples = np.asarray(samples, dtype=np.int16)
+    codes = audioop.lin2ulaw(samples.tobytes(), 2)  # native byte order, as audioop wants
+    return np.frombuffer(bytearray(codes), dtype=np.uint8).reshape(samples.shape)
 
 
 def ulaw_decode(codes: np.ndarray) -> np.ndarray:
     """uint8 μ-law array → int16 array."""
-    return _DECODE_TABLE[codes.astype(np.uint8)]
+    codes = np.asarray(codes, dtype=np.uint8)
+    pcm = audioop.ulaw2lin(codes.tobytes(), 2)
+    return np.frombuffer(bytearray(pcm), dtype=np.int16).reshape(codes.shape)
 
 
 def pcm16_to_ulaw(pcm: bytes | bytearray | memoryview) -> bytes:
-    """16-bit PCM bytes → μ-law bytes (same sample rate)."""
-    return ulaw_encode(pcm16_to_array(pcm)).tobytes()
+    """16-bit little-endian PCM bytes → μ-law bytes (same sample rate)."""
+    data = bytes(pcm)
+    if len(data) % 2:
+        data = data[:-1]  # a stray half-sample cannot be encoded; dropping it beats raising
+    if not _NATIVE_LE:
+        data = audioop.byteswap(data, 2)
+    return audioop.lin2ulaw(data, 2)
 
 
 def ulaw_to_pcm16(ulaw: bytes | bytearray | memoryview) -> bytes:
-    """μ-law bytes → 16-bit PCM bytes (same sample rate)."""
-    return ulaw_decode(np.frombuffer(bytes(ulaw), dtype=np.uint8)).astype("<i2").tobytes()
+    """μ-law bytes → 16-bit little-endian PCM bytes (same sample rate)."""
+    pcm = audioop.ulaw2lin(bytes(ulaw), 2)
+    return pcm if _NATIVE_LE else audioop.byteswap(pcm, 2)
 
 
 def resample_array(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:

@@ -404,6 +404,17 @@ class TranscriptPrinter:
     def _on_hangup(self, event: CallEvent) -> None:
         self.line(event.t, "event", f"hang-up: {event.data['reason']}")
 
+    # Twilio running the TwiML after </Connect> once the server closed the stream.
+    def _on_say(self, event: CallEvent) -> None:
+        self.line(event.t, "twilio <Say>", str(event.data["text"]))
+
+    def _on_twiml_pause(self, event: CallEvent) -> None:
+        seconds = event.data["seconds"]
+        self.line(event.t, "twilio <Pause>", f"{seconds:g} s of silence for the caller")
+
+    def _on_twiml_unsupported(self, event: CallEvent) -> None:
+        self.line(event.t, "note", f"<{event.data['verb']}> after the stream is not emulated")
+
     def _on_closed(self, event: CallEvent) -> None:
         if event.data["by"] == "server":
             reason = f" {event.data['reason']!r}" if event.data["reason"] else ""
@@ -476,6 +487,14 @@ def print_summary(result: CallResult, out: TextIO = sys.stdout) -> None:
     if result.clears:
         cut_off = sum(is_barge_in(clear, result.bot_utterances) for clear in result.clears)
         print(f"barge-ins: {cut_off} (clear messages: {len(result.clears)})", file=out)
+    if result.said:
+        print(f"after the stream closed, Twilio said: {' / '.join(result.said)}", file=out)
+    if result.dead_air_after_stream:
+        print(
+            f"warning: {result.dead_air_after_stream:g} s of silence (<Pause>) after the "
+            "stream closed",
+            file=out,
+        )
     if result.streamsid_mismatches:
         print(
             f"warning: {result.streamsid_mismatches} server messages had a wrong streamSid",

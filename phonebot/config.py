@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 8000
     log_level: str = "INFO"
+    # Log each text the bot hands to its TTS ("Call <CallSid> bot says: ...") at INFO; off,
+    # the line is written at DEBUG only. Call content: an LLM reply can repeat the caller.
+    log_bot_speech: bool = False
 
     # "production" points the <Stream> at Pipecat Cloud instead of this server.
     env: Literal["local", "production"] = "local"
@@ -50,6 +53,13 @@ class Settings(BaseSettings):
     # Signs the per-call stream token; falls back to TWILIO_AUTH_TOKEN, then to a random
     # per-process secret (which only works while one process serves webhook and stream).
     stream_secret: SecretStr | None = None
+    # The secret of the Twilio SharedKey a Webhooks signing rule signs with (Twilio then sends
+    # X-Twilio-Webhooks-Signature-Settings and an HMAC-SHA256 X-Twilio-Signature).
+    twilio_webhook_shared_key: SecretStr | None = None
+    # Who authenticates Twilio's webhooks: "twilio" = this server checks X-Twilio-Signature
+    # (when TWILIO_AUTH_TOKEN or the shared key is set); "external" = a gateway in front does,
+    # and this server checks nothing (lets ENV=production start without TWILIO_AUTH_TOKEN).
+    webhook_auth: Literal["twilio", "external"] = "twilio"
 
     dialout_api_key: SecretStr | None = None
     # Bounds on the custom <Parameter>s a call may carry (webhook query or /dialout body).
@@ -85,6 +95,22 @@ class Settings(BaseSettings):
     # Dial-out: how long the bot waits for the callee's "Hello?" before opening anyway.
     dialout_greeting_delay_s: float = Field(default=3.0, ge=0)
 
+    # Turn-taking (phonebot.turns), seconds after the caller's speech ends. The Smart Turn
+    # model says "unfinished" but the transcript looks finished: answer after this (Pipecat
+    # waits 3 s; a caller who hears 3 s of silence thinks the line is dead).
+    turn_incomplete_wait_s: float = Field(default=0.7, ge=0, le=10)
+    # The transcript ends mid-phrase ("my order number is", "and", "um", "4 5"): wait this
+    # long for the caller to go on, whatever the model says (Pipecat's own fallback, 3 s).
+    turn_dangling_wait_s: float = Field(default=3.0, ge=0, le=10)
+
+    # Hearing the caller (Silero VAD; phonebot.barge_in.vad_params). How soon a caller
+    # talking over the bot stops it: seconds of voiced audio before speech counts (Pipecat:
+    # 0.2), the smoothed loudness it must reach, 0-1 (Pipecat: 0.6, tuned for microphones),
+    # and Silero's speech confidence, 0-1, which is what keeps line hiss and coughs out.
+    vad_start_s: float = Field(default=0.06, ge=0.03, le=1)  # two 32 ms Silero windows
+    vad_min_volume: float = Field(default=0.3, ge=0, le=1)
+    vad_confidence: float = Field(default=0.7, gt=0, le=1)
+
     # Call control (issue: silence, limits). Personas may not override these yet.
     silence_timeout_s: float = Field(default=8.0, gt=0)
     reprompt_phrase: str = "Sorry, I didn't catch that. Could you say it again?"
@@ -116,6 +142,10 @@ class Settings(BaseSettings):
     # this window; the per-call stream token is single-use for the window plus a call's length.
     replay_cache_ttl_s: float = Field(default=600.0, gt=0)
     replay_cache_size: int = Field(default=10_000, ge=100)
+    # Seconds a Twilio retry of a webhook we answered (same I-Twilio-Idempotency-Token, same
+    # CallSid) gets the same TwiML again; later, it is a replay (409). Twilio retries within
+    # its 15 s total webhook timeout; capped at REPLAY_CACHE_TTL_S.
+    webhook_retry_window_s: float = Field(default=60.0, gt=0)
     # A webhook answered with <Connect><Stream> holds a call slot until its stream connects
     # or this long passes, so a burst of webhooks can't overshoot MAX_CONCURRENT_CALLS.
     call_reservation_ttl_s: float = Field(default=30.0, gt=0)
@@ -134,14 +164,37 @@ class Settings(BaseSettings):
     # A websocket that hasn't sent Twilio's `connected` + `start` by then is closed, so a
     # silent or stalled peer can't hold one of the call slots (phonebot.stream_guard).
     stream_handshake_timeout_s: float = Field(default=10.0, gt=0)
+    # Said by Twilio (<Say>, then <Hangup/>) when the media stream closes without the call
+    # being hung up or transferred: a refused stream, a failed REST hang-up, a crash. Twilio
+    # runs the TwiML after </Connect> then (error 31921), so this replaces dead air.
+    stream_closed_phrase: str = (
+        "Sorry, something went wrong with this call. Please call again later. Goodbye."
+    )
+
+    # Call records (phonebot.records). Where they are kept: a SQLite file by default, or
+    # postgresql://user:pass@host/db; the async driver is picked from the scheme. Secret:
+    # a PostgreSQL URL carries the password.
+    database_url: SecretStr = SecretStr("sqlite:///./phonebot.db")
+    # Bearer key for the /calls API; unset = the API answers 503.
+    admin_api_key: SecretStr | None = None
+    # Record writes (count) waiting for the database; beyond it new writes are dropped and
+    # counted, so a stuck database can never grow memory or hold up a call.
+    records_queue_size: int = Field(default=10_000, ge=1)
+    # Events (call.started, call.ended, call.failed) POSTed to your system, signed with the
+    # secret (HMAC-SHA256); both must be set for events to be sent.
+    events_webhook_url: str | None = None
+    events_webhook_secret: SecretStr | None = None
 
     @field_validator(
         "twilio_auth_token",
         "stream_secret",
+        "twilio_webhook_shared_key",
         "dialout_api_key",
         "openai_api_key",
         "deepgram_api_key",
         "cartesia_api_key",
+        "admin_api_key",
+        "events_webhook_secret",
         mode="before",
     )
     @classmethod

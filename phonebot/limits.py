@@ -10,11 +10,13 @@ paid services and must stay cheap while being flooded:
   signature, so a captured request can't be altered to dodge it) and Twilio's
   `I-Twilio-Idempotency-Token` header (not signed, so only a second line of defence).
   Twilio's own retries: Twilio retries a webhook when it got no usable answer (could not
-  connect, timed out, or, with connection overrides, a 5xx). A request that never
-  reached us is not remembered, and one that failed here with an exception is forgotten,
-  so both retries are answered. Only a retry of a request we *did* answer (its answer
-  lost on the way, or slower than Twilio's 15 s timeout, while we answer in
-  milliseconds) gets 409, and that caller hears Twilio's error message.
+  connect, timed out, or, with connection overrides, a 5xx), and every try carries the
+  same `I-Twilio-Idempotency-Token`. A request that never reached us is not remembered,
+  and one that failed here with an exception is forgotten, so both retries are answered
+  afresh. A retry of a request we *did* answer (its answer lost on the way) gets that
+  same answer again (`answer_for_retry`: same TwiML, same stream token, no second call
+  reservation) within WEBHOOK_RETRY_WINDOW_S; a replay with another or no idempotency
+  token, or after the window, still gets 409.
 - `RateLimiter`: token buckets per client IP (for `/dialout`), in an LRU table.
 - `CallAdmission`: counts live calls plus *reservations* (a webhook that handed out a
   `<Connect><Stream>` holds a slot until its stream connects or `CALL_RESERVATION_TTL_S`
@@ -37,7 +39,8 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from fastapi import Request
 from loguru import logger
@@ -56,6 +59,7 @@ IDEMPOTENCY_HEADER = "i-twilio-idempotency-token"
 IDLE_POLL_S = 0.1
 
 Clock = Callable[[], float]
+V = TypeVar("V")
 
 
 # --- request bodies ----------------------------------------------------------------
@@ -260,51 +264,106 @@ async def limit_dialout_rate(request: Request) -> None:
 # --- replays -----------------------------------------------------------------------
 
 
-class TTLSet:
-    """Keys remembered for `ttl_s`, at most `max_entries` of them (oldest dropped first)."""
+class TTLMap(Generic[V]):
+    """Values remembered for `ttl_s`, at most `max_entries` of them (oldest dropped first)."""
 
     def __init__(self, ttl_s: float, max_entries: int, clock: Clock = time.monotonic):
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._clock = clock
-        self._expiry: OrderedDict[str, float] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, V]] = OrderedDict()
 
     def __contains__(self, key: str) -> bool:
         self._purge()
-        return key in self._expiry
+        return key in self._entries
 
-    def add(self, key: str) -> None:
-        self._expiry.pop(key, None)
-        self._expiry[key] = self._clock() + self._ttl_s
+    def get(self, key: str) -> V | None:
+        self._purge()
+        entry = self._entries.get(key)
+        return None if entry is None else entry[1]
+
+    def put(self, key: str, value: V) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = (self._clock() + self._ttl_s, value)
         self._purge()
 
     def discard(self, key: str) -> None:
-        self._expiry.pop(key, None)
+        self._entries.pop(key, None)
 
     def __len__(self) -> int:
         self._purge()
-        return len(self._expiry)
+        return len(self._entries)
 
     def _purge(self) -> None:
         """Drop expired keys (all at the front: insertion order is expiry order)."""
         now = self._clock()
-        while self._expiry and next(iter(self._expiry.values())) <= now:
-            self._expiry.popitem(last=False)
-        while len(self._expiry) > self._max_entries:
-            self._expiry.popitem(last=False)
+        while self._entries and next(iter(self._entries.values()))[0] <= now:
+            self._entries.popitem(last=False)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+
+class TTLSet(TTLMap[bool]):
+    """Keys remembered for `ttl_s`, at most `max_entries` of them (oldest dropped first)."""
+
+    def add(self, key: str) -> None:
+        self.put(key, True)
+
+
+@dataclass(frozen=True)
+class WebhookAnswer:
+    """What we answered one signed webhook with, to answer Twilio's retry of it alike."""
+
+    path: str
+    call_sid: str
+    body: str
 
 
 class ReplayGuard:
-    """Each signed webhook is answered once (see the module docstring for Twilio retries)."""
+    """Each signed webhook is answered once (see the module docstring for Twilio retries).
 
-    def __init__(self, ttl_s: float, max_entries: int, clock: Clock = time.monotonic):
+    `retry_window_s` (WEBHOOK_RETRY_WINDOW_S, at most `ttl_s`) is how long an answer is
+    kept for Twilio's retry of the same request.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float,
+        max_entries: int,
+        clock: Clock = time.monotonic,
+        retry_window_s: float | None = None,
+    ):
         self._seen = TTLSet(ttl_s, max_entries, clock)
+        window = ttl_s if retry_window_s is None else min(retry_window_s, ttl_s)
+        self._answers: TTLMap[WebhookAnswer] = TTLMap(window, max_entries, clock)
 
     @staticmethod
-    def keys(request: Request, call_sid: str | None) -> list[str]:
-        keys = [f"CallSid:{call_sid}"] if call_sid else []
+    def idempotency_token(request: Request) -> str | None:
         token = request.headers.get(IDEMPOTENCY_HEADER)
-        return keys + ([f"Idempotency:{token[:128]}"] if token else [])
+        return token[:128] if token else None
+
+    def answer_for_retry(self, request: Request, call_sid: str) -> str | None:
+        """The TwiML we gave this request, when it is Twilio retrying one we answered.
+
+        A retry is the same `I-Twilio-Idempotency-Token`, on the same path, for the same
+        CallSid (both covered by the signature), within the retry window.
+        """
+        token = self.idempotency_token(request)
+        answer = self._answers.get(token) if token else None
+        if answer is None or (answer.path, answer.call_sid) != (request.url.path, call_sid):
+            return None
+        return answer.body
+
+    def remember_answer(self, request: Request, call_sid: str, body: str) -> None:
+        """Keep the answer to a request carrying an idempotency token for its retries."""
+        if token := self.idempotency_token(request):
+            self._answers.put(token, WebhookAnswer(request.url.path, call_sid, body))
+
+    @classmethod
+    def keys(cls, request: Request, call_sid: str | None) -> list[str]:
+        keys = [f"CallSid:{call_sid}"] if call_sid else []
+        token = cls.idempotency_token(request)
+        return keys + ([f"Idempotency:{token}"] if token else [])
 
     def claim(self, keys: Iterable[str]) -> str | None:
         """Remember `keys` and return None, or return the first key already seen.
@@ -324,6 +383,8 @@ class ReplayGuard:
         """Let a request that failed on our side be retried."""
         for key in keys:
             self._seen.discard(key)
+            if key.startswith("Idempotency:"):
+                self._answers.discard(key.split(":", 1)[1])
 
     def __len__(self) -> int:
         return len(self._seen)

@@ -13,6 +13,7 @@ import re
 import sys
 
 from loguru import logger
+from sqlalchemy.engine import make_url
 
 from phonebot.config import Settings
 from phonebot.provider_faults import not_logged_twice
@@ -21,15 +22,21 @@ TOKEN_VALUE = re.compile(r"""(['"]?token['"]?\s*[:=]\s*['"]?)([0-9a-fA-F]{8,})""
 
 
 def secret_values(settings: Settings) -> list[str]:
+    """Every configured secret, and the password inside DATABASE_URL."""
     fields = (
         settings.twilio_auth_token,
+        settings.twilio_webhook_shared_key,
         settings.stream_secret,
         settings.dialout_api_key,
+        settings.admin_api_key,
+        settings.events_webhook_secret,
         settings.openai_api_key,
         settings.deepgram_api_key,
         settings.cartesia_api_key,
     )
-    return [f.get_secret_value() for f in fields if f and len(f.get_secret_value()) >= 6]
+    values = [f.get_secret_value() for f in fields if f]
+    values.append(make_url(settings.database_url.get_secret_value()).password or "")
+    return [value for value in values if len(value) >= 6]
 
 
 def redact(text: str, secrets: list[str]) -> str:

@@ -30,6 +30,14 @@ from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
 from pipecat.utils.env import env_truthy
 
+from phonebot.pipecat_compat import (
+    init_silero_state,
+    init_smart_turn_state,
+    run_silero,
+    silero_model,
+)
+from phonebot.pipecat_compat import smart_turn_session as pipecat_smart_turn_session
+
 __all__ = [
     "SharedSileroVADAnalyzer",
     "SharedSmartTurnAnalyzer",
@@ -60,7 +68,7 @@ def _template(cls: type[_T]) -> _T:
 
 
 def _silero_model() -> SileroOnnxModel:
-    return _template(SileroVADAnalyzer)._model
+    return silero_model(_template(SileroVADAnalyzer))
 
 
 def silero_session() -> onnxruntime.InferenceSession:
@@ -70,7 +78,7 @@ def silero_session() -> onnxruntime.InferenceSession:
 
 def smart_turn_session() -> onnxruntime.InferenceSession:
     """The process-wide Smart Turn v3 session."""
-    return _template(LocalSmartTurnAnalyzerV3)._session
+    return pipecat_smart_turn_session(_template(LocalSmartTurnAnalyzerV3))
 
 
 def load_shared_models() -> None:
@@ -106,10 +114,9 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
         session, same settings) with fresh recurrent state, so this call's state is its own.
         """
         VADAnalyzer.__init__(self, sample_rate=sample_rate, params=params)
-        self._model = copy.copy(_silero_model())
-        self._model.reset_states()
-        self._windows_since_reset = 0
-        self._low_confidence_windows = 0
+        model = copy.copy(_silero_model())
+        model.reset_states()
+        init_silero_state(self, model)
 
     async def analyze_audio(self, buffer: bytes) -> VADState:
         """Run the model inline, on the event loop, instead of in a thread per chunk.
@@ -120,7 +127,7 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
         the largest single cost in the server's profile. Inline, the per-call executor
         never starts a thread either.
         """
-        return self._run_analyzer(buffer)
+        return run_silero(self, buffer)
 
 
 class SharedSmartTurnAnalyzer(LocalSmartTurnAnalyzerV3):
@@ -136,11 +143,11 @@ class SharedSmartTurnAnalyzer(LocalSmartTurnAnalyzerV3):
             **kwargs: Passed to ``BaseSmartTurn`` (``sample_rate``, ``params``).
         """
         BaseSmartTurn.__init__(self, **kwargs)
-        self._log_data = env_truthy("PIPECAT_SMART_TURN_LOG_DATA", default=False)
-        self._session = smart_turn_session()
+        log_data = env_truthy("PIPECAT_SMART_TURN_LOG_DATA", default=False)
+        init_smart_turn_state(self, smart_turn_session(), log_data)
 
     @property
-    def _model_executor(self) -> ThreadPoolExecutor:
+    def _model_executor(self) -> ThreadPoolExecutor:  # registered in pipecat_compat.OVERRIDDEN
         """The shared threads instead of one thread per call (see ``_smart_turn_executor``).
 
         ``self._executor`` stays None, so Pipecat's ``cleanup`` leaves the shared pool alone.

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from phonebot.caller_id import presented_caller_id
+
 PHONE_STYLE = (
     "You are talking on a phone line: everything you write is spoken aloud. "
     "Use short sentences, ask one question at a time, never use lists, markdown, "
@@ -229,9 +231,12 @@ def spoken_number_ending(number: str, digits: int = 4) -> str:
 
 
 def opening_line(persona: Persona, parameters: Mapping[str, str]) -> str:
-    """The persona's greeting, telling a dial-in caller which number we see them on."""
+    """The persona's greeting, telling a dial-in caller which number we see them on.
+
+    A withheld number (`phonebot.caller_id`) is no number: the line is left out.
+    """
     sentences = [persona.greeting]
-    ending = spoken_number_ending(parameters.get("caller_id", ""))
+    ending = spoken_number_ending(presented_caller_id(parameters.get("caller_id")))
     if ending and parameters.get("call_type", "inbound") == "inbound":
         sentences.append(f"I see you're calling from the number ending in {ending}.")
     sentences.append(persona.question)

@@ -47,6 +47,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.utils.errors import extract_http_status_code
 
 from phonebot.audio import TWILIO_SAMPLE_RATE
+from phonebot.bot_speech import log_bot_says
 from phonebot.call_control import EndReason
 from phonebot.config import Settings
 from phonebot.offline.espeak import synthesize_at, voice_for_language
@@ -305,6 +306,7 @@ class ProviderFaults:
 
     async def _play_rendered(self, line: str) -> None:
         audio = await asyncio.to_thread(rendered_speech, line, self._settings.language)
+        log_bot_says(self._call_sid, line, self._settings)  # it bypasses the TTS's own line
         await self._player.play(audio)
 
     def _give_up(self, kind: str, why: str) -> None:

@@ -17,6 +17,7 @@ from pipecat.transcriptions.language import Language
 
 from phonebot.config import Settings
 from phonebot.personas import Persona
+from phonebot.pipecat_compat import bound_openai_client
 from phonebot.voice_text import voice_text_filters
 
 OPENAI_TTS_SAMPLE_RATE = 24000
@@ -56,7 +57,7 @@ def _fail_fast(service: FrameProcessor, timeout_s: float) -> FrameProcessor:
     and two retries: a hung endpoint would mean minutes of silence on the line. Failing
     fast lets phonebot.provider_faults apologise to the caller instead.
     """
-    service._client = service._client.with_options(timeout=timeout_s, max_retries=0)
+    bound_openai_client(service, timeout_s)
     return service
 
 

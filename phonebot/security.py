@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import NoReturn
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import (
+    HMAC_SHA1,
+    HMAC_SHA256,
+    RequestValidator,
+    get_signature_algorithm,
+)
 
 from phonebot.config import Settings
 
@@ -54,48 +59,176 @@ def external_base_url(request: Request, public_url: str | None = None) -> str:
     return f"{proto}://{host}"
 
 
+SIGNATURE_HEADER = "x-twilio-signature"
+SIGNATURE_SETTINGS_HEADER = "x-twilio-webhooks-signature-settings"
+
+
+def signed_url_candidates(request: Request, public_url: str | None = None) -> list[str]:
+    """Every URL Twilio may have signed for this request, most likely first.
+
+    Twilio signs the URL configured on the number exactly as written
+    (https://www.twilio.com/docs/usage/security#validating-requests): the outside base
+    (`external_base_url`), the path as sent, and the raw query string (not re-encoded:
+    `%20` and `+` must stay as they came). An HTTP request always has a path, so a number
+    configured as `https://abc.ngrok.app` (no slash) reaches us as `/` but was signed
+    without it: for the root path both forms are tried. `RequestValidator.validate` then
+    tries each with and without the default port.
+    """
+    base = external_base_url(request, public_url)
+    raw_path = request.scope.get("raw_path")
+    path = raw_path.decode("latin-1") if raw_path else request.url.path
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    suffix = f"?{query}" if query else ""
+    candidates = [f"{base}{path}{suffix}"]
+    if path == "/":
+        candidates.append(f"{base}{suffix}")
+    return candidates
+
+
 def url_as_twilio_saw_it(request: Request, public_url: str | None = None) -> str:
-    """The full URL Twilio signed: outside base, path and query string."""
-    query = f"?{request.url.query}" if request.url.query else ""
-    return f"{external_base_url(request, public_url)}{request.url.path}{query}"
+    """The full URL Twilio most likely signed: outside base, path and raw query string."""
+    return signed_url_candidates(request, public_url)[0]
 
 
 def twilio_signature_is_valid(
-    auth_token: str, url: str, form: Mapping[str, str], signature: str | None
+    secret: str,
+    url: str | Iterable[str],
+    form: Mapping[str, str],
+    signature: str | None,
+    algorithm: str = HMAC_SHA1,
 ) -> bool:
-    """Twilio's own validator (it also tries the URL with and without the port)."""
+    """Twilio's own validator over each candidate URL (it also tries with/without port)."""
     if not signature:
         return False
-    return RequestValidator(auth_token).validate(url, dict(form), signature)
+    validator = RequestValidator(secret)
+    urls = [url] if isinstance(url, str) else list(url)
+    return any(validator.validate(u, dict(form), signature, algorithm) for u in urls)
+
+
+def checks_webhook_signatures(settings: Settings) -> bool:
+    """Whether this server verifies X-Twilio-Signature at all."""
+    if settings.webhook_auth == "external":
+        return False
+    return settings.twilio_auth_token is not None or settings.twilio_webhook_shared_key is not None
+
+
+def signing_key(request: Request, settings: Settings) -> tuple[str, str]:
+    """(secret, algorithm) the request says it was signed with, or a 403 saying what to set.
+
+    Twilio signs with the account's auth token (HMAC-SHA1) unless a Webhooks signing rule
+    matches the URL; then it signs with the rule's SharedKey and algorithm and says so in
+    `X-Twilio-Webhooks-Signature-Settings: key=<SharedKey id>,algorithm=HMAC_SHA256`
+    (https://www.twilio.com/docs/usage/webhooks/webhook-shared-keys). The header and its
+    algorithm are read by twilio's own `get_signature_algorithm`.
+    """
+    header = request.headers.get(SIGNATURE_SETTINGS_HEADER)
+    if header is None:
+        if settings.twilio_auth_token is None:
+            refuse_webhook(
+                request,
+                "403 webhook signed with the account auth token (no "
+                "X-Twilio-Webhooks-Signature-Settings header), but TWILIO_AUTH_TOKEN is "
+                "unset: set it",
+            )
+        return settings.twilio_auth_token.get_secret_value(), HMAC_SHA1
+    shown = printable(header)
+    algorithm = get_signature_algorithm(header).upper()
+    if algorithm not in (HMAC_SHA1, HMAC_SHA256):
+        refuse_webhook(
+            request,
+            f"403 webhook signed with {printable(algorithm)} (X-Twilio-Webhooks-Signature-"
+            f"Settings: {shown}), which this twilio library can't check: use HMAC_SHA256 "
+            "in the Webhook Setting, or upgrade twilio",
+        )
+    if settings.twilio_webhook_shared_key is None:
+        refuse_webhook(
+            request,
+            f"403 webhook signed with a Twilio SharedKey (X-Twilio-Webhooks-Signature-"
+            f"Settings: {shown}), but TWILIO_WEBHOOK_SHARED_KEY is unset: set it to that "
+            "SharedKey's secret",
+        )
+    return settings.twilio_webhook_shared_key.get_secret_value(), algorithm
+
+
+def printable(value: str, limit: int = 120) -> str:
+    """A header value safe for one log line: no control characters, bounded length."""
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in value)
+    return cleaned[:limit] + ("…" if len(cleaned) > limit else "")
 
 
 async def require_twilio_signature(request: Request) -> None:
-    """Dependency for Twilio webhooks: 403 unless signed, when an auth token is set.
+    """Dependency for Twilio webhooks: 403 unless signed, when signatures are checked.
 
     A request with no signature header is refused before its body is read: the cheapest
-    possible answer to a flood of unsigned requests.
+    possible answer to a flood of unsigned requests. Every 403 is logged with its reason
+    (`refuse_webhook`), never bare.
     """
     settings: Settings = request.app.state.settings
-    if settings.twilio_auth_token is None:
+    if not checks_webhook_signatures(settings):
         return
-    signature = request.headers.get("x-twilio-signature")
+    signature = request.headers.get(SIGNATURE_HEADER)
     if not signature:
-        refuse_webhook(request, "403 unsigned webhook")
+        refuse_webhook(request, "403 unsigned webhook (no X-Twilio-Signature)")
+    secret, algorithm = signing_key(request, settings)
     form = await request.form()
-    url = url_as_twilio_saw_it(request, settings.public_url)
+    urls = signed_url_candidates(request, settings.public_url)
     fields = {key: str(value) for key, value in form.items()}
-    if not twilio_signature_is_valid(
-        settings.twilio_auth_token.get_secret_value(), url, fields, signature
-    ):
-        refuse_webhook(request, "403 badly signed webhook")
+    if not twilio_signature_is_valid(secret, urls, fields, signature, algorithm):
+        which = "TWILIO_WEBHOOK_SHARED_KEY" if algorithm == HMAC_SHA256 else "TWILIO_AUTH_TOKEN"
+        refuse_webhook(
+            request,
+            f"403 badly signed webhook (checked over {urls[0]}, with and without the "
+            f"trailing slash and port; {which} and PUBLIC_URL must match the number's "
+            "webhook URL)",
+        )
 
 
 def refuse_webhook(request: Request, what: str) -> NoReturn:
-    """403, noted in the app's flood-proof rejection log (phonebot.limits.RejectionLog)."""
+    """403, noted in the app's flood-proof rejection log (phonebot.limits.RejectionLog).
+
+    `what` says why and what to configure; it is both the log line and the answer's detail.
+    """
     rejections = getattr(request.app.state, "rejections", None)
     if rejections is not None:
         rejections.note(f"{what} to {request.url.path}")
-    raise HTTPException(status.HTTP_403_FORBIDDEN, "X-Twilio-Signature is missing or invalid")
+    raise HTTPException(
+        status.HTTP_403_FORBIDDEN, f"X-Twilio-Signature is missing or invalid: {what[4:]}"
+    )
+
+
+class UnsafeConfiguration(ValueError):
+    """Settings this server must not start with; the message names what to set."""
+
+
+def production_auth_problem(settings: Settings) -> str | None:
+    """Why ENV=production must not start with these settings, or None.
+
+    Without STREAM_SECRET or TWILIO_AUTH_TOKEN the stream token is signed with a random
+    per-process secret the bot on Pipecat Cloud can't know, so every call would be
+    refused; without TWILIO_AUTH_TOKEN (or a SharedKey) no webhook is authenticated,
+    unless WEBHOOK_AUTH=external says a gateway in front does it.
+    """
+    if settings.env != "production":
+        return None
+    missing = []
+    if settings.stream_secret is None and settings.twilio_auth_token is None:
+        missing.append(
+            "STREAM_SECRET (the stream token key, the same as the bot's on Pipecat Cloud)"
+        )
+    if settings.webhook_auth == "twilio" and not checks_webhook_signatures(settings):
+        missing.append(
+            "TWILIO_AUTH_TOKEN (to check Twilio's webhook signatures; or WEBHOOK_AUTH=external "
+            "when a gateway in front of this server authenticates them)"
+        )
+    if not missing:
+        return None
+    return "ENV=production refuses to start: set " + " and ".join(missing)
+
+
+def require_safe_configuration(settings: Settings) -> None:
+    """Raise `UnsafeConfiguration` for settings production must not run with."""
+    if problem := production_auth_problem(settings):
+        raise UnsafeConfiguration(problem)
 
 
 _bearer = HTTPBearer(auto_error=False)

@@ -1,11 +1,13 @@
 """Turning an incoming Media Streams websocket into a verified call.
 
-The first two messages (`connected`, `start`) are read strictly and within
-`STREAM_HANDSHAKE_TIMEOUT_S` (`phonebot.stream_guard.read_start`); the call is only let
-through when its `token` Parameter is the HMAC of its CallSid, so a stranger who learns
-the stream URL, or a peer that sends junk or nothing, gets a closed socket and costs
-nothing: no STT, LLM or TTS has been constructed at that point. After that, every inbound
-message passes the call's `InboundGuard` before it is decoded.
+The handshake (`connected`, `start`) is read by Pipecat's `parse_telephony_websocket`
+through a strict screen and within `STREAM_HANDSHAKE_TIMEOUT_S`
+(`phonebot.stream_guard.read_handshake`); what it returns is then checked here (Twilio,
+CallSid and StreamSid, string parameters) and the call is only let through when its
+`token` Parameter is the HMAC of its CallSid. So a stranger who learns the stream URL, or
+a peer that sends junk or nothing, gets a closed socket and costs nothing: no STT, LLM or
+TTS has been constructed at that point. After that, every inbound message passes the
+call's `InboundGuard` before it is decoded.
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ from fastapi import WebSocket
 from loguru import logger
 from pipecat.audio.utils import ulaw_to_pcm
 from pipecat.frames.frames import Frame, InputAudioRawFrame, InputTransportMessageFrame
+from pipecat.runner.types import CallData
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketParams,
     FastAPIWebsocketTransport,
 )
 
+from phonebot.barge_in import barge_in_transport
 from phonebot.config import Settings
+from phonebot.pipecat_compat import (
+    serializer_call,
+    serializer_input_audio,
+    serializer_params,
+    serializer_rest_account,
+)
 from phonebot.pipeline_cost import (
     INBOUND_BATCH_MS,
     OUTBOUND_CHUNK_10MS,
@@ -32,7 +42,13 @@ from phonebot.pipeline_cost import (
     AudioBatcher,
 )
 from phonebot.security import TOKEN_PARAMETER, verify_call_token
-from phonebot.stream_guard import HandshakeError, InboundGuard, describe, read_start
+from phonebot.stream_guard import (
+    Handshake,
+    HandshakeError,
+    InboundGuard,
+    describe,
+    read_handshake,
+)
 from phonebot.twilio_api import RetryPolicy, TwilioAccount, hang_up_call
 
 POLICY_VIOLATION = 1008
@@ -59,19 +75,43 @@ class StreamRejected(Exception):
     """The websocket is not a Twilio stream we issued; the reason is safe to log."""
 
 
-async def accept_twilio_stream(websocket: WebSocket, settings: Settings) -> CallSession:
-    """Read `connected` + `start` and check the per-call token, or raise StreamRejected."""
-    try:
-        start = await read_start(websocket, settings.stream_handshake_timeout_s)
-    except HandshakeError as error:
-        raise StreamRejected(f"no valid Media Streams handshake ({error})") from None
-    parameters = {str(k): str(v) for k, v in start.get("customParameters", {}).items()}
-    call_sid, stream_sid = start["callSid"], start["streamSid"]
-    token = parameters.get(TOKEN_PARAMETER)
-    if not verify_call_token(call_sid, token, settings.stream_token_secret):
+async def accept_twilio_stream(
+    websocket: WebSocket, settings: Settings, handshake: Handshake | None = None
+) -> CallSession:
+    """Read the handshake (unless a runner already did) and check it, or raise StreamRejected.
+
+    `handshake` is what Pipecat's runner parsed, when it did so before calling `bot()`.
+    Its screen did not run then (Pipecat's parser skips junk, so junk or `media` before
+    `start` cannot be refused on that path), which is why the checks in `twilio_call`
+    and the token apply to whatever `parse_telephony_websocket` returned.
+    """
+    if handshake is None:
+        try:
+            handshake = await read_handshake(websocket, settings.stream_handshake_timeout_s)
+        except HandshakeError as error:
+            raise StreamRejected(f"no valid Media Streams handshake ({error})") from None
+    call = twilio_call(*handshake)
+    token = call.parameters.get(TOKEN_PARAMETER)
+    if not verify_call_token(call.call_sid, token, settings.stream_token_secret):
         # Unverified, so only a truncated form of the CallSid is logged.
-        raise StreamRejected(f"missing or invalid stream token for CallSid={describe(call_sid)}")
-    return CallSession(call_sid=call_sid, stream_sid=stream_sid, parameters=parameters)
+        raise StreamRejected(
+            f"missing or invalid stream token for CallSid={describe(call.call_sid)}"
+        )
+    return call
+
+
+def twilio_call(transport_type: str, call_data: CallData) -> CallSession:
+    """What `parse_telephony_websocket` returned, as a Twilio call, or StreamRejected."""
+    if transport_type != "twilio":
+        raise StreamRejected(
+            f"not a Twilio Media Stream (Pipecat detected {describe(transport_type)})"
+        )
+    call_sid, stream_sid, parameters = call_data.call_id, call_data.stream_id, call_data.body
+    if not (isinstance(call_sid, str) and call_sid and isinstance(stream_sid, str) and stream_sid):
+        raise StreamRejected("Twilio 'start' without callSid or streamSid")
+    if not isinstance(parameters, dict) or not all(isinstance(v, str) for v in parameters.values()):
+        raise StreamRejected("Twilio 'start' with customParameters that are not strings")
+    return CallSession(call_sid=call_sid, stream_sid=stream_sid, parameters=dict(parameters))
 
 
 async def reject_stream(websocket: WebSocket, reason: str) -> None:
@@ -90,18 +130,19 @@ class TwilioMarkSerializer(TwilioFrameSerializer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._hang_up_configured = self._params.auto_hang_up
-        self._guard = InboundGuard(self._call_sid or "?", self._stream_sid)
+        self._hang_up_configured = serializer_params(self).auto_hang_up
+        call_sid, stream_sid = serializer_call(self)
+        self._guard = InboundGuard(call_sid or "?", stream_sid)
         self._batcher = AudioBatcher(INBOUND_BATCH_MS * ULAW_BYTES_PER_MS)
 
     def keep_call_on_end(self, keep: bool = True) -> None:
         """Don't complete the call when the pipeline ends (it was transferred)."""
-        self._params.auto_hang_up = self._hang_up_configured and not keep
+        serializer_params(self).auto_hang_up = self._hang_up_configured and not keep
 
     # Retries of the end-of-call hang-up; `twilio_transport` sets it from the settings.
     rest_policy: RetryPolicy = RetryPolicy()
 
-    async def _hang_up_call(self) -> None:
+    async def _hang_up_call(self) -> None:  # registered in pipecat_compat.OVERRIDDEN
         """Complete the call when the pipeline ends, through `twilio_api.hang_up_call`.
 
         Replaces Pipecat's single POST, after which one Twilio 5xx would leave the caller
@@ -109,8 +150,9 @@ class TwilioMarkSerializer(TwilioFrameSerializer):
         `rest_policy`'s bound, a 404 means the call is already over, and a final failure is
         logged, never raised, so the pipeline still ends.
         """
-        account = TwilioAccount(self._account_sid or "", self._auth_token or "", self._base_url)
-        await hang_up_call(account, self._call_sid or "", policy=self.rest_policy)
+        account = TwilioAccount(*serializer_rest_account(self))
+        call_sid, _ = serializer_call(self)
+        await hang_up_call(account, call_sid or "", policy=self.rest_policy)
 
     @property
     def dropped_messages(self) -> int:
@@ -146,10 +188,9 @@ class TwilioMarkSerializer(TwilioFrameSerializer):
         batch = self._batcher.add(base64.b64decode(message["media"]["payload"]))
         if batch is None:
             return None
-        pcm = await ulaw_to_pcm(
-            batch, self._twilio_sample_rate, self._sample_rate, self._input_resampler
-        )
-        return InputAudioRawFrame(audio=pcm, num_channels=1, sample_rate=self._sample_rate)
+        twilio_rate, pipeline_rate, resampler = serializer_input_audio(self)
+        pcm = await ulaw_to_pcm(batch, twilio_rate, pipeline_rate, resampler)
+        return InputAudioRawFrame(audio=pcm, num_channels=1, sample_rate=pipeline_rate)
 
 
 def twilio_transport(
@@ -181,4 +222,6 @@ def twilio_transport(
         audio_out_end_silence_secs=0,
         audio_out_10ms_chunks=OUTBOUND_CHUNK_10MS,  # see phonebot.pipeline_cost
     )
-    return FastAPIWebsocketTransport(websocket=websocket, params=params), serializer
+    # Pipecat's transport, with an output that sends nothing of an interrupted reply
+    # after Twilio's `clear` (phonebot.barge_in).
+    return barge_in_transport(websocket, params), serializer

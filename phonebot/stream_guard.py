@@ -16,9 +16,10 @@ not make VAD and STT chew unbounded audio. So every inbound message passes an
 Warnings are rate-limited per call (`FaultLog`): the first `FAULT_WARNINGS` one by one,
 then one summary line per `FAULT_SUMMARY_INTERVAL_S` with counts per reason.
 
-Before any of that, `read_start` reads the handshake (`connected`, then `start`) strictly
-and within a deadline, so junk, `media` before `start` or a silent socket is rejected
-before a pipeline is built.
+Before any of that, `read_handshake` reads the handshake (`connected`, then `start`) with
+Pipecat's `parse_telephony_websocket`, through a view that passes it only a well-formed
+Twilio handshake, within a deadline: junk, `media` before `start` or a silent socket is
+rejected before a pipeline is built.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import binascii
 import json
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from loguru import logger
+from pipecat.runner.types import CallData
+from pipecat.runner.utils import parse_telephony_websocket
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from phonebot.limits import Clock, TokenBucket
@@ -54,10 +57,9 @@ DTMF_BURST = 20
 FAULT_WARNINGS = 5
 FAULT_SUMMARY_INTERVAL_S = 5.0
 DETAIL_CHARS = 80
-# `connected` then `start`; anything else before `start` is not Twilio.
-HANDSHAKE_MESSAGES = 2
+# Twilio's first two messages, in order; anything else before `start` is not Twilio.
+HANDSHAKE_EVENTS = ("connected", "start")
 SID_EVENTS = frozenset({"media", "mark", "dtmf"})
-
 
 
 class HandshakeError(Exception):
@@ -101,37 +103,71 @@ def parse_object(data: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- handshake
 
+# What `parse_telephony_websocket` returns: the detected provider and the parsed `start`.
+Handshake = tuple[str, CallData]
 
-async def read_start(websocket: WebSocket, timeout_s: float) -> dict[str, Any]:
-    """The `start` object of a Twilio stream, read within `timeout_s`, or HandshakeError.
 
-    Strict where Pipecat's `parse_telephony_websocket` is lenient (it accepts `media`
-    followed by `start`, has no deadline and no size cap, and logs junk at ERROR): a
-    stream slot is held from accept until this returns, so a peer that says nothing or
-    the wrong thing must release it quickly.
+async def read_handshake(websocket: WebSocket, timeout_s: float) -> Handshake:
+    """Pipecat's `parse_telephony_websocket` on a screened view of `websocket`, in `timeout_s`.
+
+    Pipecat reads the handshake and caches its result on the websocket, so Pipecat's
+    runner, the bot and `/ws` can each call it and the messages are read once. The
+    deadline is ours: a stream slot is held from accept until this returns, so a peer
+    that says nothing (Pipecat would wait forever) must release it quickly.
     """
     try:
         async with asyncio.timeout(timeout_s):
-            return await _read_until_start(websocket)
+            return await parse_telephony_websocket(ScreenedHandshake(websocket))
     except TimeoutError:
         raise HandshakeError(f"no 'start' within {timeout_s:g} s") from None
     except (RuntimeError, WebSocketDisconnect) as error:  # the socket went away oddly
         raise HandshakeError(f"socket error before 'start' ({error_detail(error)})") from None
+    except ValueError as error:
+        # Pipecat raises ValueError for a socket closed before its first message and for a
+        # value its `CallData` model rejects (pydantic's ValidationError); the screen below
+        # raises first in both cases today, so this only catches what a newer Pipecat rejects.
+        raise HandshakeError(f"Pipecat could not parse it ({error_detail(error)})") from None
 
 
-async def _read_until_start(websocket: WebSocket) -> dict[str, Any]:
-    for _ in range(HANDSHAKE_MESSAGES):
-        message = _handshake_message(await websocket.receive())
-        event = message.get("event")
-        if event == "start":
-            return _start_object(message)
-        if event != "connected":
-            raise HandshakeError(f"{describe(event)} event before 'start'")
-    raise HandshakeError("a second 'connected' instead of 'start'")
+class ScreenedHandshake:
+    """The websocket as `parse_telephony_websocket` reads it: Twilio's handshake, or an error.
+
+    We go around Pipecat's reading (not its parsing) because it is lenient where a handshake
+    that holds a stream slot must be strict, and loud where it must be quiet: it skips a
+    message that is not JSON and reads on, accepts `media` (or anything) before `start`,
+    has no size cap, and a `start` of the wrong shape makes it log the exception at ERROR
+    (pydantic's message quotes the offending value) before raising. So this view hands it
+    a message only if it is the one Twilio sends at that point (`connected`, then a
+    well-formed `start`; https://www.twilio.com/docs/voice/media-streams/websocket-messages)
+    and otherwise raises `HandshakeError`, which Pipecat does not catch, naming what
+    arrived but never quoting it. Every other attribute, including the one Pipecat caches
+    its result in, is the real websocket's, so that cache is shared with whoever parses next.
+    """
+
+    def __init__(self, websocket: WebSocket):
+        object.__setattr__(self, "_websocket", websocket)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._websocket, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._websocket, name, value)
+
+    async def iter_text(self) -> AsyncIterator[str]:
+        """`connected`'s text, then `start`'s; HandshakeError for anything else."""
+        for expected in HANDSHAKE_EVENTS:
+            text = _handshake_text(await self._websocket.receive())
+            message = _handshake_object(text)
+            event = message.get("event")
+            if event != expected:
+                raise HandshakeError(_unexpected(event, expected))
+            if event == "start":
+                _check_start(message)
+            yield text
 
 
-def _handshake_message(received: Mapping[str, Any]) -> dict[str, Any]:
-    """One ASGI websocket event → the JSON object it carries."""
+def _handshake_text(received: Mapping[str, Any]) -> str:
+    """One ASGI websocket event → its text, if it is a text message of a sane size."""
     if received.get("type") == "websocket.disconnect":
         raise HandshakeError("closed before 'start'")
     text = received.get("text")
@@ -140,22 +176,38 @@ def _handshake_message(received: Mapping[str, Any]) -> dict[str, Any]:
         raise HandshakeError(f"binary frame ({size} bytes) before 'start'")
     if len(text) > MAX_MEDIA_MESSAGE_BYTES:
         raise HandshakeError(f"message of {len(text)} characters before 'start'")
+    return text
+
+
+def _handshake_object(text: str) -> dict[str, Any]:
     try:
         return parse_object(text)
     except MalformedMessage as error:
         raise HandshakeError(f"{error} before 'start'") from None
 
 
-def _start_object(message: dict[str, Any]) -> dict[str, Any]:
+def _unexpected(event: Any, expected: str) -> str:
+    if event == "connected":
+        return "a second 'connected' instead of 'start'"
+    if event == "start":
+        return "'start' before 'connected'"
+    return f"{describe(event)} event before 'start'"
+
+
+def _check_start(message: dict[str, Any]) -> None:
+    """The shape Pipecat's parser needs to neither misdetect nor log an exception at ERROR."""
     start = message.get("start")
     if not isinstance(start, dict):
         raise HandshakeError("'start' without a start object")
     for name in ("streamSid", "callSid"):
         if not isinstance(start.get(name), str) or not start[name]:
             raise HandshakeError(f"'start' without {name}")
-    if not isinstance(start.get("customParameters", {}), dict):
+    parameters = start.get("customParameters", {})
+    if not isinstance(parameters, dict):
         raise HandshakeError("'start' with customParameters that are not an object")
-    return start
+    # TwiML <Parameter> values are strings; Pipecat's model rejects e.g. a numeric from_number.
+    if not all(isinstance(value, str) for value in parameters.values()):
+        raise HandshakeError("'start' with a customParameters value that is not a string")
 
 
 # --------------------------------------------------------------------- during the call

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from phonebot.bot_speech import bot_lines
+
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 90
 
@@ -41,6 +43,7 @@ class LiveServer:
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "LOG_LEVEL": "INFO",
+            "LOG_BOT_SPEECH": "true",  # "Call <CallSid> bot says: ..." lines, for bot_lines()
             **env,
         }
         self._process = subprocess.Popen(
@@ -92,6 +95,19 @@ class LiveServer:
                 return True
             time.sleep(0.05)
         return False
+
+    def bot_lines(self, call_sid: str, timeout_s: float = 10.0) -> list[str]:
+        """The texts the bot of call `call_sid` handed to its TTS, in order.
+
+        Read from the server's "bot says" lines (phonebot.bot_speech) once the call's end
+        line is in, so none is still on its way: what the bot said, exactly, instead of a
+        guess from its audio.
+        """
+        ended = f"Call {call_sid} ended after"
+        assert self.wait_for_log(ended, timeout_s), f"{ended!r} not logged:\n" + "\n".join(
+            self.logs[-40:]
+        )
+        return bot_lines(list(self.logs), call_sid)
 
     def send_signal(self, sig: int) -> None:
         """E.g. SIGTERM, to test the graceful shutdown without waiting for it."""

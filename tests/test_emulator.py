@@ -43,6 +43,7 @@ from phonebot.emulator import (
     ServerNotRunningError,
     Speak,
     StreamClosedError,
+    StreamConnectError,
     TwilioRestEmulator,
     TwiMLError,
     Utterance,
@@ -54,6 +55,8 @@ from phonebot.emulator import (
     voice_webhook_form,
 )
 from phonebot.emulator.loopback import LoopbackServer
+from phonebot.emulator.signature import SharedKey, signed_headers
+from phonebot.emulator.twiml import say_seconds
 
 TOKEN = "test-auth-token-0123456789abcdef"
 ACCOUNT = "AC" + "1" * 32
@@ -698,3 +701,155 @@ async def test_rest_update_with_dial_ends_the_stream() -> None:
         await call.wait_finished(timeout=5)
     assert call.dialed == ["+15559990000"] and stops == ["stop"]
     assert call.result is not None and call.result.ended_by == "rest"
+
+
+# ------------------------------------------- Twilio after the stream, retries, wss
+
+
+def twiml_then(url: str, after: str) -> str:
+    """A `<Connect><Stream>` followed by `after`, the verbs Twilio runs once it closes."""
+    return f'<Response><Connect><Stream url="{url}"/></Connect>{after}</Response>'
+
+
+async def closes_after_start(ws: ServerConnection) -> None:
+    """A server that refuses the stream right after `start` (like a bad token)."""
+    await read_start(ws)
+    await ws.close(1008, "refused")
+
+
+@pytest.mark.asyncio
+async def test_after_the_stream_closes_the_twiml_after_connect_runs_and_pauses_take_time() -> None:
+    after = '<Say>Sorry, goodbye.</Say><Pause length="2"/><Hangup/><Say>never</Say>'
+
+    async def voice(request: Request) -> Response:
+        return Response(twiml_then(ws_url, after), media_type="text/xml")
+
+    routes = [Route("/", voice, methods=["POST"])]
+    async with ws_server(closes_after_start) as ws_url, http_app(routes) as base:
+        call = await dial_in(f"{base}/")
+        result = await call.caller().run([Pause(10.0)], check=False)
+
+    assert [verb.name for verb in call.after_stream] == ["Say", "Pause", "Hangup", "Say"]
+    assert result.close is not None and result.close.by == "server"
+    assert result.said == ["Sorry, goodbye."]  # and not "never": <Hangup/> ended the call
+    assert result.dead_air_after_stream == 2.0
+    (say,) = result.events_of("say")
+    (pause,) = result.events_of("twiml_pause")
+    (hangup,) = result.events_of("hangup")
+    assert say.t == pytest.approx(result.close.t, abs=0.1)
+    spoken = say_seconds("Sorry, goodbye.")
+    assert pause.t - say.t == pytest.approx(spoken, abs=0.15)  # the <Say> took its time
+    assert hangup.t - pause.t == pytest.approx(2.0, abs=0.15)  # and so did the <Pause>
+    assert (hangup.data["by"], hangup.data["reason"]) == ("twiml", "<Hangup/> after the stream")
+    assert result.duration >= result.close.t + spoken + 2.0 - 0.05
+    out = io.StringIO()
+    print_summary(result, out)
+    assert "Twilio said: Sorry, goodbye." in out.getvalue()
+    assert "2 s of silence" in out.getvalue()
+
+
+@pytest.mark.asyncio
+async def test_the_end_of_the_document_hangs_up_and_a_rest_hang_up_cuts_the_pause_short() -> None:
+    async with ws_server(closes_after_start) as ws_url:
+        nothing = parse_twiml(twiml_then(ws_url, "")).after_stream
+        ended = await MediaStreamCaller(ws_url, after_stream=nothing).run([Pause(5.0)], check=False)
+        long_pause = parse_twiml(twiml_then(ws_url, '<Pause length="30"/>')).after_stream
+        paused = MediaStreamCaller(ws_url, after_stream=long_pause)
+        task = asyncio.create_task(paused.run([Pause(5.0)], check=False))
+        await asyncio.sleep(1.0)
+        paused.request_hangup("call completed via REST", "rest")
+        cut = await asyncio.wait_for(task, 5)
+    assert [e.data["reason"] for e in ended.events_of("hangup")] == [
+        "end of the TwiML after the stream"
+    ]
+    assert ended.duration < 1.0
+    (hangup,) = cut.events_of("hangup")
+    assert hangup.data["by"] == "rest" and cut.duration < 2.0
+
+
+def test_transcript_shows_what_twilio_said_after_the_stream() -> None:
+    out = io.StringIO()
+    printer = TranscriptPrinter(None, out=out)
+    printer.on_event(CallEvent(3.0, "say", {"text": "Sorry, goodbye.", "duration": 1.0}))
+    printer.on_event(CallEvent(4.0, "twiml_pause", {"seconds": 40.0}))
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "[00:03.00] twilio <Say>: Sorry, goodbye.",
+        "[00:04.00] twilio <Pause>: 40 s of silence for the caller",
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("stream_url", "refused"),
+    [
+        ("ws://bot.example.com/ws", True),
+        ("ws://10.0.0.5:8000/ws", True),
+        ("http://bot.example.com/ws", True),
+        ("wss://bot.example.com/ws", False),
+        ("ws://127.0.0.1:8000/ws", False),
+        ("ws://localhost:8000/ws", False),
+    ],
+)
+async def test_a_stream_url_twilio_would_refuse_fails_with_31922(stream_url, refused) -> None:
+    async def voice(request: Request) -> Response:
+        return Response(stream_twiml(stream_url), media_type="text/xml")
+
+    async with http_app([Route("/", voice, methods=["POST"])]) as base:
+        if refused:
+            with pytest.raises(StreamConnectError, match="31922.*PUBLIC_URL"):
+                await dial_in(f"{base}/")
+        else:
+            assert (await dial_in(f"{base}/")).twiml.stream is not None
+
+
+@pytest.mark.asyncio
+async def test_dial_in_retries_a_5xx_like_twilio_with_the_same_idempotency_token() -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def flaky(request: Request) -> Response:
+        seen.append((request.headers["i-twilio-idempotency-token"],
+                     request.headers["x-twilio-signature"]))
+        if len(seen) == 1:
+            return Response("busy", status_code=503)
+        return Response(stream_twiml("ws://127.0.0.1:1/ws"), media_type="text/xml")
+
+    async with http_app([Route("/", flaky, methods=["POST"])]) as base:
+        with pytest.raises(WebhookHTTPError):
+            await dial_in(f"{base}/", auth_token=TOKEN)  # one attempt: the 503 stands
+        seen.clear()
+        await dial_in(f"{base}/", auth_token=TOKEN, attempts=3)
+        await dial_in(f"{base}/", auth_token=TOKEN)
+    assert len(seen) == 3
+    assert seen[0] == seen[1], "a retry must carry the same token and signature"
+    assert seen[2][0] != seen[0][0], "another request gets its own token"
+
+
+def test_shared_key_signature_is_hmac_sha256_with_its_settings_header() -> None:
+    url = "https://abc.ngrok.app/"
+    form = voice_webhook_form(call_sid="CA" + "a" * 32, account_sid=ACCOUNT, from_="+1555", to="+1")
+    key = SharedKey("shared-secret", key_id="webhooks_sharedkey_x")
+    headers = signed_headers(TOKEN, url, form, key)
+    assert headers["X-Twilio-Webhooks-Signature-Settings"] == (
+        "key=webhooks_sharedkey_x,algorithm=HMAC_SHA256"
+    )
+    signature = headers["X-Twilio-Signature"]
+    assert RequestValidator("shared-secret").validate(url, form, signature, "HMAC_SHA256")
+    assert not RequestValidator(TOKEN).validate(url, form, signature)
+
+
+@pytest.mark.asyncio
+async def test_a_dial_out_runs_the_twiml_after_its_stream_and_refuses_ws_urls() -> None:
+    async with ws_server(closes_after_start) as ws_url, rest_emulator() as emulator:
+        client = emulator.client()
+        for twiml in (twiml_then(ws_url, "<Say>Sorry.</Say><Hangup/>"),
+                      stream_twiml("ws://bot.example.com/ws")):
+            await asyncio.to_thread(
+                client.calls.create, to="+15551234567", from_="+15550001111", twiml=twiml
+            )
+        streamed, refused = await emulator.wait_for_call(), await emulator.wait_for_call()
+        await streamed.wait_finished(timeout=10)
+        await refused.wait_finished(timeout=10)
+    assert streamed.result is not None and streamed.result.said == ["Sorry."]
+    assert streamed.status == "completed"
+    assert refused.status == "failed" and "31922" in (refused.error or "")

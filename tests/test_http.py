@@ -56,8 +56,9 @@ def test_webhook_answers_connect_stream_with_every_parameter(client, settings):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/xml")
     root = ElementTree.fromstring(response.text)
-    assert [child.tag for child in root] == ["Connect", "Pause"]
-    assert root.find("Pause").get("length") == "40"
+    # No dead air: if the stream closes without a hang-up, Twilio says this and hangs up.
+    assert [child.tag for child in root] == ["Connect", "Say", "Hangup"]
+    assert root.find("Say").text == settings.stream_closed_phrase
     stream_url, parameters = stream_of(response.text)
     assert stream_url == "ws://testserver/ws"
     assert parameters == {

@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
+from loguru import logger
 from websockets.asyncio.server import ServerConnection, serve
 
 from phonebot import audio
@@ -36,12 +39,16 @@ from phonebot.emulator import (
 )
 from phonebot.emulator.media_stream import speech_frames
 from phonebot.emulator.timeline import Playback, Track
+from tests.conftest import make_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import load  # noqa: E402
 import load_calls  # noqa: E402
+import load_markdown  # noqa: E402
 import load_report  # noqa: E402
 import load_server  # noqa: E402
+import load_stats  # noqa: E402
 
 CHUNK = 320  # 40 ms at 8 kHz: what Pipecat's output transport sends per message
 
@@ -215,47 +222,252 @@ def summary(index: int, latencies: list[float], **fields) -> load_calls.CallSumm
     return load_calls.CallSummary(index, "plain", speech_latencies=latencies, **values)
 
 
-def test_step_figures_combine_workers_and_server_readings() -> None:
-    reports = [
-        load_calls.WorkerReport(
-            [summary(0, [0.4, 0.5]), summary(2, [0.6], bot_underrun=1.0, late_chunks=4)],
-            cpu_s=1.5,
-            lags=[0.001, 0.002],
-        ),
-        load_calls.WorkerReport(
-            [summary(1, [], failed=True, error="boom"), summary(3, [0.7], dropped=True)],
-            cpu_s=0.5,
-            lags=[0.004],
-        ),
-    ]
+def run_data(calls: list[load_calls.CallSummary], **fields) -> load_report.RunData:
+    values = {"wall_s": 30.0, "cpu_s": 6.0, "rss_peak_mb": 300.0, **fields}
+    return load_report.RunData([load_calls.WorkerReport(calls, 1.0, [0.002])], **values)
+
+
+def test_step_figures_pool_the_runs_and_keep_their_spread() -> None:
+    first = load_report.RunData(
+        [
+            load_calls.WorkerReport(
+                [summary(0, [0.4, 0.5]), summary(2, [0.6], bot_underrun=1.0, late_chunks=4)],
+                cpu_s=1.5,
+                lags=[0.001, 0.002],
+            ),
+            load_calls.WorkerReport(
+                [summary(1, [], failed=True, error="boom"), summary(3, [0.7], dropped=True)],
+                cpu_s=0.5,
+                lags=[0.004],
+            ),
+        ],
+        wall_s=31.0,
+        cpu_s=12.0,
+        rss_peak_mb=300.0,
+        timings=[{"turn_end_s": 0.3, "verdict": "complete", "rule": "model_complete"}],
+    )
+    second = run_data(
+        [summary(0, [0.3, 2.0, 0.35]), summary(1, [0.45])], cpu_s=6.0, rss_peak_mb=320.0
+    )
     previous = load_report.StepResult("ours", 2, 30.0, rss_peak_mb=250.0)
-    step = load_report.step_result("ours", 4, 31.0, reports, 12.0, 200.0, 300.0, previous)
-    assert (step.calls_ok, step.failed, step.dropped, step.turns) == (2, 1, 1, 4)
-    assert step.p50 == pytest.approx(0.55) and step.broken
-    assert step.call_minutes == pytest.approx(2.0)
-    assert step.cpu_per_call_min == pytest.approx(6.0)
-    assert step.loadgen_cpu_per_call_min == pytest.approx(1.0)
-    assert step.rss_per_call_mb == pytest.approx(25.0)  # (300 - 200) / 4
-    assert step.rss_slope_mb == pytest.approx(25.0)  # (300 - 250) / (4 - 2)
-    assert step.underrun_share == pytest.approx(1.0 / 37.0) and step.late_chunks == 4
-    assert step.errors == ["boom"]
+    step = load_report.step_result("ours", 4, [first, second], 200.0, previous)
+    assert (step.calls_ok, step.failed, step.dropped, step.turns) == (4, 1, 1, 8)
+    pooled = [0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 2.0]
+    assert step.latencies == pooled  # every turn of every run, sorted
+    assert step.p50 == pytest.approx(np.percentile(pooled, 50))
+    assert step.p95 == pytest.approx(np.percentile(pooled, 95))
+    assert step.slow_share == pytest.approx(1 / 8)  # the 2.0 s turn
+    assert [run.turns for run in step.runs] == [4, 4]
+    run_p95 = [np.percentile([0.4, 0.5, 0.6, 0.7], 95), np.percentile([0.3, 2.0, 0.35, 0.45], 95)]
+    assert step.p95_spread == pytest.approx(
+        {"min": min(run_p95), "median": np.median(run_p95), "max": max(run_p95)}
+    )
+    assert sum(step.histogram["counts"]) == 8 and step.histogram["counts"][20] == 1
+    assert step.broken and step.errors == ["boom"]
+    assert step.call_minutes == pytest.approx(3.0)  # 6 calls of 30 s
+    assert step.cpu_per_call_min == pytest.approx(18.0 / 3.0)
+    assert step.rss_per_call_mb == pytest.approx(30.0)  # (320 - 200) / 4: the highest run
+    assert step.rss_slope_mb == pytest.approx(35.0)  # (320 - 250) / (4 - 2)
+    assert step.underrun_share == pytest.approx(1.0 / 55.0) and step.late_chunks == 4
+    assert step.server_turns["turns"] == 1 and step.turn_timings[0]["turn_end_s"] == 0.3
+
+
+def step_with(latencies: list[float], n: int = 10, **fields) -> load_report.StepResult:
+    """A step whose every turn latency is given (one run), for the stop rule."""
+    calls = [summary(k, [latency]) for k, latency in enumerate(latencies)]
+    for name, value in fields.items():
+        setattr(calls[0], name, value)
+    return load_report.step_result("ours", n, [run_data(calls)], 200.0, None)
+
+
+def test_one_slow_turn_cannot_stop_a_series() -> None:
+    rule = load_stats.StopRule()
+    one = step_with([0.4, 0.45, 0.5, 0.42, 0.48, 0.44], n=1)
+    # Sixty turns at N = 10, one of them a 3.2 s Smart Turn fallback; and at N = 1 too.
+    ten = step_with([0.42 + 0.001 * k for k in range(59)] + [3.2])
+    assert ten.p95 > 0.4 and load_stats.slow_share([3.2], 1.5) == 1.0
+    assert rule.reason(ten, one) is None
+    assert rule.reason(step_with([0.4] * 5 + [3.2], n=1), one) is None
+    # The old rule (p95 > 3x the N = 1 p95) stopped a series on a handful of slow turns
+    # among sixty; the share of slow turns says that is a tail of 7 %, not a breakdown.
+    four = step_with([0.42] * 56 + [3.2] * 4)
+    assert four.p95 > 3 * one.p95 and rule.reason(four, one) is None
+
+
+def test_the_stop_rule_trips_on_what_one_turn_cannot_move() -> None:
+    rule = load_stats.StopRule()
+    one = step_with([0.4, 0.45, 0.5, 0.42, 0.48, 0.44], n=1)
+    slower = step_with([0.95 + 0.001 * k for k in range(60)])  # the typical reply doubled
+    assert "p50" in rule.reason(slower, one)
+    tail = step_with([0.42] * 52 + [3.2] * 8)  # 13 % of turns over 1.5 s
+    assert "over 1.5 s" in rule.reason(tail, one)
+    assert rule.reason(step_with([0.42] * 54 + [3.2] * 6), one) is None  # 10 %: not above
+    assert "failed" in rule.reason(step_with([0.42] * 60, failed=True), one)
+    assert "dropped" in rule.reason(step_with([0.42] * 60, dropped=True), one)
+    choppy = step_with([0.42] * 60, bot_underrun=7.0)  # 7 s of 60 x 9 s + 7 s: 1.3 %
+    assert rule.reason(choppy, one) is None
+    choppy = step_with([0.42] * 60, bot_underrun=12.0)  # 2.2 %
+    assert "underrun" in rule.reason(choppy, one)
+    assert "p95 is reported, not a criterion" in rule.describe()
+
+
+def test_spread_histogram_and_slow_share() -> None:
+    assert load_stats.spread([0.5, None, 0.3, 0.9]) == {"min": 0.3, "median": 0.5, "max": 0.9}
+    assert load_stats.spread([None]) is None and load_stats.slow_share([]) is None
+    assert load_stats.slow_share([0.4, 1.5, 1.51, 3.0]) == 0.5  # over 1.5 s, not at it
+    hist = load_stats.histogram([0.0, 0.05, 0.1, 0.35, 3.99, 9.0], bin_s=0.1, top_s=4.0)
+    assert len(hist["counts"]) == len(hist["bin_start_s"]) == 41
+    assert hist["counts"][0] == 2 and hist["counts"][1] == 1 and hist["counts"][3] == 1
+    assert hist["counts"][39] == 1 and hist["counts"][40] == 1  # 9 s in the last bin
+
+
+SERVER_LINE = (
+    "2026-01-05 10:00:00.123 | DEBUG    | phonebot.turns:_log:270 - Call CA"
+    + "1" * 32
+    + ' turn timing {"speech_end_at":12.5,"verdict":"incomplete","probability":0.41,'
+    '"rule":"finished_transcript","wait_s":0.6,"segments":1,"vad_stop_s":0.2,'
+    '"inference_ms":35.1,"transcript_s":0.31,"turn_end_s":0.62,"llm_first_token_s":0.65,'
+    '"tts_first_audio_s":0.7,"audio_out_s":0.74}'
+)
+
+
+def test_turn_timings_are_read_from_the_server_log() -> None:
+    lines = [
+        "INFO | something else",
+        SERVER_LINE,
+        "Call CA1 turn timing {not json",  # garbled: skipped, not fatal
+        SERVER_LINE.replace('"verdict":"incomplete"', '"verdict":"complete"')
+        .replace('"turn_end_s":0.62', '"turn_end_s":0.25')
+        .replace('"rule":"finished_transcript"', '"rule":"model_complete"'),
+    ]
+    records = load_stats.turn_timings(lines)  # with the server's own parser
+    assert [r["verdict"] for r in records] == ["incomplete", "complete"]
+    assert records[0]["call_sid"] == "CA" + "1" * 32
+    summary_ = load_stats.summarize_timings(records)
+    assert summary_["turns"] == 2
+    assert summary_["stages"]["turn_end_s"] == {"n": 2, "p50": 0.435, "p95": pytest.approx(0.6015)}
+    assert summary_["stages"]["audio_out_s"]["p50"] == pytest.approx(0.74)
+    assert summary_["verdicts"] == {"complete": 1, "incomplete": 1}
+    assert summary_["rules"] == {"finished_transcript": 1, "model_complete": 1}
+    assert load_stats.turn_timings(["no timing here"], parse=lambda line: 1 / 0) == []
+
+
+@pytest.fixture
+def restore_logging():
+    """The bench server's logging writes to pytest's captured stderr; undone after."""
+    yield
+    logger.remove()
+    logger.configure(patcher=None)
+    logger.add(sys.__stderr__)
+    logging.basicConfig(handlers=[logging.StreamHandler(sys.__stderr__)], force=True)
+
+
+def test_the_bench_server_logs_the_turn_timing_lines_and_no_other_debug(
+    capsys, restore_logging
+) -> None:
+    """What the server logs per turn (phonebot.turns) reaches the bench server's log at
+    LOG_LEVEL=WARNING, and no other DEBUG line does."""
+    import inspect
+
+    import ours_server
+
+    import server
+    from phonebot.turns import TurnTimeline
+
+    # The wrapper replaces the function server.main() calls by this name.
+    assert "configure_logging(settings)" in inspect.getsource(server.main)
+    ours_server.configure_logging_with_timing(make_settings(log_level="WARNING"))
+    logger.debug("Pipecat: linking processors")
+    logger.warning("a warning")
+    timeline = TurnTimeline("CA" + "2" * 32)
+    timeline.speech_ended(100.0, 0.2)
+    timeline.turn_ended(100.4, "model_complete", 0.0)
+    timeline.audio_out(100.9)
+    lines = capsys.readouterr().err.splitlines()
+    assert not any("linking" in line for line in lines)
+    assert any("a warning" in line for line in lines)
+    (record,) = load_stats.turn_timings(lines)
+    assert record["turn_end_s"] == pytest.approx(0.4)
+    assert record["audio_out_s"] == pytest.approx(0.9)
 
 
 def test_targets_and_ratios() -> None:
-    one = load_report.StepResult("ours", 1, 30.0, p95=0.5, rss_per_call_mb=20.0)
+    one = load_report.StepResult("ours", 1, 30.0, p50=0.4, p95=0.5, rss_per_call_mb=20.0)
+    ten = load_report.StepResult("ours", 10, 30.0, p50=0.44, p95=1.3)
     hundred = load_report.StepResult(
         "ours", 100, 30.0, calls_ok=100, p95=0.7, underrun_share=0.004, rss_per_call_mb=12.0
     )
-    met = [target["met"] for target in load_report.check_targets([one, hundred])]
-    assert met == [True, True, True, True]
+    targets = load_report.check_targets([one, ten, hundred])
+    assert [t["met"] for t in targets] == [True, True, False, True, True, True, True, True]
+    assert "p95 reply <= 1.2 s at N = 10" in targets[2]["target"]
+    ten.p95, ten.p50 = 1.1, 0.47  # the p50 limit is the issue's 0.42 s + 10 %
+    assert [t["met"] for t in load_report.check_targets([one, ten, hundred])][2:4] == [
+        True,
+        False,
+    ]
     hundred.p95, hundred.dropped = 0.8, 1
-    assert [t["met"] for t in load_report.check_targets([one, hundred])][:2] == [False, False]
-    missed = load_report.check_targets([one])[0]  # the series stopped before N = 100
-    assert missed["met"] is False and "stopped at N = 1" in missed["detail"]
+    assert [t["met"] for t in load_report.check_targets([one, ten, hundred])][4:6] == [
+        False,
+        False,
+    ]
+    missed = load_report.check_targets([one])  # the series stopped before N = 10 and 100
+    assert [t["met"] for t in missed] == [True, True, False, False, False]
+    assert "not measured" in missed[2]["detail"] and "stopped at N = 1" in missed[4]["detail"]
     base = load_report.StepResult("baseline", 1, 30.0, p50=0.5, p95=0.4, cpu_per_call_min=4.0)
     ours = load_report.StepResult("ours", 1, 30.0, p50=0.4, p95=0.5, cpu_per_call_min=2.0)
     (row,) = load_report.ratio_rows([ours], [base])
     assert (row["p50"], row["p95"], row["cpu_per_call_min"]) == ("0.80x", "1.25x", "0.50x")
+
+
+def two_series() -> dict[str, list[load_report.StepResult]]:
+    ours = step_with([0.4, 0.45, 0.5, 0.6], n=1)
+    ours.turn_timings = [{"turn_end_s": 0.3, "verdict": "complete", "rule": "model_complete"}]
+    ours.server_turns = load_stats.summarize_timings(ours.turn_timings)
+    base = step_with([0.5, 0.55, 3.2, 0.6], n=1)
+    base.series = "baseline-instant"
+    ours.series = "ours-instant"
+    return {"ours-instant": [ours], "baseline-instant": [base]}
+
+
+def test_markdown_is_generated_with_machine_command_and_rule() -> None:
+    series = two_series()
+    machine = load_markdown.machine_description(["--steps", "1", "--markdown", "docs/x.md"])
+    assert machine["cores"] == os.cpu_count() and machine["cpu_model"]
+    assert machine["pipecat"] == metadata.version("pipecat-ai")
+    targets = load_report.check_targets(series["ours-instant"])
+    stops = {"ours-instant": "ran every step up to N = 1", "baseline-instant": "x"}
+    text = load_markdown.render(series, machine, stops, targets, load_stats.StopRule(), 42.0)
+    assert "Generated by bench/load.py --markdown" in text
+    assert ".venv/bin/python bench/load.py --steps 1 --markdown docs/x.md" in text
+    assert f"Pipecat {machine['pipecat']}" in text and machine["cpu_model"] in text
+    assert "| ours, 1 | 1 | 4 / 0 / 0 | 4 | 0.47 (0.47–0.47) |" in text
+    assert "| baseline, 1 | 1 | 4 / 0 / 0 | 4 |" in text and "| 25% |" in text
+    assert "| ours, 1 | 1 | – | – | 0.30 / 0.30 |" in text  # the server's turn timing
+    assert load_stats.StopRule().describe() in text
+    assert "- ours: ran every step up to N = 1" in text
+    assert "**met**: p95 reply <= 1.2 s at N = 1" in text
+    assert "**MISSED**: p95 reply <= 1.2 s at N = 10" in text
+
+
+def test_json_holds_the_distribution_the_runs_and_the_server_timing(tmp_path: Path) -> None:
+    series = two_series()
+    extra = {"machine": {"cores": 2}, "stop_rule": load_stats.StopRule().as_dict()}
+    data = json.loads(load_report.write_json(tmp_path / "load.json", series, extra).read_text())
+    (ours,) = data["series"]["ours-instant"]
+    assert ours["latencies"] == [0.4, 0.45, 0.5, 0.6]
+    assert sum(ours["histogram"]["counts"]) == 4
+    assert ours["runs"][0]["p95"] == pytest.approx(ours["p95"])
+    assert set(ours["p95_spread"]) == {"min", "median", "max"}
+    assert ours["server_turns"]["stages"]["turn_end_s"]["p50"] == 0.3
+    assert ours["turn_timings"][0]["verdict"] == "complete"
+    assert data["stop_rule"]["p50_factor"] == 2.0 and "text" in data["stop_rule"]
+    assert data["series"]["baseline-instant"][0]["slow_share"] == 0.25
+
+
+def test_plot_has_the_latency_distribution(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = load_report.write_plot(tmp_path / "load.png", two_series())
+    assert path is not None and path.stat().st_size > 10_000
 
 
 def test_process_readings_come_from_proc_and_include_child_processes() -> None:
@@ -295,3 +507,73 @@ def test_baseline_answers_the_webhook_like_pipecats_runner() -> None:
     response = TestClient(baseline_server.app).post("/", data={"CallSid": "CA1"})
     assert response.status_code == 200
     assert parse_twiml(response.text).require_stream().url == "wss://testserver/ws"
+
+
+def test_baseline_ends_turns_with_pipecats_default_smart_turn() -> None:
+    """The baseline is described as running Smart Turn: that is Pipecat's default."""
+    import baseline_server
+    from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+    from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
+    from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+    params = baseline_server.user_params()
+    assert params.user_turn_strategies is None  # left to Pipecat, as in its example
+    (stop,) = UserTurnStrategies().stop  # what the aggregator uses for None
+    assert isinstance(stop, TurnAnalyzerUserTurnStopStrategy)
+    assert isinstance(stop._turn_analyzer, LocalSmartTurnAnalyzerV3)
+    assert "Smart Turn" in baseline_server.__doc__ and "plain" not in load.__doc__
+
+
+# ------------------------------------------------------------------ the run's plan
+
+
+def test_default_and_quick_plans() -> None:
+    default = load.parse_args([])
+    assert default.runs == 3 and default.steps[:3] == (1, 10, 25) and default.mode == "instant"
+    assert default.budget_s <= 12 * 60 - 30  # the lead's 12 minutes, with room to write
+    quick = load.parse_args(["--quick"])
+    assert (quick.runs, quick.steps) == (1, (1, 2))
+    assert load.parse_args(["--steps", "10,1", "--runs", "4"]).steps == (1, 10)
+    with pytest.raises(SystemExit):
+        load.parse_args(["--steps", "0"])
+
+
+class FakeServer:
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def alive(self) -> bool:
+        return True
+
+
+def test_runs_are_interleaved_and_budgeted(monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[str] = []
+
+    def fake_run(series, n, args):
+        order.append(series.name)
+        series.last_run_s = 40.0
+        return run_data([summary(0, [0.4, 0.5])])
+
+    monkeypatch.setattr(load, "run_once", fake_run)
+    series = [load.Series(name, FakeServer(), 100) for name in ("ours", "baseline")]
+    args = load.parse_args(["--runs", "3"])
+    steps = load.run_step(series, 10, args)
+    assert order == ["ours", "baseline"] * 3
+    assert [len(step.runs) for step in steps.values()] == [3, 3]
+    now = time.monotonic()
+    assert load.step_fits(series, args, now + 3 * 2 * 40 * load.RUN_GROWTH + 5)
+    assert not load.step_fits(series, args, now + 3 * 2 * 40)
+
+
+def test_a_step_far_over_its_estimate_drops_its_remaining_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def slow_run(series, n, args):
+        series.last_run_s = 120.0  # calls timing out: four times the estimate
+        return run_data([summary(0, [0.4])])
+
+    monkeypatch.setattr(load, "run_once", slow_run)
+    series = [load.Series("ours", FakeServer(), 100)]
+    deadline = time.monotonic() + 100.0
+    (step,) = load.run_step(series, 10, load.parse_args(["--runs", "3"]), deadline).values()
+    assert len(step.runs) == 1  # the first run always counts; the next would end too late

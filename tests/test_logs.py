@@ -8,7 +8,7 @@ import sys
 import pytest
 from loguru import logger
 
-from phonebot.logs import configure_logging, redact
+from phonebot.logs import configure_logging, redact, secret_values
 from phonebot.security import call_token
 from tests.conftest import AUTH_TOKEN, DIALOUT_KEY, make_settings
 
@@ -41,3 +41,20 @@ def test_configured_logger_masks_every_record(capsys, restore_logging):
     assert "sk-live-abcdefghijklmnop" not in err
     assert "ab" * 32 not in err
     assert "using key ***" in err
+
+
+def test_every_secret_setting_and_the_database_password_are_masked():
+    settings = make_settings(
+        admin_api_key="admin-key-0123456789",
+        events_webhook_secret="events-secret-0123456789",
+        twilio_webhook_shared_key="shared-key-0123456789",
+        database_url="postgresql://phonebot:db-password-0123@db.example/phonebot",
+    )
+    line = " ".join(
+        ["admin-key-0123456789", "events-secret-0123456789", "shared-key-0123456789"]
+        + ["postgresql://phonebot:db-password-0123@db.example/phonebot"]
+    )
+    cleaned = redact(line, secret_values(settings))
+    for secret in ("admin-key", "events-secret", "shared-key", "db-password"):
+        assert secret not in cleaned
+    assert "db.example/phonebot" in cleaned

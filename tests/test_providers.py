@@ -14,6 +14,7 @@ from phonebot.offline.responder import OfflineResponder
 from phonebot.offline.stt import OfflineSTTService
 from phonebot.offline.tts import OfflineTTSService
 from phonebot.personas import CAMPAIGNS, DIALIN_PERSONAS, OUTBOUND_DEFAULT
+from phonebot.pipecat_compat import tts_text_filters
 from phonebot.providers import build_services
 from phonebot.voice_text import VoiceTextFilter
 from tests.conftest import make_settings
@@ -77,4 +78,4 @@ def test_an_unknown_language_is_refused_at_startup():
 def test_every_tts_cleans_text_before_speaking():
     for keys in ({}, {"openai_api_key": "sk-test"}, {"cartesia_api_key": "ca-test"}):
         tts = build_services(make_settings(**keys), DIALIN_PERSONAS["support"]).tts
-        assert [type(f) for f in tts._text_filters] == [VoiceTextFilter]
+        assert [type(f) for f in tts_text_filters(tts)] == [VoiceTextFilter]

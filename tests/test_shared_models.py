@@ -20,6 +20,7 @@ from pipecat.audio.vad.silero import SileroVADAnalyzer
 
 import bot
 from phonebot import models
+from phonebot import pipecat_compat as compat
 from phonebot.models import (
     SharedSileroVADAnalyzer,
     SharedSmartTurnAnalyzer,
@@ -93,11 +94,13 @@ def _float_audio(pcm: bytes) -> np.ndarray:
 def test_every_analyzer_runs_on_the_one_session() -> None:
     vads = [SharedSileroVADAnalyzer(), SharedSileroVADAnalyzer()]
     turns = [SharedSmartTurnAnalyzer(), SharedSmartTurnAnalyzer()]
-    assert vads[0]._model.session is vads[1]._model.session is silero_session()
-    assert turns[0]._session is turns[1]._session is smart_turn_session()
+    models = [compat.silero_model(vad) for vad in vads]
+    assert models[0].session is models[1].session is silero_session()
+    sessions = [compat.smart_turn_session(turn) for turn in turns]
+    assert sessions[0] is sessions[1] is smart_turn_session()
     # ...while the recurrent state lives in a wrapper of each call's own.
-    assert vads[0]._model is not vads[1]._model
-    assert vads[0]._model._state is not vads[1]._model._state
+    assert models[0] is not models[1]
+    assert compat.silero_state(models[0]) is not compat.silero_state(models[1])
 
 
 def test_a_call_loads_no_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,10 +115,10 @@ def test_a_call_loads_no_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", counting)
     params = bot.user_turn_params(make_settings())
-    turn_analyzer = params.user_turn_strategies.stop[0]._turn_analyzer
+    turn_analyzer = compat.stop_strategy_turn_analyzer(params.user_turn_strategies.stop[0])
     assert loaded == []
-    assert params.vad_analyzer._model.session is silero_session()
-    assert turn_analyzer._session is smart_turn_session()
+    assert compat.silero_model(params.vad_analyzer).session is silero_session()
+    assert compat.smart_turn_session(turn_analyzer) is smart_turn_session()
     SileroVADAnalyzer()  # the probe works: Pipecat's own analyzer does load a session
     assert len(loaded) == 1
 
@@ -148,7 +151,8 @@ def test_smart_turn_predicts_like_pipecat() -> None:
     ours, pipecats = _turn(SharedSmartTurnAnalyzer), _turn(LocalSmartTurnAnalyzerV3)
     for text in ("I would like to book a table for tomorrow.", "I would like to"):
         audio = _float_audio(synthesize_at(text, RATE))
-        mine, theirs = ours._predict_endpoint(audio), pipecats._predict_endpoint(audio)
+        mine = compat.predict_endpoint(ours, audio)
+        theirs = compat.predict_endpoint(pipecats, audio)
         assert mine["prediction"] == theirs["prediction"]
         assert mine["probability"] == pytest.approx(theirs["probability"], abs=1e-6)
 
@@ -188,11 +192,11 @@ def test_concurrent_calls_get_their_own_results() -> None:
     texts = ["Yes please.", "I would like to", "What are your opening hours?", "Goodbye."]
     audios = [_float_audio(synthesize_at(t, RATE)) for t in texts]
     pipecats = _turn(LocalSmartTurnAnalyzerV3)
-    expected_turn = [pipecats._predict_endpoint(a)["probability"] for a in audios]
+    expected_turn = [compat.predict_endpoint(pipecats, a)["probability"] for a in audios]
 
     def one_call(n: int) -> tuple[list[float], float]:
         vad = _confidences(_vad(SharedSileroVADAnalyzer), speech)
-        turn = _turn(SharedSmartTurnAnalyzer)._predict_endpoint(audios[n % len(audios)])
+        turn = compat.predict_endpoint(_turn(SharedSmartTurnAnalyzer), audios[n % len(audios)])
         return vad, turn["probability"]
 
     with ThreadPoolExecutor(max_workers=8) as pool:

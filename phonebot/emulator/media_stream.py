@@ -23,8 +23,8 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,12 +62,24 @@ from phonebot.emulator.result import (
     Utterance,
 )
 from phonebot.emulator.script import Dtmf, Hangup, Pause, Speak, Step, WaitForBot, WaitForHangup
-from phonebot.emulator.timeline import Playback, Segment, SpeechTracker, Track, response_latency
+from phonebot.emulator.timeline import (
+    LateMediaWatch,
+    Playback,
+    Segment,
+    SpeechTracker,
+    Track,
+    onset_before,
+    response_latency,
+)
+from phonebot.emulator.twiml import Verb, run_after_stream
 
 RATE = TWILIO_SAMPLE_RATE
 FRAME = FRAME_SAMPLES
 FRAME_S = FRAME / RATE
 UTTERANCE_GAP_S = 0.4
+# A pause in the bot's media this long after a `clear` ends what is charged to it as the
+# interrupted reply's tail (see timeline.LateMediaWatch).
+LATE_MEDIA_GAP_S = 0.25
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 EventCallback = Callable[[CallEvent], None]
@@ -143,6 +155,7 @@ class MediaStreamCaller:
         utterance_gap: float = UTTERANCE_GAP_S,
         connect_timeout: float = 10.0,
         headers: Mapping[str, str] | None = None,
+        after_stream: Sequence[Verb] | None = None,
     ) -> None:
         self.url = url
         self.stream_sid = stream_sid or new_stream_sid()
@@ -156,9 +169,13 @@ class MediaStreamCaller:
         self._on_event = on_event
         self._connect_timeout = connect_timeout
         self._headers = dict(headers or {})
+        # The TwiML after </Connect>: what Twilio runs once the server closes the stream
+        # (None: no TwiML known, e.g. a caller pointed straight at a websocket).
+        self._after_stream = None if after_stream is None else tuple(after_stream)
         gap = round(utterance_gap * RATE)
         self._caller_track, self._bot_track = Track(), Track()
         self._playback = Playback(self._bot_track)
+        self._late_media = LateMediaWatch(round(LATE_MEDIA_GAP_S * RATE))
         self._caller_vad = SpeechTracker(silence_threshold, gap)
         # Keys are caller input too: a wait after `Dtmf` waits for the bot's answer to them.
         self._last_keypress_end = 0
@@ -263,7 +280,29 @@ class MediaStreamCaller:
             await self._play(script)
         finally:
             await self._shutdown(receiver)
-            self._finalize()
+            try:
+                await self._continue_twiml()
+            finally:
+                self._finalize()
+
+    async def _continue_twiml(self) -> None:
+        """After the server closed the stream, run the TwiML after `</Connect>`, as Twilio.
+
+        Twilio goes on with the document when the websocket closes (error 31921's notes):
+        the caller hears its `<Say>`, waits out its `<Pause>`, and is hung up at
+        `<Hangup/>` or the document's end. Not when the call was already ended via REST
+        (a hang-up or a transfer replaces the document), nor when the caller hung up.
+        """
+        close = self.result.close
+        if self._after_stream is None or close is None or close.by != "server":
+            return
+        if self._hangup_request is not None:
+            return
+        ended = await run_after_stream(
+            self._after_stream, self._emit, lambda: self._hangup_request is not None
+        )
+        by = "rest" if self._hangup_request is not None else "twiml"
+        self._emit("hangup", reason=ended, by=by, send_stop=False)
 
     async def _connect(self) -> ClientConnection:
         host = urlsplit(self.url).hostname or ""
@@ -606,12 +645,24 @@ class MediaStreamCaller:
         samples = ulaw_decode(np.frombuffer(payload, dtype=np.uint8))
         if self.result.first_bot_audio is None:
             self.result.first_bot_audio = self.now
-        self._playback.enqueue(self._now_sample(), samples)
+        now = self._now_sample()
+        self._playback.enqueue(now, samples)
+        cleared = self._late_media.media(now)
+        if cleared is not None:  # still the interrupted reply: Twilio plays it
+            record = self.result.clears[cleared]
+            self.result.clears[cleared] = replace(
+                record,
+                late_media=record.late_media + 1,
+                late_audio=record.late_audio + len(samples) / RATE,
+            )
 
     def _on_clear(self, data: dict[str, Any]) -> None:
         now = self._now_sample()
         dropped = self._playback.clear(now) / RATE
-        self.result.clears.append(ClearRecord(now / RATE, dropped))
+        onset = onset_before(self._caller_vad.all_segments(), now)
+        onset_t = None if onset is None else onset / RATE
+        self.result.clears.append(ClearRecord(now / RATE, dropped, caller_onset=onset_t))
+        self._late_media.cleared(len(self.result.clears) - 1, now)
         # Twilio answers outstanding marks right away when the buffer is cleared.
         self._pending_marks = [(now, mark) for _, mark in self._pending_marks]
         self._emit("clear", dropped=dropped)

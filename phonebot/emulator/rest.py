@@ -37,12 +37,18 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from phonebot.emulator.calls import API_VERSION, EmulatedCall, twilio_error
-from phonebot.emulator.errors import EmulatorError, NoStreamError, TwiMLError
+from phonebot.emulator.errors import (
+    EmulatorError,
+    NoStreamError,
+    StreamConnectError,
+    TwiMLError,
+)
 from phonebot.emulator.ids import new_account_sid, new_call_sid
 from phonebot.emulator.loopback import LoopbackServer
 from phonebot.emulator.media_stream import MediaStreamCaller
 from phonebot.emulator.script import Pause
-from phonebot.emulator.twiml import TwiML, parse_twiml
+from phonebot.emulator.signature import SharedKey
+from phonebot.emulator.twiml import TwiML, parse_twiml, stream_url_refusal
 from phonebot.emulator.webhook import (
     local_stream_url,
     post_webhook,
@@ -136,6 +142,8 @@ class TwilioRestEmulator:
     `answered_by`; with `AsyncAmd=true` that verdict is POSTed (signed) to
     `AsyncAmdStatusCallback` `amd_delay` seconds after the TwiML is fetched (as the stream
     starts), standing in for the time Twilio takes to hear a greeting out to its beep.
+    `shared_key` signs webhooks as a Webhooks signing rule would (HMAC-SHA256), and
+    `webhook_attempts` > 1 retries a webhook that got no answer or a 5xx, as Twilio.
     """
 
     def __init__(
@@ -153,8 +161,12 @@ class TwilioRestEmulator:
         webhook_timeout: float = 10.0,
         caller_options: Mapping[str, Any] | None = None,
         rewrite_stream_urls: bool = True,
+        shared_key: SharedKey | None = None,
+        webhook_attempts: int = 1,
     ) -> None:
         self.account_sid = account_sid or new_account_sid()
+        self.shared_key = shared_key
+        self.webhook_attempts = webhook_attempts
         self.auth_token = auth_token
         self.on_answer = on_answer
         self.local_server_url = local_server_url
@@ -567,6 +579,8 @@ class TwilioRestEmulator:
             auth_token=self.auth_token,
             signed_url=url,
             timeout=self.webhook_timeout,
+            shared_key=self.shared_key,
+            attempts=self.webhook_attempts,
         )
 
     def _stream_url(self, url: str, webhook_url: str | None) -> str:
@@ -580,14 +594,22 @@ class TwilioRestEmulator:
         return url
 
     async def _stream(self, call: EmulatedCall, twiml: TwiML, webhook_url: str | None) -> None:
-        """Connect the callee's media stream and let `on_answer` (or silence) drive it."""
+        """Connect the callee's media stream and let `on_answer` (or silence) drive it.
+
+        A stream URL Twilio would refuse (not wss://, error 31922) fails the call; the
+        TwiML after `</Connect>` runs when the server closes the stream (see
+        `MediaStreamCaller`).
+        """
         stream = twiml.require_stream()
+        if refusal := stream_url_refusal(stream.url):
+            self._fail(call, StreamConnectError(refusal))
+            return
         caller = MediaStreamCaller(
             self._stream_url(stream.url, webhook_url),
             parameters=stream.parameters,
             call_sid=call.sid,
             account_sid=call.account_sid,
-            **self.caller_options,
+            **{"after_stream": twiml.after_stream, **self.caller_options},
         )
         call.caller = caller
         call.answered.set()
@@ -660,6 +682,7 @@ class TwilioRestEmulator:
                 auth_token=self.auth_token,
                 signed_url=url,
                 timeout=self.webhook_timeout,
+                shared_key=self.shared_key,
             )
             record.status = response.status_code
         except EmulatorError as error:

@@ -21,7 +21,9 @@ class CallEvent:
 
     Kinds: start, caller_speech, pause, dtmf, wait, wait_timeout, bot_speech_start,
     bot_utterance, clear, mark, mark_answered, stop_sent, hangup, closed, unknown_event,
-    streamsid_mismatch, bad_message.
+    streamsid_mismatch, bad_message; after the server closed the stream, Twilio running
+    the TwiML after `</Connect>`: say (text, duration), twiml_pause (seconds),
+    twiml_unsupported (verb), then hangup (by "twiml").
     """
 
     t: float
@@ -52,10 +54,24 @@ class Utterance:
 
 @dataclass(frozen=True)
 class ClearRecord:
-    """A `clear` from the server (barge-in): when, and how much unplayed audio it dropped."""
+    """A `clear` from the server (barge-in): when, and how much unplayed audio it dropped.
+
+    `late_media` / `late_audio`: bot media messages (and seconds of audio) that kept
+    arriving after it, before the bot's media paused (`timeline.LateMediaWatch`): the rest
+    of the interrupted reply, which Twilio plays. `caller_onset`: start of the caller's
+    latest speech at the `clear` (the emulator's energy VAD), None if they had not spoken.
+    """
 
     t: float
     dropped: float
+    late_media: int = 0
+    late_audio: float = 0.0
+    caller_onset: float | None = None
+
+    @property
+    def delay(self) -> float | None:
+        """Seconds from the caller's speech onset to this `clear` (None: no speech)."""
+        return None if self.caller_onset is None else self.t - self.caller_onset
 
 
 @dataclass
@@ -123,6 +139,16 @@ class CallResult:
         """Share of the bot's speaking time that was silence waiting for late audio."""
         speaking = self.bot_audio_received + self.bot_underrun
         return self.bot_underrun / speaking if speaking > 0 else 0.0
+
+    @property
+    def said(self) -> list[str]:
+        """What Twilio said to the caller (`<Say>`) after the stream closed, in order."""
+        return [str(event.data["text"]) for event in self.events_of("say")]
+
+    @property
+    def dead_air_after_stream(self) -> float:
+        """Seconds of `<Pause>` silence the caller sat through after the stream closed."""
+        return sum(float(event.data["seconds"]) for event in self.events_of("twiml_pause"))
 
     def events_of(self, kind: str) -> list[CallEvent]:
         """Events of one kind, in order."""

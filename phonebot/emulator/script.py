@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from phonebot.audio import TWILIO_SAMPLE_RATE, read_wav, tone
 
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
@@ -34,6 +36,33 @@ class Speak:
         """A sine burst standing in for speech (tests that need 'some voice', not words)."""
         label = f"[tone {frequency:g} Hz {seconds:g} s]"
         return cls(tone(frequency, seconds, TWILIO_SAMPLE_RATE, amplitude), text=label)
+
+    @classmethod
+    def noise(
+        cls,
+        seconds: float,
+        rms: float = 300.0,
+        *,
+        cough_at: float | None = None,
+        cough_s: float = 0.2,
+        seed: int = 0,
+    ) -> Speak:
+        """Line hiss (white noise at `rms`), optionally with a cough at `cough_at` s.
+
+        The cough is a broadband burst with a sharp attack and a fast decay (peak RMS
+        8000), the kind of sound that must not cut the bot off. Seeded: the same call
+        makes the same noise.
+        """
+        rng = np.random.default_rng(seed)
+        samples = rng.normal(0.0, rms, round(seconds * TWILIO_SAMPLE_RATE))
+        label = f"[line hiss rms {rms:g}, {seconds:g} s"
+        if cough_at is not None:
+            start, n = round(cough_at * TWILIO_SAMPLE_RATE), round(cough_s * TWILIO_SAMPLE_RATE)
+            burst = rng.normal(0.0, 8000.0, n) * np.exp(-np.linspace(0.0, 4.0, n))
+            samples[start : start + n] += burst[: max(0, len(samples) - start)]
+            label += f", cough {cough_s:g} s at {cough_at:g} s"
+        pcm = np.clip(samples, -32768, 32767).astype(np.int16).tobytes()
+        return cls(pcm, text=label + "]")
 
     @property
     def duration(self) -> float:

@@ -126,6 +126,40 @@ class Playback:
         return max(0, self.end - now)
 
 
+class LateMediaWatch:
+    """Bot media that keeps arriving after a `clear`: the rest of the interrupted reply.
+
+    Twilio's `clear` empties the playout buffer of what was sent before it; whatever the
+    server sends after it is played (Twilio Media Streams, "Send a clear message"), so
+    a server that goes on sending its interrupted reply talks over the caller. That tail
+    comes paced like the reply it belongs to, with no pause after the `clear`, while the
+    bot's next turn can only start once the caller's turn is over. So media is charged to
+    a `clear` until the bot's media pauses for `gap` samples (or the next `clear`).
+    """
+
+    def __init__(self, gap: int) -> None:
+        self.gap = gap
+        self._clear: int | None = None  # index of the clear being watched
+        self._last = 0  # sample at which the last media (or the clear) arrived
+
+    def cleared(self, index: int, now: int) -> None:
+        """A `clear` (the `index`-th) arrived at sample `now`."""
+        self._clear, self._last = index, now
+
+    def media(self, now: int) -> int | None:
+        """Media arrived at `now`: the index of the `clear` it follows, or None."""
+        if self._clear is not None and now - self._last >= self.gap:
+            self._clear = None
+        self._last = now
+        return self._clear
+
+
+def onset_before(segments: list[Segment], sample: int) -> int | None:
+    """Start of the latest speech segment that began at or before `sample`, or None."""
+    starts = [segment.start for segment in segments if segment.start <= sample]
+    return max(starts) if starts else None
+
+
 @dataclass
 class Segment:
     """A stretch of speech, in samples; `end` is the end of its last voiced frame."""

@@ -4,11 +4,20 @@ Parsed with `defusedxml` because the document comes over the network: entity exp
 external entities are refused. Only what the emulator acts on is modelled: the
 `<Connect><Stream>` (URL and `<Parameter>`s) it streams to, plus `<Say>`, `<Pause>`,
 `<Hangup>`, `<Dial>` and friends, reported so a test or the CLI can show them.
+
+Like Twilio, the emulator goes on with the verbs after `</Connect>` once the media stream
+closes (Twilio error 31921's notes; the `<Connect>` docs): `run_after_stream` makes a
+`<Pause>` take its time, a `<Say>` take the time it takes to speak, and ends the call at
+`<Hangup/>` or at the end of the document.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
 from xml.etree.ElementTree import Element, ParseError
 
 from defusedxml import DefusedXmlException
@@ -68,6 +77,15 @@ class TwiML:
                 nested = [child.text for child in verb.children if child.text]
                 targets.extend(nested or ([verb.text] if verb.text else []))
         return targets
+
+    @property
+    def after_stream(self) -> tuple[Verb, ...]:
+        """The verbs after the `<Connect>` holding the stream: what Twilio runs once the
+        stream closes (empty when there is no stream)."""
+        for index, verb in enumerate(self.verbs):
+            if verb.name == "Connect" and any(c.name == "Stream" for c in verb.children):
+                return self.verbs[index + 1 :]
+        return ()
 
     @property
     def verb_names(self) -> list[str]:
@@ -135,3 +153,85 @@ def parse_twiml(text: str | bytes) -> TwiML:
         raise TwiMLError(f"TwiML root element is <{_local_name(root.tag)}>, not <Response>")
     verbs = tuple(_verb(child) for child in root)
     return TwiML(verbs=verbs, stream=_find_stream(verbs), raw=raw)
+
+
+# --- what Twilio does after the stream -------------------------------------------------
+
+# Twilio's <Say> voices speak at roughly 150-180 words a minute; 2.5 words/s errs long.
+SAY_WORDS_PER_S = 2.5
+MIN_SAY_S = 0.5
+POLL_S = 0.02
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+Emit = Callable[..., Any]
+
+
+def say_seconds(text: str, loop: str | None = None) -> float:
+    """How long Twilio takes to speak `text` (`loop` times; 0 means Twilio's cap of 1000)."""
+    repeats = int(loop) if loop and loop.isdigit() and int(loop) > 0 else 1
+    return max(MIN_SAY_S, len(text.split()) / SAY_WORDS_PER_S) * repeats
+
+
+def pause_seconds(verb: Verb) -> float:
+    """A `<Pause>`'s length in seconds (Twilio's default is 1)."""
+    try:
+        return max(0.0, float(verb.attributes.get("length", "1")))
+    except ValueError:
+        return 1.0
+
+
+async def _wait(seconds: float, stop: Callable[[], bool]) -> bool:
+    """Sleep `seconds` unless `stop()` turns true first (then False)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        if stop():
+            return False
+        await asyncio.sleep(min(POLL_S, max(0.0, deadline - loop.time())))
+    return not stop()
+
+
+async def run_after_stream(verbs: Sequence[Verb], emit: Emit, stop: Callable[[], bool]) -> str:
+    """Run the TwiML after `</Connect>` as Twilio does; returns how the call ended.
+
+    `emit(kind, **data)` records `say` (text, duration) and `twiml_pause` (seconds)
+    events; `stop()` is true once the call was ended another way (REST hang-up). Verbs
+    the emulator doesn't model (`<Dial>`, `<Gather>`, `<Redirect>`…) end the run with an
+    `twiml_unsupported` event rather than being guessed at.
+    """
+    for verb in verbs:
+        if stop():
+            return "hung up via REST"
+        if verb.name == "Say":
+            seconds = say_seconds(verb.text, verb.attributes.get("loop"))
+            emit("say", text=verb.text, duration=seconds)
+            if not await _wait(seconds, stop):
+                return "hung up via REST"
+        elif verb.name == "Pause":
+            seconds = pause_seconds(verb)
+            emit("twiml_pause", seconds=seconds)
+            if not await _wait(seconds, stop):
+                return "hung up via REST"
+        elif verb.name in ("Hangup", "Reject"):
+            return f"<{verb.name}/> after the stream"
+        else:
+            emit("twiml_unsupported", verb=verb.name)
+            return f"<{verb.name}> after the stream (not emulated)"
+    return "end of the TwiML after the stream"
+
+
+def stream_url_refusal(url: str) -> str | None:
+    """Why Twilio would refuse to open this `<Stream url>`, or None.
+
+    Twilio streams to `wss://` only: anything else is error 31922 ("Stream - WebSocket -
+    URL Schema Not Supported", https://www.twilio.com/docs/api/errors/31922). `ws://` is
+    let through on loopback only, where no real Twilio could be and the emulator stands in.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "wss" or (parts.scheme == "ws" and parts.hostname in LOOPBACK_HOSTS):
+        return None
+    return (
+        f"Twilio error 31922 (Stream - WebSocket - URL Schema Not Supported): <Stream url="
+        f"{url!r}> is not wss://; Twilio only streams to wss:// (set the server's PUBLIC_URL "
+        "to its public https URL)"
+    )

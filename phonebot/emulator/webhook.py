@@ -3,11 +3,16 @@
 Both dial-in (the server's `/` webhook) and dial-out (the `Url` given to `calls.create`)
 go through `post_webhook`, so the form fields, the signature and the error messages are the
 same in both directions. Errors are `WebhookError`s with one-line, actionable messages.
+
+Every request carries an `I-Twilio-Idempotency-Token`, and with `attempts` > 1 a request
+that got no usable answer (connection refused or dropped, timeout, 5xx) is sent again with
+the same token and signature, as Twilio retries its webhooks.
 """
 
 from __future__ import annotations
 
 import ssl
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,10 +21,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
-from phonebot.emulator.errors import ServerNotRunningError, WebhookError, WebhookHTTPError
+from phonebot.emulator.errors import (
+    ServerNotRunningError,
+    StreamConnectError,
+    WebhookError,
+    WebhookHTTPError,
+)
 from phonebot.emulator.ids import new_account_sid, new_call_sid
-from phonebot.emulator.signature import signed_headers
-from phonebot.emulator.twiml import TwiML, parse_twiml
+from phonebot.emulator.signature import SharedKey, signed_headers
+from phonebot.emulator.twiml import TwiML, Verb, parse_twiml, stream_url_refusal
 
 if TYPE_CHECKING:
     from phonebot.emulator.media_stream import MediaStreamCaller
@@ -29,6 +39,7 @@ DEFAULT_FROM = "+15550001111"
 DEFAULT_TO = "+15550002222"
 API_VERSION = "2010-04-01"
 USER_AGENT = "TwilioProxy/1.1 (phonebot emulator)"
+IDEMPOTENCY_HEADER = "I-Twilio-Idempotency-Token"
 
 
 def voice_webhook_form(
@@ -98,6 +109,11 @@ def _tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def new_idempotency_token() -> str:
+    """A fresh `I-Twilio-Idempotency-Token` (one per request; its retries reuse it)."""
+    return str(uuid.uuid4())
+
+
 async def send_signed_form(
     url: str,
     form: Mapping[str, str],
@@ -105,21 +121,47 @@ async def send_signed_form(
     auth_token: str | None = None,
     signed_url: str | None = None,
     timeout: float = 10.0,
+    shared_key: SharedKey | None = None,
+    attempts: int = 1,
+    idempotency_token: str | None = None,
 ) -> httpx.Response:
-    """POST a form as Twilio does (signed when a token is set); any HTTP status returns.
+    """POST a form as Twilio does (signed when a token or SharedKey is set).
 
     `signed_url` is the URL as Twilio would have seen it (e.g. the public ngrok URL) when
-    `url` is the loopback address actually posted to. Raises `ServerNotRunningError` or
-    `WebhookError` when no HTTP answer comes back at all.
+    `url` is the loopback address actually posted to. Up to `attempts` tries, each with the
+    same `I-Twilio-Idempotency-Token` (Twilio's retry, https://www.twilio.com/docs/usage/
+    webhooks/webhooks-connection-overrides), while the answer is a 5xx or none at all; the
+    last answer (any status) returns. Raises `ServerNotRunningError` or `WebhookError` when
+    no HTTP answer comes back at all.
     """
-    headers = {"User-Agent": USER_AGENT}
-    headers.update(signed_headers(auth_token, signed_url or url, form))
+    headers = {
+        "User-Agent": USER_AGENT,
+        IDEMPOTENCY_HEADER: idempotency_token or new_idempotency_token(),
+    }
+    headers.update(signed_headers(auth_token, signed_url or url, form, shared_key))
     headers.update(_forwarding_headers(url, signed_url or url))
+    for attempt in range(1, max(1, attempts) + 1):
+        last = attempt >= attempts
+        try:
+            response = await _post_once(url, form, headers, timeout)
+        except WebhookError:
+            if last:
+                raise
+            continue
+        if response.status_code < 500 or last:
+            return response
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _post_once(
+    url: str, form: Mapping[str, str], headers: Mapping[str, str], timeout: float
+) -> httpx.Response:
+    """One POST; a missing answer becomes `ServerNotRunningError` or `WebhookError`."""
     try:
         async with httpx.AsyncClient(
             timeout=timeout, trust_env=False, verify=_tls_context()
         ) as client:
-            return await client.post(url, data=dict(form), headers=headers)
+            return await client.post(url, data=dict(form), headers=dict(headers))
     except httpx.ConnectError:
         raise ServerNotRunningError(
             f"cannot connect to {url}: is the server running? Start it first "
@@ -138,6 +180,8 @@ async def post_webhook(
     auth_token: str | None = None,
     signed_url: str | None = None,
     timeout: float = 10.0,
+    shared_key: SharedKey | None = None,
+    attempts: int = 1,
 ) -> TwiML:
     """POST a voice webhook and parse the TwiML it answers with.
 
@@ -145,7 +189,13 @@ async def post_webhook(
     `TwiMLError` (not TwiML).
     """
     response = await send_signed_form(
-        url, form, auth_token=auth_token, signed_url=signed_url, timeout=timeout
+        url,
+        form,
+        auth_token=auth_token,
+        signed_url=signed_url,
+        timeout=timeout,
+        shared_key=shared_key,
+        attempts=attempts,
     )
     if response.status_code != 200:
         raise WebhookHTTPError(url, response.status_code, response.text)
@@ -170,10 +220,19 @@ class DialIn:
     def account_sid(self) -> str:
         return self.form["AccountSid"]
 
+    @property
+    def after_stream(self) -> tuple[Verb, ...]:
+        """The TwiML Twilio runs once the stream closes (the verbs after `</Connect>`)."""
+        return self.twiml.after_stream
+
     def caller(self, **kwargs: Any) -> MediaStreamCaller:
-        """A `MediaStreamCaller` for this call's stream (kwargs go to its constructor)."""
+        """A `MediaStreamCaller` for this call's stream (kwargs go to its constructor).
+
+        It runs the TwiML after `</Connect>` when the server closes the stream, as Twilio.
+        """
         from phonebot.emulator.media_stream import MediaStreamCaller
 
+        kwargs.setdefault("after_stream", self.after_stream)
         return MediaStreamCaller(
             self.stream_url,
             parameters=self.parameters,
@@ -195,11 +254,15 @@ async def dial_in(
     signed_url: str | None = None,
     rewrite_stream_url: bool = True,
     timeout: float = 10.0,
+    shared_key: SharedKey | None = None,
+    attempts: int = 1,
 ) -> DialIn:
     """Ring the server: POST its voice webhook like Twilio and return where to stream.
 
     `query` pairs are appended to the webhook URL (how a number's webhook carries custom
-    settings). Raises `NoStreamError` when the TwiML has no `<Connect><Stream>`.
+    settings). `shared_key` signs as a Webhooks signing rule would; `attempts` > 1 retries
+    like Twilio. Raises `NoStreamError` when the TwiML has no `<Connect><Stream>`, and
+    `StreamConnectError` for a stream URL Twilio would refuse (error 31922: not wss://).
     """
     target = with_query(url, query)
     form = voice_webhook_form(
@@ -210,8 +273,16 @@ async def dial_in(
     )
     signed = with_query(signed_url, query) if signed_url else None
     twiml = await post_webhook(
-        target, form, auth_token=auth_token, signed_url=signed, timeout=timeout
+        target,
+        form,
+        auth_token=auth_token,
+        signed_url=signed,
+        timeout=timeout,
+        shared_key=shared_key,
+        attempts=attempts,
     )
     stream = twiml.require_stream()
+    if refusal := stream_url_refusal(stream.url):
+        raise StreamConnectError(refusal)
     stream_url = local_stream_url(stream.url, target) if rewrite_stream_url else stream.url
     return DialIn(target, form, twiml, stream_url, dict(stream.parameters))

@@ -50,6 +50,7 @@ from pocketsphinx import Decoder, get_model_path
 from pocketsphinx.lm import ArpaBoLM
 
 from phonebot.audio import resample_pcm16
+from phonebot.pipecat_compat import stt_user_id
 
 __all__ = [
     "MODEL_SAMPLE_RATE",
@@ -511,4 +512,4 @@ class OfflineSTTService(SegmentedSTTService):
             return
         await self._handle_transcription(text, True, Language.EN)
         logger.debug(f"{self}: transcription [{text}]")
-        yield TranscriptionFrame(text, self._user_id, time_now_iso8601(), Language.EN)
+        yield TranscriptionFrame(text, stt_user_id(self), time_now_iso8601(), Language.EN)

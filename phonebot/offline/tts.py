@@ -99,7 +99,7 @@ class OfflineTTSService(TTSService):
         """Map a Pipecat language to the espeak-ng voice that speaks it."""
         return voice_for_language(str(language))
 
-    async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
+    async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:  # pipecat_compat
         """A language change also switches the voice, unless the same update sets a voice."""
         changed = await super()._update_settings(delta)
         if "language" in changed and "voice" not in changed:

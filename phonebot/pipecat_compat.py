@@ -1,0 +1,161 @@
+"""Every place phonebot reaches into Pipecat's private attributes, in one module.
+
+Pipecat (1.14, pinned in requirements.txt) gives no public way to do a few things a phone
+line needs: bound an OpenAI client's timeout, reuse one ONNX session for every call's VAD
+and Smart Turn analyzer, decode a Twilio `media` message that was already parsed, or
+replace the serializer's single-attempt hang-up. Those touches of names that start with
+`_` live here, each in one small function saying why, and `tests/test_pipecat_compat.py`
+pins each against a freshly built Pipecat object (the attribute exists with the expected
+type, an overridden method still exists with the same signature and is still called), so
+a Pipecat upgrade that changes one fails a test instead of a call.
+
+Private methods our subclasses override cannot be routed through a function (Python looks
+them up by name on the class); they are listed in `OVERRIDDEN` instead, which the tests
+check against Pipecat and against every Pipecat subclass in the project.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # Only for types: importing this module must stay cheap.
+    import onnxruntime
+    from pipecat.audio.resamplers.base_audio_resampler import BaseAudioResampler
+    from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+    from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
+    from pipecat.serializers.twilio import TwilioFrameSerializer
+    from pipecat.services.stt_service import STTService
+    from pipecat.services.tts_service import TTSService
+    from pipecat.utils.text.base_text_filter import BaseTextFilter
+
+# Pipecat class (module, name) → the private members our subclasses of it override.
+OVERRIDDEN: dict[tuple[str, str], frozenset[str]] = {
+    # phonebot.session.TwilioMarkSerializer: the end-of-call hang-up, with retries.
+    ("pipecat.serializers.twilio", "TwilioFrameSerializer"): frozenset({"_hang_up_call"}),
+    # phonebot.models.SharedSmartTurnAnalyzer: the shared inference threads.
+    ("pipecat.audio.turn.smart_turn.base_smart_turn", "BaseSmartTurn"): frozenset(
+        {"_model_executor"}
+    ),
+    # phonebot.offline.tts.OfflineTTSService: the settings hook and its typed settings.
+    ("pipecat.services.tts_service", "TTSService"): frozenset({"_update_settings", "_settings"}),
+}
+
+
+# ------------------------------------------------------------------ Twilio serializer
+
+
+def serializer_params(serializer: TwilioFrameSerializer) -> TwilioFrameSerializer.InputParams:
+    """The serializer's `InputParams`, whose `auto_hang_up` a transfer turns off mid-call."""
+    return serializer._params
+
+
+def serializer_call(serializer: TwilioFrameSerializer) -> tuple[str | None, str]:
+    """(CallSid, StreamSid) the serializer was built with."""
+    return serializer._call_sid, serializer._stream_sid
+
+
+def serializer_rest_account(serializer: TwilioFrameSerializer) -> tuple[str, str, str | None]:
+    """(account SID, auth token, REST base URL) for our own hang-up of the call."""
+    return serializer._account_sid or "", serializer._auth_token or "", serializer._base_url
+
+
+def serializer_input_audio(
+    serializer: TwilioFrameSerializer,
+) -> tuple[int, int, BaseAudioResampler]:
+    """(Twilio's rate, the pipeline's input rate, the input resampler) for `ulaw_to_pcm`.
+
+    Pipecat's `deserialize` takes the message text; we decode `media` from the message
+    our guard already parsed, so we call `ulaw_to_pcm` with what `deserialize` would.
+    """
+    return serializer._twilio_sample_rate, serializer._sample_rate, serializer._input_resampler
+
+
+# ------------------------------------------------------------------ websocket transport
+
+
+def replace_websocket_output(transport: Any, output_class: type) -> Any:
+    """Put an `output_class` (a FastAPIWebsocketOutputTransport subclass) in the transport.
+
+    `FastAPIWebsocketTransport.__init__` builds its output processor from its private
+    `_client`, `_params` and `_output_name` and keeps it in `_output`, with no factory to
+    override; replacing `_output` before the pipeline is built is the only way to put a
+    subclass in its place (phonebot.barge_in).
+    """
+    output = output_class(
+        transport, transport._client, transport._params, name=transport._output_name
+    )
+    transport._output = output
+    return output
+
+
+# ------------------------------------------------------------------------- analyzers
+
+
+def silero_model(analyzer: SileroVADAnalyzer) -> SileroOnnxModel:
+    """The analyzer's ONNX wrapper (its `session` is what every call shares)."""
+    return analyzer._model
+
+
+def init_silero_state(analyzer: SileroVADAnalyzer, model: SileroOnnxModel) -> None:
+    """What `SileroVADAnalyzer.__init__` sets after `VADAnalyzer.__init__`, minus the load."""
+    analyzer._model = model
+    analyzer._windows_since_reset = 0
+    analyzer._low_confidence_windows = 0
+
+
+def run_silero(analyzer: SileroVADAnalyzer, buffer: bytes) -> Any:
+    """One synchronous VAD analysis (what Pipecat runs in its per-call thread)."""
+    return analyzer._run_analyzer(buffer)
+
+
+def smart_turn_session(analyzer: LocalSmartTurnAnalyzerV3) -> onnxruntime.InferenceSession:
+    """The analyzer's ONNX session."""
+    return analyzer._session
+
+
+def init_smart_turn_state(
+    analyzer: LocalSmartTurnAnalyzerV3, session: onnxruntime.InferenceSession, log_data: bool
+) -> None:
+    """What `LocalSmartTurnAnalyzerV3.__init__` sets after `BaseSmartTurn.__init__`."""
+    analyzer._log_data = log_data
+    analyzer._session = session
+
+
+# -------------------------------------------------------------------------- services
+
+
+def bound_openai_client(service: Any, timeout_s: float) -> None:
+    """Rebuild an OpenAI service's `AsyncOpenAI` client with a timeout and no retries.
+
+    Pipecat builds the client itself with the SDK defaults (600 s, two retries) and takes
+    no client options.
+    """
+    service._client = service._client.with_options(timeout=timeout_s, max_retries=0)
+
+
+def stt_user_id(service: STTService) -> str:
+    """The user id Pipecat's STT services put on their `TranscriptionFrame`s."""
+    return service._user_id
+
+
+def tts_text_filters(service: TTSService) -> list[BaseTextFilter]:
+    """The text filters a TTS service runs (for tests of what `build_services` wired)."""
+    return list(service._text_filters)
+
+
+# -------------------------------------------------- read by tests of the shared models
+
+
+def silero_state(model: SileroOnnxModel) -> Any:
+    """The wrapper's recurrent state, which must be each call's own."""
+    return model._state
+
+
+def predict_endpoint(analyzer: LocalSmartTurnAnalyzerV3, audio: Any) -> dict[str, Any]:
+    """One synchronous Smart Turn prediction (`{"prediction", "probability"}`)."""
+    return analyzer._predict_endpoint(audio)
+
+
+def stop_strategy_turn_analyzer(strategy: Any) -> Any:
+    """The turn analyzer a `TurnAnalyzerUserTurnStopStrategy` was built with."""
+    return strategy._turn_analyzer

@@ -1,0 +1,535 @@
+"""Turn-taking on a phone line (phonebot.turns): when the bot answers, and the timing log.
+
+Three layers:
+- the rules alone: which transcripts end mid-phrase, what `TurnPolicy` waits, the timing
+  record and `parse_turn_timing`;
+- a call's real listening half (bot.call_worker running Pipecat's segmented STT machinery,
+  the keypad aggregator and the user aggregator built by `bot.user_turn_params`, with
+  Silero VAD hearing espeak speech sent on a real-time 60 ms clock). What Smart Turn
+  makes of espeak audio is not what it makes of a caller (docs: turn-taking), so its
+  verdict is scripted, and the STT's transcript too: the tests assert what the product
+  does with each verdict and transcript. The texts are in the tests;
+- the real server in instant-test mode, called through the Twilio emulator, for the
+  per-turn timing line with every stage up to the first audio frame out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+import pytest
+from loguru import logger
+from pipecat.audio.dtmf.types import KeypadEntry
+from pipecat.frames.frames import (
+    Frame,
+    InputAudioRawFrame,
+    InputDTMFFrame,
+    LLMContextFrame,
+    MetricsFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+)
+from pipecat.metrics.metrics import TTFBMetricsData, TurnMetricsData
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.services.settings import STTSettings
+from pipecat.services.stt_service import SegmentedSTTService
+from pipecat.transcriptions.language import Language
+from pipecat.utils.time import time_now_iso8601
+from pipecat.workers.runner import WorkerRunner
+
+import bot
+from phonebot import turns
+from phonebot.config import Settings
+from phonebot.emulator import Hangup, WaitForBot, dial_in
+from phonebot.keypad import keypad_aggregator
+from phonebot.models import SharedSmartTurnAnalyzer
+from phonebot.offline.espeak import synthesize_at
+from phonebot.turns import (
+    TurnPolicy,
+    TurnTimeline,
+    TurnTimer,
+    ends_mid_phrase,
+    parse_turn_timing,
+)
+from tests.conftest import make_settings
+from tests.live_server import ROOT, LiveServer, free_port
+from tests.test_calls import CALLER, OUR_NUMBER, say
+
+CALL_SID = "CA" + "7" * 32
+RATE = 8000
+CHUNK_S = 0.06  # the server's inbound batch (phonebot.pipeline_cost.INBOUND_BATCH_MS)
+CHUNK_BYTES = int(RATE * CHUNK_S) * 2
+INCOMPLETE_WAIT_S = Settings.model_fields["turn_incomplete_wait_s"].default
+DANGLING_WAIT_S = Settings.model_fields["turn_dangling_wait_s"].default
+# Smart Turn's scores, as measured on espeak speech at 8 kHz (docs: turn-taking).
+SAYS_COMPLETE, SAYS_INCOMPLETE = 0.95, 0.30
+
+
+# ------------------------------------------------------------------------------ the rules
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "My order number is",
+        "my order number is...",
+        "The address was",
+        "I'd like to change the",
+        "I need to talk to someone about my",
+        "It's for my daughter and",
+        "Um",
+        "So, uh",
+        "My order number is 4 5",
+        "my account is four five six",
+        "I was wondering,",
+        "Let me see —",
+    ],
+)
+def test_a_transcript_that_stops_mid_phrase_is_unfinished(text: str) -> None:
+    assert ends_mid_phrase(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I would like to change the delivery address for my order please.",
+        "I ordered a tent from your store two weeks ago and it still has not arrived.",
+        "Yes it is.",
+        "Yes, I do.",
+        "No, I don't think so.",
+        "Can you hold on",
+        "I'm already logged in.",
+        "Who am I speaking with?",
+        "My zip code is 90210.",
+        "That's all, thanks.",
+        "",
+    ],
+)
+def test_a_transcript_that_ends_a_sentence_is_finished(text: str) -> None:
+    assert not ends_mid_phrase(text)
+
+
+def test_word_lists_are_english_only_but_marks_and_digits_count_everywhere() -> None:
+    assert not ends_mid_phrase("Mi número de pedido es", language="es")
+    assert ends_mid_phrase("Mi número de pedido es 4 5", language="es")
+    assert ends_mid_phrase("Mi número de pedido es,", language="es")
+
+
+def test_the_policy_answers_by_model_and_transcript() -> None:
+    policy = TurnPolicy(incomplete_wait_s=0.7, dangling_wait_s=3.0)
+    finished, dangling = "I want to cancel my order.", "I want to cancel my"
+    assert policy.wait(True, finished) == (0.0, "model_complete")
+    assert policy.wait(False, finished) == (0.7, "finished_transcript")
+    assert policy.wait(True, dangling) == (3.0, "dangling_transcript")
+    assert policy.wait(False, dangling) == (3.0, "dangling_transcript")
+
+
+def test_defaults_are_well_under_pipecats_three_seconds_for_a_finished_sentence() -> None:
+    assert INCOMPLETE_WAIT_S <= 1.0 < DANGLING_WAIT_S
+
+
+def test_the_call_uses_the_settings_and_pipecats_watchdog_outwaits_them() -> None:
+    """Pipecat ends a turn on its own 5 s after the last speech or transcript; a longer
+    TURN_DANGLING_WAIT_S must not be cut short by it."""
+    params = bot.user_turn_params(make_settings(turn_incomplete_wait_s=0.4, turn_dangling_wait_s=6))
+    [strategy] = params.user_turn_strategies.stop
+    assert strategy.policy == TurnPolicy(incomplete_wait_s=0.4, dangling_wait_s=6.0)
+    assert strategy.turn_analyzer.params.stop_secs == 6.0  # its fallback only backs ours up
+    assert params.user_turn_stop_timeout >= 6.0 + 1.0
+
+
+def _metrics(probability: float) -> TurnMetricsData:
+    return TurnMetricsData(
+        processor="test",
+        is_complete=probability > 0.5,
+        probability=probability,
+        e2e_processing_time_ms=12.0,
+    )
+
+
+def test_one_turn_is_one_line_with_every_stage_relative_to_the_end_of_speech() -> None:
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="DEBUG", format="{time} | {level} | {message}")
+    try:
+        timeline = TurnTimeline(CALL_SID)
+        timeline.speech_ended(100.0, vad_stop_s=0.2)
+        timeline.model_verdict(_metrics(SAYS_INCOMPLETE))
+        timeline.transcript(100.25)
+        timeline.turn_ended(100.7, "finished_transcript", 0.7)
+        timeline.llm_first_token(100.8)
+        timeline.llm_first_token(100.9)  # only the first counts
+        timeline.tts_first_audio(100.85)
+        timeline.audio_out(100.95)
+        timeline.tts_first_audio(101.5)  # the reply's later chunks: already logged
+        timeline.close()
+    finally:
+        logger.remove(sink)
+
+    timing_lines = [line for line in lines if " turn timing " in line]
+    assert len(timing_lines) == 1
+    assert f"Call {CALL_SID} turn timing {{" in timing_lines[0]
+    assert ": " not in timing_lines[0].split(" turn timing ")[1]  # compact JSON
+    timing = parse_turn_timing(timing_lines[0])
+    assert timing == {
+        "call_sid": CALL_SID,
+        "speech_end_at": 100.0,
+        "verdict": "incomplete",
+        "probability": 0.3,
+        "rule": "finished_transcript",
+        "wait_s": 0.7,
+        "segments": 1,
+        "vad_stop_s": 0.2,
+        "inference_ms": 12.0,
+        "transcript_s": 0.25,
+        "turn_end_s": 0.7,
+        "llm_first_token_s": 0.8,
+        "tts_first_audio_s": 0.85,
+        "audio_out_s": 0.95,
+    }
+
+
+def test_a_turn_not_answered_before_the_caller_speaks_again_is_logged_unanswered() -> None:
+    timeline = TurnTimeline(CALL_SID)
+    timeline.speech_ended(10.0, vad_stop_s=0.2)
+    timeline.model_verdict(_metrics(SAYS_COMPLETE))
+    timeline.speech_ended(11.5, vad_stop_s=0.2)  # went on before the turn ended: one turn
+    timeline.turn_ended(12.0, "model_complete", 0.0)
+    timeline.turn_started()  # barged in before any reply audio
+    timeline.audio_out(12.5)  # no turn waiting for it: not attributed
+    timeline.close()
+
+    assert len(timeline.logged) == 1
+    [timing] = timeline.logged
+    assert timing["segments"] == 2 and timing["speech_end_at"] == 11.5
+    assert timing["verdict"] == "unscored"  # the second segment was never scored
+    assert timing["turn_end_s"] == 0.5 and timing["audio_out_s"] is None
+
+
+async def test_the_reply_stages_come_from_pipecats_metrics_and_the_first_frame_written() -> None:
+    """TurnTimer sits after the output transport: TTFB metrics name the LLM and the TTS;
+    a TTSAudioRawFrame gets past the transport only once it was written."""
+    timeline = TurnTimeline(CALL_SID)
+    timeline.speech_ended(time.monotonic(), vad_stop_s=0.2)
+    timeline.turn_ended(time.monotonic(), "model_complete", 0.0)
+    timer, answers = TurnTimer(timeline, "LLM#0", "TTS#0"), Answers()
+    worker = bot.call_worker(bot.Pipeline([timer, answers]))
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    running = asyncio.create_task(runner.run())
+    await asyncio.sleep(0.3)
+
+    def ttfb(name: str) -> MetricsFrame:
+        return MetricsFrame(data=[TTFBMetricsData(processor=name, value=0.1)])
+
+    await worker.queue_frames([ttfb("STT#0"), ttfb("LLM#0")])
+    await asyncio.sleep(0.1)
+    await worker.queue_frames([ttfb("TTS#0")])
+    await asyncio.sleep(0.1)
+    await worker.queue_frames([TTSAudioRawFrame(b"\0" * 1600, RATE, 1)])
+    await until(lambda: timeline.logged, timeout=5)
+    await worker.cancel()
+    await asyncio.wait_for(running, 10)
+
+    [timing] = timeline.logged
+    assert 0 < timing["llm_first_token_s"] < timing["tts_first_audio_s"] < timing["audio_out_s"]
+    assert timing["tts_first_audio_s"] - timing["llm_first_token_s"] >= 0.09
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "2026-01-01 | DEBUG | Call CA1 started: inbound",
+        "Call CA1 turn timing {not json}",
+        "Call CA1 turn timing [1, 2]",
+        "",
+    ],
+)
+def test_other_lines_are_not_timings(line: str) -> None:
+    assert parse_turn_timing(line) is None
+
+
+# ------------------------------------------------------------------------------ a call's ears
+
+
+class ScriptedSTT(SegmentedSTTService):
+    """Pipecat's segmented STT (VAD-delimited segments, final transcripts), whose
+    recognizer returns the scripted text of each segment in turn."""
+
+    def __init__(self, texts: list[str]) -> None:
+        settings = STTSettings(model="scripted", language=Language.EN)
+        super().__init__(sample_rate=RATE, ttfs_p99_latency=0.5, settings=settings)
+        self.texts = texts
+        self.segments = 0
+
+    async def run_stt(self, audio: bytes) -> AsyncIterator[Frame]:
+        self.segments += 1
+        text = self.texts.pop(0) if self.texts else f"<unscripted segment {self.segments}>"
+        yield TranscriptionFrame(text, "", time_now_iso8601(), finalized=True)
+
+
+def script_the_model(monkeypatch: pytest.MonkeyPatch, probabilities: list[float]) -> None:
+    """Smart Turn's verdict on each pause, in order (the real analyzer buffers the audio,
+    counts silence and reports its metrics; only the ONNX inference is replaced, through
+    Pipecat's own extension point for a model)."""
+
+    class ScriptedSmartTurn(SharedSmartTurnAnalyzer):
+        def _predict_endpoint(self, audio_array) -> dict:
+            probability = probabilities.pop(0) if probabilities else SAYS_COMPLETE
+            return {"prediction": int(probability > 0.5), "probability": probability}
+
+    monkeypatch.setattr(turns, "SharedSmartTurnAnalyzer", ScriptedSmartTurn)
+
+
+class Answers(FrameProcessor):
+    """Where the LLM would be: when each user turn reached it, and with what text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.turns: list[tuple[float, str]] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, LLMContextFrame):
+            user = [m for m in frame.context.get_messages() if m.get("role") == "user"]
+            self.turns.append((time.monotonic(), str(user[-1]["content"])))
+        await self.push_frame(frame, direction)
+
+
+@dataclass
+class Line:
+    """The caller's side: a frame every 60 ms, speech when there is some, else silence."""
+
+    worker: object
+    answers: Answers
+    stt: ScriptedSTT
+    timeline: TurnTimeline
+    pending: bytearray = field(default_factory=bytearray)
+    spoken: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        tick = time.monotonic()
+        while True:
+            chunk = bytes(self.pending[:CHUNK_BYTES]).ljust(CHUNK_BYTES, b"\0")
+            del self.pending[:CHUNK_BYTES]
+            await self.worker.queue_frame(InputAudioRawFrame(chunk, RATE, 1))
+            if not self.pending:
+                self.spoken.set()
+            tick += CHUNK_S
+            await asyncio.sleep(max(0.0, tick - time.monotonic()))
+
+    async def say(self, text: str) -> float:
+        """Speak `text` (espeak); returns when its last frame went out (the speech end)."""
+        self.spoken.clear()
+        self.pending += speech(text)
+        await self.spoken.wait()
+        return time.monotonic()
+
+    async def press(self, keys: str) -> float:
+        for key in keys:
+            await self.worker.queue_frame(InputDTMFFrame(KeypadEntry(key)))
+        return time.monotonic()
+
+    async def answer(self, timeout: float) -> tuple[float, str]:
+        await until(lambda: self.answers.turns, timeout)
+        return self.answers.turns[0]
+
+
+def speech(text: str) -> bytes:
+    """espeak's `text` at 8 kHz, without the silence it pads the end with, so that the
+    last frame sent is where the caller stopped speaking."""
+    samples = np.frombuffer(synthesize_at(text, RATE), dtype=np.int16)
+    voiced = np.flatnonzero(np.abs(samples) > 300)
+    return samples[: voiced[-1] + 1].tobytes()
+
+
+async def until(condition: Callable[[], object], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def listening_call(
+    monkeypatch: pytest.MonkeyPatch, transcripts: list[str], verdicts: list[float]
+) -> AsyncIterator[Line]:
+    """bot.py's listening half, wired as run_bot wires it, with its default settings."""
+    script_the_model(monkeypatch, verdicts)
+    timeline = TurnTimeline(CALL_SID)
+    stt, answers = ScriptedSTT(transcripts), Answers()
+    user_aggregator, _ = LLMContextAggregatorPair(
+        LLMContext(messages=[]), user_params=bot.user_turn_params(make_settings(), timeline)
+    )
+    timer = TurnTimer(timeline, "no-llm", "no-tts")  # logs the turns left at the call's end
+    pipeline = bot.Pipeline([stt, keypad_aggregator(), user_aggregator, timer, answers])
+    worker = bot.call_worker(pipeline)
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    running = asyncio.create_task(runner.run())
+    line = Line(worker, answers, stt, timeline)
+    clock = asyncio.create_task(line.run())
+    try:
+        await asyncio.sleep(0.5)  # started, and the VAD has heard some line noise
+        yield line
+    finally:
+        clock.cancel()
+        await worker.cancel()
+        await asyncio.wait_for(running, 10)
+
+
+@pytest.mark.parametrize("model_on_the_pause", [SAYS_COMPLETE, SAYS_INCOMPLETE])
+async def test_a_caller_pausing_mid_sentence_is_not_answered_in_the_pause(
+    monkeypatch: pytest.MonkeyPatch, model_on_the_pause: float
+) -> None:
+    """ "My order number is … four five six": the model may call the first half finished
+    (it scored 0.95 on espeak); the transcript's dangling "is" keeps the bot listening."""
+    transcripts = ["My order number is", "4 5 6."]
+    verdicts = [model_on_the_pause, SAYS_COMPLETE]
+    async with listening_call(monkeypatch, transcripts, verdicts) as line:
+        await line.say("My order number is")
+        await asyncio.sleep(2.0)  # looking for the order confirmation
+        assert line.answers.turns == [], "answered while the caller was still mid-sentence"
+
+        end = await line.say("four five six")
+        answered_at, text = await line.answer(timeout=DANGLING_WAIT_S + 3)
+
+    assert line.stt.segments == 2
+    assert text == "My order number is 4 5 6."
+    # The last words are digits being read out: the bot gave them time to go on too.
+    assert DANGLING_WAIT_S - 0.5 <= answered_at - end <= DANGLING_WAIT_S + 1.5
+    [timing] = line.timeline.logged
+    assert timing["segments"] == 2 and timing["rule"] == "dangling_transcript"
+
+
+async def test_a_finished_sentence_judged_unfinished_is_answered_well_before_3_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pipecat would wait its 3 s fallback here; the transcript says the caller is done."""
+    sentence = "I would like to change the delivery address for my order please."
+    async with listening_call(monkeypatch, [sentence], [SAYS_INCOMPLETE]) as line:
+        end = await line.say(sentence)
+        answered_at, text = await line.answer(timeout=5)
+
+    assert text == sentence
+    assert INCOMPLETE_WAIT_S - 0.2 <= answered_at - end <= INCOMPLETE_WAIT_S + 0.8
+    [timing] = line.timeline.logged
+    assert timing["verdict"] == "incomplete" and timing["probability"] == SAYS_INCOMPLETE
+    assert timing["rule"] == "finished_transcript"
+    assert INCOMPLETE_WAIT_S <= timing["turn_end_s"] <= INCOMPLETE_WAIT_S + 0.3
+    assert timing["audio_out_s"] is None  # no bot here: logged unanswered at the call's end
+
+
+async def test_a_finished_sentence_judged_finished_is_answered_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sentence = "I ordered a tent from your store two weeks ago and it still has not arrived."
+    async with listening_call(monkeypatch, [sentence], [0.97]) as line:
+        end = await line.say(sentence)
+        answered_at, _ = await line.answer(timeout=5)
+
+    [timing] = line.timeline.logged
+    assert timing["verdict"] == "complete" and timing["rule"] == "model_complete"
+    # The VAD's silence (`stop_secs`), a 60 ms frame, and no added wait.
+    assert answered_at - end < timing["vad_stop_s"] + 0.4
+
+
+async def test_keypad_entries_are_answered_without_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Digits from the keypad end with # (phonebot.keypad): no mid-phrase rule applies."""
+    async with listening_call(monkeypatch, [], []) as line:
+        pressed = await line.press("1234#")
+        answered_at, text = await line.answer(timeout=5)
+
+    assert text == "The caller pressed 1234#"
+    assert answered_at - pressed < 0.5
+    [timing] = line.timeline.logged
+    assert timing["verdict"] == "keypad" and timing["segments"] == 0
+
+
+# ------------------------------------------------------------------------------ live
+
+
+@pytest.fixture(scope="module")
+def ai_api() -> Iterator[str]:
+    """The instant AI API emulator as its own process (see tests/test_provider_faults.py)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phonebot.emulator.ai_api", "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        with suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/_emulator/requests", timeout=1).status_code == 200:
+                break
+        assert process.poll() is None and time.monotonic() < deadline, "ai_api did not start"
+        time.sleep(0.2)
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(ai_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    env = {
+        "OPENAI_API_KEY": "test",
+        "OPENAI_BASE_URL": f"{ai_api}/v1",
+        "OPENAI_STT_BASE_URL": f"{ai_api}/v1",
+        "OPENAI_TTS_BASE_URL": f"{ai_api}/v1",
+        "SILENCE_TIMEOUT_S": "30",
+        "LOG_LEVEL": "DEBUG",  # the turn timing lines
+    }
+    live = LiveServer(env, tmp_path_factory.mktemp("server"))
+    yield live
+    live.stop()
+
+
+async def call_once(server: LiveServer, ai_api: str, heard: str, spoken: str):
+    """One call, one caller turn; the STT "hears" `heard`. Returns (result, timings)."""
+    httpx.put(f"{ai_api}/_emulator/transcript", json={"text": heard}, timeout=5)
+    caller = (await dial_in(f"{server.base_url}/", from_=CALLER, to=OUR_NUMBER)).caller()
+    script = [WaitForBot(timeout=20), say(spoken), WaitForBot(timeout=20, until="speech"), Hangup()]
+    result = await caller.run(script)
+    assert server.wait_for_log(f"Call {result.call_sid} ended", timeout_s=10)
+    timings = [t for line in server.logs if (t := parse_turn_timing(line))]
+    return result, [t for t in timings if t["call_sid"] == result.call_sid]
+
+
+async def test_live_every_stage_of_a_reply_is_in_the_log_and_no_3_s_tail(server, ai_api):
+    sentence = "I would like to know your opening hours please."
+    result, timings = await call_once(server, ai_api, sentence, sentence)
+
+    assert result.error is None
+    [timing] = timings
+    assert timing["verdict"] in {"complete", "incomplete"}  # the real model, on espeak
+    assert 0.0 <= timing["probability"] <= 1.0
+    assert timing["rule"] in {"model_complete", "finished_transcript"}
+    stages = ["transcript_s", "turn_end_s", "llm_first_token_s", "tts_first_audio_s"]
+    values = [timing[stage] for stage in [*stages, "audio_out_s"]]
+    assert None not in values, timing
+    assert values[1:] == sorted(values[1:]), timing  # turn end → LLM → TTS → audio out
+    # Whatever the model said, the turn ended as soon as the wait was over and the
+    # transcript was in (both take longer on a loaded machine), not after Pipecat's 3 s.
+    assert timing["turn_end_s"] <= max(timing["wait_s"], timing["transcript_s"]) + 0.3, timing
+    assert timing["turn_end_s"] < 2.0 and result.latencies[-1] < 2.5, timing
+
+
+async def test_live_a_dangling_transcript_keeps_the_bot_listening(server, ai_api):
+    result, timings = await call_once(server, ai_api, "My order number is", "My order number is")
+
+    [timing] = timings
+    assert timing["rule"] == "dangling_transcript"
+    assert timing["turn_end_s"] >= DANGLING_WAIT_S - 0.05
+    assert result.latencies[-1] >= DANGLING_WAIT_S - 0.3
