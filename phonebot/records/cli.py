@@ -1,0 +1,170 @@
+"""`python -m phonebot.calls`: the call log from a terminal.
+
+    python -m phonebot.calls list [--direction outbound] [--status busy] [--limit 20]
+    python -m phonebot.calls show CA0123…
+    python -m phonebot.calls export --since 2026-11-01 --format csv > calls.csv
+
+Reads DATABASE_URL from the environment or ./.env, like the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TextIO
+
+from phonebot.config import get_settings
+from phonebot.records.db import create_engine, sessionmaker
+from phonebot.records.migrate import migrate
+from phonebot.records.models import CallDetail, CallSummary, as_json
+from phonebot.records.store import CallFilter, CallStore
+
+CSV_COLUMNS = [
+    name if name != "from_" else "from"
+    for name in CallDetail.model_fields
+    if name != "transcript"
+]
+
+
+def parse_when(text: str) -> datetime:
+    """ISO 8601 date or date-time; without a zone, UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date or date-time: {text!r}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m phonebot.calls", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database-url", help="default: DATABASE_URL")
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="the newest calls, one line each")
+    _filters(listing)
+    listing.add_argument("--limit", type=int, default=20)
+    show = commands.add_parser("show", help="one call with its transcript")
+    show.add_argument("call_sid")
+    show.add_argument("--json", action="store_true", help="the record as JSON")
+    export = commands.add_parser("export", help="calls as CSV (one row each) or JSON lines")
+    _filters(export)
+    export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    return parser
+
+
+def _filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--direction", choices=["inbound", "outbound"])
+    parser.add_argument("--persona")
+    parser.add_argument("--campaign-id")
+    parser.add_argument("--end-reason")
+    parser.add_argument("--status", help="Twilio's final status, e.g. busy")
+    parser.add_argument("--number", help="the caller's or the called number")
+    parser.add_argument("--since", type=parse_when, help="ISO date or date-time (UTC)")
+    parser.add_argument("--until", type=parse_when, help="ISO date or date-time (UTC)")
+
+
+def _where(args: argparse.Namespace) -> CallFilter:
+    return CallFilter(
+        direction=args.direction, persona=args.persona, campaign_id=args.campaign_id,
+        end_reason=args.end_reason, status=args.status, number=args.number,
+        since=args.since, until=args.until,
+    )
+
+
+async def run(args: argparse.Namespace, out: TextIO) -> int:
+    url = args.database_url or get_settings().database_url.get_secret_value()
+    engine = create_engine(url)
+    try:
+        await migrate(url, engine)
+        store = CallStore(sessionmaker(engine))
+        if args.command == "list":
+            page = await store.list(_where(args), args.limit)
+            print_list(page.calls, out)
+        elif args.command == "show":
+            call = await store.get(args.call_sid)
+            if call is None:
+                print(f"no record of call {args.call_sid}", file=sys.stderr)
+                return 1
+            if args.json:
+                out.write(json.dumps(as_json(call), indent=2) + "\n")
+            else:
+                print_call(call, out)
+        else:
+            await export(store, _where(args), args.format, out)
+    finally:
+        await engine.dispose()
+    return 0
+
+
+def print_list(calls: Sequence[CallSummary], out: TextIO) -> None:
+    if not calls:
+        out.write("no calls recorded\n")
+        return
+    for call in calls:
+        outcome = call.end_reason or call.twilio_status or "in progress"
+        duration = f"{call.duration_s:6.1f}s" if call.duration_s is not None else "      -"
+        out.write(
+            f"{call.created_at:%Y-%m-%d %H:%M:%S}  {call.call_sid}  {call.direction or '-':8}"
+            f"  {call.from_ or '-'} → {call.to or '-'}  {call.persona or '-'}  {duration}"
+            f"  {outcome}\n"
+        )
+
+
+def print_call(call: CallDetail, out: TextIO) -> None:
+    facts = as_json(call)
+    facts.pop("transcript")
+    for name, value in facts.items():
+        if value not in (None, {}, False):
+            out.write(f"{name:22} {value}\n")
+    out.write("transcript:\n")
+    for entry in call.transcript:
+        at = f"[{entry.at_s:7.2f}s]" if entry.at_s is not None else "[       ]"
+        out.write(f"  {at} {describe(entry)}\n")
+
+
+def describe(entry) -> str:
+    """One transcript entry as a line of a conversation."""
+    if entry.kind == "keypad":
+        return f"caller pressed {entry.text}"
+    if entry.kind == "function":
+        data = entry.data or {}
+        return (
+            f"bot called {data.get('name')}({json.dumps(data.get('arguments'))})"
+            f" → {json.dumps(data.get('result'))}"
+        )
+    line = f"{entry.speaker}: {entry.text}"
+    if entry.kind == "reprompt":
+        line += "  (re-prompt)"
+    if entry.reply_latency_s is not None:
+        line += f"  ({entry.reply_latency_s:.2f}s)"
+    if entry.interrupted:
+        line += "  [interrupted]"
+    return line
+
+
+async def export(store: CallStore, where: CallFilter, fmt: str, out: TextIO) -> None:
+    writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore") if fmt == "csv" else None
+    if writer:
+        writer.writeheader()
+    async for call in store.iterate(where):
+        row = as_json(call)
+        if writer is None:
+            out.write(json.dumps(row) + "\n")
+            continue
+        for name in ("parameters", "provider_errors"):
+            row[name] = json.dumps(row[name]) if row[name] is not None else ""
+        writer.writerow(row)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "export" and args.output:
+        with open(args.output, "w", newline="", encoding="utf-8") as out:
+            return asyncio.run(run(args, out))
+    return asyncio.run(run(args, sys.stdout))

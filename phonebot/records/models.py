@@ -1,0 +1,102 @@
+"""The records as the API, the events and the command line show them (pydantic).
+
+One shape everywhere: `GET /calls/{sid}`, the `call.ended` event's `data` and
+`python -m phonebot.calls show` print the same `CallDetail`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from phonebot.records.schema import CallRecord, TranscriptEntry
+
+Direction = Literal["inbound", "outbound"]
+EntryKind = Literal["caller", "bot", "keypad", "function", "reprompt"]
+
+
+class TranscriptEntryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    seq: int = Field(description="Order within the call, from 0")
+    kind: EntryKind
+    speaker: Literal["caller", "bot"] | None = None
+    text: str | None = None
+    at_s: float | None = Field(None, description="Seconds from the start of the call")
+    reply_latency_s: float | None = Field(
+        None, description="Bot turns: seconds from the caller's end of turn to the reply"
+    )
+    interrupted: bool = Field(False, description="Bot speech cut off by the caller")
+    data: dict[str, Any] | None = Field(
+        None, description='Function calls: {"name", "arguments", "result"}'
+    )
+
+
+class CallSummary(BaseModel):
+    """One row of the call log."""
+
+    model_config = ConfigDict(from_attributes=True, populate_by_name=True)
+
+    call_sid: str
+    created_at: datetime
+    direction: Direction | None = None
+    from_: str | None = Field(None, alias="from", validation_alias="from_number")
+    to: str | None = Field(None, validation_alias="to_number")
+    persona: str | None = None
+    campaign_id: str | None = None
+    customer_id: str | None = None
+    webhook_answered_at: datetime | None = None
+    stream_started_at: datetime | None = None
+    ended_at: datetime | None = None
+    duration_s: float | None = None
+    end_reason: str | None = None
+    twilio_status: str | None = Field(
+        None, description="Twilio's final CallStatus: completed, busy, no-answer, failed, canceled"
+    )
+    amd_verdict: str | None = None
+    transfer_target: str | None = None
+    transfer_result: str | None = None
+    reply_latency_p50_s: float | None = None
+    reply_latency_p95_s: float | None = None
+    has_recording: bool = False
+
+
+class CallDetail(CallSummary):
+    """A call with everything recorded about it, transcript in order."""
+
+    parameters: dict[str, str] | None = Field(None, description="Without the stream token")
+    provider_errors: dict[str, int] | None = None
+    transcript: list[TranscriptEntryOut] = []
+
+
+class CallPage(BaseModel):
+    """A page of the call log, newest first."""
+
+    calls: list[CallSummary]
+    next_cursor: str | None = Field(
+        None, description="Pass as ?cursor= for the next page; null on the last page"
+    )
+
+
+def summary(row: CallRecord) -> CallSummary:
+    return CallSummary.model_validate(row).model_copy(
+        update={"has_recording": bool(row.recording_path)}
+    )
+
+
+def detail(row: CallRecord, entries: Sequence[TranscriptEntry]) -> CallDetail:
+    base = summary(row).model_dump()
+    return CallDetail(
+        **base,
+        parameters=row.parameters,
+        provider_errors=row.provider_errors,
+        transcript=[TranscriptEntryOut.model_validate(e) for e in entries],
+    )
+
+
+def as_json(model: BaseModel) -> dict[str, Any]:
+    """The JSON form users see (`from`, ISO datetimes)."""
+    return model.model_dump(mode="json", by_alias=True)

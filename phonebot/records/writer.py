@@ -1,0 +1,397 @@
+"""Writing call records without ever slowing a call down.
+
+The call path only calls the non-blocking methods below (`call_started`, `transcript`,
+`call_updated`, `call_ended`, `dialout_status`): each puts one small operation on a bounded
+asyncio queue and returns. One background task drains the queue and writes whatever has
+piled up in one transaction per batch, so a burst of turns costs one commit, not one per
+line (it waits LINGER_S for company after a write arrives), and a slow database only
+grows the queue.
+
+When the database is down or the disk is full a batch fails: its operations are counted in
+`failed_writes` and lost (not retried: a retry would hold newer writes behind a dead
+database), and one error line is logged per outage, plus one line when writes work again.
+When the queue is full, new operations are dropped and counted in `dropped_writes`. Calls
+never see either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from loguru import logger
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from phonebot.records.events import EventDeliverer
+from phonebot.records.models import as_json, detail, summary
+from phonebot.records.schema import CallRecord, TranscriptEntry, utcnow
+
+# Twilio's final CallStatus values for a call that never connected
+# (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
+NOT_CONNECTED = frozenset({"busy", "no-answer", "failed", "canceled"})
+NOT_CONNECTED_REASON = "not connected"
+# Entry kinds and who is speaking in each.
+SPEAKER = {"caller": "caller", "bot": "bot", "keypad": "caller", "function": "bot",
+           "reprompt": "bot"}
+# Call-record columns `call_updated` may set.
+UPDATABLE = frozenset(
+    {
+        "direction", "from_number", "to_number", "persona", "parameters", "campaign_id",
+        "customer_id", "webhook_answered_at", "stream_started_at", "ended_at", "duration_s",
+        "end_reason", "twilio_status", "amd_verdict", "transfer_target", "transfer_result",
+        "provider_errors", "reply_latency_p50_s", "reply_latency_p95_s", "recording_path",
+    }
+)
+# <Parameter> names never stored: the per-call stream token is a credential.
+SECRET_PARAMETERS = frozenset({"token"})
+BATCH_SIZE = 200
+# After the first write of a batch arrives, wait this long for more before writing: a
+# transaction costs ~10x a row (bench/records_writer.py), so on a busy server the turns of
+# many calls share one. A crash loses at most this much more.
+LINGER_S = 0.25
+
+
+@dataclass(frozen=True)
+class _Op:
+    kind: str  # "update", "entry", "start", "end", "status"
+    call_sid: str
+    fields: dict[str, Any]
+
+
+@dataclass
+class _LiveCall:
+    """What the writer tracks in memory for a call between start and end."""
+
+    started: float = field(default_factory=time.monotonic)
+    next_seq: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+class RecordWriter:
+    """Queued, batched writes of call records; owned by the app (`Records.writer`)."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker,
+        queue_size: int,
+        events: EventDeliverer | None = None,
+        prepare: Callable[[], Awaitable[Any]] | None = None,
+        batch_size: int = BATCH_SIZE,
+        linger_s: float = LINGER_S,
+    ) -> None:
+        self._sessions = sessions
+        self._queue: asyncio.Queue[_Op] = asyncio.Queue(maxsize=queue_size)
+        self._events = events
+        # Run once before the first successful batch (the schema migration, when the
+        # database was down at startup).
+        self._prepare = prepare
+        self._batch_size = batch_size
+        self._linger_s = linger_s
+        self._live: dict[str, _LiveCall] = {}
+        self._task: asyncio.Task | None = None
+        self._failing = False
+        self._dropping = False
+        self._lost_this_outage = 0
+        self.failed_writes = 0
+        self.dropped_writes = 0
+        self.written = 0
+
+    # --- the call path: non-blocking --------------------------------------------------------
+    def call_started(
+        self,
+        call_sid: str,
+        *,
+        direction: str | None = None,
+        from_number: str | None = None,
+        to_number: str | None = None,
+        persona: str | None = None,
+        parameters: dict[str, str] | None = None,
+        campaign_id: str | None = None,
+        customer_id: str | None = None,
+        webhook_answered_at: datetime | None = None,
+        stream_started_at: datetime | None = None,
+    ) -> None:
+        """The media stream started: create or complete the record; `at_s` counts from now."""
+        if direction not in (None, "inbound", "outbound"):
+            raise ValueError(f"direction must be inbound or outbound, not {direction!r}")
+        self._live.setdefault(call_sid, _LiveCall())
+        fields = {
+            "direction": direction,
+            "from_number": from_number,
+            "to_number": to_number,
+            "persona": persona,
+            "parameters": without_secrets(parameters),
+            "campaign_id": campaign_id,
+            "customer_id": customer_id,
+            "webhook_answered_at": webhook_answered_at,
+            "stream_started_at": stream_started_at or utcnow(),
+        }
+        self._put(_Op("start", call_sid, {k: v for k, v in fields.items() if v is not None}))
+
+    def transcript(
+        self,
+        call_sid: str,
+        kind: str,
+        text: str | None = None,
+        *,
+        at_s: float | None = None,
+        reply_latency_s: float | None = None,
+        interrupted: bool = False,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """One transcript line: kind is caller, bot, keypad, function or reprompt.
+
+        `at_s` defaults to the seconds since `call_started`; bot latencies feed the call's
+        p50/p95 unless `call_ended` is given its own.
+        """
+        if kind not in SPEAKER:
+            raise ValueError(f"unknown transcript entry kind {kind!r}")
+        live = self._live.setdefault(call_sid, _LiveCall())
+        if at_s is None:
+            at_s = time.monotonic() - live.started
+        if reply_latency_s is not None:
+            live.latencies.append(reply_latency_s)
+        entry = {
+            "seq": live.next_seq,
+            "kind": kind,
+            "speaker": SPEAKER[kind],
+            "text": text,
+            "at_s": round(at_s, 3),
+            "reply_latency_s": reply_latency_s,
+            "interrupted": interrupted,
+            "data": data,
+        }
+        live.next_seq += 1
+        self._put(_Op("entry", call_sid, entry))
+
+    def call_updated(self, call_sid: str, **fields: Any) -> None:
+        """Set record fields (AMD verdict, transfer target/result, recording path, …)."""
+        unknown = set(fields) - UPDATABLE
+        if unknown:
+            raise ValueError(f"not call record fields: {sorted(unknown)}")
+        self._put(_Op("update", call_sid, _clean(fields)))
+
+    def call_ended(
+        self,
+        call_sid: str,
+        *,
+        end_reason: str | None,
+        ended_at: datetime | None = None,
+        duration_s: float | None = None,
+        **fields: Any,
+    ) -> None:
+        """The stream ended: close the record (and send `call.ended` with the transcript)."""
+        unknown = set(fields) - UPDATABLE
+        if unknown:
+            raise ValueError(f"not call record fields: {sorted(unknown)}")
+        live = self._live.pop(call_sid, None)
+        if duration_s is None and live is not None:
+            duration_s = round(time.monotonic() - live.started, 3)
+        if live is not None and live.latencies and "reply_latency_p50_s" not in fields:
+            fields["reply_latency_p50_s"] = percentile(live.latencies, 50)
+            fields["reply_latency_p95_s"] = percentile(live.latencies, 95)
+        fields.update(end_reason=end_reason, ended_at=ended_at or utcnow(), duration_s=duration_s)
+        self._put(_Op("end", call_sid, _clean(fields)))
+
+    def dialout_status(self, call_sid: str, status: str, **fields: Any) -> None:
+        """Twilio's StatusCallback for a dial-out: keep its CallStatus; busy, no-answer,
+        failed or canceled with no stream ever started closes the record and sends
+        `call.failed`."""
+        unknown = set(fields) - UPDATABLE
+        if unknown:
+            raise ValueError(f"not call record fields: {sorted(unknown)}")
+        fields.setdefault("direction", "outbound")
+        self._put(_Op("status", call_sid, _clean({**fields, "twilio_status": status})))
+
+    def _put(self, op: _Op) -> None:
+        try:
+            self._queue.put_nowait(op)
+        except asyncio.QueueFull:
+            self.dropped_writes += 1
+            if not self._dropping:
+                self._dropping = True
+                logger.error(
+                    f"Call records: write queue full ({self._queue.maxsize}), dropping new"
+                    " writes until the database catches up"
+                )
+
+    # --- the background task ---------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="records-writer")
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been written (or has failed)."""
+        if self._task is None:
+            raise RuntimeError("RecordWriter.start() was not called")
+        await self._queue.join()
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (at most `timeout_s`), then stop; the rest is counted lost."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        left = self._queue.qsize()
+        if left:
+            self.failed_writes += left
+            logger.error(f"Call records: {left} writes not saved at shutdown")
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            if self._linger_s and self._queue.qsize() < self._batch_size:
+                await asyncio.sleep(self._linger_s)
+            while len(batch) < self._batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _write(self, batch: list[_Op]) -> None:
+        staged_events = False
+        try:
+            if self._prepare is not None:
+                await self._prepare()
+                self._prepare = None
+            async with self._sessions.begin() as session:
+                rows: dict[str, CallRecord] = {}
+                for op in batch:
+                    staged_events |= await self._apply(session, rows, op)
+        except Exception as error:  # database down, disk full, constraint: never raise
+            self._failed(len(batch), error)
+            return
+        self.written += len(batch)
+        self._recovered()
+        if staged_events and self._events is not None:
+            self._events.wake()
+
+    def _failed(self, count: int, error: Exception) -> None:
+        self.failed_writes += count
+        self._lost_this_outage += count
+        if not self._failing:
+            self._failing = True
+            original = getattr(error, "orig", None) or error
+            logger.error(
+                "Call records: database write failed, records are lost until it works again"
+                f" (counted in /health): {type(original).__name__}: {str(original)[:300]}"
+            )
+
+    def _recovered(self) -> None:
+        if self._failing:
+            logger.info(
+                f"Call records: database writes work again; {self._lost_this_outage} writes"
+                " were lost"
+            )
+        self._failing = self._dropping = False
+        self._lost_this_outage = 0
+
+    # --- applying one operation inside the batch's transaction ------------------------------
+    async def _apply(
+        self, session: AsyncSession, rows: dict[str, CallRecord], op: _Op
+    ) -> bool:
+        """Apply `op`; True when it staged an event. `rows` caches this batch's records: a
+        record added in this batch is not in the session's identity map until flushed, and
+        looking it up again would flush (one INSERT per transcript line) and SELECT."""
+        row = rows.get(op.call_sid)
+        if row is None:
+            row = await session.get(CallRecord, op.call_sid)
+        if row is None:
+            # Any operation may come first (a status callback before the stream, or the
+            # start lost in an outage): the record is created by whichever arrives.
+            row = CallRecord(call_sid=op.call_sid, created_at=utcnow())
+            session.add(row)
+        rows[op.call_sid] = row
+        if op.kind == "entry":
+            session.add(TranscriptEntry(call_sid=op.call_sid, **op.fields))
+            return False
+        was_connected = row.stream_started_at is not None
+        for name, value in op.fields.items():
+            setattr(row, name, value)
+        if op.kind == "start":
+            return await self._stage(session, "call.started", row)
+        if op.kind == "end":
+            return await self._stage(session, "call.ended", row)
+        if op.kind == "status" and _close_unconnected(row, was_connected):
+            return await self._stage(session, "call.failed", row)
+        return False
+
+    async def _stage(self, session: AsyncSession, event_type: str, row: CallRecord) -> bool:
+        """Stage the event in this transaction: it exists exactly when the record does."""
+        if self._events is None:
+            return False
+        await session.flush()
+        if event_type == "call.ended":
+            entries = await session.scalars(
+                select(TranscriptEntry)
+                .where(TranscriptEntry.call_sid == row.call_sid)
+                .order_by(TranscriptEntry.seq)
+            )
+            data = as_json(detail(row, list(entries)))
+        else:
+            data = as_json(summary(row))
+        self._events.stage(session, event_type, data)
+        return True
+
+    def stats(self) -> dict[str, int | bool]:
+        """For /health: what is waiting, what was lost, whether the database is failing."""
+        return {
+            "queued": self.queued,
+            "written": self.written,
+            "failed_writes": self.failed_writes,
+            "dropped_writes": self.dropped_writes,
+            "database_failing": self._failing,
+        }
+
+
+def _close_unconnected(row: CallRecord, was_connected: bool) -> bool:
+    """A dial-out's final status says it never connected: close its record (once)."""
+    if row.twilio_status not in NOT_CONNECTED or was_connected or row.ended_at is not None:
+        return False
+    row.ended_at = utcnow()
+    row.end_reason = NOT_CONNECTED_REASON
+    return True
+
+
+def _clean(fields: dict[str, Any]) -> dict[str, Any]:
+    """Fields as the record keeps them: parameters without secrets, error counts as ints."""
+    if fields.get("parameters") is not None:
+        fields["parameters"] = without_secrets(fields["parameters"])
+    if fields.get("provider_errors") is not None:
+        fields["provider_errors"] = {str(k): int(v) for k, v in fields["provider_errors"].items()}
+    return fields
+
+
+def without_secrets(parameters: dict[str, str] | None) -> dict[str, str] | None:
+    """The call's parameters minus credentials (the stream token)."""
+    if parameters is None:
+        return None
+    return {
+        str(k): str(v) for k, v in parameters.items() if str(k).lower() not in SECRET_PARAMETERS
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method), rounded to the ms."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    value = ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    return round(value, 3)
