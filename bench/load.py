@@ -277,7 +277,7 @@ def run_steps(
             series.steps.append(step)
             print_row(step)
             if series.name.startswith("ours") and step.turns and not step.turn_timings:
-                print("     ! no turn-timing lines in the server's log (bench/ours_server.py)")
+                print("     ! no turn-timing lines in the server's log (LOG_TURN_TIMING)")
             if not series.server.alive():
                 series.stop(n, "the server exited", log_tail=True)
             elif reason := rule.reason(step, series.steps[0]):

@@ -53,7 +53,10 @@ def ours_env(max_calls: int) -> dict[str, str]:
         "SILENCE_TIMEOUT_S": "60",
         "PIPELINE_IDLE_TIMEOUT_S": "60",
         "SHUTDOWN_GRACE_S": "0",
-        "LOG_LEVEL": "WARNING",
+        # INFO keeps the log to a few lines per call; LOG_TURN_TIMING writes the per-turn
+        # timing lines (phonebot.turns) at INFO, for where each reply's time went.
+        "LOG_LEVEL": "INFO",
+        "LOG_TURN_TIMING": "true",
     }
 
 
@@ -156,8 +159,8 @@ def ai_api_process(transcript: str) -> ServerProcess:
 
 
 def ours_process(max_calls: int, extra_env: dict[str, str]) -> ServerProcess:
-    """`server.py` through `ours_server.py`, which also logs the per-turn timing lines."""
-    command = [sys.executable, str(BENCH / "ours_server.py")]
+    """`python server.py`, logging the per-turn timing lines (`ours_env`)."""
+    command = [sys.executable, str(ROOT / "server.py")]
     return ServerProcess("ours", command, {**ours_env(max_calls), **extra_env})
 
 

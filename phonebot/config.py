@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # Log each text the bot hands to its TTS ("Call <CallSid> bot says: ...") at INFO; off,
     # the line is written at DEBUG only. Call content: an LLM reply can repeat the caller.
     log_bot_speech: bool = False
+    # Log each caller turn's timing line ("Call <CallSid> turn timing {...}", phonebot.turns)
+    # at INFO; off, at DEBUG only. The load benchmark turns it on to see where replies wait.
+    log_turn_timing: bool = False
 
     # "production" points the <Stream> at Pipecat Cloud instead of this server.
     env: Literal["local", "production"] = "local"

@@ -200,11 +200,12 @@ class TurnTiming:
 @dataclass
 class TurnTimeline:
     """One call's turn timings: written by the stop strategy and `TurnTimer`, logged once
-    per turn at DEBUG when its reply's first audio frame goes out (or when the caller
-    speaks again, or the call ends, before that).
+    per turn at `level` (DEBUG, or INFO with LOG_TURN_TIMING) when its reply's first audio
+    frame goes out (or when the caller speaks again, or the call ends, before that).
     """
 
     call_sid: str
+    level: str = "DEBUG"
     current: TurnTiming | None = None
     logged: list[dict[str, Any]] = field(default_factory=list)  # this call's, for tests
 
@@ -273,7 +274,7 @@ class TurnTimeline:
         if timing is not None:
             self.logged.append(timing)
             compact = json.dumps(timing, separators=(",", ":"))
-            logger.debug(f"Call {self.call_sid}{TIMING_MARKER}{compact}")
+            logger.log(self.level, f"Call {self.call_sid}{TIMING_MARKER}{compact}")
 
 
 def parse_turn_timing(line: str) -> dict[str, Any] | None:
