@@ -45,8 +45,12 @@ from phonebot.keypad import keypad_aggregator
 from phonebot.models import SharedSileroVADAnalyzer
 from phonebot.personas import Persona, opening_line, select_persona
 from phonebot.pipeline_cost import InputAudioStop
-from phonebot.provider_faults import ApologyPlayer, ProviderFaults
+from phonebot.provider_faults import LLM, STT, TTS, ApologyPlayer, ProviderFaults
 from phonebot.providers import build_services
+from phonebot.records.call_log import CallLog, ReplyLatencies
+from phonebot.records.recording_store import call_recorder
+from phonebot.records.service import session_records
+from phonebot.records.writer import RecordWriter
 from phonebot.session import (
     CallSession,
     StreamRejected,
@@ -127,21 +131,27 @@ async def run_bot(
     call: CallSession,
     settings: Settings | None = None,
     serializer: TwilioMarkSerializer | None = None,
+    records: RecordWriter | None = None,
 ) -> None:
     """Run one call's pipeline until the call ends.
 
     `serializer` is what lets a transfer keep the caller on the line; without it
-    (another transport) the bot simply doesn't offer transfers.
+    (another transport) the bot simply doesn't offer transfers. `records` is the app's
+    record writer (None: the call leaves no record); the call only enqueues to it.
     """
     persona = select_persona(call.parameters)
     settings = for_persona(settings or get_settings(), persona)
+    # RECORD_CALLS: a stereo WAV of the call (phonebot.records.recording); announced.
+    recorder = call_recorder(records, call.call_sid, settings)
+    persona = persona.announcing_recording() if recorder else persona
     services = build_services(settings, persona)
     BotSpeechLog(call.call_sid, settings).watch(services.llm)  # "Call … bot says: …"
     context = LLMContext(
         messages=[{"role": "system", "content": system_prompt(persona, call)}],
         tools=ToolsSchema(standard_tools=call_tools(settings, serializer)),
     )
-    timeline = TurnTimeline(call.call_sid)  # "Call … turn timing {…}" at DEBUG, per turn
+    # "Call … turn timing {…}" per turn, at DEBUG (INFO with LOG_TURN_TIMING)
+    timeline = TurnTimeline(call.call_sid, "INFO" if settings.log_turn_timing else "DEBUG")
     user_aggregator, assistant_aggregator = LLMContextAggregatorPair(
         context, user_params=user_turn_params(settings, timeline)
     )
@@ -164,6 +174,7 @@ async def run_bot(
     pipeline = Pipeline(
         [
             transport.input(),
+            *([recorder.caller_tap] if recorder else []),  # before InputAudioStop
             playout,
             screen.gate,
             services.stt,
@@ -174,12 +185,16 @@ async def run_bot(
             services.tts,
             apology_player,
             transport.output(),
+            *([recorder.bot_tap] if recorder else []),  # the bot's audio as sent
             TurnTimer(timeline, services.llm.name, services.tts.name),  # reply timings
             assistant_aggregator,
         ]
     )
     worker = call_worker(pipeline)
-    control = CallControl(worker, context, persona, settings, playout, call, serializer)
+    call_log = CallLog(records, call.call_sid)  # the call's record (phonebot.records)
+    control = CallControl(
+        worker, context, persona, settings, playout, call, serializer, records=call_log
+    )
     services.llm.register_function("end_call", control.end_call_tool)
     services.llm.register_function("transfer_call", control.transfer_call_tool)
     faults = ProviderFaults(
@@ -197,12 +212,29 @@ async def run_bot(
     async def on_user_turn_idle(aggregator):
         await control.on_caller_silent()
 
+    # The transcript, from Pipecat's own finalised turns.
+    reply_latencies = ReplyLatencies(timeline.logged)
+
+    @user_aggregator.event_handler("on_user_turn_stopped")
+    async def on_user_turn_stopped(aggregator, strategy, message):
+        call_log.caller_turn(message.content, message.timestamp)
+
+    @assistant_aggregator.event_handler("on_assistant_turn_stopped")
+    async def on_assistant_turn_stopped(aggregator, message):
+        call_log.bot_turn(
+            message.content,
+            interrupted=message.interrupted,
+            started=message.timestamp,
+            reply_latency_s=reply_latencies.next(),
+        )
+
     @transport.event_handler("on_client_connected")
     async def on_client_connected(transport, client):
         logger.info(
             f"Call {call.call_sid} started: {call.direction}, persona={persona.name}, "
             f"parameters={call.loggable_parameters()}"
         )
+        call_log.started(direction=call.direction, persona=persona.name, parameters=call.parameters)
         control.start_duration_limit()
         screen.start(control, persona, converse=opener.start)
 
@@ -231,6 +263,8 @@ async def run_bot(
         faults.stop()
         if faults_seen := faults.summary():
             logger.info(f"Call {call.call_sid} provider errors: {faults_seen}")
+        errors = {kind: faults.health(kind).errors for kind in (STT, LLM, TTS)}
+        call_log.ended(control.end_reason or EndReason.ERROR, provider_errors=errors)
         logger.info(
             f"Call {call.call_sid} ended after {control.duration_s():.1f} s "
             f"({control.end_reason or EndReason.ERROR}): {call.direction}, "
@@ -281,12 +315,14 @@ async def serve_call(
     settings: Settings,
     admit: Callable[[CallSession], str | None] | None = None,
     handshake: Handshake | None = None,
+    records: RecordWriter | None = None,
 ) -> None:
     """Verify a Twilio stream and run its call; a rejected stream is closed, costing nothing.
 
     `admit` (server.py's admission control) may still turn a verified call away, saying
     why: its token was already used, the server is full or shutting down. `handshake` is
-    what a Pipecat runner already parsed from the websocket, if it did.
+    what a Pipecat runner already parsed from the websocket, if it did. `records` is the
+    record writer of the app (or of the Pipecat Cloud session) the call reports to.
     """
     try:
         call = await accept_twilio_stream(websocket, settings, handshake)
@@ -297,7 +333,7 @@ async def serve_call(
         await reject_stream(websocket, refusal)
         return
     transport, serializer = twilio_transport(websocket, call, settings)
-    await run_bot(transport, call, settings, serializer)
+    await run_bot(transport, call, settings, serializer, records=records)
 
 
 async def bot(runner_args: RunnerArguments) -> None:
@@ -306,10 +342,14 @@ async def bot(runner_args: RunnerArguments) -> None:
     Pipecat's runners hand over the accepted websocket unread (`pipecat.runner.run`), and
     the handshake is read here as in `/ws`; a runner that parsed it first (through
     `create_transport`, which fills `call_data`) is taken at its word, then checked.
+    There is no app here: the session opens its own records when DATABASE_URL is a
+    shared database (`phonebot.records.service.session_records`).
     """
     handshake = None
     if runner_args.call_data is not None:
         transport_type = getattr(runner_args, "transport_type", None) or "unknown"
         handshake = (transport_type, runner_args.call_data)
     websocket = runner_args.websocket  # type: ignore[attr-defined]
-    await serve_call(websocket, get_settings(), handshake=handshake)
+    settings = get_settings()
+    async with session_records(settings) as records:
+        await serve_call(websocket, settings, handshake=handshake, records=records)

@@ -15,13 +15,21 @@ to that CallSid. No token has to be guessed or remembered before the CallSid exi
 With `machine_detection`, Twilio also listens for an answering machine and POSTs its
 verdict to `/amd` (see `phonebot.voicemail`); the `/outbound` URL then carries `amd=1`,
 set here after the caller's parameters are validated, so the bot waits for that verdict.
+
+Every call also carries `StatusCallback=<PUBLIC_URL>/status`: Twilio POSTs (signed) the
+call's progress there, and its final CallStatus, so a dial-out that is busy, unanswered,
+failed or canceled, and never reaches `/outbound`, still gets a record (`StatusCallback`
+below, read by the server's `POST /status`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +41,15 @@ from phonebot.voicemail import AMD_CALLBACK_PATH, AMD_PARAMETER, AMD_REQUESTED
 
 # Exit status of the command line when Twilio failed in a way that may have placed the call.
 EXIT_MAYBE_PLACED = 3
+STATUS_CALLBACK_PATH = "/status"
+# Twilio's CallStatus values; the last five are final
+# (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
+CALL_STATUSES = frozenset(
+    {"queued", "initiated", "ringing", "in-progress", "completed", "busy", "no-answer",
+     "failed", "canceled"}
+)
+FINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
+CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 
 
 class DialoutRequest(BaseModel):
@@ -84,8 +101,56 @@ async def place_call(request: DialoutRequest, settings: Settings, base_url: str)
         from_=from_number,
         twiml_url=f"{base_url}/outbound{query}",
         amd_callback_url=amd_callback_url,
+        status_callback_url=f"{base_url}{STATUS_CALLBACK_PATH}",
     )
     return DialoutResponse(call_sid=created.sid, status=created.status, to=created.to)
+
+
+@dataclass(frozen=True)
+class StatusCallback:
+    """One of Twilio's call status callbacks (Twilio docs, "Call status callbacks":
+    https://www.twilio.com/docs/voice/api/call-resource#statuscallback). Each POST
+    carries the call's usual webhook parameters (CallSid, CallStatus, From, To,
+    Direction, …) plus `Timestamp`, `SequenceNumber` (per call, from 0: callbacks may
+    arrive out of order) and, on the final one, `CallDuration` in seconds."""
+
+    call_sid: str
+    status: str
+    from_: str | None = None
+    to: str | None = None
+    direction: str | None = None
+    duration_s: int | None = None
+    sequence: int | None = None
+    timestamp: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    @classmethod
+    def from_form(cls, form: Mapping[str, str]) -> StatusCallback:
+        """The callback's fields; ParameterError names a missing or malformed one."""
+        call_sid = str(form.get("CallSid", ""))
+        status = str(form.get("CallStatus", ""))
+        if not CALL_SID.match(call_sid):
+            raise ParameterError("CallSid", "must be CA followed by 32 hex digits")
+        if status not in CALL_STATUSES:
+            raise ParameterError("CallStatus", f"must be one of {', '.join(sorted(CALL_STATUSES))}")
+        return cls(
+            call_sid=call_sid,
+            status=status,
+            from_=str(form.get("From", "")) or None,
+            to=str(form.get("To", "")) or None,
+            direction=str(form.get("Direction", "")) or None,
+            duration_s=_int_or_none(form.get("CallDuration")),
+            sequence=_int_or_none(form.get("SequenceNumber")),
+            timestamp=str(form.get("Timestamp", "")) or None,
+        )
+
+
+def _int_or_none(value: object) -> int | None:
+    text = str(value or "")
+    return int(text) if text.isdigit() else None
 
 
 def _check_amd_possible(settings: Settings) -> None:

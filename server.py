@@ -5,7 +5,10 @@
     WS   /ws        Twilio Media Streams → bot.py's pipeline
     POST /dialout   place an outbound call (Bearer DIALOUT_API_KEY)
     POST /amd       Twilio's answering-machine verdict for a dial-out call (signed)
-    GET  /health    providers in use, version, calls, draining (503 while shutting down)
+    POST /status    Twilio's status callbacks for a dial-out call (signed): its final status
+    GET  /calls     the call records (Bearer ADMIN_API_KEY; phonebot.records.api)
+    GET  /calls/ui  the calls web page (login with ADMIN_API_KEY; phonebot.records.ui)
+    GET  /health    providers in use, version, calls, records, draining (503 while shutting down)
 
 Run it with `python server.py` (uvicorn on PORT, default 8000). In front of every route
 sit the abuse limits of `phonebot.limits` (body size, replays, admission, /dialout rate);
@@ -27,7 +30,13 @@ from loguru import logger
 from pydantic import BaseModel
 
 from bot import serve_call
-from dialout import DialoutRequest, DialoutResponse, place_call
+from dialout import (
+    STATUS_CALLBACK_PATH,
+    DialoutRequest,
+    DialoutResponse,
+    StatusCallback,
+    place_call,
+)
 from phonebot import __version__
 from phonebot.caller_id import presented_caller_id
 from phonebot.config import Settings, get_settings
@@ -43,6 +52,12 @@ from phonebot.limits import (
 from phonebot.logs import configure_logging
 from phonebot.models import load_shared_models
 from phonebot.providers import chosen_providers
+from phonebot.records import Records
+from phonebot.records.api import router as records_router
+from phonebot.records.db import UnsupportedDatabase
+from phonebot.records.models import RecordsHealth
+from phonebot.records.schema import utcnow
+from phonebot.records.ui import router as records_ui_router
 from phonebot.security import (
     TOKEN_PARAMETER,
     UnsafeConfiguration,
@@ -85,6 +100,7 @@ class HealthResponse(BaseModel):
     active_calls: int  # admitted streams running a call
     reserved_calls: int  # webhooks answered whose stream has not connected yet
     draining: bool
+    records: RecordsHealth
 
 
 def public_base_url(request: Request) -> str:
@@ -105,6 +121,7 @@ async def call_twiml(request: Request, call_type: str) -> Response:
         raise ParameterError("CallSid", "is required (this endpoint is for Twilio)")
     replays: ReplayGuard = request.app.state.replays
     if (again := replays.answer_for_retry(request, call_sid)) is not None:
+        # Not recorded again: the record keeps when the call was first answered.
         logger.info(f"{call_type} call {call_sid}: Twilio retried its webhook; same answer")
         return Response(again, media_type="application/xml")
     with answered_once(request, call_sid):
@@ -135,6 +152,8 @@ def answer_call(
     if problem := insecure_stream_url(target.url):
         logger.error(f"{call_type} call {call_sid}: {problem}")
     logger.info(f"{call_type} call {call_sid}: streaming to {target.url}")
+    # The record starts here; a call turned away as busy above leaves none.
+    request.app.state.records.writer.call_updated(call_sid, webhook_answered_at=utcnow())
     return connect_stream_twiml(target, parameters, closing_phrase(settings))
 
 
@@ -211,6 +230,43 @@ async def amd_verdict(request: Request) -> tuple[str, str, str]:
     return call_sid, answered_by, duration if duration.isdigit() else "?"
 
 
+def record_dialout(
+    records: Records, body: DialoutRequest, placed: DialoutResponse, settings: Settings
+) -> None:
+    """A dial-out's record starts when Twilio accepts it, with its campaign, so one that
+    is never answered is still found by campaign_id or customer_id."""
+    fields = {
+        "direction": "outbound",
+        "from_number": body.from_ or settings.twilio_phone_number,
+        "to_number": placed.to,
+        "parameters": body.parameters,
+        "campaign_id": body.parameters.get("campaign_id"),
+        "customer_id": body.parameters.get("customer_id"),
+    }
+    records.writer.call_updated(placed.call_sid, **given(fields))
+
+
+def record_status(records: Records, update: StatusCallback) -> None:
+    """A final CallStatus goes on the record (and closes it, with a `call.failed` event,
+    when the call never connected); progress only makes sure the record exists.
+
+    Only final statuses are written: Twilio's callbacks may arrive out of order, and a
+    late "ringing" must not overwrite "completed".
+    """
+    fields = given({"from_number": update.from_, "to_number": update.to})
+    if update.final:
+        logger.info(f"Call {update.call_sid}: Twilio's final status {update.status}")
+        records.writer.dialout_status(update.call_sid, update.status, **fields)
+    else:
+        logger.debug(f"Call {update.call_sid}: Twilio status {update.status}")
+        records.writer.call_updated(update.call_sid, direction="outbound", **fields)
+
+
+def given(fields: dict[str, object]) -> dict[str, object]:
+    """The fields that have a value: an update must not blank what an earlier one set."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 async def warm_up_models(offline_stt: bool) -> None:
     """Load the shared VAD / Smart Turn sessions (and offline STT workers) before the first call.
 
@@ -237,7 +293,13 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.dialout_api_key is None:
             logger.info("DIALOUT_API_KEY unset: POST /dialout is disabled")
         await warm_up_models(providers.stt == "offline")
-        yield
+        await records.start()
+        try:
+            yield
+        finally:
+            # Calls have drained by now (phonebot.shutdown runs before the lifespan ends):
+            # their last writes are queued, and are written here.
+            await records.stop()
 
     require_safe_configuration(settings)
     app = FastAPI(title="Phone bot", version=__version__, lifespan=lifespan)
@@ -256,6 +318,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.rejections = RejectionLog()
     # In-process, shared with the bots this process runs (see phonebot.voicemail).
     app.state.amd_verdicts = AMD_VERDICTS
+    app.state.records = records = Records(settings)  # started in the lifespan
+    app.include_router(records_ui_router)  # first: /calls/{call_sid} would take /calls/ui
+    app.include_router(records_router)
 
     @app.exception_handler(ParameterError)
     async def parameter_error(request: Request, error: ParameterError) -> JSONResponse:
@@ -295,6 +360,19 @@ def create_app(settings: Settings) -> FastAPI:
         call_sid, answered_by, duration = await amd_verdict(request)
         logger.info(f"Call {call_sid} answered by {answered_by} (detection took {duration} ms)")
         app.state.amd_verdicts.set(call_sid, answered_by)
+        records.writer.call_updated(call_sid, amd_verdict=answered_by)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    @app.post(
+        STATUS_CALLBACK_PATH,
+        status_code=status.HTTP_204_NO_CONTENT,
+        dependencies=[Depends(require_twilio_signature)],
+    )
+    async def status_callback(request: Request) -> Response:
+        """Twilio's status callbacks for a call placed by /dialout: its progress, and its
+        final CallStatus, recorded also for a call that never connected (busy, …)."""
+        update = StatusCallback.from_form(await request.form())
+        record_status(records, update)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @app.websocket("/ws")
@@ -304,7 +382,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.active_streams += 1
         gate = StreamGate(app.state.admission)
         try:
-            await serve_call(websocket, settings, admit=gate)
+            writer = records.writer if records.enabled else None  # None: no per-call record work
+            await serve_call(websocket, settings, admit=gate, records=writer)
         finally:
             gate.release()
             app.state.active_streams -= 1
@@ -322,7 +401,9 @@ def create_app(settings: Settings) -> FastAPI:
             )
         if refusal := admission.refusal():
             raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, refusal)
-        return await place_call(body, settings, public_base_url(request))
+        placed = await place_call(body, settings, public_base_url(request))
+        record_dialout(records, body, placed, settings)
+        return placed
 
     @app.get("/health")
     async def health(response: Response) -> HealthResponse:
@@ -340,6 +421,7 @@ def create_app(settings: Settings) -> FastAPI:
             active_calls=admission.live,
             reserved_calls=admission.reserved,
             draining=admission.draining,
+            records=RecordsHealth(**records.health()),
         )
 
     return app
@@ -351,7 +433,7 @@ def main() -> None:
     configure_logging(settings)
     try:
         app = create_app(settings)
-    except UnsafeConfiguration as problem:
+    except (UnsafeConfiguration, UnsupportedDatabase) as problem:
         logger.error(str(problem))
         sys.exit(2)
     config = uvicorn.Config(

@@ -60,6 +60,7 @@ from load_report import (  # noqa: E402
     print_row,
     print_targets,
     ratio_rows,
+    records_targets,
     run_figures,
     step_result,
     write_json,
@@ -102,6 +103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help=f"runs per step (default {RUNS}; quick: 1)")
     parser.add_argument("--quick", action="store_true", help="development: N = 1, 2, one run each")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline server")
+    parser.add_argument(
+        "--records-off",
+        action="store_true",
+        help="also run ours with CALL_RECORDS=false, interleaved, to compare records on / off",
+    )
     parser.add_argument(
         "--workers", type=int, default=0, help="caller processes (0: 1 up to 50 calls, else 2)"
     )
@@ -299,6 +305,9 @@ def build_series(args: argparse.Namespace, ai_api: ServerProcess | None) -> list
     if ai_api is not None:
         env = instant_env(ai_api.base_url + "/v1")
         series.append(Series("ours-instant", ours_process(largest, env), args.max_calls, ai_api))
+        if args.records_off:
+            off = ours_process(largest, {**env, "CALL_RECORDS": "false"})
+            series.append(Series("ours-norecords", off, args.max_calls, ai_api))
         if not args.no_baseline:
             limit = min(args.max_calls, BASELINE_MAX_CALLS)
             series.append(Series("baseline-instant", baseline_process(env), limit, ai_api))
@@ -315,6 +324,8 @@ def report(all_series: list[Series], args, rule: StopRule, machine: dict, starte
     ratios = ratio_rows(results.get("ours-instant", []), results.get("baseline-instant", []))
     print_ratios(ratios)
     targets = check_targets(results["ours-instant"]) if "ours-instant" in results else []
+    if "ours-norecords" in results:
+        targets += records_targets(results["ours-instant"], results["ours-norecords"])
     if targets:
         print_targets(targets)
     duration = time.monotonic() - started

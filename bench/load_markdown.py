@@ -22,6 +22,7 @@ NAMES = {
     "ours-instant": "ours",
     "baseline-instant": "baseline",
     "ours-offline": "ours offline",
+    "ours-norecords": "ours, records off",
 }
 
 

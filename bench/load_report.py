@@ -381,6 +381,35 @@ def _measured(step: StepResult | None, name: str) -> str:
     return f"{fmt(getattr(step, name))} s over {step.turns} turns (runs {fmt_range(spread_)} s)"
 
 
+# Issue 10: writing call records must not cost the calls: p95 reply and CPU per call-minute
+# with records on within this share of the same figures with CALL_RECORDS=false.
+RECORDS_TOLERANCE = 0.05
+
+
+def records_targets(on: Sequence[StepResult], off: Sequence[StepResult]) -> list[dict]:
+    """Records on vs off at every N both ran: p95 and CPU per call-minute within 5 %."""
+    by_n = {step.n: step for step in off}
+    targets = []
+    for step in on:
+        base = by_n.get(step.n)
+        if base is None:
+            continue
+        for label, mine, theirs in (
+            ("p95 reply", step.p95, base.p95),
+            ("CPU per call-minute", step.cpu_per_call_min, base.cpu_per_call_min),
+        ):
+            met = None if not mine or not theirs else mine <= theirs * (1 + RECORDS_TOLERANCE)
+            targets.append(
+                {
+                    "target": f"{label} at N = {step.n} with records <= "
+                    f"{1 + RECORDS_TOLERANCE:g}x records off",
+                    "met": met,
+                    "detail": f"{fmt(mine)} on vs {fmt(theirs)} off ({ratio(mine, theirs)})",
+                }
+            )
+    return targets
+
+
 def check_targets(steps: Sequence[StepResult]) -> list[dict]:
     """Issues 9 and 5's targets for our server with the instant services, each met or not."""
     targets = reply_targets(steps)

@@ -502,6 +502,15 @@ def print_summary(result: CallResult, out: TextIO = sys.stdout) -> None:
         )
 
 
+def record_pointer(server: str, call_sid: str) -> str:
+    """Where the server keeps this call's record (docs/records.md): its API, which needs
+    the server's ADMIN_API_KEY, and the command line on the server's machine."""
+    return (
+        f"record: GET {server_base(server)}/calls/{call_sid} "
+        f"(Authorization: Bearer $ADMIN_API_KEY), or python -m phonebot.calls show {call_sid}"
+    )
+
+
 def save_recording(result: CallResult, directory: str) -> Path:
     stamp_ = datetime.fromtimestamp(result.started_at).strftime("%Y%m%d-%H%M%S")
     path = Path(directory) / f"call-{stamp_}-{result.call_sid[:10]}.wav"
@@ -732,6 +741,8 @@ async def main_async(args: argparse.Namespace) -> int:
         print_summary(result)
         if not args.no_record and result.duration >= 0.1:
             print(f"recording: {save_recording(result, args.record_dir)} (caller left, bot right)")
+        if result.call_sid:
+            print(record_pointer(server, result.call_sid))
     return EXIT_OK if failure is None else exit_code(failure)
 
 

@@ -40,6 +40,7 @@ from pipecat.services.llm_service import FunctionCallParams
 
 from phonebot.config import Settings, mask
 from phonebot.personas import Persona
+from phonebot.records.call_log import CallLog
 from phonebot.session import CallSession, TwilioMarkSerializer
 from phonebot.transfer import dial_twiml
 from phonebot.twilio_api import TwilioUnavailable, update_call_twiml
@@ -218,6 +219,7 @@ class CallControl:
         playout: PlayoutTracker,
         call: CallSession,
         serializer: TwilioMarkSerializer | None = None,
+        records: CallLog | None = None,
     ):
         self._worker = worker
         self._context = context
@@ -226,6 +228,8 @@ class CallControl:
         self._playout = playout
         self._call = call
         self._serializer = serializer
+        # Function calls, re-prompts and the transfer go on the call's record.
+        self._records = records or CallLog(None, call.call_sid)
         self._unanswered_reprompts = 0
         self._ending = False
         self._tasks: set[asyncio.Task] = set()
@@ -297,9 +301,9 @@ class CallControl:
     async def end_call_tool(self, params: FunctionCallParams) -> None:
         """The `end_call` function, for the LLM and the offline responder alike."""
         goodbye = str(params.arguments.get("goodbye") or self._persona.goodbye)
-        await params.result_callback(
-            {"status": "ending call"}, properties=FunctionCallResultProperties(run_llm=False)
-        )
+        result = {"status": "ending call"}
+        self._records.function_call("end_call", params.arguments, result)
+        await params.result_callback(result, properties=FunctionCallResultProperties(run_llm=False))
         self._spawn(self.end_call(goodbye, EndReason.BOT_ENDED))
 
     # --- transfer -----------------------------------------------------------------
@@ -308,11 +312,13 @@ class CallControl:
         """The `transfer_call` function: hand the caller to a person, if we have one."""
         target = self._settings.transfer_target
         if target is None or self._serializer is None or self._settings.twilio_credentials is None:
-            await params.result_callback({"error": "no one to transfer to; keep helping"})
+            refused = {"error": "no one to transfer to; keep helping"}
+            self._records.function_call("transfer_call", params.arguments, refused)
+            await params.result_callback(refused)
             return
-        await params.result_callback(
-            {"status": "transferring"}, properties=FunctionCallResultProperties(run_llm=False)
-        )
+        result = {"status": "transferring"}
+        self._records.function_call("transfer_call", params.arguments, result)
+        await params.result_callback(result, properties=FunctionCallResultProperties(run_llm=False))
         self._spawn(self.transfer(target))
 
     async def transfer(self, target: str) -> None:
@@ -332,12 +338,15 @@ class CallControl:
             await update_call_twiml(self._settings, self._call.call_sid, dial_twiml(target))
         except TwilioUnavailable as error:
             logger.warning(f"Transfer of {self._call.call_sid} failed: {error.code} {error}")
+            failed = f"failed (Twilio {error.code})" if error.code else "failed"
+            self._records.update(transfer_target=target, transfer_result=failed)
             self._serializer.keep_call_on_end(False)
             self._ending = False
             self.end_reason = None
             await self._worker.queue_frames([TTSSpeakFrame(self._settings.transfer_failed_phrase)])
             return
         logger.info(f"Call {self._call.call_sid} transferred to {mask(target)}")
+        self._records.update(transfer_target=target, transfer_result="transferred")
         await self._worker.queue_frame(EndFrame(reason=EndReason.TRANSFER))
 
     # --- silence ------------------------------------------------------------------
@@ -355,6 +364,7 @@ class CallControl:
         self._unanswered_reprompts += 1
         prompt = last_question(self._context) or self._settings.reprompt_phrase
         logger.info(f"Caller silent: re-prompt {self._unanswered_reprompts}: {prompt!r}")
+        self._records.reprompt(prompt)
         await self._worker.queue_frames([TTSSpeakFrame(prompt)])
 
     # --- limits -------------------------------------------------------------------

@@ -7,6 +7,7 @@ reading `os.environ`, so tests build their own object and never see a developer'
 
 from __future__ import annotations
 
+import re
 import secrets
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -178,6 +179,9 @@ class Settings(BaseSettings):
     # postgresql://user:pass@host/db; the async driver is picked from the scheme. Secret:
     # a PostgreSQL URL carries the password.
     database_url: SecretStr = SecretStr("sqlite:///./phonebot.db")
+    # false: keep no call records at all (nothing written, the database never opened, the
+    # records API and page answer 503), e.g. where call content must not be stored.
+    call_records: bool = True
     # Bearer key for the /calls API; unset = the API answers 503.
     admin_api_key: SecretStr | None = None
     # Record writes (count) waiting for the database; beyond it new writes are dropped and
@@ -187,6 +191,15 @@ class Settings(BaseSettings):
     # secret (HMAC-SHA256); both must be set for events to be sent.
     events_webhook_url: str | None = None
     events_webhook_secret: SecretStr | None = None
+    # Call recordings (phonebot.records.recording), off unless RECORD_CALLS=true: a stereo
+    # 8 kHz WAV per call, caller left, bot right. Written under RECORDINGS_DIR, or uploaded
+    # at the end of the call to RECORDINGS_S3_URL (s3://bucket/prefix; endpoint and
+    # credentials from the standard AWS_* environment). Older than RECORDING_RETENTION_DAYS
+    # are deleted (0 = kept until deleted through the API).
+    record_calls: bool = False
+    recordings_dir: str = "./recordings/calls"
+    recordings_s3_url: str | None = None
+    recording_retention_days: float = Field(default=0, ge=0)
 
     @field_validator(
         "twilio_auth_token",
@@ -205,6 +218,13 @@ class Settings(BaseSettings):
         """`KEY=` in .env means "not configured", never "configured as empty"."""
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
+        return value or None
+
+    @field_validator("recordings_s3_url")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", value):
+            raise ValueError(f"{value!r} is not s3://bucket or s3://bucket/prefix")
         return value or None
 
     @field_validator("language")

@@ -9,7 +9,7 @@ The keyword answers are what the offline responder says when no LLM is configure
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from phonebot.caller_id import presented_caller_id
 
@@ -51,6 +51,16 @@ class Persona:
         "Hi, this is Sam from Acme Outdoor. Sorry we missed you. We'll try again soon. Goodbye!"
     )
 
+    # Said right after the greeting when the call is recorded (RECORD_CALLS); None = the
+    # persona does not announce recordings. Check your local law on announcing them.
+    recording_notice: str | None = None
+
+    def announcing_recording(self) -> Persona:
+        """This persona with its recording notice in the greeting (for a recorded call)."""
+        if not self.recording_notice:
+            return self
+        return replace(self, greeting=f"{self.greeting} {self.recording_notice}")
+
     def system_prompt(self) -> str:
         shortcuts = "".join(
             f" If the caller presses {digit}, call the {action}_call function."
@@ -84,6 +94,9 @@ COMMON_CALLER_PHRASES = (
 )
 
 
+# What dial-in personas say when the call is recorded.
+DIALIN_RECORDING_NOTICE = "This call is recorded."
+
 COMMON_ANSWERS = (
     KeywordAnswer(
         ("hours", "open", "opening", "close"),
@@ -101,10 +114,12 @@ DIALIN_PERSONAS: dict[str, Persona] = {
         greeting="Hello, thanks for calling Acme Outdoor.",
         question="How can I help you today?",
         answers=COMMON_ANSWERS,
+        recording_notice=DIALIN_RECORDING_NOTICE,
     ),
     "support": Persona(
         name="support",
         keypad={"0": "transfer"},
+        recording_notice=DIALIN_RECORDING_NOTICE,
         instructions=(
             "You are a patient customer support agent for Acme Outdoor. Find out what the "
             "problem is, ask for an order number when it helps, and offer clear next steps."
@@ -138,6 +153,7 @@ DIALIN_PERSONAS: dict[str, Persona] = {
     ),
     "sales": Persona(
         name="sales",
+        recording_notice=DIALIN_RECORDING_NOTICE,
         instructions=(
             "You are an upbeat sales assistant for Acme Outdoor. Learn what the caller "
             "is looking for and recommend one product at a time."
@@ -261,6 +277,7 @@ def offline_bot_phrases() -> list[str]:
     lines = [OFFLINE_FALLBACK, "You pressed 1 2 3 4 5 6 7 8 9 0 star pound."]
     for persona in (*DIALIN_PERSONAS.values(), *CAMPAIGNS.values(), OUTBOUND_DEFAULT):
         lines += [persona.greeting, persona.question, persona.goodbye]
+        lines += [persona.recording_notice] if persona.recording_notice else []
         lines += [entry.answer for entry in persona.answers]
     lines.append("I see you're calling from the number ending in")
     return lines

@@ -339,17 +339,27 @@ async def create_call(
     from_: str,
     twiml_url: str,
     amd_callback_url: str | None = None,
+    status_callback_url: str | None = None,
     policy: RetryPolicy | None = None,
 ) -> CreatedCall:
     """`calls.create` with a TwiML URL; Twilio fetches it (signed) once the call connects.
 
     With `amd_callback_url`, Twilio also runs answering-machine detection in the
-    background (the call is not held up) and POSTs its verdict there, signed. Not
+    background (the call is not held up) and POSTs its verdict there, signed. With
+    `status_callback_url`, Twilio POSTs (signed) the call's progress there: initiated,
+    ringing, answered, and completed with the final CallStatus (busy, no-answer, … for a
+    call that never connected; https://www.twilio.com/docs/voice/api/call-resource). Not
     idempotent: retried only when Twilio was never reached; the error's `detail` says
     whether the call may have been placed.
     """
     arguments: dict[str, Any] = {"to": to, "from_": from_, "url": twiml_url, "method": "POST"}
     arguments.update(amd_arguments(amd_callback_url))
+    if status_callback_url is not None:
+        arguments.update(
+            status_callback=status_callback_url,
+            status_callback_event=["initiated", "ringing", "answered", "completed"],
+            status_callback_method="POST",
+        )
 
     async def create(client: Client) -> Any:
         return await client.calls.create_async(**arguments)

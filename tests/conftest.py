@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+from loguru import logger
 
 from phonebot.config import Settings
 
@@ -12,10 +15,16 @@ DIALOUT_KEY = "test-dialout-key-abcdef"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Drop every setting from the real environment so tests see only what they pass."""
     for name in Settings.model_fields:
         monkeypatch.delenv(name.upper(), raising=False)
+    # Apps built in the test process keep call records in pytest's temp folder, never in a
+    # phonebot.db in the working directory (the repository).
+    records = tmp_path_factory.getbasetemp() / "phonebot.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{records}")
 
 
 def make_settings(**overrides) -> Settings:
@@ -28,6 +37,15 @@ def make_settings(**overrides) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    """Every loguru line logged during the test, as "LEVEL message"."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.rstrip("\n")), format="{level} {message}")
+    yield lines
+    logger.remove(sink)
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -44,6 +46,8 @@ class LiveServer:
             "PORT": str(self.port),
             "LOG_LEVEL": "INFO",
             "LOG_BOT_SPEECH": "true",  # "Call <CallSid> bot says: ..." lines, for bot_lines()
+            # Call records in the scratch folder, never a phonebot.db in the repository.
+            "DATABASE_URL": f"sqlite:///{Path(workdir).resolve() / 'phonebot.db'}",
             **env,
         }
         self._process = subprocess.Popen(
@@ -129,3 +133,27 @@ class LiveServer:
                 self._process.kill()
                 self._process.wait()
         self._reader.join(timeout=5)
+
+
+@contextmanager
+def ai_api_process() -> Iterator[str]:
+    """The instant AI API emulator (`phonebot.emulator.ai_api`) as its own process, like a
+    provider's endpoint; yields its base URL once it answers, and stops it after."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phonebot.emulator.ai_api", "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            with suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/_emulator/requests", timeout=1).status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, "ai_api did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

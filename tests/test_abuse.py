@@ -105,7 +105,7 @@ def fake_pipeline(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """CallSids whose pipeline ran; building AI services at all fails the test."""
     ran: list[str] = []
 
-    async def fake_run_bot(websocket, call, settings, serializer) -> None:
+    async def fake_run_bot(websocket, call, settings, serializer, records=None) -> None:
         ran.append(call.call_sid)
         await websocket.close(code=1000)  # the call is over
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import numpy as np
-import pytest
 from pipecat.frames.frames import (
     EndFrame,
     InterruptionFrame,
@@ -37,11 +36,10 @@ from starlette.websockets import WebSocketState
 
 from phonebot.audio import ulaw_decode
 from phonebot.barge_in import BargeInOutputTransport, ClearGate, barge_in_transport, vad_params
-from phonebot.emulator import Hangup, Pause, Speak, TwilioRestEmulator, WaitForBot
+from phonebot.emulator import Hangup, Pause, Speak, WaitForBot
 from phonebot.emulator.timeline import LateMediaWatch, Segment, onset_before
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, make_settings
-from tests.live_server import LiveServer, free_port
-from tests.test_calls import call_in, server_env
+from tests.conftest import make_settings
+from tests.test_calls import call_in, rest_port, server, twilio  # noqa: F401 (fixtures)
 
 RATE = 8000
 CHUNK = RATE // 10  # the transport's 100 ms chunk (phonebot.pipeline_cost)
@@ -236,31 +234,10 @@ def test_late_media_is_charged_to_a_clear_until_the_bots_media_pauses() -> None:
 # ------------------------------------------------------------------ through the real server
 
 
-@pytest.fixture(scope="module")
-def rest_port() -> int:
-    return free_port()
+# The live server and the REST emulator are tests/test_calls.py's fixtures (imported above).
 
 
-@pytest.fixture(scope="module")
-def server(rest_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = LiveServer(server_env(rest_port), tmp_path_factory.mktemp("server"))
-    yield live
-    live.stop()
-
-
-@pytest.fixture
-async def twilio(server: LiveServer, rest_port: int) -> AsyncIterator[TwilioRestEmulator]:
-    emulator = TwilioRestEmulator(
-        account_sid=ACCOUNT_SID,
-        auth_token=AUTH_TOKEN,
-        port=rest_port,
-        local_server_url=server.base_url,
-    )
-    async with emulator:
-        yield emulator
-
-
-async def test_line_hiss_and_a_cough_do_not_cut_the_bot_off(server, twilio) -> None:
+async def test_line_hiss_and_a_cough_do_not_cut_the_bot_off(server, twilio) -> None:  # noqa: F811
     noise = Speak.noise(3.0, rms=300, cough_at=1.0, cough_s=0.2, seed=7)
     script = [WaitForBot(until="speech"), Pause(0.3), noise, Hangup()]
     result = await call_in(server, twilio, script)

@@ -274,6 +274,17 @@ def test_health_names_the_providers(client):
     assert body["version"]
 
 
+def test_health_counts_the_record_writes(tmp_path):
+    """What the records lost (database down, queue full) shows in /health."""
+    settings = make_settings(database_url=f"sqlite:///{tmp_path / 'records.db'}")
+    with TestClient(create_app(settings)) as client:
+        client.app.state.records.writer.dropped_writes = 3
+        records = client.get("/health").json()["records"]
+    assert records["dropped_writes"] == 3
+    assert {"queued", "written", "failed_writes", "database_failing"} <= set(records)
+    assert "records" in client.app.openapi()["components"]["schemas"]["HealthResponse"]["required"]
+
+
 def test_pipecat_cloud_entry_point_verifies_the_token_then_runs_the_call(
     settings, monkeypatch
 ):
@@ -282,8 +293,11 @@ def test_pipecat_cloud_entry_point_verifies_the_token_then_runs_the_call(
 
     calls = []
 
-    async def fake_run_bot(transport, call, settings, serializer):
+    async def fake_run_bot(transport, call, settings, serializer, records=None):
         calls.append(call)
+        writers.append(records)
+
+    writers = []
 
     monkeypatch.setattr(bot, "get_settings", lambda: settings)
     monkeypatch.setattr(bot, "run_bot", fake_run_bot)
@@ -301,3 +315,21 @@ def test_pipecat_cloud_entry_point_verifies_the_token_then_runs_the_call(
     assert [c.call_sid for c in calls] == [CALL_SID]
     assert calls[0].parameters["caller_id"] == "+15557654321"
     assert calls[0].stream_sid == "MZ" + "3" * 32
+    # No app on Pipecat Cloud, and the default DATABASE_URL is a local SQLite file: no records.
+    assert writers == [None]
+
+
+def test_call_records_off_keep_nothing_and_the_records_api_says_so(tmp_path):
+    """CALL_RECORDS=false: no database is opened, writes are dropped, /calls answers 503."""
+    database = tmp_path / "records.db"
+    settings = make_settings(
+        call_records=False, admin_api_key="admin-key-123456", database_url=f"sqlite:///{database}"
+    )
+    with TestClient(create_app(settings)) as client:
+        records = client.app.state.records
+        records.writer.call_started("CA" + "1" * 32, direction="inbound")
+        assert records.writer.queued == 0
+        answer = client.get("/calls", headers={"Authorization": "Bearer admin-key-123456"})
+        assert answer.status_code == 503
+        assert "CALL_RECORDS=false" in answer.json()["detail"]
+    assert not database.exists()

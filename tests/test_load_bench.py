@@ -571,3 +571,18 @@ def test_a_step_far_over_its_estimate_drops_its_remaining_runs(
     deadline = time.monotonic() + 100.0
     (step,) = load.run_step(series, 10, load.parse_args(["--runs", "3"]), deadline).values()
     assert len(step.runs) == 1  # the first run always counts; the next would end too late
+
+
+def test_records_on_off_targets_allow_five_percent() -> None:
+    on = [
+        load_report.StepResult("ours-instant", 1, 30.0, p95=0.52, cpu_per_call_min=4.1),
+        load_report.StepResult("ours-instant", 10, 30.0, p95=0.70, cpu_per_call_min=3.5),
+    ]
+    off = [
+        load_report.StepResult("ours-norecords", 1, 30.0, p95=0.50, cpu_per_call_min=4.0),
+        load_report.StepResult("ours-norecords", 10, 30.0, p95=0.60, cpu_per_call_min=3.5),
+    ]
+    targets = load_report.records_targets(on, off)
+    assert [t["met"] for t in targets] == [True, True, False, True]
+    assert targets[2]["target"] == "p95 reply at N = 10 with records <= 1.05x records off"
+    assert "0.70 on vs 0.60 off (1.17x)" in targets[2]["detail"]

@@ -16,11 +16,9 @@ Three layers:
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -62,7 +60,7 @@ from phonebot.turns import (
     parse_turn_timing,
 )
 from tests.conftest import make_settings
-from tests.live_server import ROOT, LiveServer, free_port
+from tests.live_server import LiveServer, ai_api_process
 from tests.test_calls import CALLER, OUR_NUMBER, say
 
 CALL_SID = "CA" + "7" * 32
@@ -463,22 +461,8 @@ async def test_keypad_entries_are_answered_without_waiting(
 @pytest.fixture(scope="module")
 def ai_api() -> Iterator[str]:
     """The instant AI API emulator as its own process (see tests/test_provider_faults.py)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "phonebot.emulator.ai_api", "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        with suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/_emulator/requests", timeout=1).status_code == 200:
-                break
-        assert process.poll() is None and time.monotonic() < deadline, "ai_api did not start"
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+    with ai_api_process() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import httpx
 import pytest
 from defusedxml import ElementTree
 from fastapi.testclient import TestClient
-from loguru import logger
 
 from phonebot.config import Settings
 from phonebot.emulator import MediaStreamCaller, WaitForBot, dial_in
@@ -47,15 +46,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    """Every loguru line logged during the test, as "LEVEL message"."""
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.rstrip("\n")), format="{level} {message}")
-    yield lines
-    logger.remove(sink)
 
 
 def form(call_sid: str | None = None, from_: str = CALLER) -> dict[str, str]:

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import httpx
 import pytest
 from defusedxml import ElementTree
-from loguru import logger
 from pipecat.frames.frames import EndFrame
 from pipecat.serializers.twilio import TwilioFrameSerializer
 
@@ -54,15 +53,6 @@ async def twilio() -> AsyncIterator[TwilioRestEmulator]:
         account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, local_server_url=closed
     ) as emulator:
         yield emulator
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    """Every loguru line logged during the test, as "LEVEL message"."""
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.rstrip("\n")), format="{level} {message}")
-    yield lines
-    logger.remove(sink)
 
 
 def live_call(twilio: TwilioRestEmulator) -> str:

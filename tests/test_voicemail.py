@@ -116,6 +116,16 @@ async def test_without_machine_detection_nothing_about_amd_is_sent(twilio_rest):
     assert form["Url"] == "https://bot.example.com/outbound"
 
 
+async def test_every_dialout_asks_twilio_for_signed_status_callbacks(twilio_rest):
+    """So a dial-out that is busy or unanswered, and never fetches /outbound, is recorded."""
+    form = await created_form(twilio_rest, DialoutRequest(to="+15551234567"))
+    assert form["StatusCallback"] == "https://bot.example.com/status"
+    assert form["StatusCallbackMethod"] == "POST"
+    create = next(r for r in twilio_rest.requests if r.path.endswith("/Calls.json"))
+    events = create.form_lists["StatusCallbackEvent"]
+    assert events == ["initiated", "ringing", "answered", "completed"]
+
+
 def test_callers_cannot_set_the_amd_parameter_themselves(client):
     response = dialout_post(client, {"to": "+15551234567", "parameters": {AMD_PARAMETER: "1"}})
     assert response.status_code == 422

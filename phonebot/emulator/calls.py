@@ -71,6 +71,7 @@ class EmulatedCall:
     twiml: TwiML | None = None
     updates: list[dict[str, str]] = field(default_factory=list)
     dialed: list[str] = field(default_factory=list)
+    status_callbacks_sent: int = 0  # the next callback's SequenceNumber
     caller: MediaStreamCaller | None = None
     result: CallResult | None = None
     error: str | None = None

@@ -12,6 +12,11 @@ Point the server's Twilio client at `emulator.base_url` (`TWILIO_API_BASE_URL`) 
   the stream and is recorded.
 - `GET …/Calls/{CallSid}.json` fetches it.
 
+The called numbers behave as `outcomes` says: `{"+15551234567": "busy"}` makes that
+number busy (or "no-answer", "failed"); other numbers answer. With `StatusCallback`, the
+call's progress is POSTed (signed) as Twilio does: initiated, ringing, answered, and
+completed with the final CallStatus and CallDuration.
+
 Basic auth is checked like Twilio's (401, code 20003); every request is recorded in
 `requests`; `inject_fault` makes the next N requests fail (any status, with `Retry-After`),
 stall (and then fail, or go through as Twilio does when it is slow), or drop the connection
@@ -27,6 +32,7 @@ import hmac
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from email.utils import format_datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -36,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from phonebot.emulator.calls import API_VERSION, EmulatedCall, twilio_error
+from phonebot.emulator.calls import API_VERSION, EmulatedCall, twilio_error, utcnow
 from phonebot.emulator.errors import (
     EmulatorError,
     NoStreamError,
@@ -63,6 +69,12 @@ CALL = "/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json"
 # Where the outermost ASGI wrapper leaves a way to drop the request's connection.
 ABORT_SCOPE_KEY = "phonebot.emulator.abort"
 DEFAULT_CALL_LIMIT_S = 120.0
+# What a called number does instead of answering; the value is the call's final CallStatus
+# (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
+UNANSWERED_OUTCOMES = frozenset({"busy", "no-answer", "failed"})
+ANSWER = "answer"
+# How long Twilio lets a call ring before giving up as no-answer, without `Timeout`.
+DEFAULT_RING_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -144,6 +156,9 @@ class TwilioRestEmulator:
     starts), standing in for the time Twilio takes to hear a greeting out to its beep.
     `shared_key` signs webhooks as a Webhooks signing rule would (HMAC-SHA256), and
     `webhook_attempts` > 1 retries a webhook that got no answer or a 5xx, as Twilio.
+    `outcomes` maps called numbers to "busy", "no-answer" or "failed" (see
+    `set_outcome`); a no-answer rings `no_answer_after` seconds (default: the call's
+    `Timeout`, else Twilio's 60 s).
     """
 
     def __init__(
@@ -163,6 +178,8 @@ class TwilioRestEmulator:
         rewrite_stream_urls: bool = True,
         shared_key: SharedKey | None = None,
         webhook_attempts: int = 1,
+        outcomes: Mapping[str, str] | None = None,
+        no_answer_after: float | None = None,
     ) -> None:
         self.account_sid = account_sid or new_account_sid()
         self.shared_key = shared_key
@@ -176,6 +193,10 @@ class TwilioRestEmulator:
         self.webhook_timeout = webhook_timeout
         self.caller_options = dict(caller_options or {})
         self.rewrite_stream_urls = rewrite_stream_urls
+        self.outcomes: dict[str, str] = {}
+        for number, outcome in (outcomes or {}).items():
+            self.set_outcome(number, outcome)
+        self.no_answer_after = no_answer_after
         self.requests: list[RecordedRequest] = []
         self.calls: dict[str, EmulatedCall] = {}
         self.status_callbacks: list[StatusCallback] = []
@@ -239,6 +260,17 @@ class TwilioRestEmulator:
         fault = Fault(status, code, message, delay, count, on, reset, retry_after)
         self.faults.append(fault)
         return fault
+
+    def set_outcome(self, number: str, outcome: str) -> None:
+        """What `number` does when called: "answer" (the default), "busy", "no-answer"
+        (rings until the call's timeout) or "failed" (e.g. unreachable)."""
+        if outcome != ANSWER and outcome not in UNANSWERED_OUTCOMES:
+            choices = ", ".join(sorted(UNANSWERED_OUTCOMES | {ANSWER}))
+            raise ValueError(f"outcome must be one of {choices}, not {outcome!r}")
+        if outcome == ANSWER:
+            self.outcomes.pop(number, None)
+        else:
+            self.outcomes[number] = outcome
 
     def register_call(
         self,
@@ -524,15 +556,35 @@ class TwilioRestEmulator:
         try:
             events = self._callback_events(form_lists)
             await self._status_callback(call, "initiated", events)
-            await asyncio.sleep(self.answer_delay)
-            if not call.active:
-                return
-            call.set_status("ringing")
-            await self._status_callback(call, "ringing", events)
-            await self._pick_up(call, events)
+            outcome = self.outcomes.get(call.to, ANSWER)
+            if outcome in ("busy", "failed"):
+                call.set_status(outcome)  # refused at once: it never rings
+            else:
+                await self._ring(call, events, outcome)
             await self._status_callback(call, "completed", events)
         finally:
             call.finished.set()
+
+    async def _ring(self, call: EmulatedCall, events: set[str], outcome: str) -> None:
+        """Ring; then pick up, or give up as no-answer when the call's timeout is over.
+        A call canceled meanwhile (`Status=canceled`) just stops."""
+        await asyncio.sleep(self.answer_delay)
+        if not call.active:
+            return
+        call.set_status("ringing")
+        await self._status_callback(call, "ringing", events)
+        if outcome == "no-answer":
+            await asyncio.sleep(self._ring_timeout(call))
+            if call.active:
+                call.set_status("no-answer")
+            return
+        await self._pick_up(call, events)
+
+    def _ring_timeout(self, call: EmulatedCall) -> float:
+        if self.no_answer_after is not None:
+            return self.no_answer_after
+        timeout = call.form.get("Timeout", "")
+        return float(timeout) if timeout.isdigit() else DEFAULT_RING_TIMEOUT_S
 
     async def _pick_up(self, call: EmulatedCall, events: set[str]) -> None:
         call.set_status("in-progress")
@@ -637,14 +689,18 @@ class TwilioRestEmulator:
         url = call.form.get("StatusCallback")
         if not url or event not in events:
             return
+        # Twilio's "Call status callbacks": the call's webhook parameters plus these;
+        # SequenceNumber counts this call's callbacks from 0, Timestamp is RFC 2822 UTC.
         form = _call_form(
             call,
             call.status,
             {
                 "CallbackSource": "call-progress-events",
-                "SequenceNumber": str(len(self.status_callbacks)),
+                "SequenceNumber": str(call.status_callbacks_sent),
+                "Timestamp": format_datetime(utcnow()),
             },
         )
+        call.status_callbacks_sent += 1
         if event == "completed":
             form["CallDuration"] = call.to_json()["duration"] or "0"
         await self._post_callback(url, form)

@@ -1,7 +1,8 @@
 """The records API: GET /calls, GET /calls/{sid}, its recording, DELETE /calls/{sid}.
 
 Behind `Authorization: Bearer $ADMIN_API_KEY`: 401 without it or with a wrong key, 503
-while ADMIN_API_KEY is unset (the API is off, not open). The app provides its `Records` as
+while ADMIN_API_KEY is unset (the API is off, not open). Reads also accept the session
+cookie of the calls page (`/calls/ui`, see `ui.py`). The app provides its `Records` as
 `app.state.records`; include `router` in the app.
 """
 
@@ -13,28 +14,44 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from loguru import logger
 
 from phonebot.records.models import CallDetail, CallPage, Direction
+from phonebot.records.recording_store import (
+    LocalRecordings,
+    RecordingError,
+    Recordings,
+    is_s3,
+)
 from phonebot.records.store import MAX_PAGE, BadCursor, CallFilter, CallStore
+from phonebot.records.ui_session import request_session_valid
 
 bearer = HTTPBearer(auto_error=False, description="ADMIN_API_KEY")
+READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 def require_admin_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
-    """401 without the right bearer key, 503 when no key is configured."""
+    """401 without the right bearer key, 503 when no key is configured.
+
+    Reads (GET, HEAD) also accept the session cookie of the calls page (`ui_session`), so
+    its <audio> element can fetch the recording; DELETE always needs the bearer key.
+    """
     key = request.app.state.settings.admin_api_key
     if key is None:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "the records API is off: set ADMIN_API_KEY"
         )
     given = credentials.credentials if credentials else ""
-    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+    if hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        return
+    if request.method not in READ_METHODS or not request_session_valid(
+        request, key.get_secret_value()
+    ):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing or wrong Authorization: Bearer key",
@@ -43,7 +60,13 @@ def require_admin_key(
 
 
 def get_store(request: Request) -> CallStore:
-    return request.app.state.records.store
+    """The app's records, or 503 when the server keeps none (CALL_RECORDS=false)."""
+    records = request.app.state.records
+    if not records.enabled:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "call records are off: CALL_RECORDS=false"
+        )
+    return records.store
 
 
 Store = Annotated[CallStore, Depends(get_store)]
@@ -95,21 +118,42 @@ async def get_call(call_sid: str, store: Store) -> CallDetail:
     return found
 
 
+def get_recordings(request: Request) -> Recordings:
+    return request.app.state.records.recordings
+
+
 @router.get(
     "/{call_sid}/recording",
     response_class=FileResponse,
-    responses={200: {"content": {"audio/wav": {}}}, **NOT_FOUND},
+    responses={
+        200: {"content": {"audio/wav": {}}, "description": "The WAV (RECORDINGS_DIR)"},
+        307: {"description": "Stored in S3: a presigned URL to the WAV, valid 5 minutes"},
+        **NOT_FOUND,
+    },
 )
-async def get_recording(call_sid: str, store: Store) -> FileResponse:
-    """The call's recording (stereo WAV: caller left, bot right)."""
+async def get_recording(
+    call_sid: str, store: Store, recordings: Annotated[Recordings, Depends(get_recordings)]
+) -> Response:
+    """The call's recording: a stereo 8 kHz WAV, the caller left, the bot right."""
     path = await store.recording_path(call_sid)
-    if not path or not Path(path).is_file():
+    if path and is_s3(path):
+        try:
+            url = await recordings.s3_for(path).presigned_url(path, call_sid)
+        except Exception as error:  # no credentials, bad configuration
+            logger.error(f"Call {call_sid}: no link to the recording: {type(error).__name__}")
+            raise HTTPException(
+                status.HTTP_502_BAD_GATEWAY, "the recording's storage is unavailable"
+            ) from None
+        return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+    if not path or not LocalRecordings.is_recording_of(path, call_sid) or not Path(path).is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no recording of call {call_sid}")
     return FileResponse(path, media_type="audio/wav", filename=f"{call_sid}.wav")
 
 
 @router.delete("/{call_sid}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
-async def delete_call(call_sid: str, store: Store) -> Response:
+async def delete_call(
+    call_sid: str, store: Store, recordings: Annotated[Recordings, Depends(get_recordings)]
+) -> Response:
     """Erase the record, its transcript and its recording.
 
     The recording goes first: if it can't be deleted the answer is 500 and the record stays,
@@ -118,8 +162,8 @@ async def delete_call(call_sid: str, store: Store) -> Response:
     path = await store.recording_path(call_sid)
     if path:
         try:
-            Path(path).unlink(missing_ok=True)
-        except OSError as error:
+            await recordings.delete(path, call_sid)  # a file, or the S3 object
+        except RecordingError as error:
             logger.error(f"Call {call_sid}: recording not deleted: {error}")
             raise HTTPException(
                 status.HTTP_500_INTERNAL_SERVER_ERROR, "the recording could not be deleted"

@@ -138,7 +138,8 @@ def describe(entry) -> str:
             f"bot called {data.get('name')}({json.dumps(data.get('arguments'))})"
             f" → {json.dumps(data.get('result'))}"
         )
-    line = f"{entry.speaker}: {entry.text}"
+    # A bot turn cut off before one sentence was played in full has no text.
+    line = f"{entry.speaker}: {entry.text if entry.text is not None else '…'}"
     if entry.kind == "reprompt":
         line += "  (re-prompt)"
     if entry.reply_latency_s is not None:

@@ -134,6 +134,8 @@ class EventDeliverer:
         self._client: httpx.AsyncClient | None = None
         self._db_failing = False
         self._stopping = False
+        self._passes_started = 0
+        self._passes_done = 0
         self.delivered = 0
         self.failed_attempts = 0
         self.gave_up = 0
@@ -185,9 +187,27 @@ class EventDeliverer:
             await self._client.aclose()
             self._client = None
 
+    async def settle(self, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) for one full pass over the due events that starts
+        after this call, so what was committed before it has had its try. For a short-lived
+        session (Pipecat Cloud) that stops right after its call: without it, the last
+        events would wait in the database for the next deliverer on the same database."""
+        if self._task is None:
+            return False
+        wanted = self._passes_started + 1
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        while self._passes_done < wanted:
+            if time.monotonic() >= deadline or self._task.done():
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
     async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            self._passes_started += 1
+            this_pass = self._passes_started
             try:
                 await self.send_due()
                 wait_s = await self._seconds_to_next()
@@ -195,6 +215,7 @@ class EventDeliverer:
             except Exception as error:  # the database is down: try again later
                 self._database_failed(error)
                 wait_s = self._poll_s
+            self._passes_done = this_pass
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
 

@@ -100,3 +100,19 @@ def detail(row: CallRecord, entries: Sequence[TranscriptEntry]) -> CallDetail:
 def as_json(model: BaseModel) -> dict[str, Any]:
     """The JSON form users see (`from`, ISO datetimes)."""
     return model.model_dump(mode="json", by_alias=True)
+
+
+class RecordsHealth(BaseModel):
+    """The records' counters in `/health` (see docs/records.md: what is lost when)."""
+
+    queued: int = Field(description="Writes waiting for the database")
+    written: int = Field(description="Writes saved since the server started")
+    failed_writes: int = Field(description="Writes lost: the database failed or was full")
+    dropped_writes: int = Field(description="Writes refused: RECORDS_QUEUE_SIZE were waiting")
+    database_failing: bool = Field(description="The last write to the database failed")
+    events_delivered: int | None = Field(
+        None, description="Events your EVENTS_WEBHOOK_URL accepted (null: events off)"
+    )
+    events_failed_attempts: int | None = Field(
+        None, description="Event deliveries that failed and will be retried"
+    )

@@ -6,12 +6,18 @@ stops it on shutdown; nothing here is a module global, so tests build as many as
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from loguru import logger
+from sqlalchemy.engine import make_url
 
 from phonebot.config import Settings
 from phonebot.records.db import create_engine, safe_url, sessionmaker
 from phonebot.records.events import EventDeliverer
 from phonebot.records.migrate import migrate
+from phonebot.records.recording_store import Recordings
 from phonebot.records.store import CallStore
 from phonebot.records.writer import RecordWriter
 
@@ -21,6 +27,7 @@ class Records:
 
     def __init__(self, settings: Settings, **deliverer_options) -> None:
         self.settings = settings
+        self.enabled = settings.call_records  # CALL_RECORDS=false: nothing is kept
         self.database_url = settings.database_url.get_secret_value()
         self.engine = create_engine(self.database_url)
         self.sessions = sessionmaker(self.engine)
@@ -32,6 +39,10 @@ class Records:
             events=self.events,
             prepare=self._migrate_late,
         )
+        # Call recordings (RECORD_CALLS): stored, put on the records, expired.
+        self.recordings = Recordings(settings, self.writer, self.sessions)
+        self.writer.recordings = self.recordings
+        self.writer.enabled = self.enabled
         self._migrated = False
 
     def _deliverer(self, settings: Settings, options: dict) -> EventDeliverer | None:
@@ -47,7 +58,11 @@ class Records:
 
         A database that is down at startup does not stop the server: calls go on, their
         records fail (counted), and the migration is retried before the next write.
+        With CALL_RECORDS=false nothing starts and the database is never opened.
         """
+        if not self.enabled:
+            logger.info("Call records off (CALL_RECORDS=false): calls leave no record")
+            return
         try:
             await self._migrate_late()
         except Exception as error:
@@ -60,16 +75,26 @@ class Records:
         self.writer.start()
         if self.events is not None:
             self.events.start()
+        self.recordings.start()  # retention: now, then hourly
 
     async def _migrate_late(self) -> None:
         if not self._migrated:
             await migrate(self.database_url, self.engine)
             self._migrated = True
 
-    async def stop(self) -> None:
-        """Write what is queued, stop sending events (pending ones wait in the database)."""
+    async def stop(self, events_grace_s: float = 0.0) -> None:
+        """Write what is queued, stop sending events (pending ones wait in the database).
+
+        `events_grace_s` > 0 first gives the events just written (the last `call.ended`)
+        that long to be sent: for a session that will not run again to retry them.
+        """
+        if not self.enabled:
+            return
+        await self.recordings.close()  # first: a stored recording updates its record
         await self.writer.close()
         if self.events is not None:
+            if events_grace_s > 0:
+                await self.events.settle(events_grace_s)
             await self.events.close()
         await self.engine.dispose()
 
@@ -80,3 +105,34 @@ class Records:
             stats["events_delivered"] = self.events.delivered
             stats["events_failed_attempts"] = self.events.failed_attempts
         return stats
+
+
+# How long a Pipecat Cloud session waits, after its call, for its last events to be sent.
+SESSION_EVENTS_GRACE_S = 5.0
+
+
+@asynccontextmanager
+async def session_records(settings: Settings) -> AsyncIterator[RecordWriter | None]:
+    """Records for one Pipecat Cloud session, which has no app and no lifespan: a writer
+    for its one call, or None (with one INFO line) when DATABASE_URL is a SQLite file.
+
+    A SQLite file inside a Pipecat Cloud container is gone with the container and seen by
+    no other server, so records there need a shared database (PostgreSQL). The database
+    is opened in the background, so the call never waits for it; when the call is over,
+    its writes are flushed and its events get `SESSION_EVENTS_GRACE_S` to be sent.
+    """
+    url = settings.database_url.get_secret_value()
+    if make_url(url).get_backend_name() == "sqlite":
+        logger.info(
+            "Call records off: on Pipecat Cloud they need a shared database; set"
+            " DATABASE_URL to your PostgreSQL (postgresql://...)"
+        )
+        yield None
+        return
+    records = Records(settings)
+    starting = asyncio.create_task(records.start(), name="records-start")
+    try:
+        yield records.writer
+    finally:
+        await starting
+        await records.stop(events_grace_s=SESSION_EVENTS_GRACE_S)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from sqlalchemy import select
@@ -32,6 +32,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from phonebot.records.events import EventDeliverer
 from phonebot.records.models import as_json, detail, summary
 from phonebot.records.schema import CallRecord, TranscriptEntry, utcnow
+
+if TYPE_CHECKING:
+    from phonebot.records.recording_store import Recordings
 
 # Twilio's final CallStatus values for a call that never connected
 # (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
@@ -102,6 +105,10 @@ class RecordWriter:
         self.failed_writes = 0
         self.dropped_writes = 0
         self.written = 0
+        # The app's call recordings, set by `Records` (phonebot.records.recording_store): a
+        # call reaches them through the writer it is given, like its record.
+        self.recordings: Recordings | None = None
+        self.enabled = True  # False (CALL_RECORDS=false): every write is dropped at once
 
     # --- the call path: non-blocking --------------------------------------------------------
     def call_started(
@@ -211,6 +218,8 @@ class RecordWriter:
         self._put(_Op("status", call_sid, _clean({**fields, "twilio_status": status})))
 
     def _put(self, op: _Op) -> None:
+        if not self.enabled:
+            return
         try:
             self._queue.put_nowait(op)
         except asyncio.QueueFull:

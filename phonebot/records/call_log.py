@@ -1,0 +1,167 @@
+"""One call's feed into its record: what the bot's pipeline saw, as record fields and
+transcript lines.
+
+The bot creates one `CallLog` per call and calls it from Pipecat's own events (the user
+aggregator's `on_user_turn_stopped`, the assistant aggregator's `on_assistant_turn_stopped`)
+and from call control (function calls, re-prompts, the transfer). Every method only puts
+an operation on the app's `RecordWriter` queue and returns: nothing here waits for the
+database. Without a writer (records off, e.g. on Pipecat Cloud without a shared
+DATABASE_URL) every method does nothing, so callers never check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from phonebot.keypad import KEYPAD_PREFIX
+from phonebot.records.schema import utcnow
+from phonebot.records.writer import RecordWriter
+
+# The `<Parameter>`s that are record columns of their own, not only in `parameters`.
+CAMPAIGN_PARAMETER = "campaign_id"
+CUSTOMER_PARAMETER = "customer_id"
+
+
+class CallLog:
+    """The record of one call as it happens; a no-op when `writer` is None."""
+
+    def __init__(self, writer: RecordWriter | None, call_sid: str) -> None:
+        self.writer = writer
+        self.call_sid = call_sid
+        # Wall clock of the stream's start: Pipecat stamps turns with ISO times, and a
+        # line's `at_s` is its turn's start relative to this.
+        self._started_at: datetime | None = None
+        self._started_mono = time.monotonic()
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    # --- the call ------------------------------------------------------------------------
+    def started(
+        self, *, direction: str, persona: str, parameters: Mapping[str, str]
+    ) -> None:
+        """The media stream started. From and to come from the webhook's form, as the
+        server put them in the stream's parameters (`caller_id`, `called_number`)."""
+        self._started_at = utcnow()
+        self._started_mono = time.monotonic()
+        if self.writer is None:
+            return
+        self.writer.call_started(
+            self.call_sid,
+            direction=direction,
+            from_number=parameters.get("caller_id") or None,
+            to_number=parameters.get("called_number") or None,
+            persona=persona,
+            parameters=dict(parameters),  # the writer drops the stream token
+            campaign_id=parameters.get(CAMPAIGN_PARAMETER) or None,
+            customer_id=parameters.get(CUSTOMER_PARAMETER) or None,
+            stream_started_at=self._started_at,
+        )
+
+    def update(self, **fields: Any) -> None:
+        """Set record fields: `transfer_target`, `recording_path`, … (see
+        `phonebot.records.writer.UPDATABLE`)."""
+        if self.writer is not None:
+            self.writer.call_updated(self.call_sid, **fields)
+
+    def ended(self, end_reason: str, provider_errors: Mapping[str, int] | None = None) -> None:
+        """The stream ended: duration, reason, the provider error counts, and (from the
+        bot turns' latencies) reply latency p50/p95."""
+        if self.writer is None:
+            return
+        errors = dict(provider_errors) if provider_errors else None
+        self.writer.call_ended(
+            self.call_sid,
+            end_reason=end_reason,
+            duration_s=round(time.monotonic() - self._started_mono, 3),
+            provider_errors=errors,
+        )
+
+    # --- the transcript ------------------------------------------------------------------
+    def caller_turn(self, text: str | None, started: str | None = None) -> None:
+        """A caller turn as Pipecat's user aggregator finalised it. Keypad entries (the
+        DTMF aggregator's "The caller pressed 42#") become keypad lines of their own."""
+        if self.writer is None or not text or not text.strip():
+            return
+        speech, _, digits = text.partition(KEYPAD_PREFIX)
+        at_s = self._at_s(started)
+        if speech.strip():
+            self.writer.transcript(self.call_sid, "caller", speech.strip(), at_s=at_s)
+        if digits.strip():
+            digits = digits.strip()
+            self.writer.transcript(
+                self.call_sid, "keypad", digits, at_s=at_s, data={"digits": digits}
+            )
+
+    def bot_turn(
+        self,
+        text: str | None,
+        *,
+        interrupted: bool = False,
+        started: str | None = None,
+        reply_latency_s: float | None = None,
+    ) -> None:
+        """A bot turn as Pipecat's assistant aggregator finalised it: what was spoken and
+        how long the caller waited for it.
+
+        When the caller cut in (`interrupted`), Pipecat's text is the sentences played in
+        full before that: a TTS without word timings hands over a sentence's text once its
+        audio has played. Cut off during its first sentence, the turn has no text and is
+        still recorded (text None), since the caller did hear the bot start.
+        """
+        spoken = (text or "").strip()
+        if self.writer is None or not (spoken or interrupted):
+            return
+        self.writer.transcript(
+            self.call_sid,
+            "bot",
+            spoken or None,
+            at_s=self._at_s(started),
+            reply_latency_s=reply_latency_s,
+            interrupted=interrupted,
+        )
+
+    def function_call(self, name: str, arguments: Mapping[str, Any], result: Any) -> None:
+        if self.writer is not None:
+            data = {"name": name, "arguments": dict(arguments), "result": result}
+            self.writer.transcript(self.call_sid, "function", name, data=data)
+
+    def reprompt(self, text: str) -> None:
+        if self.writer is not None:
+            self.writer.transcript(self.call_sid, "reprompt", text)
+
+    def _at_s(self, iso_time: str | None) -> float | None:
+        """Seconds from the stream's start to `iso_time` (Pipecat's turn start), or None
+        (the writer then uses now)."""
+        if not iso_time or self._started_at is None:
+            return None
+        try:
+            moment = datetime.fromisoformat(iso_time)
+        except ValueError:
+            return None
+        return max(0.0, (moment - self._started_at).total_seconds())
+
+
+class ReplyLatencies:
+    """Each bot turn's reply latency, read from the call's `TurnTimeline` timings.
+
+    `phonebot.turns.TurnTimeline` logs one timing per caller turn when the reply's first
+    audio frame goes out; its `audio_out_s` is the caller's wait, from the end of their
+    speech to that frame. A bot turn takes the newest timing logged since the previous bot
+    turn: none for the greeting or a re-prompt (no caller turn before them), and none
+    when the caller's turn got no spoken reply.
+    """
+
+    def __init__(self, timings: list[dict[str, Any]]) -> None:
+        self._timings = timings  # the timeline's own list, appended to as turns go
+        self._seen = 0
+
+    def next(self) -> float | None:
+        fresh = self._timings[self._seen :]
+        self._seen = len(self._timings)
+        waits = [t["audio_out_s"] for t in fresh if t.get("audio_out_s") is not None]
+        return waits[-1] if waits else None
