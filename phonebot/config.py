@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     vad_min_volume: float = Field(default=0.3, ge=0, le=1)
     vad_confidence: float = Field(default=0.7, gt=0, le=1)
 
-    # Call control (issue: silence, limits). Personas may not override these yet.
+    # Call control (silence, limits); personas may override them (Persona.overrides).
     silence_timeout_s: float = Field(default=8.0, gt=0)
     reprompt_phrase: str = "Sorry, I didn't catch that. Could you say it again?"
     max_reprompts: int = Field(default=2, ge=0)

@@ -247,6 +247,8 @@ def test_the_session_reads_the_api_but_cannot_erase(client: TestClient):
         KEY,
         "",
     ],
+    # Fixed ids: the values hold the time, and xdist's workers must collect the same names.
+    ids=["another-key", "expired", "forged", "moved-expiry", "raw-key", "empty"],
 )
 def test_a_bad_session_cookie_is_refused(client: TestClient, session: str):
     client.cookies.set(COOKIE, session)
