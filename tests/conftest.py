@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -46,6 +48,17 @@ def logs() -> Iterator[list[str]]:
     sink = logger.add(lambda m: lines.append(m.rstrip("\n")), format="{level} {message}")
     yield lines
     logger.remove(sink)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that call configure_logging: it writes to pytest's captured stderr, which
+    is closed after the test, so loguru and stdlib logging go back to the real stderr."""
+    yield
+    logger.remove()
+    logger.configure(patcher=None)
+    logger.add(sys.__stderr__)
+    logging.basicConfig(handlers=[logging.StreamHandler(sys.__stderr__)], force=True)
 
 
 @pytest.fixture

@@ -135,6 +135,17 @@ class LiveServer:
         self._reader.join(timeout=5)
 
 
+
+def instant_services_env(ai_api_url: str) -> dict[str, str]:
+    """Settings that point every provider at the AI API emulator (instant-test mode)."""
+    return {
+        "OPENAI_API_KEY": "test",
+        "OPENAI_BASE_URL": f"{ai_api_url}/v1",
+        "OPENAI_STT_BASE_URL": f"{ai_api_url}/v1",
+        "OPENAI_TTS_BASE_URL": f"{ai_api_url}/v1",
+    }
+
+
 @contextmanager
 def ai_api_process() -> Iterator[str]:
     """The instant AI API emulator (`phonebot.emulator.ai_api`) as its own process, like a

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -352,16 +351,6 @@ def test_turn_timings_are_read_from_the_server_log() -> None:
     assert summary_["verdicts"] == {"complete": 1, "incomplete": 1}
     assert summary_["rules"] == {"finished_transcript": 1, "model_complete": 1}
     assert load_stats.turn_timings(["no timing here"], parse=lambda line: 1 / 0) == []
-
-
-@pytest.fixture
-def restore_logging():
-    """The bench server's logging writes to pytest's captured stderr; undone after."""
-    yield
-    logger.remove()
-    logger.configure(patcher=None)
-    logger.add(sys.__stderr__)
-    logging.basicConfig(handlers=[logging.StreamHandler(sys.__stderr__)], force=True)
 
 
 def test_log_turn_timing_writes_the_timing_lines_at_info_and_no_debug(

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-
-import pytest
 from loguru import logger
 
 from phonebot.logs import configure_logging, redact, secret_values
@@ -22,16 +18,6 @@ def test_redact_masks_configured_secrets_and_stream_tokens():
     assert token not in cleaned
     assert token[:4] in cleaned
     assert "'user_id': 'u1'" in cleaned
-
-
-@pytest.fixture
-def restore_logging():
-    """configure_logging writes to pytest's captured stderr, closed after the test."""
-    yield
-    logger.remove()
-    logger.configure(patcher=None)
-    logger.add(sys.__stderr__)
-    logging.basicConfig(handlers=[logging.StreamHandler(sys.__stderr__)], force=True)
 
 
 def test_configured_logger_masks_every_record(capsys, restore_logging):

@@ -74,7 +74,7 @@ from phonebot.provider_faults import (
 )
 from phonebot.providers import CallServices, build_services
 from tests.conftest import make_settings
-from tests.live_server import LiveServer, ai_api_process
+from tests.live_server import LiveServer, ai_api_process, instant_services_env
 from tests.test_calls import CALLER, OUR_NUMBER, dialin_opening, say
 
 CALL_SID = "CA" + "f" * 32
@@ -473,10 +473,7 @@ def ai_api() -> Iterator[str]:
 def server(ai_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """Instant-test mode: every provider is OpenAI's service, pointed at the emulator."""
     env = {
-        "OPENAI_API_KEY": "test",
-        "OPENAI_BASE_URL": f"{ai_api}/v1",
-        "OPENAI_STT_BASE_URL": f"{ai_api}/v1",
-        "OPENAI_TTS_BASE_URL": f"{ai_api}/v1",
+        **instant_services_env(ai_api),
         "LLM_TIMEOUT_S": "2",
         "SPEECH_TIMEOUT_S": "2",
         "MAX_PROVIDER_FAILURES": "2",

@@ -60,7 +60,7 @@ from phonebot.turns import (
     parse_turn_timing,
 )
 from tests.conftest import make_settings
-from tests.live_server import LiveServer, ai_api_process
+from tests.live_server import LiveServer, ai_api_process, instant_services_env
 from tests.test_calls import CALLER, OUR_NUMBER, say
 
 CALL_SID = "CA" + "7" * 32
@@ -468,10 +468,7 @@ def ai_api() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def server(ai_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     env = {
-        "OPENAI_API_KEY": "test",
-        "OPENAI_BASE_URL": f"{ai_api}/v1",
-        "OPENAI_STT_BASE_URL": f"{ai_api}/v1",
-        "OPENAI_TTS_BASE_URL": f"{ai_api}/v1",
+        **instant_services_env(ai_api),
         "SILENCE_TIMEOUT_S": "30",
         "LOG_LEVEL": "DEBUG",  # the turn timing lines
     }
