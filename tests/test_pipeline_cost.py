@@ -234,16 +234,19 @@ async def test_speaking_keeps_the_watchdog_quiet() -> None:
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
     run = asyncio.create_task(runner.run())
-    started = time.monotonic()
-    while time.monotonic() - started < 1.5:  # the bot talks for 2.5 timeouts
-        await worker.queue_frame(BotSpeakingFrame())
-        await asyncio.sleep(0.1)
-    talked_until = time.monotonic()
-    assert idle_at == []
-    await asyncio.sleep(1.2)  # then silence: the watchdog fires once, a timeout later
-    assert len(idle_at) == 1 and idle_at[0] - talked_until >= 0.5
-    await worker.queue_frame(EndFrame())
-    await asyncio.wait_for(run, timeout=20)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:  # the bot talks for 2.5 timeouts
+            last_spoke = time.monotonic()  # before the frame: the tracker stamps it later
+            await worker.queue_frame(BotSpeakingFrame())
+            await asyncio.sleep(0.1)
+        assert idle_at == []
+        await asyncio.sleep(1.2)  # then silence: the watchdog fires once, a timeout later
+        assert len(idle_at) == 1 and idle_at[0] - last_spoke >= 0.6
+    finally:
+        # Even after a failed assertion: a runner left running hangs the loop's teardown.
+        await worker.queue_frame(EndFrame())
+        await asyncio.wait_for(run, timeout=20)
 
 
 # ---------------------------------------------------------------------- VAD inline
