@@ -85,11 +85,6 @@ def signed_url_candidates(request: Request, public_url: str | None = None) -> li
     return candidates
 
 
-def url_as_twilio_saw_it(request: Request, public_url: str | None = None) -> str:
-    """The full URL Twilio most likely signed: outside base, path and raw query string."""
-    return signed_url_candidates(request, public_url)[0]
-
-
 def twilio_signature_is_valid(
     secret: str,
     url: str | Iterable[str],

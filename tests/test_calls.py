@@ -26,6 +26,7 @@ from phonebot.emulator import (
     MediaStreamCaller,
     Pause,
     Speak,
+    Step,
     TwilioRestEmulator,
     WaitForBot,
     dial_in,
@@ -147,14 +148,19 @@ async def test_keypad_digits_reach_the_bot(server, twilio):
     assert lines == [dialin_opening("general"), "You pressed 4 2 pound."]
 
 
-async def test_talking_over_the_bot_clears_twilio_playback(server, twilio):
-    script = [
+def barge_in_script() -> list[Step]:
+    """The caller talks over the bot's greeting, then waits for its answer."""
+    return [
         WaitForBot(until="speech"),
         Pause(0.6),
         say("wait wait I have a question about my order"),
         WaitForBot(timeout=15),
         Hangup(),
     ]
+
+
+async def test_talking_over_the_bot_clears_twilio_playback(server, twilio):
+    script = barge_in_script()
     result = await call_in(server, twilio, script)
 
     # The clear that answered the caller's speech (earlier ones, if any, came before it).

@@ -39,7 +39,15 @@ from phonebot.records.events import SIGNATURE_HEADER, verify_signature
 from phonebot.records.service import session_records
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
 from tests.live_server import LiveServer, free_port
-from tests.test_calls import CALLER, OUR_NUMBER, call_in, dialin_opening, say, server_env
+from tests.test_calls import (
+    CALLER,
+    OUR_NUMBER,
+    barge_in_script,
+    call_in,
+    dialin_opening,
+    say,
+    server_env,
+)
 
 pytest_plugins = ["tests.pg_server"]
 
@@ -260,13 +268,7 @@ async def test_a_dialin_call_is_recorded_turn_by_turn(backend, request, twilio):
 
 async def test_bot_speech_cut_off_by_the_caller_is_recorded_as_interrupted(sqlite_server, twilio):
     twilio.local_server_url = sqlite_server.base_url
-    script = [
-        WaitForBot(until="speech"),
-        Pause(0.6),
-        say("wait wait I have a question about my order"),
-        WaitForBot(timeout=15),
-        Hangup(),
-    ]
+    script = barge_in_script()
     result = await call_in(sqlite_server, twilio, script)
     record = await record_of(sqlite_server, result.call_sid)
 
