@@ -34,9 +34,10 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from phonebot.caller_id import E164
 from phonebot.config import Settings, get_settings
 from phonebot.twilio_api import TwilioUnavailable, create_call
-from phonebot.twiml import E164, ParameterError, validate_custom_parameters
+from phonebot.twiml import ParameterError, validate_custom_parameters
 from phonebot.voicemail import AMD_CALLBACK_PATH, AMD_PARAMETER, AMD_REQUESTED
 
 # Exit status of the command line when Twilio failed in a way that may have placed the call.

@@ -10,6 +10,8 @@ number ending in 6 6 8 7". Every place that shows or says the caller's number go
 
 from __future__ import annotations
 
+# A phone number as Twilio writes it (E.164): "+", country code, at most 15 digits in all.
+E164 = r"^\+[1-9]\d{1,14}$"
 WITHHELD_NUMBER_DIGITS = "266696687"  # "ANONYMOUS" on a phone keypad
 WITHHELD_WORDS = frozenset({"anonymous", "restricted", "unknown"})
 

@@ -11,7 +11,7 @@ import re
 
 from twilio.twiml.voice_response import Dial, VoiceResponse
 
-from phonebot.twiml import E164
+from phonebot.caller_id import E164
 
 E164_NUMBER = re.compile(E164)
 SIP_URI = re.compile(r"^sips?:[^\s<>]+@[^\s<>]+$")

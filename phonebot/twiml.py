@@ -28,8 +28,6 @@ LOOPBACK_NAMES = frozenset({"localhost"})
 RESERVED_PARAMETERS = frozenset(
     {"token", "caller_id", "called_number", "call_type", "_pipecatCloudServiceHost"}
 )
-# A phone number as Twilio dials it: E.164, e.g. +15551234567.
-E164 = r"^\+[1-9]\d{1,14}$"
 PARAMETER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 
