@@ -13,7 +13,7 @@ and runs the pipeline for a call that has already been verified.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import WebSocket
 from loguru import logger
@@ -35,14 +35,18 @@ from phonebot.barge_in import vad_params
 from phonebot.bot_speech import BotSpeechLog
 from phonebot.call_control import (
     END_CALL_TOOL,
+    OPT_OUT_TOOL,
+    RECORD_OUTCOME,
     TRANSFER_TOOL,
     CallControl,
     EndReason,
     PlayoutTracker,
+    record_outcome_tool,
 )
 from phonebot.config import Settings, for_persona, get_settings
+from phonebot.inference import SharedSileroVADAnalyzer
 from phonebot.keypad import keypad_aggregator
-from phonebot.models import SharedSileroVADAnalyzer
+from phonebot.metrics import INVALID_STREAM, STREAM, Metrics
 from phonebot.personas import Persona, opening_line, select_persona
 from phonebot.pipeline_cost import InputAudioStop
 from phonebot.provider_faults import LLM, STT, TTS, ApologyPlayer, ProviderFaults
@@ -59,7 +63,8 @@ from phonebot.session import (
     reject_stream,
     twilio_transport,
 )
-from phonebot.shutdown import ACTIVE_CALLS
+from phonebot.shutdown import ActiveCalls
+from phonebot.state import AmdVerdicts, build_state
 from phonebot.stream_guard import Handshake
 from phonebot.turns import TurnTimeline, TurnTimer, phone_turn_stop
 from phonebot.voicemail import AnsweringMachineScreen
@@ -78,10 +83,15 @@ def system_prompt(persona: Persona, call: CallSession) -> str:
     return f"{persona.system_prompt()} You have already greeted the caller with: {opening}"
 
 
-def call_tools(settings: Settings, serializer: TwilioMarkSerializer | None) -> list:
-    """The functions the LLM may call: hang up always; transfer when there is a target."""
+def call_tools(
+    settings: Settings, serializer: TwilioMarkSerializer | None, persona: Persona | None = None
+) -> list:
+    """The functions the LLM may call: hang up and opt out always; transfer when there is a
+    target; record_outcome when the persona has outcome fields."""
     can_transfer = bool(settings.transfer_target) and serializer
-    return [END_CALL_TOOL, TRANSFER_TOOL] if can_transfer else [END_CALL_TOOL]
+    tools = [END_CALL_TOOL, TRANSFER_TOOL] if can_transfer else [END_CALL_TOOL]
+    outcome_tool = record_outcome_tool(persona) if persona is not None else None
+    return [*tools, OPT_OUT_TOOL, *([outcome_tool] if outcome_tool else [])]
 
 
 def user_turn_params(
@@ -90,7 +100,7 @@ def user_turn_params(
     """Silero VAD hears speech; Pipecat's bundled Smart Turn model and the transcript's
     last words decide the turn ended (phonebot.turns; `timeline` records its timings).
 
-    Both analyzers run on process-wide ONNX sessions (phonebot.models), so a call adds its
+    Both analyzers run on process-wide ONNX sessions (phonebot.inference), so a call adds its
     own state but no model. Pipecat's user-idle timer (started when the bot stops speaking)
     drives re-prompts.
     """
@@ -132,12 +142,19 @@ async def run_bot(
     settings: Settings | None = None,
     serializer: TwilioMarkSerializer | None = None,
     records: RecordWriter | None = None,
+    *,
+    calls: ActiveCalls | None = None,
+    verdicts: AmdVerdicts | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Run one call's pipeline until the call ends.
 
     `serializer` is what lets a transfer keep the caller on the line; without it
     (another transport) the bot simply doesn't offer transfers. `records` is the app's
     record writer (None: the call leaves no record); the call only enqueues to it.
+    `calls` is the app's registry of running calls (so its shutdown can say goodbye),
+    `verdicts` where answering-machine verdicts arrive, `metrics` the app's metrics;
+    None means the call has none (e.g. a test, or Pipecat Cloud without REDIS_URL).
     """
     persona = select_persona(call.parameters)
     settings = for_persona(settings or get_settings(), persona)
@@ -148,7 +165,7 @@ async def run_bot(
     BotSpeechLog(call.call_sid, settings).watch(services.llm)  # "Call … bot says: …"
     context = LLMContext(
         messages=[{"role": "system", "content": system_prompt(persona, call)}],
-        tools=ToolsSchema(standard_tools=call_tools(settings, serializer)),
+        tools=ToolsSchema(standard_tools=call_tools(settings, serializer, persona)),
     )
     # "Call … turn timing {…}" per turn, at DEBUG (INFO with LOG_TURN_TIMING)
     timeline = TurnTimeline(call.call_sid, "INFO" if settings.log_turn_timing else "DEBUG")
@@ -169,7 +186,7 @@ async def run_bot(
     # Pipecat's idle timeout is replaced by this cheaper watchdog (see PlayoutTracker).
     playout = PlayoutTracker(settings.pipeline_idle_timeout_s, on_idle=end_idle)
     apology_player = ApologyPlayer()  # speaks for a broken TTS (phonebot.provider_faults)
-    screen = AnsweringMachineScreen(call.call_sid, call.parameters)
+    screen = AnsweringMachineScreen(call.call_sid, call.parameters, verdicts=verdicts)
 
     pipeline = Pipeline(
         [
@@ -197,8 +214,10 @@ async def run_bot(
     )
     services.llm.register_function("end_call", control.end_call_tool)
     services.llm.register_function("transfer_call", control.transfer_call_tool)
+    services.llm.register_function("opt_out", control.opt_out_tool)
+    services.llm.register_function(RECORD_OUTCOME, control.record_outcome_tool)
     faults = ProviderFaults(
-        call.call_sid, services, settings, apology_player, worker, control.end_call
+        call.call_sid, services, settings, apology_player, worker, control.end_call, metrics
     )
     opener = CallOpener(worker, opening_line(persona, call.parameters), call.direction, settings)
 
@@ -221,12 +240,15 @@ async def run_bot(
 
     @assistant_aggregator.event_handler("on_assistant_turn_stopped")
     async def on_assistant_turn_stopped(aggregator, message):
+        latency_s = reply_latencies.next()
         call_log.bot_turn(
             message.content,
             interrupted=message.interrupted,
             started=message.timestamp,
-            reply_latency_s=reply_latencies.next(),
+            reply_latency_s=latency_s,
         )
+        if metrics is not None and latency_s is not None:
+            metrics.observe_reply_latency(latency_s)
 
     @transport.event_handler("on_client_connected")
     async def on_client_connected(transport, client):
@@ -252,11 +274,17 @@ async def run_bot(
 
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
-    ACTIVE_CALLS.add(call.call_sid, control)  # so a server shutdown can say goodbye
+    if calls is not None:
+        calls.add(call.call_sid, control)  # so a server shutdown can say goodbye
+    if metrics is not None:
+        metrics.call_started()
     try:
         await runner.run()
     finally:
-        ACTIVE_CALLS.discard(call.call_sid)
+        if metrics is not None:
+            metrics.call_ended()
+        if calls is not None:
+            calls.discard(call.call_sid)
         opener.stop()
         screen.stop()
         control.stop()
@@ -313,27 +341,48 @@ class CallOpener:
 async def serve_call(
     websocket: WebSocket,
     settings: Settings,
-    admit: Callable[[CallSession], str | None] | None = None,
+    *,
+    admit: Callable[[CallSession], Awaitable[str | None]] | None = None,
     handshake: Handshake | None = None,
     records: RecordWriter | None = None,
+    calls: ActiveCalls | None = None,
+    verdicts: AmdVerdicts | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Verify a Twilio stream and run its call; a rejected stream is closed, costing nothing.
 
     `admit` (server.py's admission control) may still turn a verified call away, saying
-    why: its token was already used, the server is full or shutting down. `handshake` is
-    what a Pipecat runner already parsed from the websocket, if it did. `records` is the
-    record writer of the app (or of the Pipecat Cloud session) the call reports to.
+    why: its token was already used, the server is full or shutting down, or the shared
+    state can't be reached to check. `handshake` is what a Pipecat runner already parsed
+    from the websocket, if it did. Everything else the call needs from its app is passed
+    in (see `run_bot`): `records` is the record writer of the app (or of the Pipecat Cloud
+    session) the call reports to.
     """
     try:
         call = await accept_twilio_stream(websocket, settings, handshake)
     except StreamRejected as rejection:
+        if metrics is not None:
+            metrics.call_refused(INVALID_STREAM, STREAM)
         await reject_stream(websocket, str(rejection))
         return
-    if admit is not None and (refusal := admit(call)):
+    if admit is not None and (refusal := await admit(call)):
+        if metrics is not None:
+            metrics.call_refused(refusal, STREAM)
         await reject_stream(websocket, refusal)
         return
+    if metrics is not None:
+        metrics.call_admitted(STREAM)
     transport, serializer = twilio_transport(websocket, call, settings)
-    await run_bot(transport, call, settings, serializer, records=records)
+    await run_bot(
+        transport,
+        call,
+        settings,
+        serializer,
+        records=records,
+        calls=calls,
+        verdicts=verdicts,
+        metrics=metrics,
+    )
 
 
 async def bot(runner_args: RunnerArguments) -> None:
@@ -343,7 +392,8 @@ async def bot(runner_args: RunnerArguments) -> None:
     the handshake is read here as in `/ws`; a runner that parsed it first (through
     `create_transport`, which fills `call_data`) is taken at its word, then checked.
     There is no app here: the session opens its own records when DATABASE_URL is a
-    shared database (`phonebot.records.service.session_records`).
+    shared database (`phonebot.records.service.session_records`), and, with REDIS_URL,
+    reads answering-machine verdicts that the webhook servers' `/amd` stored in Redis.
     """
     handshake = None
     if runner_args.call_data is not None:
@@ -351,5 +401,17 @@ async def bot(runner_args: RunnerArguments) -> None:
         handshake = (transport_type, runner_args.call_data)
     websocket = runner_args.websocket  # type: ignore[attr-defined]
     settings = get_settings()
-    async with session_records(settings) as records:
-        await serve_call(websocket, settings, handshake=handshake, records=records)
+    # Without REDIS_URL no /amd callback can reach this session: don't wait for one.
+    shared = build_state(settings) if settings.redis_url is not None else None
+    try:
+        async with session_records(settings) as records:
+            await serve_call(
+                websocket,
+                settings,
+                handshake=handshake,
+                records=records,
+                verdicts=AmdVerdicts(shared) if shared is not None else None,
+            )
+    finally:
+        if shared is not None:
+            await shared.close()

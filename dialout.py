@@ -35,6 +35,7 @@ from urllib.parse import urlencode
 from pydantic import BaseModel, ConfigDict, Field
 
 from phonebot.caller_id import E164
+from phonebot.campaigns.dial_guard import check_destination
 from phonebot.config import Settings, get_settings
 from phonebot.twilio_api import TwilioUnavailable, create_call
 from phonebot.twiml import ParameterError, validate_custom_parameters
@@ -79,10 +80,14 @@ class DialoutResponse(BaseModel):
 
 
 async def place_call(request: DialoutRequest, settings: Settings, base_url: str) -> DialoutResponse:
-    """Validate the parameters and ask Twilio to place the call.
+    """Check the destination and the parameters, and ask Twilio to place the call.
 
-    Raises ParameterError (the caller's fault) or TwilioUnavailable (Twilio's answer).
+    Raises DialRefused (DIALOUT_ALLOWED_COUNTRIES, premium-rate or short number: HTTP 403),
+    ParameterError (the caller's fault) or TwilioUnavailable (Twilio's answer). The
+    do-not-call list needs the database: the server checks it before calling this.
     """
+    if (refused := check_destination(request.to, settings)) is not None:
+        raise refused  # toll-fraud guard: country, premium-rate, short numbers
     parameters = validate_custom_parameters(request.parameters, settings, where="parameters")
     if AMD_PARAMETER in parameters:
         raise ParameterError(f"parameters.{AMD_PARAMETER}", "is reserved; use machine_detection")
@@ -155,11 +160,13 @@ def _int_or_none(value: object) -> int | None:
 
 
 def _check_amd_possible(settings: Settings) -> None:
-    """The verdict reaches this process; a bot running on Pipecat Cloud would never see it."""
-    if settings.env == "production":
+    """Twilio posts the verdict to this server; a bot on Pipecat Cloud reads it only through
+    the shared state (REDIS_URL, which its `bot()` then opens too), never from our memory."""
+    if settings.env == "production" and not settings.redis_url:
         raise ParameterError(
             "machine_detection",
-            "needs ENV=local: the AMD verdict reaches this server, not the bot on Pipecat Cloud",
+            "needs REDIS_URL with ENV=production: the AMD verdict reaches this server, and the "
+            "bot on Pipecat Cloud can only read it from the shared state",
         )
 
 

@@ -8,20 +8,33 @@
     POST /status    Twilio's status callbacks for a dial-out call (signed): its final status
     GET  /calls     the call records (Bearer ADMIN_API_KEY; phonebot.records.api)
     GET  /calls/ui  the calls web page (login with ADMIN_API_KEY; phonebot.records.ui)
-    GET  /health    providers in use, version, calls, records, draining (503 while shutting down)
+    /campaigns, /dnc  outbound campaigns and the do-not-call list (Bearer ADMIN_API_KEY;
+                    phonebot.campaigns, whose scheduler runs in the lifespan)
+    GET  /health    providers in use, version, calls, records, shared state, draining
+                    (503 while shutting down or while the shared state is unreachable)
 
-Run it with `python server.py` (uvicorn on PORT, default 8000). In front of every route
-sit the abuse limits of `phonebot.limits` (body size, replays, admission, /dialout rate);
-SIGTERM drains calls before exiting (`phonebot.shutdown`).
+Run it with `python server.py` (uvicorn on PORT, default 8000; `--workers N` runs N
+processes sharing the port, `phonebot.workers`). In front of every route
+sit the HTTP guards of `phonebot.http_guards` (body size, client IP, /dialout rate) and
+the shared state of `phonebot.state` (replays, call admission, AMD verdicts: in memory,
+or in Redis with REDIS_URL so several processes share them); SIGTERM drains calls before
+exiting (`phonebot.shutdown`). When Redis is unreachable new calls hear the busy message,
+/dialout answers 503, live calls go on, and it all recovers by itself.
 """
 
 from __future__ import annotations
 
+# First: with LOG_FORMAT=json, what Pipecat logs on import is held for the JSON log.
+import phonebot.log_start  # noqa: F401  # isort: skip
+
+import argparse
 import asyncio
+import os
 import re
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, status
@@ -39,18 +52,23 @@ from dialout import (
 )
 from phonebot import __version__
 from phonebot.caller_id import presented_caller_id
+from phonebot.campaigns.service import install_campaigns
 from phonebot.config import Settings, get_settings
-from phonebot.limits import (
-    BodySizeLimit,
-    CallAdmission,
-    RateLimiter,
-    RejectionLog,
-    ReplayGuard,
-    StreamGate,
-    limit_dialout_rate,
-)
+from phonebot.diagnostics import resource_usage_log
+from phonebot.http_guards import BodyCap, BodySizeLimit, RejectionLog, limit_dialout_rate
+from phonebot.inference import load_shared_models
+from phonebot.inference.turn import SMART_TURN_THREADS, smart_turn_executor
 from phonebot.logs import configure_logging
-from phonebot.models import load_shared_models
+from phonebot.metrics import (
+    DIALOUT,
+    DRAINING,
+    RATE_LIMITED,
+    REPLAY,
+    STATE_UNAVAILABLE,
+    WEBHOOK,
+    Metrics,
+)
+from phonebot.metrics import router as metrics_router
 from phonebot.providers import chosen_providers
 from phonebot.records import Records
 from phonebot.records.api import router as records_router
@@ -68,8 +86,18 @@ from phonebot.security import (
     require_safe_configuration,
     require_twilio_signature,
 )
-from phonebot.shutdown import UVICORN_CLOSE_TIMEOUT_S, Drain, GracefulServer
+from phonebot.shutdown import UVICORN_CLOSE_TIMEOUT_S, ActiveCalls, Drain, GracefulServer
+from phonebot.state import (
+    CallAdmission,
+    LeaseCounts,
+    ReplayGuard,
+    SharedState,
+    StateUnavailable,
+    StreamGate,
+    build_app_state,
+)
 from phonebot.stream_guard import MAX_MEDIA_MESSAGE_BYTES
+from phonebot.threads import start_every_thread, started_default_executor
 from phonebot.twilio_api import TwilioUnavailable
 from phonebot.twiml import (
     ParameterError,
@@ -80,27 +108,32 @@ from phonebot.twiml import (
     stream_target,
     validate_custom_parameters,
 )
-from phonebot.voicemail import (
-    AMD_CALLBACK_PATH,
-    AMD_PARAMETER,
-    AMD_REQUESTED,
-    AMD_VERDICTS,
-    ANSWERED_BY,
-)
+from phonebot.voicemail import AMD_CALLBACK_PATH, AMD_PARAMETER, AMD_REQUESTED, ANSWERED_BY
+from phonebot.workers import EXIT_CONFIG, inherited_socket, run_workers
 
 CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 
 
+class StateHealth(BaseModel):
+    backend: str  # "memory" or "redis"
+    ok: bool
+    error: str | None = None
+    round_trips: int  # state operations this process sent (Redis commands/pipelines/scripts)
+
+
 class HealthResponse(BaseModel):
-    status: str
+    status: str  # ok, draining, or degraded (shared state unreachable: no new calls)
     version: str
     offline: bool
     providers: dict[str, str]
-    active_streams: int  # open /ws connections, verified or not
-    active_calls: int  # admitted streams running a call
-    reserved_calls: int  # webhooks answered whose stream has not connected yet
+    active_streams: int  # open /ws connections of this process, verified or not
+    active_calls: int  # admitted streams running a call in this process
+    reserved_calls: int  # webhooks answered whose stream has not connected yet (cluster)
+    cluster_calls: int  # live calls of all processes sharing the state
     draining: bool
+    pid: int  # this process: which worker answered (WORKERS > 1)
     records: RecordsHealth
+    state: StateHealth
 
 
 def public_base_url(request: Request) -> str:
@@ -112,25 +145,42 @@ async def call_twiml(request: Request, call_type: str) -> Response:
     """TwiML that connects a call to our media stream, carrying the call's parameters.
 
     Answered once per CallSid (`answered_once`); a call that can't be taken (capacity,
-    shutdown) hears the busy message instead.
+    shutdown, shared state unreachable) hears the busy message instead: never a hang, and
+    never a stream we couldn't account for.
     """
     settings: Settings = request.app.state.settings
     form = await request.form()
     call_sid = str(form.get("CallSid", ""))
     if not call_sid:
         raise ParameterError("CallSid", "is required (this endpoint is for Twilio)")
+    try:
+        twiml = await webhook_answer(request, settings, call_sid, call_type, form)
+    except StateUnavailable as error:
+        logger.warning(f"{call_type} call {call_sid}: busy (shared state unavailable: {error})")
+        request.app.state.metrics.call_refused(STATE_UNAVAILABLE, WEBHOOK)
+        twiml = busy_twiml()
+    return Response(twiml, media_type="application/xml")
+
+
+async def webhook_answer(
+    request: Request, settings: Settings, call_sid: str, call_type: str, form: Mapping
+) -> str:
+    """The TwiML for this webhook: the same as before for Twilio's retry, else a new one."""
     replays: ReplayGuard = request.app.state.replays
-    if (again := replays.answer_for_retry(request, call_sid)) is not None:
+    if (again := await replays.answer_for_retry(request, call_sid)) is not None:
         # Not recorded again: the record keeps when the call was first answered.
         logger.info(f"{call_type} call {call_sid}: Twilio retried its webhook; same answer")
-        return Response(again, media_type="application/xml")
-    with answered_once(request, call_sid):
-        twiml = answer_call(request, settings, call_sid, call_type, form)
-        replays.remember_answer(request, call_sid, twiml)
-        return Response(twiml, media_type="application/xml")
+        return again
+    async with answered_once(request, call_sid):
+        twiml = await answer_call(request, settings, call_sid, call_type, form)
+    try:
+        await replays.remember_answer(request, call_sid, twiml)
+    except StateUnavailable as error:  # the call is answered; only a retry would miss it
+        logger.warning(f"{call_type} call {call_sid}: answer not kept for retries ({error})")
+    return twiml
 
 
-def answer_call(
+async def answer_call(
     request: Request, settings: Settings, call_sid: str, call_type: str, form: Mapping
 ) -> str:
     """The TwiML for a call we haven't answered yet: the stream, or busy (no slot)."""
@@ -146,9 +196,11 @@ def answer_call(
         TOKEN_PARAMETER: call_token(call_sid, settings.stream_token_secret),
     }
     target = stream_target(settings, public_base_url(request))
-    if refusal := admit_webhook(request.app.state.admission, settings, call_sid):
+    if refusal := await admit_webhook(request.app.state.admission, settings, call_sid):
         logger.warning(f"{call_type} call {call_sid}: busy ({refusal})")
+        request.app.state.metrics.call_refused(refusal, WEBHOOK)
         return busy_twiml()
+    request.app.state.metrics.call_admitted(WEBHOOK)
     if problem := insecure_stream_url(target.url):
         logger.error(f"{call_type} call {call_sid}: {problem}")
     logger.info(f"{call_type} call {call_sid}: streaming to {target.url}")
@@ -157,31 +209,35 @@ def answer_call(
     return connect_stream_twiml(target, parameters, closing_phrase(settings))
 
 
-def admit_webhook(admission: CallAdmission, settings: Settings, call_sid: str) -> str | None:
+async def admit_webhook(
+    admission: CallAdmission, settings: Settings, call_sid: str
+) -> str | None:
     """Reserve a slot for a call about to stream here; why not, or None.
 
     Only a stream to this server reserves: in production the stream goes to Pipecat
     Cloud, which admits calls itself, so only draining turns a call away.
     """
     if settings.env == "local":
-        return admission.reserve(call_sid)
+        return await admission.reserve(call_sid)
     return "the server is shutting down" if admission.draining else None
 
 
-@contextmanager
-def answered_once(request: Request, call_sid: str) -> Iterator[None]:
+@asynccontextmanager
+async def answered_once(request: Request, call_sid: str) -> AsyncIterator[None]:
     """409 for a webhook we already answered (same CallSid or idempotency token).
 
     Runs after the signature check, so only Twilio-signed requests are remembered and a
     stranger can't block a real call by sending its CallSid first. A request that fails
     here (any exception) is forgotten, so Twilio's retry of it is answered. Twilio's retry
     of one we answered never gets here: `ReplayGuard.answer_for_retry` answers it first.
+    The claim holds across processes (SET NX on the shared state).
     """
     replays: ReplayGuard = request.app.state.replays
     keys = replays.keys(request, call_sid)
-    if replayed := replays.claim(keys):
+    if replayed := await replays.claim(keys):
         header = {"CallSid": "CallSid", "Idempotency": "I-Twilio-Idempotency-Token"}
         request.app.state.rejections.note(f"409 replayed webhook to {request.url.path}")
+        request.app.state.metrics.call_refused(REPLAY, WEBHOOK)
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             f"a webhook with this {header[replayed.split(':', 1)[0]]} was already answered; "
@@ -190,7 +246,8 @@ def answered_once(request: Request, call_sid: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        replays.forget(keys)
+        with suppress(StateUnavailable):  # then the keys expire after REPLAY_CACHE_TTL_S
+            await replays.forget(keys)
         raise
 
 
@@ -216,7 +273,7 @@ def server_parameters(
 async def amd_verdict(request: Request) -> tuple[str, str, str]:
     """CallSid, AnsweredBy and MachineDetectionDuration (ms) of a Twilio async AMD callback.
 
-    The CallSid keys the in-process registry, so it must look like one; ParameterError
+    The CallSid keys the shared verdict store, so it must look like one; ParameterError
     names the bad field.
     """
     form = await request.form()
@@ -268,11 +325,16 @@ def given(fields: dict[str, object]) -> dict[str, object]:
 
 
 async def warm_up_models(offline_stt: bool) -> None:
-    """Load the shared VAD / Smart Turn sessions (and offline STT workers) before the first call.
+    """Start the thread pools, and load the shared VAD / Smart Turn sessions (and offline
+    STT workers), before the first call.
 
     Otherwise the first caller pays for it, and the load runs on the event loop that
     every other call's audio pacing shares.
     """
+    loop = asyncio.get_running_loop()
+    # Every pool thread now, not under the first peak (phonebot.threads).
+    loop.set_default_executor(started_default_executor())
+    start_every_thread(smart_turn_executor(), SMART_TURN_THREADS)
     await asyncio.to_thread(load_shared_models)
     if offline_stt:
         from phonebot.offline.stt import start_decoder_pool
@@ -280,7 +342,42 @@ async def warm_up_models(offline_stt: bool) -> None:
         await start_decoder_pool()
 
 
-def create_app(settings: Settings) -> FastAPI:
+def stop_models(offline_stt: bool) -> None:
+    """End the offline STT workers at once: the calls have drained, and waiting for them
+    (the stdlib's exit hook does) held the exit ~10 s when one was still starting."""
+    if offline_stt:
+        from phonebot.offline.stt import shutdown_decoder_pool
+
+        shutdown_decoder_pool(wait=False)
+
+
+async def state_health(
+    shared: SharedState, admission: CallAdmission
+) -> tuple[StateHealth, LeaseCounts | None]:
+    """Whether the shared state answers (PING, not counted), and its call counts."""
+    try:
+        await shared.ping()
+        counts = await admission.counts(counted=False)
+    except StateUnavailable as error:
+        health = StateHealth(
+            backend=shared.backend, ok=False, error=str(error), round_trips=shared.round_trips
+        )
+        return health, None
+    return StateHealth(backend=shared.backend, ok=True, round_trips=shared.round_trips), counts
+
+
+async def dialout_rate(request: Request) -> None:
+    """`limit_dialout_rate`, with its 429s counted in /metrics."""
+    try:
+        await limit_dialout_rate(request)
+    except HTTPException as refused:
+        if refused.status_code == status.HTTP_429_TOO_MANY_REQUESTS:
+            request.app.state.metrics.call_refused(RATE_LIMITED, DIALOUT)
+        raise
+
+
+def create_app(settings: Settings, shared: SharedState | None = None) -> FastAPI:
+    """The app; `shared` replaces the state backend the settings pick (tests)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         providers = chosen_providers(settings)
@@ -292,33 +389,53 @@ def create_app(settings: Settings) -> FastAPI:
             logger.warning("TWILIO_AUTH_TOKEN unset: webhook signatures are not checked")
         if settings.dialout_api_key is None:
             logger.info("DIALOUT_API_KEY unset: POST /dialout is disabled")
+        logger.info(f"Shared state: {shared.describe()}")
         await warm_up_models(providers.stt == "offline")
         await records.start()
+        app.state.metrics.start_loop_lag()
+        await campaigns.start(app.state.admission)  # the scheduler, after the migrations
         try:
-            yield
+            # LOG_RESOURCE_USAGE: RSS, fds, threads, tasks on a timer and on SIGUSR1 (soak)
+            async with resource_usage_log(settings):
+                yield
         finally:
             # Calls have drained by now (phonebot.shutdown runs before the lifespan ends):
             # their last writes are queued, and are written here.
+            await app.state.metrics.stop_loop_lag()
+            await campaigns.stop()
             await records.stop()
+            await app.state.admission.close()
+            await shared.close()
+            stop_models(providers.stt == "offline")
 
     require_safe_configuration(settings)
     app = FastAPI(title="Phone bot", version=__version__, lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        limit=settings.max_request_body_bytes,
+        per_path={
+            "/campaigns": BodyCap(settings.max_campaign_body_bytes, "MAX_CAMPAIGN_BODY_BYTES")
+        },
+    )
     app.state.settings = settings
     app.state.active_streams = 0
-    app.state.admission = CallAdmission(settings)
-    app.state.replays = ReplayGuard(
-        settings.replay_cache_ttl_s,
-        settings.replay_cache_size,
-        retry_window_s=settings.webhook_retry_window_s,
-    )
-    app.state.dialout_limiter = RateLimiter(
-        settings.dialout_rate_limit_per_minute, settings.dialout_rate_limit_burst
-    )
+    # Replays, admission, the /dialout rate limit and AMD verdicts, over the shared state
+    # (memory, or Redis with REDIS_URL; phonebot.state). Owned by the app, passed to calls.
+    state = build_app_state(settings, shared)
+    app.state.shared = shared = state.shared
+    app.state.admission = state.admission
+    app.state.replays = state.replays
+    app.state.dialout_limiter = state.dialout_limiter
+    app.state.amd_verdicts = state.amd_verdicts
+    app.state.calls = ActiveCalls()  # this process's running calls, for the drain
     app.state.rejections = RejectionLog()
-    # In-process, shared with the bots this process runs (see phonebot.voicemail).
-    app.state.amd_verdicts = AMD_VERDICTS
+    app.state.metrics = Metrics()  # GET /metrics (phonebot.metrics); passed to each call
+    state.shared.on_error = app.state.metrics.state_error  # every Redis error, counted once
+    app.include_router(metrics_router)
     app.state.records = records = Records(settings)  # started in the lifespan
+    # Campaigns (API, do-not-call list, pages under /calls/ui/campaigns): before the
+    # records' pages, whose /calls/ui/{call_sid} would take /calls/ui/campaigns.
+    campaigns = install_campaigns(app, settings, records)
     app.include_router(records_ui_router)  # first: /calls/{call_sid} would take /calls/ui
     app.include_router(records_router)
 
@@ -328,6 +445,18 @@ def create_app(settings: Settings) -> FastAPI:
             {"detail": str(error), "field": error.field},
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         )
+
+    @app.exception_handler(StateUnavailable)
+    async def state_error(request: Request, error: StateUnavailable) -> JSONResponse:
+        """Fail closed, naming the cause: no dial-out or verdict is taken without it."""
+        logger.warning(f"{request.url.path}: shared state unavailable ({error})")
+        if request.url.path == "/dialout":
+            app.state.metrics.call_refused(STATE_UNAVAILABLE, DIALOUT)
+        detail = (
+            f"shared state unavailable ({app.state.shared.backend}: {error}); "
+            "no new calls until it is back"
+        )
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
 
     @app.exception_handler(TwilioUnavailable)
     async def twilio_error(request: Request, error: TwilioUnavailable) -> JSONResponse:
@@ -359,7 +488,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Twilio's async answering-machine verdict for a call placed by /dialout."""
         call_sid, answered_by, duration = await amd_verdict(request)
         logger.info(f"Call {call_sid} answered by {answered_by} (detection took {duration} ms)")
-        app.state.amd_verdicts.set(call_sid, answered_by)
+        await app.state.amd_verdicts.set(call_sid, answered_by)  # 503 if state is down
         records.writer.call_updated(call_sid, amd_verdict=answered_by)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -383,59 +512,108 @@ def create_app(settings: Settings) -> FastAPI:
         gate = StreamGate(app.state.admission)
         try:
             writer = records.writer if records.enabled else None  # None: no per-call record work
-            await serve_call(websocket, settings, admit=gate, records=writer)
+            await serve_call(
+                websocket,
+                settings,
+                admit=gate,
+                records=writer,
+                calls=app.state.calls,
+                verdicts=app.state.amd_verdicts,
+                metrics=app.state.metrics,
+            )
         finally:
-            gate.release()
+            await gate.release()
             app.state.active_streams -= 1
 
     @app.post(
         "/dialout",
         status_code=status.HTTP_201_CREATED,
-        dependencies=[Depends(limit_dialout_rate), Depends(require_dialout_key)],
+        dependencies=[Depends(dialout_rate), Depends(require_dialout_key)],
     )
     async def dialout(body: DialoutRequest, request: Request) -> DialoutResponse:
         admission: CallAdmission = app.state.admission
         if admission.draining:
+            app.state.metrics.call_refused(DRAINING, DIALOUT)
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE, "the server is shutting down; no new calls"
             )
-        if refusal := admission.refusal():
+        if refusal := await admission.refusal():  # 503 if the shared state is down
+            app.state.metrics.call_refused(refusal, DIALOUT)
             raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, refusal)
-        placed = await place_call(body, settings, public_base_url(request))
+        await campaigns.check_dial(body.to)  # the do-not-call list: 403 naming it
+        placed = await place_call(body, settings, public_base_url(request))  # guard: 403
         record_dialout(records, body, placed, settings)
         return placed
 
     @app.get("/health")
     async def health(response: Response) -> HealthResponse:
-        """503 while draining, so a load balancer stops sending calls here."""
+        """503 while draining or while the shared state is unreachable (new calls would
+        hear the busy message), so a load balancer stops sending calls here. It asks the
+        state each time, so it turns 200 again by itself once Redis is back."""
         providers = chosen_providers(settings)
         admission: CallAdmission = app.state.admission
-        if admission.draining:
+        state, counts = await state_health(app.state.shared, admission)
+        if admission.draining or not state.ok:
             response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return HealthResponse(
-            status="draining" if admission.draining else "ok",
+            status="draining" if admission.draining else "ok" if state.ok else "degraded",
             version=__version__,
             offline=providers.offline,
             providers={"stt": providers.stt, "llm": providers.llm, "tts": providers.tts},
             active_streams=app.state.active_streams,
-            active_calls=admission.live,
-            reserved_calls=admission.reserved,
+            active_calls=admission.process_live,
+            reserved_calls=counts.reserved if counts else admission.process_reserved,
+            cluster_calls=counts.live if counts else admission.process_live,
             draining=admission.draining,
+            pid=os.getpid(),
             records=RecordsHealth(**records.health()),
+            state=state,
         )
 
     return app
 
 
-def main() -> None:
-    """uvicorn, with our signal handling: SIGTERM drains calls, a second one exits now."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="The phone bot's server (docs/deploy.md; several processes: docs/scaling.md)."
+    )
+    parser.add_argument(
+        "--workers", type=int, metavar="N",
+        help="server processes sharing the port (default: WORKERS, 1); N > 1 needs REDIS_URL",
+    )  # fmt: skip
+    # Set by the supervisor (phonebot.workers) on the workers it starts, not by hand.
+    parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """uvicorn, with our signal handling: SIGTERM drains calls, a second one exits now.
+
+    With `--workers N` (or WORKERS=N) > 1 this process binds the port and supervises N
+    copies of itself that share it (`phonebot.workers`); each copy, started with
+    `--listen-fd`, is the one-process server below.
+    """
+    args = parse_args(argv)
     settings = get_settings()
+    if args.workers is not None:
+        settings = settings.model_copy(update={"workers": args.workers})
     configure_logging(settings)
+    if settings.workers > 1 and args.listen_fd is None:
+        try:
+            require_safe_configuration(settings)  # REDIS_URL, STREAM_SECRET: refused early
+        except UnsafeConfiguration as problem:
+            logger.error(str(problem))
+            sys.exit(EXIT_CONFIG)
+        sys.exit(run_workers(settings, settings.workers, Path(__file__).resolve()))
     try:
         app = create_app(settings)
     except (UnsafeConfiguration, UnsupportedDatabase) as problem:
         logger.error(str(problem))
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -444,8 +622,12 @@ def main() -> None:
         ws_max_size=MAX_MEDIA_MESSAGE_BYTES,
         timeout_graceful_shutdown=UVICORN_CLOSE_TIMEOUT_S,
     )
-    server = GracefulServer(config, Drain(settings, app.state.admission))
-    server.run()
+    server = GracefulServer(config, Drain(settings, app.state.admission, app.state.calls))
+    sockets = None
+    if args.listen_fd is not None:
+        sockets = [inherited_socket(args.listen_fd)]
+        logger.info(f"Worker {args.worker_index}/{settings.workers} (pid {os.getpid()}) serving")
+    server.run(sockets=sockets)
     sys.exit(server.exit_code)
 
 

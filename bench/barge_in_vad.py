@@ -26,7 +26,7 @@ from pipecat.audio.vad.vad_analyzer import VADParams, VADState  # noqa: E402
 from phonebot.audio import ulaw_decode, ulaw_encode  # noqa: E402
 from phonebot.barge_in import vad_params  # noqa: E402
 from phonebot.config import Settings  # noqa: E402
-from phonebot.models import SharedSileroVADAnalyzer  # noqa: E402
+from phonebot.inference import SharedSileroVADAnalyzer  # noqa: E402
 from phonebot.offline.espeak import synthesize_at  # noqa: E402
 from phonebot.pipecat_compat import run_silero  # noqa: E402
 from phonebot.pipeline_cost import INBOUND_BATCH_MS  # noqa: E402

@@ -5,6 +5,7 @@
     .venv/bin/python bench/load.py --quick              # development: N = 1, 2, one run
     .venv/bin/python bench/load.py --steps 1,10 --runs 3 --no-baseline
     .venv/bin/python bench/load.py --markdown docs/benchmark-results.md   # for the docs
+    .venv/bin/python bench/load.py --processes 1,2     # processes behind HAProxy + Redis
 
 For each N (1, 10, 25, 50, 100, … until the stop rule or the time budget ends a series) it
 starts N emulated dial-in calls (`load_calls.py`: real Twilio webhook + Media Stream, caller
@@ -29,6 +30,10 @@ median, the share of turns over 1.5 s, failed or dropped calls and underrun, poo
 the step's runs: one slow turn cannot stop a series. Results: `bench/results/load.json`
 (per-turn latencies, histograms, run spread, server turn timings) and
 `bench/results/load.png`; `--markdown PATH` writes the table the docs include.
+
+`--processes 1,2` is a mode of its own (`load_cluster.py`): for each P, P server processes
+sharing one Redis behind HAProxy, and the calls they hold at the target latency, with the
+ratio to one process and the Redis round-trips per call (`load-processes.json` / `.png`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,16 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
 from load_calls import caller_audio, run_call, start_workers  # noqa: E402
+from load_cluster import (  # noqa: E402
+    PROCESS_STEPS,
+    QUICK_PROCESS_STEPS,
+    ProcessesPlan,
+    processes_note,
+    processes_rows,
+    processes_targets,
+    run_processes,
+    series_name,
+)
 from load_markdown import load_average, machine_description, render, write_markdown  # noqa: E402
 from load_report import (  # noqa: E402
     LEGEND,
@@ -90,6 +105,8 @@ SAMPLE_EVERY_S = 0.5
 BUDGET_S = 660.0
 FIRST_RUN_ESTIMATE_S = 32.0  # a ~25 s conversation, the stagger and the settle
 RUN_GROWTH = 1.15  # a larger N takes a little longer (stagger, slower replies)
+# --processes: the 1-call reference, then the held-calls search for each P
+PROCESSES_BUDGET_S = 900.0
 OVERRUN_S = 30.0  # how far past the budget a slow step may run before it drops runs
 QUERY = {"session_type": "support"}  # our persona; the baseline ignores it
 TRANSCRIPT = "what are your opening hours"  # what the instant STT "hears", every turn
@@ -114,12 +131,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget-s", type=float, default=BUDGET_S, help="time budget of the whole run (s)"
     )
+    parser.add_argument(
+        "--processes",
+        type=_steps,
+        help="e.g. 1,2: that many server processes behind HAProxy sharing one Redis, and the "
+        "calls each holds at the target latency (see bench/load_cluster.py)",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results", help="output folder")
     parser.add_argument(
         "--markdown", type=Path, help="also write the results table as Markdown to this path"
     )
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else RUNS)
+    if args.processes:
+        args.steps = args.steps or (QUICK_PROCESS_STEPS if args.quick else PROCESS_STEPS)
+        if args.budget_s == BUDGET_S:
+            args.budget_s = PROCESSES_BUDGET_S
     args.steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     return args
 
@@ -317,6 +344,16 @@ def build_series(args: argparse.Namespace, ai_api: ServerProcess | None) -> list
     return series
 
 
+def run_facts(args: argparse.Namespace, machine: dict, started: float) -> tuple[float, dict]:
+    """The run's duration, and what every JSON report starts with: the machine (with its
+    load at the end, to show whether something else ran meanwhile), the arguments, the
+    duration."""
+    duration = time.monotonic() - started
+    machine = {**machine, "load_average_end": load_average()}
+    args_text = {k: str(v) for k, v in vars(args).items()}
+    return duration, {"machine": machine, "args": args_text, "duration_s": round(duration, 1)}
+
+
 def report(all_series: list[Series], args, rule: StopRule, machine: dict, started: float):
     """Print the ratios and targets; write the JSON, the plot and (if asked) the Markdown."""
     results = {series.name: series.steps for series in all_series}
@@ -328,12 +365,9 @@ def report(all_series: list[Series], args, rule: StopRule, machine: dict, starte
         targets += records_targets(results["ours-instant"], results["ours-norecords"])
     if targets:
         print_targets(targets)
-    duration = time.monotonic() - started
-    machine = {**machine, "load_average_end": load_average()}
-    extra = {
-        "machine": machine,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "duration_s": round(duration, 1),
+    duration, extra = run_facts(args, machine, started)
+    machine = extra["machine"]
+    extra |= {
         "stop_rule": rule.as_dict(),
         "servers": {series.name: series.info for series in all_series},
         "ratios": ratios,
@@ -349,6 +383,56 @@ def report(all_series: list[Series], args, rule: StopRule, machine: dict, starte
     print(f"total {duration:.0f} s")
 
 
+def main_processes(args: argparse.Namespace, machine: dict, started: float) -> int:
+    """`--processes`: for each P, the calls held at the target latency behind a balancer."""
+    plan = ProcessesPlan(
+        processes=args.processes,
+        steps=args.steps,
+        runs=args.runs,
+        workers=args.workers,
+        budget_s=args.budget_s,
+        query=QUERY,
+        stagger_s=STAGGER_S,
+        sample_s=SAMPLE_EVERY_S,
+    )
+    print(
+        f"processes {', '.join(map(str, args.processes))}; N from {', '.join(map(str, args.steps))}"
+    )
+    ai_api = ai_api_process(TRANSCRIPT)
+    try:
+        ai_api.start()
+        measured = run_processes(plan, instant_env(ai_api.base_url + "/v1"), started)
+    finally:
+        ai_api.stop()
+    results, target = measured["results"], measured["target"]
+    targets = processes_targets(results)
+    print("\n" + "\n".join(processes_rows(results)))
+    print_targets(targets)
+    duration, extra = run_facts(args, machine, started)
+    machine = extra["machine"]
+    extra |= {
+        "held_target": target.describe() if target else None,
+        "processes": [result.as_dict() for result in results],
+        "targets": targets,
+    }
+    json_path = write_json(args.out / "load-processes.json", measured["series"], extra)
+    plot_path = write_plot(
+        args.out / "load-processes.png",
+        measured["series"],
+        note=processes_note(results),
+        p95_limit=target.p95_limit if target else None,
+    )
+    print(f"\nwrote {json_path}" + (f" and {plot_path}" if plot_path else ""))
+    if args.markdown:
+        stops = {series_name(r.processes): r.stopped for r in results}
+        section = ["Calls held at the target latency, per number of server processes:", ""]
+        section += processes_rows(results)
+        text = render(measured["series"], machine, stops, targets, target, duration, section)
+        print(f"wrote {write_markdown(args.markdown, text)}")
+    print(f"total {duration:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = machine_description(argv)
@@ -356,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.add(sys.stderr, level="WARNING")
     caller_audio()  # generate the caller WAVs before any worker forks
     started = time.monotonic()
+    if args.processes:
+        return main_processes(args, machine, started)
     rule = StopRule()
     print(f"stop rule: {rule.describe()}", flush=True)
     print(f"steps {', '.join(map(str, args.steps))}; {args.runs} run(s) each", flush=True)

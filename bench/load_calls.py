@@ -49,6 +49,7 @@ PHRASES = {
 KINDS = ("plain", "dtmf", "plain", "barge")  # call i plays KINDS[i % 4]
 REPLY_TIMEOUT_S = 15.0  # no bot audio this long after the caller's turn: the call failed
 CALL_TIMEOUT_S = 120.0
+NO_REPLY = "no reply to the caller's speech"  # a call whose every bot turn has no latency
 LAG_INTERVAL_S = 0.05
 
 
@@ -97,9 +98,16 @@ def conversation(kind: str, audio: dict[str, Speak]) -> list[Step]:
     """About 20–25 s: greeting, a question, then a `kind` ending; hang up mid-answer.
 
     `warmup` is the short call made before measuring: greeting, one question, hang up.
+    `short` and `short-drop` are the soak's calls (bench/soak.py), ~5 s: the caller talks
+    over the greeting, hears the answer start and hangs up mid-answer, with Twilio's
+    `stop` message or (`short-drop`) by just dropping the socket.
     """
     if kind == "warmup":
         return [wait_reply(), audio["order"], wait_reply("speech"), Pause(1.0), Hangup()]
+    if kind in ("short", "short-drop"):
+        hangup = Hangup(send_stop=kind == "short")
+        speak = [wait_reply("speech"), Pause(1.0), audio["order"], wait_reply("speech")]
+        return [*speak, Pause(0.5), hangup]
     steps: list[Step] = [wait_reply(), audio["order"], wait_reply(), Pause(0.5)]
     if kind == "dtmf":
         # A server that ignores keys (the baseline) gets 5 s, then the call goes on.
@@ -164,7 +172,7 @@ def summarize(index: int, kind: str, result: CallResult) -> CallSummary:
         clears=len(result.clears),
         failed=not dropped and (result.error is not None or not speech),
         dropped=dropped,
-        error=result.error or (None if speech else "no reply to the caller's speech"),
+        error=result.error or (None if speech else NO_REPLY),
     )
 
 

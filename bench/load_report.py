@@ -474,8 +474,15 @@ def write_json(path: Path, series: dict[str, list[StepResult]], extra: dict) -> 
 STYLES = {"ours-instant": "-o", "baseline-instant": "--s", "ours-offline": ":^"}
 
 
-def write_plot(path: Path, series: dict[str, list[StepResult]]) -> Path | None:
-    """Latency against N (p50, p95 with the runs' spread), CPU, and each step's CDF."""
+def write_plot(
+    path: Path,
+    series: dict[str, list[StepResult]],
+    note: str | None = None,
+    p95_limit: float | None = None,
+) -> Path | None:
+    """Latency against N (p50, p95 with the runs' spread), CPU, and each step's CDF; `note`
+    (e.g. `--processes`' held calls and Redis round-trips) as the figure's title, and a
+    target p95 line when there is one."""
     try:
         import matplotlib
 
@@ -507,6 +514,10 @@ def write_plot(path: Path, series: dict[str, list[StepResult]]) -> Path | None:
         ylim=(0, 1.02),
     )
     cdf.axvline(SLOW_TURN_S, color="grey", linestyle=":", linewidth=1)
+    if p95_limit is not None:
+        latency.axhline(p95_limit, color="red", linestyle="--", linewidth=1, label="target p95")
+    if note:
+        figure.suptitle(note, fontsize=9)
     ticks = sorted({step.n for steps in series.values() for step in steps})
     for axis in (latency, cpu):
         axis.set_xscale("symlog", linthresh=10)

@@ -2,6 +2,7 @@
 
     python -m phonebot.call --say "I'd like to book an appointment" --pause 2 --say "yes"
     python -m phonebot.call --dialout +15551234567 --param campaign_id=summer_sale --say "Hello?"
+    python -m phonebot.call --dialout +15551234567 --param campaign_id=summer_sale --callee opt-out
 
 Dial-in rings the server's voice webhook exactly as Twilio would (signed with
 TWILIO_AUTH_TOKEN when set) and streams the caller over Media Streams. Dial-out starts the
@@ -36,6 +37,8 @@ import httpx
 
 from phonebot.audio import TWILIO_SAMPLE_RATE, tone
 from phonebot.config import mask
+from phonebot.emulator.callees import KINDS as CALLEE_KINDS
+from phonebot.emulator.callees import Callee
 from phonebot.emulator.errors import (
     EmulatorError,
     NoBotAudioError,
@@ -118,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--from", dest="from_", default="+15550001111", help="caller number")
     call.add_argument("--to", default="+15550002222", help="called number (dial-in)")
     call.add_argument("--dialout", metavar="NUMBER", help="ask the server to call NUMBER")
+    call.add_argument(
+        "--machine-detection",
+        action="store_true",
+        help="dial-out: ask for answering-machine detection (the bot leaves a message)",
+    )
+    call.add_argument(
+        "--callee",
+        choices=CALLEE_KINDS,
+        help="dial-out: the called number is a scripted callee instead of the caller steps "
+        "(e.g. opt-out, voicemail, busy; see docs/emulator.md)",
+    )
     call.add_argument(
         "--rest-port",
         type=int,
@@ -312,6 +326,8 @@ def build_script(args: argparse.Namespace, *, dialout: bool) -> tuple[list[Step]
             script.append(WaitForHangup(timeout=value or 15.0))
         elif kind == "hangup":
             script.append(Hangup())
+    if dialout and getattr(args, "callee", None):
+        return Callee(args.callee).script(), warnings
     if dialout and not args.steps:
         script.append(WaitForBot(timeout=args.bot_timeout))  # hear the bot's opener
     return script, warnings
@@ -601,16 +617,21 @@ async def run_dial_in(
 
 
 async def request_dialout(
-    server: str, number: str, parameters: dict[str, str], api_key: str | None
+    server: str,
+    number: str,
+    parameters: dict[str, str],
+    api_key: str | None,
+    machine_detection: bool = False,
 ) -> str:
     """POST the server's `/dialout`; returns its answer body (for display)."""
     url = f"{server_base(server)}/dialout"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body: dict = {"to": number, "parameters": parameters}
+    if machine_detection:
+        body["machine_detection"] = True
     try:
         async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
-            response = await client.post(
-                url, json={"to": number, "parameters": parameters}, headers=headers
-            )
+            response = await client.post(url, json=body, headers=headers)
     except httpx.ConnectError:
         raise ServerNotRunningError(f"cannot connect to {url}: is the server running?") from None
     except httpx.HTTPError as error:
@@ -629,6 +650,14 @@ async def request_dialout(
     return response.text
 
 
+def callee_options(number: str, callee: Callee) -> dict[str, Any]:
+    """TwilioRestEmulator options that make `number` behave as `callee` when called."""
+    options: dict[str, Any] = {"answered_by": callee.answered_by, "amd_delay": callee.amd_delay}
+    if callee.outcome != "answer":
+        options |= {"outcomes": {number: callee.outcome}, "no_answer_after": 5.0}
+    return options
+
+
 async def run_dial_out(
     args: argparse.Namespace, env: Env, server: str, script: list[Step], printer: TranscriptPrinter
 ) -> CallResult:
@@ -639,6 +668,7 @@ async def run_dial_out(
         )
         await caller.run(script, max_duration=args.hangup_after)
 
+    callee = Callee(args.callee) if args.callee else None
     rest = await start_rest(
         args,
         env,
@@ -647,6 +677,8 @@ async def run_dial_out(
         on_answer=answer,
         caller_options={"on_event": printer.on_event},
         rewrite_stream_urls=not args.keep_stream_url,
+        # a scripted callee's number: busy, no answer, a voicemail's AMD verdict, …
+        **(callee_options(args.dialout, callee) if callee else {}),
     )
     assert rest is not None
     try:
@@ -655,7 +687,9 @@ async def run_dial_out(
             f"start it with TWILIO_API_BASE_URL={rest.base_url} (same TWILIO_ACCOUNT_SID / "
             "TWILIO_AUTH_TOKEN)."
         )
-        body = await request_dialout(server, args.dialout, dict(args.param), env.dialout_api_key)
+        body = await request_dialout(
+            server, args.dialout, dict(args.param), env.dialout_api_key, args.machine_detection
+        )
         print(f"/dialout accepted: {' '.join(body.split())[:200]}")
         try:
             call = await rest.wait_for_call(timeout=15)
@@ -670,7 +704,8 @@ async def run_dial_out(
         if call.exception is not None:
             raise call.exception
         if call.result is None:
-            raise EmulatorError(call.error or "the call ended before it was answered")
+            ended = f"the call ended {call.status} before it was answered"
+            raise EmulatorError(call.error or ended)
         return call.result
     finally:
         await rest.stop()
@@ -709,7 +744,7 @@ async def main_async(args: argparse.Namespace) -> int:
     script, warnings = build_script(args, dialout=bool(args.dialout))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    if not args.steps:
+    if not args.steps and not (args.dialout and args.callee):
         print(
             'note: no caller steps given (try --say "hello"): listening to the bot\'s first '
             "turn, then hanging up."

@@ -38,8 +38,9 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.llm_service import FunctionCallParams
 
+from phonebot.caller_id import E164, presented_caller_id
 from phonebot.config import Settings, mask
-from phonebot.personas import Persona
+from phonebot.personas import Persona, outcome_problems
 from phonebot.records.call_log import CallLog
 from phonebot.session import CallSession, TwilioMarkSerializer
 from phonebot.transfer import dial_twiml
@@ -63,6 +64,17 @@ TRANSFER_TOOL = FunctionSchema(
     properties={},
     required=[],
 )
+OPT_OUT_TOOL = FunctionSchema(
+    name="opt_out",
+    description=(
+        "The person asks not to be called again (stop calling me, remove me from your "
+        "list, do not call). Their number goes on the do-not-call list and the call ends "
+        "with a confirmation spoken for you; say nothing else."
+    ),
+    properties={},
+    required=[],
+)
+RECORD_OUTCOME = "record_outcome"
 PLAYOUT_MARK = "phonebot-playout"
 Speak = Callable[[str], Awaitable[None]]
 PLAYOUT_SLACK_S = 5.0
@@ -76,6 +88,7 @@ class EndReason:
     BOT_ENDED = "bot ended"
     SILENCE = "caller silent"
     TRANSFER = "transferred"
+    OPTED_OUT = "opted out"
     VOICEMAIL = "voicemail"
     LIMIT = "duration limit"
     IDLE = "idle pipeline"
@@ -188,6 +201,36 @@ class PlayoutTracker(FrameProcessor):
     def expect_mark(self, name: str) -> asyncio.Event:
         self._marks[name] = asyncio.Event()
         return self._marks[name]
+
+
+def record_outcome_tool(persona: Persona) -> FunctionSchema | None:
+    """`record_outcome` with one property per outcome field of the persona (allowed values
+    as an enum), or None when the persona records no outcomes."""
+    if not persona.outcome_fields:
+        return None
+    properties = {}
+    for spec in persona.outcome_fields:
+        prop: dict = {"type": "string", "description": spec.description}
+        if spec.values:
+            prop["enum"] = list(spec.values)
+        properties[spec.name] = prop
+    return FunctionSchema(
+        name=RECORD_OUTCOME,
+        description=(
+            "Record what you found out on this call as soon as the person tells you, "
+            "then carry on the conversation. Give only the fields you know."
+        ),
+        properties=properties,
+        required=[],
+    )
+
+
+def other_party(call: CallSession) -> str | None:
+    """The E.164 number at the other end: the callee of a dial-out, the caller of a dial-in
+    (None when withheld, or a SIP/client address: nothing to put on a do-not-call list)."""
+    key = "called_number" if call.direction == "outbound" else "caller_id"
+    number = presented_caller_id(call.parameters.get(key))
+    return number if re.fullmatch(E164, number) else None
 
 
 def _is_mark(message) -> bool:
@@ -305,6 +348,34 @@ class CallControl:
         self._records.function_call("end_call", params.arguments, result)
         await params.result_callback(result, properties=FunctionCallResultProperties(run_llm=False))
         self._spawn(self.end_call(goodbye, EndReason.BOT_ENDED))
+
+    # --- outcomes and opt-out --------------------------------------------------------
+
+    async def record_outcome_tool(self, params: FunctionCallParams) -> None:
+        """The `record_outcome` function: check the fields against the persona's, store them
+        on the call's record; the conversation goes on (the LLM answers the caller)."""
+        fields = dict(params.arguments)
+        problems = outcome_problems(self._persona, fields)
+        if problems:
+            result: dict = {"error": "; ".join(problems)}
+        else:
+            self._records.outcome(fields)
+            result = {"status": "recorded", "fields": fields}
+        self._records.function_call(RECORD_OUTCOME, params.arguments, result)
+        await params.result_callback(result)
+
+    async def opt_out_tool(self, params: FunctionCallParams) -> None:
+        """The `opt_out` function: the number goes on the do-not-call list, the bot confirms
+        and hangs up; the record's end reason is "opted out"."""
+        number = other_party(self._call)
+        self._records.opt_out(number)
+        result = {"status": "number added to the do-not-call list; ending call"}
+        if number is None:
+            result = {"status": "no number known for this call; ending call"}
+            logger.warning(f"Call {self._call.call_sid}: opt-out with no number to list")
+        self._records.function_call("opt_out", params.arguments, result)
+        await params.result_callback(result, properties=FunctionCallResultProperties(run_llm=False))
+        self._spawn(self.end_call(self._persona.opt_out_confirmation, EndReason.OPTED_OUT))
 
     # --- transfer -----------------------------------------------------------------
 

@@ -32,12 +32,25 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 8000
     log_level: str = "INFO"
+    # Observability (phonebot.logs, phonebot.metrics; docs/observability.md). LOG_FORMAT=json
+    # writes one JSON object per log line (with the CallSid as a field) for log collectors.
+    # METRICS_TOKEN, when set, is the bearer token GET /metrics requires; unset, it is open
+    # (counts only, no call content).
+    log_format: Literal["text", "json"] = "text"
+    metrics_token: SecretStr | None = None
     # Log each text the bot hands to its TTS ("Call <CallSid> bot says: ...") at INFO; off,
     # the line is written at DEBUG only. Call content: an LLM reply can repeat the caller.
     log_bot_speech: bool = False
     # Log each caller turn's timing line ("Call <CallSid> turn timing {...}", phonebot.turns)
     # at INFO; off, at DEBUG only. The load benchmark turns it on to see where replies wait.
     log_turn_timing: bool = False
+    # Resource-usage lines ("Resource usage {...}": RSS, open files, threads, asyncio tasks;
+    # phonebot.diagnostics) every LOG_RESOURCE_USAGE_EVERY_S (0: never on a timer) and on
+    # SIGUSR1, for finding creep (bench/soak.py). TRACEMALLOC_FRAMES > 0 also traces Python
+    # allocations and names the sites that grew since the last line: slow, soak tests only.
+    log_resource_usage: bool = False
+    log_resource_usage_every_s: float = Field(default=300.0, ge=0)
+    tracemalloc_frames: int = Field(default=0, ge=0, le=100)
 
     # "production" points the <Stream> at Pipecat Cloud instead of this server.
     env: Literal["local", "production"] = "local"
@@ -55,7 +68,8 @@ class Settings(BaseSettings):
     twilio_rest_timeout_s: float = Field(default=10.0, gt=0)
     twilio_rest_attempts: int = Field(default=3, ge=1, le=10)
     # Signs the per-call stream token; falls back to TWILIO_AUTH_TOKEN, then to a random
-    # per-process secret (which only works while one process serves webhook and stream).
+    # per-process secret (which only works while one process serves webhook and stream: with
+    # REDIS_URL or WORKERS > 1 the server refuses to start without one of the two).
     stream_secret: SecretStr | None = None
     # The secret of the Twilio SharedKey a Webhooks signing rule signs with (Twilio then sends
     # X-Twilio-Webhooks-Signature-Settings and an HMAC-SHA256 X-Twilio-Signature).
@@ -140,8 +154,12 @@ class Settings(BaseSettings):
     )
     max_provider_failures: int = Field(default=3, ge=1)
 
-    # Abuse limits (phonebot.limits). Twilio's webhook forms are ~1 KB; bigger bodies → 413.
+    # Abuse limits (phonebot.http_guards, phonebot.state). Twilio's webhook forms are ~1 KB;
+    # bigger bodies → 413.
     max_request_body_bytes: int = Field(default=65_536, ge=1024)
+    # POST /campaigns only (JSON or CSV contacts, up to MAX_CAMPAIGN_CONTACTS rows of ~100-200
+    # bytes): its own cap, checked like the one above before the body is parsed.
+    max_campaign_body_bytes: int = Field(default=4_194_304, ge=1024)
     # A signed webhook (same CallSid or I-Twilio-Idempotency-Token) is answered once within
     # this window; the per-call stream token is single-use for the window plus a call's length.
     replay_cache_ttl_s: float = Field(default=600.0, gt=0)
@@ -158,6 +176,24 @@ class Settings(BaseSettings):
     dialout_rate_limit_burst: int = Field(default=5, ge=1)
     # Reverse proxies we run in front of the server (ngrok = 1); 0 = ignore X-Forwarded-For.
     trusted_proxy_hops: int = Field(default=0, ge=0)
+
+    # Shared state (phonebot.state, docs/scaling.md). Unset REDIS_URL: replays, call slots,
+    # the /dialout rate limit and AMD verdicts live in this process (one process only).
+    # Set (redis://host:6379/0; Valkey works too): every process and machine shares them.
+    # Secret: the URL may carry a password. WORKERS > 1 processes need REDIS_URL.
+    redis_url: SecretStr | None = None
+    workers: int = Field(default=1, ge=1)
+    # Calls one process runs at once (what its core carries); unset = MAX_CONCURRENT_CALLS,
+    # which is the cap for the whole cluster.
+    max_calls_per_process: int | None = Field(default=None, ge=1)
+    # A live call's slot is a lease renewed every third of this; a process that dies
+    # without releasing its calls (SIGKILL) frees their slots within it.
+    call_lease_ttl_s: float = Field(default=30.0, ge=1)
+    # Prefix of every Redis key (several deployments can share one Redis).
+    state_key_prefix: str = "phonebot:"
+    # Socket and connect timeout of a Redis command: an outage answers busy / 503 within
+    # about 2.5 × this, never hangs a webhook.
+    redis_timeout_s: float = Field(default=0.5, gt=0, le=10)
 
     # Graceful shutdown (phonebot.shutdown): on SIGTERM/SIGINT take no new calls, let live
     # calls run this long, then say the phrase (waiting at most the timeout for it to play)
@@ -201,6 +237,45 @@ class Settings(BaseSettings):
     recordings_s3_url: str | None = None
     recording_retention_days: float = Field(default=0, ge=0)
 
+    # Outbound campaigns (phonebot.campaigns, docs/campaigns.md). The scheduler runs inside
+    # the server (CAMPAIGN_SCHEDULER=false: this process only serves the API and calls) and
+    # looks for due contacts every CAMPAIGN_TICK_S. A contact's calling window is read in its
+    # time zone: its own, else the number's (phonenumbers), else CAMPAIGN_DEFAULT_TIMEZONE.
+    campaign_scheduler: bool = True
+    campaign_tick_s: float = Field(default=1.0, gt=0, le=60)
+    campaign_default_timezone: str = "UTC"
+    max_campaign_contacts: int = Field(default=10_000, ge=1)
+    # An attempt claimed but never confirmed placed after this long (the process died inside
+    # calls.create) is marked "unknown": it may have rung, so it is not retried blindly.
+    campaign_unknown_after_s: float = Field(default=120.0, gt=0)
+    # Countries (ISO 3166 codes, comma-separated: "US,CA") any dial may reach, campaign or
+    # /dialout; unset = the country of TWILIO_PHONE_NUMBER. Premium-rate and short numbers
+    # are always refused (phonebot.campaigns.dial_guard).
+    dialout_allowed_countries: str | None = None
+
+    @field_validator("campaign_default_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            message = f"unknown time zone {value!r} (IANA name, e.g. Europe/Paris)"
+            raise ValueError(message) from None
+        return value
+
+    @field_validator("dialout_allowed_countries")
+    @classmethod
+    def _iso_countries(cls, value: str | None) -> str | None:
+        import phonenumbers
+
+        codes = [code.strip().upper() for code in (value or "").split(",") if code.strip()]
+        unknown = [code for code in codes if code not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"not ISO 3166 country codes: {', '.join(unknown)} (e.g. US,CA)")
+        return ",".join(codes) or None
+
     @field_validator(
         "twilio_auth_token",
         "stream_secret",
@@ -211,6 +286,8 @@ class Settings(BaseSettings):
         "cartesia_api_key",
         "admin_api_key",
         "events_webhook_secret",
+        "metrics_token",
+        "redis_url",
         mode="before",
     )
     @classmethod

@@ -29,6 +29,29 @@ class KeywordAnswer:
 
 
 @dataclass(frozen=True)
+class OutcomeField:
+    """One thing a call finds out, recorded by the LLM's `record_outcome` function.
+
+    `values` lists the allowed answers (e.g. yes/no); empty means free text (e.g. when to
+    call back). The LLM sees `description` in the function's schema.
+    """
+
+    name: str
+    description: str
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutcomeRule:
+    """Offline: when the callee says one of `keywords`, record `fields` (first rule wins,
+    so "not interested" goes before "interested")."""
+
+    keywords: tuple[str, ...]
+    fields: tuple[tuple[str, str], ...]
+    answer: str | None = None  # said once recorded (None: the persona's keyword answer)
+
+
+@dataclass(frozen=True)
 class Persona:
     """A role the bot plays: its instructions, how it opens and what it knows offline."""
 
@@ -49,6 +72,16 @@ class Persona:
     # Left on an answering machine when dial-out asked for machine detection.
     voicemail: str = (
         "Hi, this is Sam from Acme Outdoor. Sorry we missed you. We'll try again soon. Goodbye!"
+    )
+
+    # What a call with this persona finds out (`record_outcome`), stored on the call's
+    # record (`outcomes`) and its campaign contact; the rules are the offline responder's.
+    outcome_fields: tuple[OutcomeField, ...] = field(default_factory=tuple)
+    outcome_rules: tuple[OutcomeRule, ...] = field(default_factory=tuple)
+    # Said when the callee asks not to be called again (`opt_out`), before hanging up.
+    opt_out_confirmation: str = (
+        "I'm sorry to have bothered you. I've taken your number off our list, so you won't "
+        "be called again. Goodbye!"
     )
 
     # Said right after the greeting when the call is recorded (RECORD_CALLS); None = the
@@ -93,6 +126,15 @@ COMMON_CALLER_PHRASES = (
     "sorry can you say that again",
 )
 
+
+# How callees ask not to be called again (the offline STT's vocabulary on dial-out calls;
+# the offline responder's opt-out keywords are in phonebot.offline.responder).
+OPT_OUT_PHRASES = (
+    "please stop calling me",
+    "remove me from your list",
+    "please stop calling me remove me from your list",
+    "don't call me again",
+)
 
 # What dial-in personas say when the call is recorded.
 DIALIN_RECORDING_NOTICE = "This call is recorded."
@@ -215,6 +257,37 @@ CAMPAIGNS: dict[str, Persona] = {
             "I'm busy right now",
             "I'm not interested",
             "yes send me the code",
+            "yes I would like that",
+            "no I don't want it",
+            "call me back tomorrow",
+            *OPT_OUT_PHRASES,
+        ),
+        outcome_fields=(
+            OutcomeField(
+                "interested", "Whether the customer wants the discount code.", ("yes", "no")
+            ),
+            OutcomeField(
+                "callback_at",
+                "When the customer asked to be called back, in their words, e.g. "
+                "'tomorrow afternoon'. Leave it out unless they asked.",
+            ),
+        ),
+        outcome_rules=(
+            OutcomeRule(
+                ("not interested", "no thanks", "no thank you", "don't want"),
+                (("interested", "no"),),
+                "No problem at all. Thanks for your time.",
+            ),
+            OutcomeRule(
+                ("interested", "would like", "send me the code", "want the code"),
+                (("interested", "yes"),),
+                "Wonderful. I'll text you the discount code right after this call.",
+            ),
+            OutcomeRule(
+                ("call me back", "tomorrow"),
+                (("callback_at", "tomorrow"),),
+                "Of course. I'll call you back tomorrow.",
+            ),
         ),
     ),
 }
@@ -227,6 +300,7 @@ OUTBOUND_DEFAULT = Persona(
     ),
     greeting="Hi, this is Sam from Acme Outdoor.",
     question="Do you have a minute?",
+    caller_phrases=OPT_OUT_PHRASES,
 )
 
 
@@ -270,13 +344,47 @@ def keyword_answer(persona: Persona, utterance: str) -> str | None:
     return None
 
 
+def outcome_rule(persona: Persona, utterance: str) -> OutcomeRule | None:
+    """The first outcome rule whose keyword the callee said, if any."""
+    for rule in persona.outcome_rules:
+        if _said_any(rule.keywords, utterance):
+            return rule
+    return None
+
+
+def outcome_problems(persona: Persona, fields: Mapping[str, object]) -> list[str]:
+    """Why `fields` can't be recorded for this persona (unknown field, value not allowed,
+    empty); empty list when they can. Told to the LLM so it can correct itself."""
+    known = {f.name: f for f in persona.outcome_fields}
+    problems = []
+    for name, value in fields.items():
+        spec = known.get(name)
+        if spec is None:
+            problems.append(f"unknown outcome field {name!r}; known: {sorted(known)}")
+        elif not isinstance(value, str) or not value.strip():
+            problems.append(f"{name} must be a non-empty string")
+        elif spec.values and value not in spec.values:
+            problems.append(f"{name} must be one of {list(spec.values)}, not {value!r}")
+    if not fields:
+        problems.append("no outcome fields given")
+    return problems
+
+
+def _said_any(keywords: tuple[str, ...], utterance: str) -> bool:
+    words = set(utterance.lower().replace("'", " ").split())
+    text = f" {' '.join(utterance.lower().replace(',', ' ').split())} "
+    return any((" " in k and f" {k} " in text) or k in words for k in keywords)
+
+
 def offline_bot_phrases() -> list[str]:
     """Every line the offline bot can say, for transcribing it reliably (emulator, tests)."""
-    from phonebot.offline.responder import OFFLINE_FALLBACK  # responder imports personas
+    from phonebot.offline.responder import NOTED, OFFLINE_FALLBACK  # it imports personas
 
-    lines = [OFFLINE_FALLBACK, "You pressed 1 2 3 4 5 6 7 8 9 0 star pound."]
+    lines = [OFFLINE_FALLBACK, NOTED, "You pressed 1 2 3 4 5 6 7 8 9 0 star pound."]
     for persona in (*DIALIN_PERSONAS.values(), *CAMPAIGNS.values(), OUTBOUND_DEFAULT):
         lines += [persona.greeting, persona.question, persona.goodbye]
+        lines += [persona.opt_out_confirmation]
+        lines += [rule.answer for rule in persona.outcome_rules if rule.answer]
         lines += [persona.recording_notice] if persona.recording_notice else []
         lines += [entry.answer for entry in persona.answers]
     lines.append("I see you're calling from the number ending in")

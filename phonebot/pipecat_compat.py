@@ -16,6 +16,7 @@ check against Pipecat and against every Pipecat subclass in the project.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # Only for types: importing this module must stay cheap.
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # Only for types: importing this module must stay cheap.
     from pipecat.audio.resamplers.base_audio_resampler import BaseAudioResampler
     from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
     from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
+    from pipecat.audio.vad.vad_analyzer import VADAnalyzer
     from pipecat.serializers.twilio import TwilioFrameSerializer
     from pipecat.services.stt_service import STTService
     from pipecat.services.tts_service import TTSService
@@ -32,7 +34,7 @@ if TYPE_CHECKING:  # Only for types: importing this module must stay cheap.
 OVERRIDDEN: dict[tuple[str, str], frozenset[str]] = {
     # phonebot.session.TwilioMarkSerializer: the end-of-call hang-up, with retries.
     ("pipecat.serializers.twilio", "TwilioFrameSerializer"): frozenset({"_hang_up_call"}),
-    # phonebot.models.SharedSmartTurnAnalyzer: the shared inference threads.
+    # phonebot.inference.turn.SharedSmartTurnAnalyzer: the shared inference threads.
     ("pipecat.audio.turn.smart_turn.base_smart_turn", "BaseSmartTurn"): frozenset(
         {"_model_executor"}
     ),
@@ -106,6 +108,49 @@ def init_silero_state(analyzer: SileroVADAnalyzer, model: SileroOnnxModel) -> No
 def run_silero(analyzer: SileroVADAnalyzer, buffer: bytes) -> Any:
     """One synchronous VAD analysis (what Pipecat runs in its per-call thread)."""
     return analyzer._run_analyzer(buffer)
+
+
+def take_vad_pending_audio(analyzer: VADAnalyzer, buffer: bytes) -> bytes:
+    """The audio the analyzer holds back (less than a window) followed by `buffer`; the
+    analyzer's own hold-back is emptied (`keep_vad_pending_audio` puts the rest back)."""
+    audio = analyzer._vad_buffer + buffer
+    analyzer._vad_buffer = b""
+    return audio
+
+
+def keep_vad_pending_audio(analyzer: VADAnalyzer, rest: bytes) -> None:
+    """Hold back `rest` (less than a window) for the next analysis, as Pipecat does."""
+    analyzer._vad_buffer = rest
+
+
+def vad_state(analyzer: VADAnalyzer) -> Any:
+    """The analyzer's current `VADState` (what an analysis of too little audio returns)."""
+    return analyzer._vad_state
+
+
+def run_vad_window(analyzer: VADAnalyzer, window: bytes, *, settle: bool) -> Any:
+    """Pipecat's `_run_analyzer` on exactly one window.
+
+    Pipecat scores every window of a buffer in a loop and only then checks whether the
+    start or stop count has been reached. Analysing a buffer window by window (to await
+    each window's batched score) must check only after the buffer's last window
+    (`settle`), or the verdicts would differ; so for the others the counts are set out
+    of reach for the duration of the call.
+    """
+    if settle:
+        return analyzer._run_analyzer(window)
+    start, stop = analyzer._vad_start_frames, analyzer._vad_stop_frames
+    analyzer._vad_start_frames = analyzer._vad_stop_frames = math.inf
+    try:
+        return analyzer._run_analyzer(window)
+    finally:
+        analyzer._vad_start_frames, analyzer._vad_stop_frames = start, stop
+
+
+def reset_silero_if_due(analyzer: SileroVADAnalyzer, confidence: float) -> None:
+    """Pipecat's model reset check, run after each scored window (resets every ~2 s of
+    quiet), for a confidence scored outside `voice_confidence`."""
+    analyzer._maybe_reset_model(confidence)
 
 
 def smart_turn_session(analyzer: LocalSmartTurnAnalyzerV3) -> onnxruntime.InferenceSession:

@@ -28,6 +28,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from loguru import logger
 from pipecat.frames.frames import (
@@ -52,6 +53,9 @@ from phonebot.call_control import EndReason
 from phonebot.config import Settings
 from phonebot.offline.espeak import synthesize_at, voice_for_language
 from phonebot.providers import CallServices
+
+if TYPE_CHECKING:
+    from phonebot.metrics import Metrics
 
 STT, LLM, TTS = "stt", "llm", "tts"
 REASON_MAX_CHARS = 80
@@ -215,8 +219,10 @@ class ProviderFaults:
         player: ApologyPlayer,
         worker: PipelineWorker,
         end_call: EndCall,
+        metrics: Metrics | None = None,
     ):
         self._call_sid = call_sid
+        self._metrics = metrics  # the app's /metrics: every provider error, by provider
         processors = {STT: services.stt, LLM: services.llm, TTS: services.tts}
         self._kinds = {id(processor): kind for kind, processor in processors.items()}
         self._health = {kind: ProviderHealth(kind) for kind in processors}
@@ -256,6 +262,8 @@ class ProviderFaults:
             return False
         health = self._health[kind]
         health.errors += 1
+        if self._metrics is not None:
+            self._metrics.provider_error(kind)
         if self._giving_up:
             return True  # the goodbye is under way; nothing more to say or log
         unusable = frame.processor is not None and not frame.processor.is_usable

@@ -6,8 +6,8 @@ Three doors, three checks:
 - `WS /ws` is opened by whoever has the stream URL, which is not a secret. The TwiML we
   hand out carries a `token` Parameter (HMAC of the CallSid), and the stream is dropped
   before any paid service starts unless `start.callSid` matches it. The token is
-  single-use (`phonebot.limits.CallAdmission`), and so is each signed webhook
-  (`phonebot.limits.ReplayGuard`, checked after the signature).
+  single-use (`phonebot.state.admission.CallAdmission`), and so is each signed webhook
+  (`phonebot.state.replays.ReplayGuard`, checked after the signature), across processes.
 - `POST /dialout` spends money; it needs `Authorization: Bearer $DIALOUT_API_KEY`.
 """
 
@@ -179,7 +179,7 @@ async def require_twilio_signature(request: Request) -> None:
 
 
 def refuse_webhook(request: Request, what: str) -> NoReturn:
-    """403, noted in the app's flood-proof rejection log (phonebot.limits.RejectionLog).
+    """403, noted in the app's flood-proof rejection log (phonebot.http_guards.RejectionLog).
 
     `what` says why and what to configure; it is both the log line and the answer's detail.
     """
@@ -220,9 +220,35 @@ def production_auth_problem(settings: Settings) -> str | None:
     return "ENV=production refuses to start: set " + " and ".join(missing)
 
 
+def scaling_problem(settings: Settings) -> str | None:
+    """Why several processes must not start with these settings, or None.
+
+    With WORKERS > 1 (or REDIS_URL, which means other processes share the calls) a call's
+    webhook and its media stream may reach different processes: the stream token must be
+    signed with a secret they all know (a random per-process one would refuse every such
+    stream), and replays, call slots, rate limits and AMD verdicts must be shared (Redis).
+    """
+    several = settings.workers > 1 or settings.redis_url is not None
+    if settings.workers > 1 and settings.redis_url is None:
+        return (
+            f"WORKERS={settings.workers} refuses to start without REDIS_URL: several processes "
+            "must share replays, call slots, rate limits and AMD verdicts (set REDIS_URL="
+            "redis://host:6379/0, or run WORKERS=1)"
+        )
+    if several and settings.stream_secret is None and settings.twilio_auth_token is None:
+        why = f"WORKERS={settings.workers}" if settings.workers > 1 else "REDIS_URL"
+        return (
+            f"{why} refuses to start without STREAM_SECRET or TWILIO_AUTH_TOKEN: a call's "
+            "stream may reach another process than its webhook, and only a secret every "
+            "process shares can verify its stream token (set STREAM_SECRET to the same "
+            "random string on every process)"
+        )
+    return None
+
+
 def require_safe_configuration(settings: Settings) -> None:
-    """Raise `UnsafeConfiguration` for settings production must not run with."""
-    if problem := production_auth_problem(settings):
+    """Raise `UnsafeConfiguration` for settings the server must not run with."""
+    if problem := production_auth_problem(settings) or scaling_problem(settings):
         raise UnsafeConfiguration(problem)
 
 

@@ -5,7 +5,10 @@ On the first SIGTERM or SIGINT the server *drains*:
 1. it stops taking calls (`CallAdmission.draining`): webhooks answer the busy TwiML,
    `/dialout` answers 503, `/health` answers 503 "draining" (so a load balancer moves
    on), and a new stream is refused unless its webhook was answered before the signal;
-2. live calls go on for up to `SHUTDOWN_GRACE_S`; if they all end, the server exits then;
+2. live calls go on for up to `SHUTDOWN_GRACE_S`; if they all end, the server exits then
+   (draining is per process: with several processes sharing Redis, the others go on taking
+   calls, and this one waits only for its own calls and for the streams of the webhooks it
+   answered, wherever they connect);
 3. every call still up is told to say `SHUTDOWN_PHRASE` and hang up through the usual
    end-of-call path (`CallControl.end_for_shutdown`: wait for Twilio's playback mark,
    at most `SHUTDOWN_GOODBYE_TIMEOUT_S`, then the REST hang-up);
@@ -35,7 +38,7 @@ import uvicorn
 from loguru import logger
 
 from phonebot.config import Settings
-from phonebot.limits import CallAdmission
+from phonebot.state.admission import CallAdmission
 
 if TYPE_CHECKING:
     from phonebot.call_control import CallControl
@@ -51,7 +54,7 @@ WATCHDOG_SLACK_S = 5.0
 
 
 class ActiveCalls:
-    """Process-wide registry of running calls, so the server can reach their CallControl.
+    """The running calls of one app (`app.state.calls`), so it can reach their CallControl.
 
     `bot.run_bot` adds a call once its pipeline is built and removes it when it ends.
     """
@@ -81,15 +84,10 @@ class ActiveCalls:
         return len(self._calls)
 
 
-ACTIVE_CALLS = ActiveCalls()
-
-
 class Drain:
     """Steps 1 to 3 of the module docstring, for one server process."""
 
-    def __init__(
-        self, settings: Settings, admission: CallAdmission, calls: ActiveCalls = ACTIVE_CALLS
-    ):
+    def __init__(self, settings: Settings, admission: CallAdmission, calls: ActiveCalls):
         self.settings = settings
         self.admission = admission
         self.calls = calls
@@ -107,8 +105,9 @@ class Drain:
         admission, settings = self.admission, self.settings
         admission.start_draining()
         logger.info(
-            f"Shutdown: taking no new calls; {admission.live} live and {admission.reserved} "
-            f"answered call(s) may go on for up to {settings.shutdown_grace_s:g} s"
+            f"Shutdown: taking no new calls; {admission.process_live} live and "
+            f"{admission.process_reserved} answered call(s) may go on for up to "
+            f"{settings.shutdown_grace_s:g} s"
         )
         if await admission.wait_idle(settings.shutdown_grace_s):
             logger.info("Shutdown: no calls left; exiting")
@@ -118,7 +117,7 @@ class Drain:
         if await admission.wait_idle(self.goodbye_wait_s):
             logger.info("Shutdown: all calls ended; exiting")
         else:
-            logger.warning(f"Shutdown: {admission.in_use()} call(s) still up; closing them")
+            logger.warning(f"Shutdown: {admission.in_use_here()} call(s) still up; closing them")
 
 
 class GracefulServer(uvicorn.Server):

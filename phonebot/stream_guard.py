@@ -37,7 +37,7 @@ from pipecat.runner.types import CallData
 from pipecat.runner.utils import parse_telephony_websocket
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from phonebot.limits import Clock, TokenBucket
+from phonebot.token_bucket import Clock, TokenBucket
 
 # A Twilio `media` message is ~300 bytes and `start` a few KB (custom parameters are capped
 # by phonebot.twiml); 64 KiB leaves room for both and bounds what one message can cost.

@@ -55,8 +55,8 @@ from pipecat.turns.user_stop import (
 )
 
 from phonebot.config import Settings
+from phonebot.inference import SharedSmartTurnAnalyzer
 from phonebot.keypad import pressed_digits
-from phonebot.models import SharedSmartTurnAnalyzer
 
 __all__ = [
     "PhoneTurnStopStrategy",
@@ -165,6 +165,7 @@ class TurnTiming:
     verdict: str | None = None
     probability: float | None = None
     inference_ms: float | None = None
+    verdict_at: float | None = None  # when the verdict reached the strategy
     rule: str | None = None
     wait_s: float | None = None
     transcript_at: float | None = None
@@ -189,6 +190,7 @@ class TurnTiming:
             "segments": self.segments,
             "vad_stop_s": rounded(self.vad_stop_s),
             "inference_ms": rounded(self.inference_ms, 1),
+            "verdict_s": since(self.verdict_at),
             "transcript_s": since(self.transcript_at),
             "turn_end_s": since(self.turn_end_at),
             "llm_first_token_s": since(self.llm_first_token_at),
@@ -215,12 +217,16 @@ class TurnTimeline:
         turn.speech_end_at, turn.vad_stop_s = at, vad_stop_s
         turn.segments += 1
         turn.verdict = turn.probability = turn.inference_ms = turn.transcript_at = None
+        turn.verdict_at = None
 
-    def model_verdict(self, metrics: TurnMetricsData) -> None:
+    def model_verdict(self, metrics: TurnMetricsData, at: float | None = None) -> None:
+        """The model's verdict, reported `at` (now): with the time it waited for a thread,
+        which `inference_ms` (the model's own run) leaves out."""
         if self.current and self.current.turn_end_at is None:
             self.current.verdict = "complete" if metrics.is_complete else "incomplete"
             self.current.probability = metrics.probability
             self.current.inference_ms = metrics.e2e_processing_time_ms
+            self.current.verdict_at = time.monotonic() if at is None else at
 
     def transcript(self, at: float) -> None:
         """A final transcript; one without a VAD stop (keypad) starts its own turn."""
@@ -354,6 +360,14 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
 
     The analyzer's own silence fallback (`SmartTurnParams.stop_secs`) stays as a backstop:
     build it with `stop_secs` = `policy.dangling_wait_s`.
+
+    The model runs beside the user aggregator, not inside it: Pipecat's strategy awaits
+    the inference (~110-145 ms of CPU, longer when other calls' turns end too) inside
+    the aggregator's `process_frame`, so the call's audio, its VAD and its transcript
+    queued behind it. Here each VAD stop's analysis is a task of its own; frames go on
+    meanwhile (Pipecat's strategy already re-checks a transcript that came in while its
+    analyzer ran), and the caller speaking again cancels it, so a verdict on a pause the
+    caller has already ended is never acted on.
     """
 
     def __init__(
@@ -379,6 +393,7 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
         self._text = ""  # the final transcript since the caller last started speaking
         self._speaking = False  # per the VAD; like Pipecat's, not reset at turn boundaries
         self._timer: asyncio.Task | None = None
+        self._analysis: asyncio.Task | None = None  # the model judging the latest VAD stop
         self._decision: tuple[str, float | None] | None = None
 
     @property
@@ -396,6 +411,7 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
     async def cleanup(self) -> None:
         await super().cleanup()
         await self._cancel_timer()
+        await self._cancel_analysis()
         await self._inner.cleanup()
 
     async def handle_user_turn_started(self) -> None:
@@ -413,8 +429,9 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
 
     async def process_frame(self, frame: Frame) -> ProcessFrameResult:
         if isinstance(frame, VADUserStartedSpeakingFrame):
-            # The caller goes on: whatever we were about to answer is stale.
+            # The caller goes on: whatever we were about to answer (or judge) is stale.
             await self._cancel_timer()
+            await self._cancel_analysis()
             self._speech_end_at, self._verdict, self._text = None, None, ""
             self._speaking, self._decision = True, None
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
@@ -427,18 +444,38 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
             if self._timeline:
                 self._timeline.transcript(time.monotonic())
 
-        await self._inner.process_frame(frame)  # may report the verdict, or stop the turn
+        if isinstance(frame, VADUserStoppedSpeakingFrame):
+            # The inner strategy runs the model here: let the aggregator go on meanwhile.
+            await self._cancel_analysis()
+            self._analysis = self.task_manager.create_task(
+                self._judge_pause(frame), f"{self}::end_of_turn_analysis"
+            )
+            return ProcessFrameResult.CONTINUE
 
-        if isinstance(frame, VADUserStoppedSpeakingFrame) and self._verdict is None:
-            # No score (the analyzer had no audio to judge): not a "complete".
-            self._verdict = False if self._speech_end_at is not None else None
+        await self._inner.process_frame(frame)  # may stop the turn
+
         if isinstance(frame, TranscriptionFrame) and self._is_keypad_entry(frame.text):
             # Pipecat treats a transcript without speech like a late STT result and waits
             # the STT's p99 latency (2 s for OpenAI's) for more; a keypad entry is whole.
             await self._stop("keypad", None)
-        elif isinstance(frame, (VADUserStoppedSpeakingFrame, TranscriptionFrame)):
+        elif isinstance(frame, TranscriptionFrame):
             await self._maybe_answer_unfinished_verdict()
         return ProcessFrameResult.CONTINUE
+
+    async def _judge_pause(self, frame: VADUserStoppedSpeakingFrame) -> None:
+        """The inner strategy's VAD stop: the model's verdict, then what it means here."""
+        await self._inner.process_frame(frame)  # may report the verdict, or stop the turn
+        self._analysis = None  # done: ending the turn must not cancel this task
+        if self._verdict is None:
+            # No score (the analyzer had no audio to judge): not a "complete".
+            self._verdict = False if self._speech_end_at is not None else None
+        await self._maybe_answer_unfinished_verdict()
+
+    async def _cancel_analysis(self) -> None:
+        analysis, self._analysis = self._analysis, None
+        # Its own verdict may end the turn, which resets us from inside the task.
+        if analysis and analysis is not asyncio.current_task():
+            await self.task_manager.cancel_task(analysis)
 
     def _is_keypad_entry(self, text: str) -> bool:
         """The keypad aggregator's entry, with no speech in this turn to wait for."""
@@ -506,6 +543,7 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
 
     async def _reset(self) -> None:
         await self._cancel_timer()
+        await self._cancel_analysis()
         self._speech_end_at, self._verdict, self._text, self._decision = None, None, "", None
 
 

@@ -13,17 +13,16 @@ confirmed. Then, on a machine, the bot leaves the persona's `voicemail` line and
 on a human (or no clear verdict) it opens at once: Twilio decided "human" because the
 callee has already spoken, so waiting for another "Hello?" would only add silence.
 
-The verdicts live in this process (`AMD_VERDICTS`), so the `/amd` callback and the call's
-media stream must reach the same server process.
+The verdicts live in the app's shared state (`phonebot.state.verdicts.AmdVerdicts`,
+`app.state.amd_verdicts`): with REDIS_URL the `/amd` callback and the call's media stream
+may reach different processes or machines, and a verdict that came before the stream is
+still there when the bot asks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import suppress
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -38,8 +37,9 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from phonebot.personas import Persona, opening_line
 
-if TYPE_CHECKING:  # only its type: the bot hands us its CallControl
+if TYPE_CHECKING:  # only their types: the bot hands us its CallControl and verdicts
     from phonebot.call_control import CallControl
+    from phonebot.state.verdicts import AmdVerdicts
 
 # The Stream Parameter (and /outbound query pair) that says "wait for the AMD verdict".
 AMD_PARAMETER = "amd"
@@ -48,9 +48,6 @@ AMD_CALLBACK_PATH = "/amd"
 # Twilio stops detecting after MachineDetectionTimeout (30 s by default) and reports what
 # it has; wait a little longer so its verdict, not our timeout, normally decides.
 AMD_WAIT_TIMEOUT_S = 35.0
-# A verdict no call claims (the stream never connected) is forgotten after this long.
-VERDICT_TTL_S = 300.0
-MAX_VERDICTS = 10_000
 VOICEMAIL_END_REASON = "voicemail"
 FAX_END_REASON = "fax"
 
@@ -67,78 +64,6 @@ def amd_requested(parameters: Mapping[str, str]) -> bool:
     return (
         parameters.get(AMD_PARAMETER) == AMD_REQUESTED and parameters.get("call_type") == "outbound"
     )
-
-
-@dataclass
-class _Verdict:
-    expires_at: float
-    answered_by: str | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class AmdVerdicts:
-    """Twilio's AMD verdicts by CallSid, for the bot of the same call to pick up.
-
-    The callback may arrive before the bot starts waiting (Twilio is fast on a human) or
-    after, so either side creates the entry. Entries expire after `ttl_s` and there are
-    at most `max_entries`, so callbacks for calls that never streamed can't pile up.
-    """
-
-    def __init__(
-        self,
-        ttl_s: float = VERDICT_TTL_S,
-        max_entries: int = MAX_VERDICTS,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self._ttl_s = ttl_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._entries: dict[str, _Verdict] = {}
-
-    def __len__(self) -> int:
-        self._prune()
-        return len(self._entries)
-
-    def set(self, call_sid: str, answered_by: str) -> None:
-        """Record Twilio's verdict and wake the call's bot if it is waiting."""
-        entry = self._entry(call_sid)
-        entry.answered_by = answered_by
-        entry.ready.set()
-
-    def get(self, call_sid: str) -> str | None:
-        """The verdict recorded for a call, if any (without waiting)."""
-        self._prune()
-        entry = self._entries.get(call_sid)
-        return entry.answered_by if entry else None
-
-    async def wait(self, call_sid: str, timeout: float) -> str | None:
-        """The call's verdict, or None if none came within `timeout` seconds.
-
-        The entry is consumed: each call asks once.
-        """
-        entry = self._entry(call_sid)
-        with suppress(TimeoutError):
-            await asyncio.wait_for(entry.ready.wait(), timeout)
-        self._entries.pop(call_sid, None)
-        return entry.answered_by
-
-    def _entry(self, call_sid: str) -> _Verdict:
-        self._prune()
-        entry = self._entries.get(call_sid)
-        if entry is None:
-            while len(self._entries) >= self._max_entries:
-                self._entries.pop(next(iter(self._entries)))  # the oldest
-            entry = self._entries[call_sid] = _Verdict(self._clock() + self._ttl_s)
-        return entry
-
-    def _prune(self) -> None:
-        now = self._clock()
-        for call_sid in [sid for sid, e in self._entries.items() if e.expires_at <= now]:
-            del self._entries[call_sid]
-
-
-# The process's registry: `POST /amd` writes to it, the call's bot reads from it.
-AMD_VERDICTS = AmdVerdicts()
 
 
 class AmdGate(FrameProcessor):
@@ -199,7 +124,7 @@ class AnsweringMachineScreen:
         call_sid: str,
         parameters: Mapping[str, str],
         *,
-        verdicts: AmdVerdicts = AMD_VERDICTS,
+        verdicts: AmdVerdicts | None = None,
         timeout_s: float = AMD_WAIT_TIMEOUT_S,
     ):
         self.call_sid = call_sid
@@ -236,7 +161,11 @@ class AnsweringMachineScreen:
         if not self.requested:
             await converse()
             return "conversation"
-        self.answered_by = await self._verdicts.wait(self.call_sid, self._timeout_s)
+        if self._verdicts is None:  # nothing can deliver a verdict here: don't wait for one
+            logger.warning(f"Call {self.call_sid}: AMD requested but no verdicts to wait on")
+            self.answered_by = None
+        else:
+            self.answered_by = await self._verdicts.wait(self.call_sid, self._timeout_s)
         verdict = self.answered_by or f"no verdict within {self._timeout_s:g} s"
         outcome = self._outcome(self.answered_by)
         logger.info(f"Call {self.call_sid} voicemail: {verdict} -> {outcome}")

@@ -17,13 +17,14 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.server_procs import free_port, skip_or_fail
 
 MISSING = "PostgreSQL not installed (apt-get install postgresql): PostgreSQL tests skipped"
 _databases = itertools.count()
@@ -38,12 +39,6 @@ def postgres_bin() -> Path | None:
         glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4])
     )
     return Path(installs[-1]).parent if installs else None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _as_user() -> tuple[list[str], str | None]:
@@ -108,17 +103,11 @@ class PostgresServer:
         return self.url(name)
 
 
-def _missing() -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("CI=true but PostgreSQL is not installed (.ci/run installs it)")
-    pytest.skip(MISSING)
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     bin_dir = postgres_bin()
     if bin_dir is None:
-        _missing()
+        skip_or_fail(MISSING, "CI=true but PostgreSQL is not installed (.ci/run installs it)")
     server = PostgresServer(bin_dir)
     try:
         server.start()

@@ -30,9 +30,10 @@ from phonebot.emulator import Hangup, TwilioRestEmulator, WaitForBot, dial_in
 from phonebot.emulator.ids import new_call_sid
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
-from phonebot.limits import BodySizeLimit, CallAdmission, RateLimiter, ReplayGuard, client_ip
+from phonebot.http_guards import BodySizeLimit, RateLimiter, client_ip
 from phonebot.personas import DIALIN_PERSONAS, opening_line
 from phonebot.security import call_token
+from phonebot.state import MemoryState, ReplayGuard
 from phonebot.stream_guard import MAX_MEDIA_MESSAGE_BYTES
 from phonebot.twiml import BUSY_MESSAGE
 from server import create_app
@@ -74,9 +75,9 @@ def stream_token(response: httpx.Response) -> str:
     return {p.get("name"): p.get("value") for p in stream.findall("Parameter")}["token"]
 
 
-def open_stream(client: TestClient, call_sid: str, token: str) -> int:
-    """Run a stream's handshake; the close code: 1008 refused, 1000 the call ran (fake)."""
-    start = {
+def start_frame(call_sid: str, token: str) -> dict:
+    """Twilio's `start` message for an inbound call's stream carrying `token`."""
+    return {
         "event": "start",
         "streamSid": "MZ" + "3" * 32,
         "start": {
@@ -88,9 +89,13 @@ def open_stream(client: TestClient, call_sid: str, token: str) -> int:
             "customParameters": {"token": token, "call_type": "inbound"},
         },
     }
+
+
+def open_stream(client: TestClient, call_sid: str, token: str) -> int:
+    """Run a stream's handshake; the close code: 1008 refused, 1000 the call ran (fake)."""
     with client.websocket_connect("/ws") as websocket:
         websocket.send_text(json.dumps({"event": "connected", "protocol": "Call"}))
-        websocket.send_text(json.dumps(start))
+        websocket.send_text(json.dumps(start_frame(call_sid, token)))
         with pytest.raises(WebSocketDisconnect) as closed:
             websocket.receive_text()
     return closed.value.code
@@ -105,7 +110,7 @@ def fake_pipeline(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """CallSids whose pipeline ran; building AI services at all fails the test."""
     ran: list[str] = []
 
-    async def fake_run_bot(websocket, call, settings, serializer, records=None) -> None:
+    async def fake_run_bot(websocket, call, settings, serializer, records=None, **app) -> None:
         ran.append(call.call_sid)
         await websocket.close(code=1000)  # the call is over
 
@@ -138,6 +143,32 @@ async def test_a_declared_oversized_body_is_refused_before_any_byte_is_read():
     await BodySizeLimit(app, limit=65536)(scope, receive, send)
     assert sent[0]["status"] == 413
     assert b"MAX_REQUEST_BODY_BYTES" in sent[1]["body"]
+
+
+def test_a_campaign_contact_list_has_its_own_larger_cap(tmp_path):
+    """POST /campaigns may carry 10,000 contacts: over the webhook cap, under its own."""
+    settings = make_settings(
+        admin_api_key="admin-key-0123456789",
+        max_campaign_body_bytes=200_000,
+        database_url=f"sqlite:///{tmp_path / 'records.db'}",
+        twilio_phone_number="+12025550199",
+        campaign_scheduler=False,
+    )
+    rows = "to\n" + "".join(f"+1202555{n:04d}\n" for n in range(6000))  # ~78 KB
+    assert len(rows) > 65536
+    campaign = {"campaign": '{"name": "big", "window": {"start": "00:00", "end": "23:59"}}'}
+    headers = {"Authorization": "Bearer admin-key-0123456789"}
+    with TestClient(create_app(settings)) as client:  # the lifespan creates the tables
+        upload = {"contacts": ("contacts.csv", rows, "text/csv")}
+        response = client.post("/campaigns", files=upload, data=campaign, headers=headers)
+        assert response.status_code == 201, response.text
+        huge = {"contacts": ("contacts.csv", rows * 3, "text/csv")}
+        response = client.post("/campaigns", files=huge, data=campaign, headers=headers)
+        assert response.status_code == 413
+        assert "200000 bytes (MAX_CAMPAIGN_BODY_BYTES)" in response.json()["detail"]
+        # Every other route keeps the small cap.
+        response = signed_post(client, "/", {**webhook_form(), "Padding": "x" * 70_000})
+        assert response.status_code == 413
 
 
 def test_an_oversized_webhook_form_gets_413_and_the_next_call_is_answered():
@@ -233,17 +264,18 @@ def test_a_webhook_that_failed_is_not_remembered_so_its_retry_is_answered():
     assert twiml_children(signed_post(client, "/", form)) == ["Connect", "Say", "Hangup"]
 
 
-def test_replay_memory_expires_and_is_bounded():
+async def test_replay_memory_expires_and_is_bounded():
     clock = FakeClock()
-    guard = ReplayGuard(ttl_s=600, max_entries=100, clock=clock)
-    assert guard.claim(["CallSid:A"]) is None
-    assert guard.claim(["CallSid:A"]) == "CallSid:A"
+    shared = MemoryState(max_entries=100, clock=clock)
+    guard = ReplayGuard(shared, ttl_s=600)
+    assert await guard.claim(["CallSid:A"]) is None
+    assert await guard.claim(["CallSid:A"]) == "CallSid:A"
     clock.now += 601
-    assert guard.claim(["CallSid:A"]) is None
+    assert await guard.claim(["CallSid:A"]) is None
     for index in range(1000):
-        guard.claim([f"CallSid:{index}"])
-    assert len(guard) == 100
-    assert guard.claim(["CallSid:999"]) == "CallSid:999"
+        await guard.claim([f"CallSid:{index}"])
+    assert shared.size("replay") == 100
+    assert await guard.claim(["CallSid:999"]) == "CallSid:999"
 
 
 # --- call admission ----------------------------------------------------------------
@@ -264,9 +296,8 @@ def test_a_stream_token_works_once(calls_run):
 
 def test_answered_webhooks_hold_slots_until_their_stream_connects_or_they_expire(calls_run):
     settings = make_settings(max_concurrent_calls=2, call_reservation_ttl_s=30)
-    app = create_app(settings)
     clock = FakeClock()
-    app.state.admission = CallAdmission(settings, clock=clock)
+    app = create_app(settings, shared=MemoryState(clock=clock))
     client = TestClient(app)
     first, second = new_call_sid(), new_call_sid()
     first_token = stream_token(signed_post(client, "/", webhook_form(first)))

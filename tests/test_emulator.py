@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import re
@@ -22,6 +23,7 @@ from starlette.routing import Route
 from twilio.base.exceptions import TwilioRestException
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from phonebot import audio
 from phonebot.call import (
@@ -853,3 +855,89 @@ async def test_a_dial_out_runs_the_twiml_after_its_stream_and_refuses_ws_urls() 
     assert streamed.result is not None and streamed.result.said == ["Sorry."]
     assert streamed.status == "completed"
     assert refused.status == "failed" and "31922" in (refused.error or "")
+
+
+# ------------------------------------------------------------ scripted callees
+
+
+def test_callees_by_last_digit_per_number_or_one_for_all() -> None:
+    from phonebot.emulator.callees import LAST_DIGIT_RULE, Callee, CalleeBook
+
+    rules = CalleeBook.parse("rules", ["+15551230000=opt-out"])
+    callees = {d: rules.callee(f"+1555123000{d}") for d in "0123456789"}
+    kinds = {d: callee.kind for d, callee in callees.items() if callee}
+    assert kinds == {**LAST_DIGIT_RULE, "0": "opt-out"}
+    assert set(kinds.values()) >= {"busy", "no-answer", "failed", "voicemail", "opt-out"}
+    assert CalleeBook.parse("busy").callee("+15551230000") == Callee("busy")
+    assert CalleeBook({"+15551230000": "voicemail"}, rule=None).callee("+1555") is None
+    voicemail, person = Callee("voicemail"), Callee("opt-out")
+    assert (voicemail.answered_by, person.answered_by) == ("machine_end_beep", "human")
+    assert voicemail.amd_delay > 2.0  # its greeting, then the beep
+    lines = [step.text for step in person.script() if isinstance(step, Speak)]
+    assert lines == ["Hello?", "please stop calling me remove me from your list"]
+    with pytest.raises(ValueError, match="callee must be one of"):
+        CalleeBook.parse("rules", ["+15551230004=angry"])
+    with pytest.raises(ValueError, match="NUMBER=KIND"):
+        CalleeBook.parse("rules", ["opt-out"])
+
+
+@pytest.mark.asyncio
+async def test_scripted_callees_are_busy_unanswered_unreachable_or_a_voicemail() -> None:
+    """By the last-digit rule: …4 busy, …5 no answer, …8 failed, each with its final status
+    callback; …6 is a voicemail whose greeting is streamed and whose async AMD verdict is
+    machine_end_beep, once its greeting would have been heard."""
+    from phonebot.emulator.callees import CalleeBook
+
+    heard: list[int] = []
+
+    async def bot(ws: ServerConnection) -> None:  # listens to the greeting, then hangs up
+        await read_start(ws)
+        frames = 0
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionClosed):
+            async with asyncio.timeout(6.0):
+                async for message in ws:
+                    frames += json.loads(message)["event"] == "media"
+        heard.append(frames)
+        await ws.close()
+
+    async with ws_server(bot) as ws_url, rest_emulator(
+        callees=CalleeBook(), no_answer_after=0.2
+    ) as emulator:
+        client = emulator.client(async_http=True)
+        options = {
+            "from_": "+15550001111",
+            "twiml": stream_twiml(ws_url),
+            "status_callback": "http://127.0.0.1:9/status",
+            "machine_detection": "DetectMessageEnd",
+            "async_amd": "true",
+            "async_amd_status_callback": "http://127.0.0.1:9/amd",
+        }
+        try:
+            for number in ("+15551230004", "+15551230005", "+15551230008", "+15551230006"):
+                await client.calls.create_async(to=number, **options)
+        finally:
+            await client.http_client.close()
+        calls = [await emulator.wait_for_call() for _ in range(4)]
+        for call in calls:
+            await call.wait_finished(timeout=20)
+    busy, unanswered, failed, voicemail = calls
+    assert [c.status for c in calls] == ["busy", "no-answer", "failed", "completed"]
+    assert busy.answered.is_set() is False and voicemail.answered_by == "machine_end_beep"
+    finals = {cb.form["CallSid"]: cb.form["CallStatus"] for cb in emulator.status_callbacks
+              if cb.url.endswith("/status")}
+    assert finals == {c.sid: c.status for c in calls}
+    amd = [cb.form for cb in emulator.status_callbacks if cb.url.endswith("/amd")]
+    assert [(f["CallSid"], f["AnsweredBy"]) for f in amd] == [(voicemail.sid, "machine_end_beep")]
+    assert int(amd[0]["MachineDetectionDuration"]) > 2000
+    assert heard and heard[0] > 100  # over 2 s of the greeting's 20 ms frames
+
+
+def test_a_dial_out_can_be_a_scripted_callee() -> None:
+    from phonebot.call import callee_options
+    from phonebot.emulator.callees import Callee
+
+    args = build_parser().parse_args(["--dialout", "+15551230007", "--callee", "opt-out"])
+    script, _ = build_script(args, dialout=True)
+    assert script == Callee("opt-out").script()
+    assert callee_options("+15551230004", Callee("busy"))["outcomes"] == {"+15551230004": "busy"}
+    assert callee_options("+1555", Callee("voicemail"))["answered_by"] == "machine_end_beep"

@@ -293,7 +293,7 @@ def test_pipecat_cloud_entry_point_verifies_the_token_then_runs_the_call(
 
     calls = []
 
-    async def fake_run_bot(transport, call, settings, serializer, records=None):
+    async def fake_run_bot(transport, call, settings, serializer, records=None, **app):
         calls.append(call)
         writers.append(records)
 

@@ -41,11 +41,13 @@ from phonebot.emulator.timeline import Playback, Track
 from phonebot.logs import configure_logging
 from phonebot.turns import TurnTimeline
 from tests.conftest import make_settings
+from tests.redis_server import ping
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import load  # noqa: E402
 import load_calls  # noqa: E402
+import load_cluster  # noqa: E402
 import load_markdown  # noqa: E402
 import load_report  # noqa: E402
 import load_server  # noqa: E402
@@ -451,6 +453,8 @@ def test_plot_has_the_latency_distribution(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     path = load_report.write_plot(tmp_path / "load.png", two_series())
     assert path is not None and path.stat().st_size > 10_000
+    noted = load_report.write_plot(tmp_path / "p.png", two_series(), "2 processes", 0.9)
+    assert noted is not None and noted.stat().st_size > 10_000
 
 
 def test_process_readings_come_from_proc_and_include_child_processes() -> None:
@@ -575,3 +579,144 @@ def test_records_on_off_targets_allow_five_percent() -> None:
     assert [t["met"] for t in targets] == [True, True, False, True]
     assert targets[2]["target"] == "p95 reply at N = 10 with records <= 1.05x records off"
     assert "0.70 on vs 0.60 off (1.17x)" in targets[2]["detail"]
+
+
+# ------------------------------------------------------------------ --processes
+
+
+def held_step(n: int, p95: float, **fields) -> load_report.StepResult:
+    return load_report.StepResult("ours-1proc", n, 30.0, calls_ok=n, p95=p95, **fields)
+
+
+def test_processes_plan_and_the_held_target() -> None:
+    args = load.parse_args(["--processes", "2,1"])
+    assert args.processes == (1, 2) and args.steps == load_cluster.PROCESS_STEPS
+    assert args.budget_s == load.PROCESSES_BUDGET_S
+    assert load.parse_args(["--processes", "1,2", "--quick"]).steps == (2, 4)
+    assert load.parse_args([]).processes is None
+    target = load_cluster.HeldTarget(reference_p95=0.6)
+    assert target.p95_limit == pytest.approx(0.9)
+    assert target.miss(held_step(20, 0.85)) is None
+    assert "p95 0.95 s > 0.90 s" in target.miss(held_step(20, 0.95))
+    assert "underrun" in target.miss(held_step(20, 0.5, underrun_share=0.011))
+    assert "1 failed" in target.miss(held_step(20, 0.5, failed=1))
+    assert "0.60 s, so <= 0.90 s" in target.describe()
+
+
+def fake_steps(capacity: int, tried: list[int]):
+    """A cluster that holds up to `capacity` calls: p95 doubles past it."""
+
+    def run(n: int) -> tuple[load_report.StepResult, float]:
+        tried.append(n)
+        return held_step(n, 0.5 if n <= capacity else 2.0), 3.0
+
+    return run
+
+
+def test_the_search_grows_n_to_the_first_miss_then_narrows_it() -> None:
+    target = load_cluster.HeldTarget(0.5)
+    steps = (10, 20, 30, 40, 50)
+    tried: list[int] = []
+    result = load_cluster.search_held(
+        steps, target, fake_steps(27, tried), load_cluster.ProcessesResult(1)
+    )
+    assert tried == [10, 20, 30, 25] and result.held == 25
+    assert set(result.misses) == {30} and "missed at N = 30" in result.stopped
+    assert result.as_dict()["redis_round_trips_per_call"] == 3.0
+    # two processes start where one process held (20), and walk down if that misses
+    tried = []
+    index = load_cluster.start_index(steps, 20)
+    result = load_cluster.search_held(
+        steps, target, fake_steps(17, tried), load_cluster.ProcessesResult(2), index
+    )
+    assert tried == [20, 10, 15] and result.held == 15
+    tried = []
+    result = load_cluster.search_held(
+        steps, target, fake_steps(100, tried), load_cluster.ProcessesResult(2), 1
+    )
+    assert tried == [20, 30, 40, 50] and "held every N tried" in result.stopped
+    tried = []
+    result = load_cluster.search_held(
+        steps,
+        target,
+        fake_steps(100, tried),
+        load_cluster.ProcessesResult(2),
+        fits=lambda: len(tried) < 2,
+    )
+    assert tried == [10, 20] and "time budget" in result.stopped
+
+
+def test_processes_targets_rows_and_markdown() -> None:
+    one = load_cluster.ProcessesResult(1, [held_step(20, 0.7)], held=20)
+    one.round_trips = {20: 6.0}
+    two = load_cluster.ProcessesResult(2, [held_step(40, 0.8)], held=36, stopped="x")
+    (target,) = load_cluster.processes_targets([one, two])
+    assert target["met"] and "(1.80x)" in target["detail"]
+    two.held = 30
+    (target,) = load_cluster.processes_targets([one, two])
+    assert not target["met"] and target["target"].endswith(">= 1.8x 1 process")
+    note = load_cluster.processes_note([one, two])
+    assert note == (
+        "1 process: 20 calls held, 6 Redis round-trips per call; 2 processes: 30 calls held (1.50x)"
+    )
+    rows = load_cluster.processes_rows([one, two])
+    assert rows[2] == "| 1 | 20 | 20.0 | 0.70 | – | 6.0 | 20 |"
+    series = {"ours-1proc": one.steps}
+    machine = load_markdown.machine_description(["--processes", "1,2"])
+    held = load_cluster.HeldTarget(0.5)
+    text = load_markdown.render(
+        series, machine, {"ours-1proc": "held 20"}, [target], held, 9.0, rows
+    )
+    assert "| processes | calls held |" in text and "Target: N calls are held" in text
+    assert "| ours, 1 process, 20 |" in text and "- ours, 1 process: held 20" in text
+
+
+HEALTH_SERVER = """
+import http.server, json, sys
+trips = 0
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global trips
+        trips += 5  # as if each request sent five Redis commands
+        body = json.dumps({"state": {"backend": "redis", "ok": True, "round_trips": trips}})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_a_cluster_runs_behind_haproxy_and_sums_its_round_trips() -> None:
+    """Real HAProxy and redis-server; two stand-in processes answer /health."""
+    import balancer
+
+    balancer.skip_or_fail_if_missing()
+    redis = load_cluster.start_redis()
+    try:
+        assert ping(redis.port) and redis.url.endswith(f":{redis.port}/0")
+        servers = []
+        for _ in range(2):
+            port = load_server.free_port()
+            command = [sys.executable, "-c", HEALTH_SERVER, str(port)]
+            servers.append(load_server.ServerProcess("stand-in", command, {}, port=port))
+        cluster = load_cluster.Cluster(servers).start()
+        try:
+            assert cluster.processes == 2 and cluster.alive()
+            first = cluster.round_trips()
+            assert first is not None and first % 5 == 0
+            import httpx
+
+            assert httpx.get(cluster.base_url + "/health", timeout=5).status_code == 200
+            cluster.measure_idle_round_trips(window_s=0.5)  # HAProxy's health checks count
+            assert cluster.idle_round_trips_per_s is not None
+            assert cluster.round_trips() > first
+        finally:
+            cluster.stop()
+        assert not any(server.alive() for server in servers)
+    finally:
+        redis.close()
+    assert not ping(redis.port)

@@ -40,7 +40,7 @@ from phonebot.call_control import PlayoutTracker
 from phonebot.config import Settings
 from phonebot.emulator import Hangup, WaitForBot, dial_in
 from phonebot.emulator.ids import new_call_sid
-from phonebot.models import SharedSileroVADAnalyzer
+from phonebot.inference import SharedSileroVADAnalyzer
 from phonebot.offline.espeak import synthesize_at
 from phonebot.pipeline_cost import (
     INBOUND_BATCH_MS,

@@ -22,10 +22,10 @@ from phonebot.config import Settings
 from phonebot.emulator import CallEvent, Hangup, Pause, WaitForBot, WaitForHangup, dial_in
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
-from phonebot.limits import CallAdmission
 from phonebot.personas import DIALIN_PERSONAS, opening_line
 from phonebot.security import call_token
 from phonebot.shutdown import ActiveCalls, Drain
+from phonebot.state import CallAdmission, MemoryState
 from phonebot.twiml import BUSY_MESSAGE
 from server import create_app
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
@@ -92,12 +92,16 @@ class FakeCall:
     def __init__(self, call_sid: str, admission: CallAdmission, calls: ActiveCalls):
         self.call_sid, self.admission, self.calls = call_sid, admission, calls
         self.told: list[tuple[str, float]] = []
-        admission.admit_stream(call_sid)
-        calls.add(call_sid, self)  # type: ignore[arg-type]
+        self._release: asyncio.Task | None = None
+
+    async def start(self) -> FakeCall:
+        assert await self.admission.admit_stream(self.call_sid) is None
+        self.calls.add(self.call_sid, self)  # type: ignore[arg-type]
+        return self
 
     def hang_up(self) -> None:
         self.calls.discard(self.call_sid)
-        self.admission.stream_ended(self.call_sid)
+        self._release = asyncio.create_task(self.admission.release(self.call_sid))
 
     async def end_for_shutdown(self, phrase: str, playout_timeout_s: float) -> None:
         self.told.append((phrase, playout_timeout_s))
@@ -108,9 +112,9 @@ async def test_the_drain_says_goodbye_only_to_calls_still_up_after_the_grace_per
     settings = make_settings(
         shutdown_grace_s=0.5, shutdown_phrase="Bye now.", shutdown_goodbye_timeout_s=2
     )
-    admission, calls = CallAdmission(settings), ActiveCalls()
-    lingering = FakeCall("CA" + "1" * 32, admission, calls)
-    leaving = FakeCall("CA" + "2" * 32, admission, calls)
+    admission, calls = CallAdmission(MemoryState(), settings), ActiveCalls()
+    lingering = await FakeCall("CA" + "1" * 32, admission, calls).start()
+    leaving = await FakeCall("CA" + "2" * 32, admission, calls).start()
     asyncio.get_running_loop().call_later(0.1, leaving.hang_up)
 
     started = time.monotonic()
@@ -121,13 +125,13 @@ async def test_the_drain_says_goodbye_only_to_calls_still_up_after_the_grace_per
     assert lingering.told == [("Bye now.", 2)]
     assert leaving.told == []
     assert 0.5 <= elapsed < 2.0
-    assert admission.in_use() == 0
+    assert admission.in_use_here() == 0
 
 
 async def test_the_drain_ends_as_soon_as_the_last_call_does():
     settings = make_settings(shutdown_grace_s=30)
-    admission, calls = CallAdmission(settings), ActiveCalls()
-    call = FakeCall("CA" + "1" * 32, admission, calls)
+    admission, calls = CallAdmission(MemoryState(), settings), ActiveCalls()
+    call = await FakeCall("CA" + "1" * 32, admission, calls).start()
     asyncio.get_running_loop().call_later(0.2, call.hang_up)
 
     started = time.monotonic()

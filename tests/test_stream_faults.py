@@ -491,7 +491,7 @@ async def test_a_handshake_the_runner_parsed_first_is_accepted_and_still_checked
 async def test_bot_passes_on_what_the_runner_parsed(monkeypatch, settings):
     served: list[object] = []
 
-    async def serve(websocket, settings, admit=None, handshake=None, records=None):
+    async def serve(websocket, settings, admit=None, handshake=None, records=None, **app):
         served.append(handshake)
 
     monkeypatch.setattr(bot, "serve_call", serve)

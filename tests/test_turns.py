@@ -16,6 +16,7 @@ Three layers:
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -49,8 +50,8 @@ import bot
 from phonebot import turns
 from phonebot.config import Settings
 from phonebot.emulator import Hangup, WaitForBot, dial_in
+from phonebot.inference import SharedSmartTurnAnalyzer
 from phonebot.keypad import keypad_aggregator
-from phonebot.models import SharedSmartTurnAnalyzer
 from phonebot.offline.espeak import synthesize_at
 from phonebot.turns import (
     TurnPolicy,
@@ -161,7 +162,7 @@ def test_one_turn_is_one_line_with_every_stage_relative_to_the_end_of_speech() -
     try:
         timeline = TurnTimeline(CALL_SID)
         timeline.speech_ended(100.0, vad_stop_s=0.2)
-        timeline.model_verdict(_metrics(SAYS_INCOMPLETE))
+        timeline.model_verdict(_metrics(SAYS_INCOMPLETE), at=100.15)
         timeline.transcript(100.25)
         timeline.turn_ended(100.7, "finished_transcript", 0.7)
         timeline.llm_first_token(100.8)
@@ -188,6 +189,7 @@ def test_one_turn_is_one_line_with_every_stage_relative_to_the_end_of_speech() -
         "segments": 1,
         "vad_stop_s": 0.2,
         "inference_ms": 12.0,
+        "verdict_s": 0.15,
         "transcript_s": 0.25,
         "turn_end_s": 0.7,
         "llm_first_token_s": 0.8,
@@ -275,13 +277,23 @@ class ScriptedSTT(SegmentedSTTService):
         yield TranscriptionFrame(text, "", time_now_iso8601(), finalized=True)
 
 
-def script_the_model(monkeypatch: pytest.MonkeyPatch, probabilities: list[float]) -> None:
-    """Smart Turn's verdict on each pause, in order (the real analyzer buffers the audio,
-    counts silence and reports its metrics; only the ONNX inference is replaced, through
-    Pipecat's own extension point for a model)."""
+MODEL_RUNNING = threading.Event()  # a scripted inference is under way
+
+
+def script_the_model(
+    monkeypatch: pytest.MonkeyPatch, probabilities: list[float], seconds: float = 0.0
+) -> None:
+    """Smart Turn's verdict on each pause, in order, each taking `seconds` (the real
+    analyzer buffers the audio, counts silence and reports its metrics; only the ONNX
+    inference is replaced, through Pipecat's own extension point for a model)."""
 
     class ScriptedSmartTurn(SharedSmartTurnAnalyzer):
         def _predict_endpoint(self, audio_array) -> dict:
+            MODEL_RUNNING.set()
+            try:
+                time.sleep(seconds)
+            finally:
+                MODEL_RUNNING.clear()
             probability = probabilities.pop(0) if probabilities else SAYS_COMPLETE
             return {"prediction": int(probability > 0.5), "probability": probability}
 
@@ -359,17 +371,29 @@ async def until(condition: Callable[[], object], timeout: float) -> None:
 
 @asynccontextmanager
 async def listening_call(
-    monkeypatch: pytest.MonkeyPatch, transcripts: list[str], verdicts: list[float]
+    monkeypatch: pytest.MonkeyPatch,
+    transcripts: list[str],
+    verdicts: list[float],
+    *,
+    inference_s: float = 0.0,
+    probe: FrameProcessor | None = None,
 ) -> AsyncIterator[Line]:
-    """bot.py's listening half, wired as run_bot wires it, with its default settings."""
-    script_the_model(monkeypatch, verdicts)
+    """bot.py's listening half, wired as run_bot wires it, with its default settings.
+
+    `inference_s`: how long each scripted verdict takes; `probe`: a processor placed
+    right after the user aggregator.
+    """
+    script_the_model(monkeypatch, verdicts, inference_s)
     timeline = TurnTimeline(CALL_SID)
     stt, answers = ScriptedSTT(transcripts), Answers()
     user_aggregator, _ = LLMContextAggregatorPair(
         LLMContext(messages=[]), user_params=bot.user_turn_params(make_settings(), timeline)
     )
     timer = TurnTimer(timeline, "no-llm", "no-tts")  # logs the turns left at the call's end
-    pipeline = bot.Pipeline([stt, keypad_aggregator(), user_aggregator, timer, answers])
+    processors = [stt, keypad_aggregator(), user_aggregator, timer, answers]
+    if probe:
+        processors.insert(3, probe)
+    pipeline = bot.Pipeline(processors)
     worker = bot.call_worker(pipeline)
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
@@ -501,9 +525,10 @@ async def test_live_every_stage_of_a_reply_is_in_the_log_and_no_3_s_tail(server,
     values = [timing[stage] for stage in [*stages, "audio_out_s"]]
     assert None not in values, timing
     assert values[1:] == sorted(values[1:]), timing  # turn end → LLM → TTS → audio out
-    # Whatever the model said, the turn ended as soon as the wait was over and the
-    # transcript was in (both take longer on a loaded machine), not after Pipecat's 3 s.
-    assert timing["turn_end_s"] <= max(timing["wait_s"], timing["transcript_s"]) + 0.3, timing
+    # Whatever the model said, the turn ended as soon as the wait was over, the verdict
+    # and the transcript were in (longer on a loaded machine), not after Pipecat's 3 s.
+    ready = max(timing["wait_s"], timing["transcript_s"], timing["verdict_s"])
+    assert timing["turn_end_s"] <= ready + 0.3, timing
     assert timing["turn_end_s"] < 2.0 and result.latencies[-1] < 2.5, timing
 
 
@@ -514,3 +539,56 @@ async def test_live_a_dangling_transcript_keeps_the_bot_listening(server, ai_api
     assert timing["rule"] == "dangling_transcript"
     assert timing["turn_end_s"] >= DANGLING_WAIT_S - 0.05
     assert result.latencies[-1] >= DANGLING_WAIT_S - 0.3
+
+
+# ------------------------------------------------------------- the model beside the aggregator
+
+
+class AudioPastTheAggregator(FrameProcessor):
+    """Counts the caller's audio frames that got past the user aggregator while the
+    (scripted, slow) model was running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during_inference = 0
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InputAudioRawFrame) and MODEL_RUNNING.is_set():
+            self.during_inference += 1
+        await self.push_frame(frame, direction)
+
+
+async def test_the_callers_audio_flows_on_while_the_model_judges_a_pause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pipecat's strategy awaits the model inside the user aggregator, so for the whole
+    inference no audio (nor VAD, nor transcript) got through; here a 0.6 s inference lets
+    ~10 frames of 60 ms pass."""
+    sentence = "I would like a table for two."
+    probe = AudioPastTheAggregator()
+    async with listening_call(
+        monkeypatch, [sentence], [SAYS_COMPLETE], inference_s=0.6, probe=probe
+    ) as line:
+        await line.say(sentence)
+        _, text = await line.answer(timeout=5)
+    assert text == sentence
+    assert probe.during_inference >= 4
+
+
+async def test_a_caller_who_goes_on_while_the_model_judges_is_not_answered_mid_sentence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A verdict on a pause the caller has already ended is dropped, not acted on. With
+    the model inside the aggregator, its "complete" (transcript in hand) answered the
+    first half while the caller was saying the second."""
+    first, second = "I want to cancel my order.", "And change my address please."
+    async with listening_call(
+        monkeypatch, [first, second], [SAYS_COMPLETE, SAYS_COMPLETE], inference_s=1.0
+    ) as line:
+        await line.say(first)
+        await asyncio.sleep(0.35)  # the VAD has stopped: the model is judging the pause
+        await line.say(second)
+        _, text = await line.answer(timeout=8)
+    assert text == f"{first} {second}"
+    assert len(line.answers.turns) == 1

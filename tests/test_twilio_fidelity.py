@@ -28,9 +28,9 @@ from phonebot.emulator.loopback import LoopbackServer
 from phonebot.emulator.signature import SharedKey, compute_signature, signed_headers
 from phonebot.emulator.twiml import say_seconds
 from phonebot.emulator.webhook import IDEMPOTENCY_HEADER, voice_webhook_form
-from phonebot.limits import ReplayGuard
 from phonebot.personas import DIALIN_PERSONAS, opening_line
 from phonebot.security import call_token, production_auth_problem
+from phonebot.state import MemoryState
 from server import create_app
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, make_settings
 from tests.live_server import ROOT, LiveServer, free_port
@@ -196,10 +196,9 @@ def test_a_retry_of_an_answered_webhook_gets_the_same_twiml_and_no_second_slot()
 
 
 def test_a_retry_after_the_window_is_a_replay():
-    settings = make_settings(webhook_retry_window_s=60)
-    app = create_app(settings)
+    settings = make_settings(webhook_retry_window_s=60, replay_cache_ttl_s=600)
     clock = FakeClock()
-    app.state.replays = ReplayGuard(600, 1000, clock, retry_window_s=60)
+    app = create_app(settings, shared=MemoryState(clock=clock))
     client = TestClient(app)
     fields = form()
     token = {"I-Twilio-Idempotency-Token": "retry-2"}
@@ -255,7 +254,7 @@ async def test_the_emulator_retries_a_lost_answer_like_twilio_and_gets_the_same_
     assert len(lossy.tokens) == 2 and lossy.tokens[0] and lossy.tokens[0] == lossy.tokens[1]
     assert lossy.bodies[0] == lossy.bodies[1]
     assert call.parameters["token"] == call_token(call.call_sid, settings.stream_token_secret)
-    assert app.state.admission.reserved == 1
+    assert (await app.state.admission.counts()).reserved == 1
 
 
 # --- 5. ws:// stream URLs --------------------------------------------------------------

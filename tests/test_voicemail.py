@@ -32,12 +32,11 @@ from phonebot.emulator import (
 )
 from phonebot.emulator.ids import new_call_sid
 from phonebot.personas import CAMPAIGNS, opening_line
+from phonebot.state import AmdVerdicts, MemoryState
 from phonebot.twiml import ParameterError
 from phonebot.voicemail import (
     AMD_PARAMETER,
-    AMD_VERDICTS,
     AmdGate,
-    AmdVerdicts,
     AnsweringMachineScreen,
     amd_requested,
 )
@@ -138,6 +137,28 @@ async def test_machine_detection_is_refused_when_the_bot_runs_on_pipecat_cloud()
     with pytest.raises(ParameterError) as error:
         await place_call(request, settings, "https://bot.example.com")
     assert error.value.field == "machine_detection"
+    assert "REDIS_URL" in str(error.value)
+
+
+async def test_machine_detection_on_pipecat_cloud_works_through_the_shared_state(monkeypatch):
+    """With REDIS_URL the verdict /amd stores is read by the bot on Pipecat Cloud."""
+    settings = make_settings(
+        env="production",
+        agent_name="bot",
+        organization_name="acme",
+        redis_url="redis://redis.internal:6379/0",
+        twilio_phone_number="+15550001111",
+    )
+    created: dict = {}
+
+    async def fake_create_call(settings, **call):
+        created.update(call)
+        return SimpleNamespace(sid=new_call_sid(), status="queued", to=call["to"])
+
+    monkeypatch.setattr("dialout.create_call", fake_create_call)
+    request = DialoutRequest(to="+15551234567", machine_detection=True)
+    await place_call(request, settings, "https://bot.example.com")
+    assert created["amd_callback_url"] == "https://bot.example.com/amd"
 
 
 # --- /outbound and /amd --------------------------------------------------------------
@@ -165,8 +186,8 @@ def test_amd_callback_records_the_verdict_and_answers_204(client):
     response = signed_post(client, "http://testserver/amd", form)
     assert response.status_code == 204
     assert response.content == b""
-    assert client.app.state.amd_verdicts is AMD_VERDICTS
-    assert AMD_VERDICTS.get(form["CallSid"]) == "machine_end_beep"
+    verdicts: AmdVerdicts = client.app.state.amd_verdicts
+    assert asyncio.run(verdicts.get(form["CallSid"])) == "machine_end_beep"
 
 
 @pytest.mark.parametrize("signature", [None, "d3Jvbmc="])
@@ -175,7 +196,7 @@ def test_amd_callback_needs_twilios_signature(client, signature):
     headers = {} if signature is None else {"X-Twilio-Signature": signature}
     response = client.post("/amd", data=form, headers=headers)
     assert response.status_code == 403
-    assert AMD_VERDICTS.get(form["CallSid"]) is None
+    assert asyncio.run(client.app.state.amd_verdicts.get(form["CallSid"])) is None
 
 
 @pytest.mark.parametrize(
@@ -197,39 +218,38 @@ def test_a_malformed_amd_callback_names_the_field(client, change, field):
 
 
 async def test_a_verdict_that_arrives_first_is_there_when_the_bot_asks():
-    verdicts = AmdVerdicts()
-    verdicts.set("CA1", "human")
+    verdicts = AmdVerdicts(MemoryState())
+    await verdicts.set("CA1", "human")
     assert await verdicts.wait("CA1", timeout=0.1) == "human"
-    assert len(verdicts) == 0  # consumed
 
 
 async def test_a_waiting_bot_is_woken_by_the_verdict():
-    verdicts = AmdVerdicts()
+    verdicts = AmdVerdicts(MemoryState(), poll_s=60)  # woken by the announcement, not a poll
     waiter = asyncio.create_task(verdicts.wait("CA1", timeout=5))
     await asyncio.sleep(0.05)
-    verdicts.set("CA1", "machine_end_beep")
+    await verdicts.set("CA1", "machine_end_beep")
     assert await asyncio.wait_for(waiter, 1) == "machine_end_beep"
 
 
 async def test_no_verdict_in_time_is_none():
-    verdicts = AmdVerdicts()
+    verdicts = AmdVerdicts(MemoryState())
     assert await verdicts.wait("CA1", timeout=0.05) is None
-    assert len(verdicts) == 0
 
 
-def test_unclaimed_verdicts_expire_and_are_bounded():
+async def test_unclaimed_verdicts_expire_and_are_bounded():
     now = [0.0]
-    verdicts = AmdVerdicts(ttl_s=60, max_entries=3, clock=lambda: now[0])
-    verdicts.set("CA1", "human")
+    shared = MemoryState(max_entries=3, clock=lambda: now[0])
+    verdicts = AmdVerdicts(shared, ttl_s=60)
+    await verdicts.set("CA1", "human")
     now[0] = 59
-    assert verdicts.get("CA1") == "human"
+    assert await verdicts.get("CA1") == "human"
     now[0] = 61
-    assert verdicts.get("CA1") is None
+    assert await verdicts.get("CA1") is None
     for sid in ("CA2", "CA3", "CA4", "CA5"):
-        verdicts.set(sid, "unknown")
-    assert len(verdicts) == 3
-    assert verdicts.get("CA2") is None  # the oldest made room
-    assert verdicts.get("CA5") == "unknown"
+        await verdicts.set(sid, "unknown")
+    assert shared.size("amd") == 3
+    assert await verdicts.get("CA2") is None  # the oldest made room
+    assert await verdicts.get("CA5") == "unknown"
 
 
 # --- the bot's side ------------------------------------------------------------------
@@ -256,9 +276,9 @@ class FakeControl:
 
 async def screened(answered_by: str | None, parameters=OUTBOUND) -> SimpleNamespace:
     """Run a screen against a verdict; what the bot did."""
-    verdicts = AmdVerdicts()
+    verdicts = AmdVerdicts(MemoryState())
     if answered_by:
-        verdicts.set("CA1", answered_by)
+        await verdicts.set("CA1", answered_by)
     screen = AnsweringMachineScreen("CA1", parameters, verdicts=verdicts, timeout_s=0.05)
     said, conversed, ended = [], [], []
 

@@ -5,9 +5,12 @@ the Twilio protocol (voice webhook, Media Streams, REST calls API) is written on
 
 - `dial_in()` rings the server's voice webhook and returns where to stream;
 - `MediaStreamCaller` plays a caller script over the Media Stream and records the call;
-- `TwilioRestEmulator` stands in for Twilio's REST API and answers dial-out calls.
+- `TwilioRestEmulator` stands in for Twilio's REST API and answers dial-out calls, with
+  scripted callees (`CalleeBook`) when asked; `python -m phonebot.emulator twilio` runs it
+  on its own.
 """
 
+from phonebot.emulator.callees import Callee, CalleeBook
 from phonebot.emulator.calls import EmulatedCall
 from phonebot.emulator.errors import (
     CallFailedError,
@@ -47,6 +50,8 @@ from phonebot.emulator.webhook import DialIn, dial_in, post_webhook, voice_webho
 
 __all__ = [
     "CallEvent",
+    "Callee",
+    "CalleeBook",
     "CallFailedError",
     "CallResult",
     "ClearRecord",

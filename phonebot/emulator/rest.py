@@ -13,7 +13,10 @@ Point the server's Twilio client at `emulator.base_url` (`TWILIO_API_BASE_URL`) 
 - `GET …/Calls/{CallSid}.json` fetches it.
 
 The called numbers behave as `outcomes` says: `{"+15551234567": "busy"}` makes that
-number busy (or "no-answer", "failed"); other numbers answer. With `StatusCallback`, the
+number busy (or "no-answer", "failed"); other numbers answer. With `callees` (a
+`CalleeBook`, phonebot.emulator.callees) a number is a scripted person instead: it answers
+and talks, is busy, does not answer, has voicemail (its own AMD verdict) or asks to be
+taken off the list, by rule or per number. With `StatusCallback`, the
 call's progress is POSTed (signed) as Twilio does: initiated, ringing, answered, and
 completed with the final CallStatus and CallDuration.
 
@@ -42,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from phonebot.emulator.callees import Callee, CalleeBook
 from phonebot.emulator.calls import API_VERSION, EmulatedCall, twilio_error, utcnow
 from phonebot.emulator.errors import (
     EmulatorError,
@@ -158,7 +162,9 @@ class TwilioRestEmulator:
     `webhook_attempts` > 1 retries a webhook that got no answer or a 5xx, as Twilio.
     `outcomes` maps called numbers to "busy", "no-answer" or "failed" (see
     `set_outcome`); a no-answer rings `no_answer_after` seconds (default: the call's
-    `Timeout`, else Twilio's 60 s).
+    `Timeout`, else Twilio's 60 s). `callees` scripts the people behind the numbers
+    (outcome, AMD verdict and what they say); `outcomes`, `answered_by` given
+    explicitly and `on_answer` take precedence over it.
     """
 
     def __init__(
@@ -180,6 +186,7 @@ class TwilioRestEmulator:
         webhook_attempts: int = 1,
         outcomes: Mapping[str, str] | None = None,
         no_answer_after: float | None = None,
+        callees: CalleeBook | None = None,
     ) -> None:
         self.account_sid = account_sid or new_account_sid()
         self.shared_key = shared_key
@@ -197,6 +204,7 @@ class TwilioRestEmulator:
         for number, outcome in (outcomes or {}).items():
             self.set_outcome(number, outcome)
         self.no_answer_after = no_answer_after
+        self.callees = callees
         self.requests: list[RecordedRequest] = []
         self.calls: dict[str, EmulatedCall] = {}
         self.status_callbacks: list[StatusCallback] = []
@@ -556,7 +564,7 @@ class TwilioRestEmulator:
         try:
             events = self._callback_events(form_lists)
             await self._status_callback(call, "initiated", events)
-            outcome = self.outcomes.get(call.to, ANSWER)
+            outcome = self._outcome(call.to)
             if outcome in ("busy", "failed"):
                 call.set_status(outcome)  # refused at once: it never rings
             else:
@@ -580,6 +588,24 @@ class TwilioRestEmulator:
             return
         await self._pick_up(call, events)
 
+    def _callee(self, number: str) -> Callee | None:
+        return self.callees.callee(number) if self.callees is not None else None
+
+    def _outcome(self, number: str) -> str:
+        """`outcomes` first, then the scripted callee, else the number answers."""
+        if number in self.outcomes:
+            return self.outcomes[number]
+        callee = self._callee(number)
+        return callee.outcome if callee is not None else ANSWER
+
+    def _answered_by(self, call: EmulatedCall) -> str:
+        """The AMD verdict: the callee's, unless a test set `answered_by` (or answers the
+        call itself with `on_answer`)."""
+        callee = self._callee(call.to)
+        if callee is None or self.on_answer is not None or self.answered_by != "human":
+            return self.answered_by
+        return callee.answered_by
+
     def _ring_timeout(self, call: EmulatedCall) -> float:
         if self.no_answer_after is not None:
             return self.no_answer_after
@@ -589,7 +615,7 @@ class TwilioRestEmulator:
     async def _pick_up(self, call: EmulatedCall, events: set[str]) -> None:
         call.set_status("in-progress")
         if call.form.get("MachineDetection"):
-            call.answered_by = self.answered_by
+            call.answered_by = self._answered_by(call)
         await self._status_callback(call, "answered", events)
         try:
             twiml, webhook_url = await self._initial_twiml(call)
@@ -623,7 +649,7 @@ class TwilioRestEmulator:
 
     async def _fetch_twiml(self, call: EmulatedCall, url: str, call_status: str) -> TwiML:
         """POST the signed voice-webhook form to `url` (via the local server) for TwiML."""
-        extra = {"AnsweredBy": self.answered_by} if self._sync_amd(call) else None
+        extra = {"AnsweredBy": self._answered_by(call)} if self._sync_amd(call) else None
         form = _call_form(call, call_status, extra)
         return await post_webhook(
             _rebase(url, self.local_server_url),
@@ -666,8 +692,11 @@ class TwilioRestEmulator:
         call.caller = caller
         call.answered.set()
         try:
+            callee = self._callee(call.to)
             if self.on_answer is not None:
                 await self.on_answer(call, caller)
+            elif callee is not None:
+                await caller.run(callee.script(), check=False)
             else:
                 await caller.run([Pause(DEFAULT_CALL_LIMIT_S)], check=False)
         except Exception as error:  # the handler's failure is the test's to inspect
@@ -716,14 +745,16 @@ class TwilioRestEmulator:
 
     async def _amd_callback(self, call: EmulatedCall, url: str) -> None:
         """Twilio's async AMD verdict, once detection would have finished (`amd_delay`)."""
-        await asyncio.sleep(self.amd_delay)
+        callee = self._callee(call.to)
+        delay = callee.amd_delay if callee and self.on_answer is None else self.amd_delay
+        await asyncio.sleep(delay)
         if not call.active:
             return  # hung up before detection finished: nothing to report
         form = {
             "AccountSid": call.account_sid,
             "CallSid": call.sid,
-            "AnsweredBy": self.answered_by,
-            "MachineDetectionDuration": str(round(self.amd_delay * 1000)),
+            "AnsweredBy": self._answered_by(call),
+            "MachineDetectionDuration": str(round(delay * 1000)),
         }
         await self._post_callback(url, form)
 

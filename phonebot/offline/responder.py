@@ -4,7 +4,9 @@ It reads the same `LLMContext` the LLM would, so the pipeline is identical in bo
 It opens with the persona's greeting, answers from the persona's keyword table, and
 otherwise says plainly that it is running offline and takes a message. It never pretends
 to be an AI model. After a goodbye it ends the call the way the LLM does: by calling the
-`end_call` function (see `phonebot.call_control`).
+`end_call` function (see `phonebot.call_control`). The same function-call path records a
+campaign's outcomes (`record_outcome`, from the persona's keyword rules) and honours a
+callee who asks not to be called again (`opt_out`), so a campaign works with no keys.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
 
 from phonebot.keypad import pressed_digits, spoken_digits
-from phonebot.personas import Persona, keyword_answer
+from phonebot.personas import Persona, keyword_answer, outcome_rule
 
 OFFLINE_FALLBACK = (
     "I'm running in offline mode, so I can't answer that myself. "
@@ -34,6 +36,16 @@ OFFLINE_FALLBACK = (
 )
 NO_TRANSFER = "I'm sorry, I can't connect you to a person right now, but I can take a message."
 GOODBYE_WORDS = ("goodbye", "bye", "that's all", "hang up")
+# A callee asking not to be called again (checked before anything else they said).
+OPT_OUT_WORDS = (
+    "stop calling",
+    "remove me",
+    "take me off",
+    "do not call",
+    "don't call me",
+    "unsubscribe",
+)
+NOTED = "Thank you, I've noted that."
 
 
 def _text_of(message) -> str:
@@ -62,14 +74,17 @@ class OfflineResponder(LLMService):
     def reply_to(self, context: LLMContext) -> Reply:
         """What to say to the current context, or which function to call instead."""
         messages = context.get_messages()
-        if messages and _message_role(messages[-1]) == "tool":
-            # Only a refused function (transfer_call with nobody to transfer to) asks the
-            # LLM to go on; say so instead of retrying.
-            return Reply(NO_TRANSFER)
-        if not any(_message_role(m) == "assistant" for m in messages):
-            return Reply(f"{self._persona.greeting} {self._persona.question}")
         user_turns = [_text_of(m) for m in messages if _message_role(m) == "user"]
         last = user_turns[-1] if user_turns else ""
+        if messages and _message_role(messages[-1]) == "tool":
+            return self._after_function(_function_of(messages, messages[-1]), last)
+        if _wants_opt_out(last):  # even before our opening: "who's this? stop calling me"
+            return Reply("", "opt_out", {})
+        if not any(_message_role(m) == "assistant" for m in messages):
+            return Reply(f"{self._persona.greeting} {self._persona.question}")
+        if (rule := outcome_rule(self._persona, last)) is not None:
+            # Recorded first; the function's result brings us back to answer (below).
+            return Reply("", "record_outcome", dict(rule.fields))
         if _said_goodbye(last):
             return Reply("", "end_call", {"goodbye": self._persona.goodbye})
         digits = pressed_digits(last)
@@ -81,6 +96,18 @@ class OfflineResponder(LLMService):
         if keyword_answer(self._persona, last) is None and _wants_a_person(last):
             return Reply("", "transfer_call", {})
         return Reply(keyword_answer(self._persona, last) or OFFLINE_FALLBACK)
+
+    def _after_function(self, name: str | None, last: str) -> Reply:
+        """A function's result asks the LLM to go on: after `record_outcome`, answer what
+        the callee said; after a refused transfer (nobody to transfer to), say so instead
+        of retrying."""
+        if name == "record_outcome":
+            if _said_goodbye(last):
+                return Reply("", "end_call", {"goodbye": self._persona.goodbye})
+            rule = outcome_rule(self._persona, last)
+            answer = rule.answer if rule else None
+            return Reply(answer or keyword_answer(self._persona, last) or NOTED)
+        return Reply(NO_TRANSFER)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
@@ -99,7 +126,8 @@ class OfflineResponder(LLMService):
 
 @dataclass(frozen=True)
 class Reply:
-    """Text to speak, or a function (`end_call`, `transfer_call`) to call instead."""
+    """Text to speak, or a function (`end_call`, `transfer_call`, `record_outcome`,
+    `opt_out`) to call instead."""
 
     text: str
     function: str | None = None
@@ -117,6 +145,24 @@ class Reply:
 def _wants_a_person(utterance: str) -> bool:
     words = set(utterance.lower().split())
     return bool(words & {"person", "human", "agent", "representative", "operator"})
+
+
+def _wants_opt_out(utterance: str) -> bool:
+    text = f" {' '.join(utterance.lower().replace(',', ' ').split())} "
+    return any(f" {phrase}" in text for phrase in OPT_OUT_WORDS)
+
+
+def _function_of(messages: list, tool_message) -> str | None:
+    """The name of the function whose result `tool_message` is (from the assistant's
+    `tool_calls` with the same id)."""
+    call_id = tool_message.get("tool_call_id") if isinstance(tool_message, dict) else None
+    for message in reversed(messages):
+        if not isinstance(message, dict):
+            continue
+        for call in message.get("tool_calls") or []:
+            if isinstance(call, dict) and call.get("id") == call_id:
+                return (call.get("function") or {}).get("name")
+    return None
 
 
 def _message_role(message) -> str:

@@ -369,18 +369,30 @@ def _discard_pool(broken: ProcessPoolExecutor) -> None:
     broken.shutdown(wait=False, cancel_futures=True)
 
 
-def shutdown_decoder_pool() -> None:
-    """Stop the workers (waiting for a decode in progress); a later request starts new ones.
+def shutdown_decoder_pool(wait: bool = True) -> None:
+    """Stop the workers; a later request starts new ones.
 
-    For an orderly shutdown (e.g. the server's lifespan) and tests. At interpreter exit the
-    stdlib already does the same for every live pool, and a worker whose parent was killed
-    exits by itself (``_exit_when_orphaned``).
+    `wait=True` (tests) lets a decode in progress finish. `wait=False` is for the server's
+    exit, after its calls have drained: the workers are ended at once. Otherwise the stdlib's
+    exit hook joins them, and a worker still starting (importing the server, parsing the
+    dictionary: ~10 s on a loaded machine) holds the exit until it is ready to be told to
+    stop. A worker whose parent was killed exits by itself (``_exit_when_orphaned``).
     """
     global _pool
     with _pool_lock:
         pool, _pool = _pool, None
-    if pool is not None:
+    if pool is None:
+        return
+    if wait:
         pool.shutdown(wait=True, cancel_futures=True)
+        return
+    # Python 3.11's executor has no public way to end its workers (3.14 adds
+    # terminate_workers()), so its process table is read directly; nothing is lost: no call
+    # is left to decode for.
+    workers = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
 
 
 def _submit(fn: Any, *args: Any, **kwargs: Any) -> tuple[ProcessPoolExecutor, Future]:

@@ -68,6 +68,17 @@ class CallLog:
         if self.writer is not None:
             self.writer.call_updated(self.call_sid, **fields)
 
+    def outcome(self, fields: Mapping[str, str]) -> None:
+        """Outcome fields the bot recorded (`record_outcome`), merged into the record's."""
+        if self.writer is not None:
+            self.writer.outcome(self.call_sid, dict(fields))
+
+    def opt_out(self, number: str | None) -> None:
+        """The other party asked not to be called again: `number` goes on the do-not-call
+        list and the record's end reason says so."""
+        if self.writer is not None:
+            self.writer.opt_out(self.call_sid, number)
+
     def ended(self, end_reason: str, provider_errors: Mapping[str, int] | None = None) -> None:
         """The stream ended: duration, reason, the provider error counts, and (from the
         bot turns' latencies) reply latency p50/p95."""

@@ -14,9 +14,12 @@ import asyncio
 import csv
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TextIO
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from phonebot.config import get_settings
 from phonebot.records.db import create_engine, sessionmaker
@@ -40,10 +43,29 @@ def parse_when(text: str) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m phonebot.calls", description=__doc__,
+def database_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of a terminal tool on the records database (this one, and
+    `python -m phonebot.campaign`): its docstring as help, and `--database-url`."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database-url", help="default: DATABASE_URL")
+    return parser
+
+
+@asynccontextmanager
+async def migrated_database(url: str) -> AsyncIterator[async_sessionmaker]:
+    """Sessions on the database at `url`, migrated first (a terminal tool may be the first
+    to touch it), the engine disposed on exit."""
+    engine = create_engine(url)
+    try:
+        await migrate(url, engine)
+        yield sessionmaker(engine)
+    finally:
+        await engine.dispose()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = database_parser("python -m phonebot.calls", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="the newest calls, one line each")
     _filters(listing)
@@ -79,10 +101,8 @@ def _where(args: argparse.Namespace) -> CallFilter:
 
 async def run(args: argparse.Namespace, out: TextIO) -> int:
     url = args.database_url or get_settings().database_url.get_secret_value()
-    engine = create_engine(url)
-    try:
-        await migrate(url, engine)
-        store = CallStore(sessionmaker(engine))
+    async with migrated_database(url) as sessions:
+        store = CallStore(sessions)
         if args.command == "list":
             page = await store.list(_where(args), args.limit)
             print_list(page.calls, out)
@@ -97,8 +117,6 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
                 print_call(call, out)
         else:
             await export(store, _where(args), args.format, out)
-    finally:
-        await engine.dispose()
     return 0
 
 

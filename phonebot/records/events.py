@@ -35,7 +35,12 @@ from phonebot import __version__
 from phonebot.records.schema import EventDelivery, utcnow
 
 SIGNATURE_HEADER = "X-Phonebot-Signature"
-EVENT_TYPES = ("call.started", "call.ended", "call.failed")
+EVENT_TYPES = (
+    "call.started", "call.ended", "call.failed",
+    # Outbound campaigns (phonebot.campaigns): a contact reached its last state; a campaign
+    # has no contact left to call.
+    "contact.finished", "campaign.completed",
+)
 # Retry schedule: 5 s, 10 s, 20 s, … doubling up to an hour between tries (each shortened
 # by up to half at random, so receivers coming back from an outage aren't hit in lockstep),
 # for at most a day after the event was created.

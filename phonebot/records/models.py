@@ -61,6 +61,9 @@ class CallSummary(BaseModel):
     transfer_result: str | None = None
     reply_latency_p50_s: float | None = None
     reply_latency_p95_s: float | None = None
+    outcomes: dict[str, str] | None = Field(
+        None, description='What the bot recorded (record_outcome), e.g. {"interested": "yes"}'
+    )
     has_recording: bool = False
 
 

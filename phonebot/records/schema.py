@@ -91,6 +91,9 @@ class CallRecord(Base):
     reply_latency_p50_s: Mapped[float | None] = mapped_column(Float)
     reply_latency_p95_s: Mapped[float | None] = mapped_column(Float)
     recording_path: Mapped[str | None] = mapped_column(String(1024))
+    # Outcome fields the bot recorded during the call (record_outcome), e.g.
+    # {"interested": "yes", "callback_at": "tomorrow 10:00"}.
+    outcomes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     transcript: Mapped[list[TranscriptEntry]] = relationship(
         back_populates="call",
@@ -152,3 +155,8 @@ class EventDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_event_deliveries_next_attempt_at", "next_attempt_at"),)
+
+
+# The campaign tables live on the same metadata (one database, one migration history):
+# imported here so everything reading Base.metadata (Alembic, the tests) sees them.
+from phonebot.campaigns import schema as _campaign_tables  # noqa: E402, F401

@@ -27,7 +27,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.routing import NoMatchFound
 
-from phonebot.limits import RateLimiter, client_ip, retry_after_header
+from phonebot.http_guards import RateLimiter, client_ip, retry_after_header
 from phonebot.records.api import get_store
 from phonebot.records.chart import latency_chart
 from phonebot.records.models import CallDetail, Direction

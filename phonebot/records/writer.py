@@ -27,8 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from phonebot.campaigns.schema import DoNotCall
 from phonebot.records.events import EventDeliverer
 from phonebot.records.models import as_json, detail, summary
 from phonebot.records.schema import CallRecord, TranscriptEntry, utcnow
@@ -40,6 +43,10 @@ if TYPE_CHECKING:
 # (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
 NOT_CONNECTED = frozenset({"busy", "no-answer", "failed", "canceled"})
 NOT_CONNECTED_REASON = "not connected"
+# The end reason of a call whose callee asked not to be called again
+# (phonebot.call_control.EndReason.OPTED_OUT; the campaign scheduler reads it).
+OPTED_OUT_REASON = "opted out"
+OPT_OUT_SOURCE = "opt-out"
 # Entry kinds and who is speaking in each.
 SPEAKER = {"caller": "caller", "bot": "bot", "keypad": "caller", "function": "bot",
            "reprompt": "bot"}
@@ -63,7 +70,7 @@ LINGER_S = 0.25
 
 @dataclass(frozen=True)
 class _Op:
-    kind: str  # "update", "entry", "start", "end", "status"
+    kind: str  # "update", "entry", "start", "end", "status", "outcome", "opt_out"
     call_sid: str
     fields: dict[str, Any]
 
@@ -217,6 +224,16 @@ class RecordWriter:
         fields.setdefault("direction", "outbound")
         self._put(_Op("status", call_sid, _clean({**fields, "twilio_status": status})))
 
+    def outcome(self, call_sid: str, fields: dict[str, str]) -> None:
+        """Outcome fields the bot recorded (`record_outcome`): merged into `calls.outcomes`
+        (a later value for a field replaces the earlier one)."""
+        self._put(_Op("outcome", call_sid, {str(k): str(v) for k, v in fields.items()}))
+
+    def opt_out(self, call_sid: str, number: str | None) -> None:
+        """The callee asked not to be called again: add `number` to `do_not_call` (kept if
+        already there) and mark the record's end reason, in one transaction."""
+        self._put(_Op("opt_out", call_sid, {"number": number}))
+
     def _put(self, op: _Op) -> None:
         if not self.enabled:
             return
@@ -331,6 +348,15 @@ class RecordWriter:
         if op.kind == "entry":
             session.add(TranscriptEntry(call_sid=op.call_sid, **op.fields))
             return False
+        if op.kind == "outcome":
+            # A new dict, so SQLAlchemy sees the JSON column change.
+            row.outcomes = {**(row.outcomes or {}), **op.fields}
+            return False
+        if op.kind == "opt_out":
+            row.end_reason = OPTED_OUT_REASON
+            if op.fields["number"]:
+                await session.execute(do_not_call_insert(session, op.fields["number"]))
+            return False
         was_connected = row.stream_started_at is not None
         for name, value in op.fields.items():
             setattr(row, name, value)
@@ -368,6 +394,20 @@ class RecordWriter:
             "dropped_writes": self.dropped_writes,
             "database_failing": self._failing,
         }
+
+
+def do_not_call_insert(session: AsyncSession, number: str) -> Any:
+    """INSERT the number into `do_not_call` unless it is there: ON CONFLICT DO NOTHING, so
+    two processes listing the same number at once can't fail each other's batch."""
+    values = {
+        "number": number,
+        "source": OPT_OUT_SOURCE,
+        "reason": "asked not to be called again, on a call",
+        "created_at": utcnow(),
+    }
+    if session.bind.dialect.name == "postgresql":
+        return pg_insert(DoNotCall).values(**values).on_conflict_do_nothing()
+    return sqlite_insert(DoNotCall).values(**values).on_conflict_do_nothing()
 
 
 def _close_unconnected(row: CallRecord, was_connected: bool) -> bool:

@@ -1,0 +1,171 @@
+"""The campaign API's request and response bodies (typed, so /docs shows every field)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from phonebot.caller_id import E164
+from phonebot.campaigns.windows import DAYS, parse_hhmm
+
+Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+Outcome = Literal["busy", "no-answer", "failed", "voicemail"]
+CampaignStatus = Literal["scheduled", "running", "paused", "completed", "canceled"]
+ContactState = Literal[
+    "pending", "calling", "completed", "voicemail", "failed", "unknown", "opted_out",
+    "do_not_call", "refused", "canceled", "expired",
+]
+# States a contact never leaves.
+FINAL_STATES = frozenset(
+    {"completed", "voicemail", "failed", "unknown", "opted_out", "do_not_call", "refused",
+     "canceled", "expired"}
+)
+# States a campaign never leaves.
+CLOSED = frozenset({"completed", "canceled"})
+
+
+class WindowIn(BaseModel):
+    """Hours during which a contact may be rung, in the contact's local time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: str = Field("09:00", description="HH:MM, local time of each contact")
+    end: str = Field("20:00", description="HH:MM (exclusive), after start")
+    days: list[Day] = Field(default_factory=lambda: list(DAYS), min_length=1)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        parse_hhmm(value)
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> WindowIn:
+        if parse_hhmm(self.end) <= parse_hhmm(self.start):
+            raise ValueError("window.end must be after window.start (an empty or reversed window)")
+        self.days = sorted(set(self.days), key=DAYS.index)
+        return self
+
+
+class RetryIn(BaseModel):
+    """Which outcomes are tried again, how often and after how long."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(
+        3, ge=1, le=10, description="Calls per contact at most, the first included"
+    )
+    delay_s: int = Field(3600, ge=0, le=7 * 86400, description="Seconds before trying again")
+    on: list[Outcome] = Field(
+        default_factory=lambda: ["busy", "no-answer", "failed", "voicemail"],
+        description="Outcomes worth another attempt",
+    )
+
+
+class ContactIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str = Field(description="E.164, e.g. +12025550123")
+    customer_id: str | None = Field(None, max_length=128)
+    parameters: dict[str, str] = Field(default_factory=dict)
+    timezone: str | None = Field(None, description="IANA zone, e.g. America/New_York")
+
+
+class CampaignIn(BaseModel):
+    """Body of `POST /campaigns`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=255)
+    parameters: dict[str, str] = Field(
+        default_factory=dict, description="Stream parameters for every call, e.g. campaign_id"
+    )
+    contacts: list[ContactIn] = Field(min_length=1)
+    window: WindowIn = Field(default_factory=WindowIn)
+    max_concurrent: int = Field(5, ge=1, le=1000)
+    calls_per_minute: int = Field(10, ge=1, le=6000)
+    retry: RetryIn = Field(default_factory=RetryIn)
+    machine_detection: bool = False
+    from_: str | None = Field(None, alias="from", pattern=E164, description="Caller ID")
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _period(self) -> CampaignIn:
+        if self.start_at and self.end_at and self.end_at <= self.start_at:
+            raise ValueError("end_at must be after start_at")
+        return self
+
+
+class CampaignCreated(BaseModel):
+    id: str
+    status: CampaignStatus
+    contacts: int
+    duplicates: list[dict[str, Any]] = Field(
+        default_factory=list, description='Numbers given more than once, merged: {"to", "rows"}'
+    )
+
+
+class ContactOut(BaseModel):
+    row: int
+    to: str
+    customer_id: str | None
+    timezone: str
+    state: ContactState
+    attempts: int
+    outcome: str | None
+    outcomes: dict[str, Any] | None
+    next_attempt_at: datetime | None
+    call_sids: list[str]
+
+
+class CampaignSummary(BaseModel):
+    id: str
+    name: str
+    status: CampaignStatus
+    created_at: datetime
+    completed_at: datetime | None
+    counts: dict[str, int] = Field(description="Contacts by state")
+    total: int
+
+
+class CampaignDetail(CampaignSummary):
+    parameters: dict[str, Any]
+    window: WindowIn
+    max_concurrent: int
+    calls_per_minute: int
+    retry: RetryIn
+    machine_detection: bool
+    start_at: datetime | None
+    end_at: datetime | None
+    duplicates: list[dict[str, Any]]
+    contacts: list[ContactOut]
+
+
+class CampaignList(BaseModel):
+    campaigns: list[CampaignSummary]
+
+
+class DncIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    numbers: list[str] = Field(min_length=1, max_length=10_000)
+    reason: str | None = Field(None, max_length=255)
+
+
+class DncEntry(BaseModel):
+    number: str
+    reason: str | None
+    source: str | None
+    created_at: datetime
+
+
+class DncList(BaseModel):
+    numbers: list[DncEntry]
+
+
+class DncAdded(BaseModel):
+    added: int
+    numbers: list[str]

@@ -1,0 +1,173 @@
+"""The people a dial-out reaches, played by the REST emulator: scripted callees.
+
+A campaign needs more than "the number answers": some people are interested, some are
+not, some ask to be called back, some are busy or never pick up, some have voicemail, and
+some ask to be taken off the list. `Callee` is one of those behaviours; `CalleeBook` says
+which number behaves how, per number or by a rule (the default rule is keyed on the last
+digit, so a 10-number list ending 0-9 shows every behaviour).
+
+A callee who answers speaks its lines with the offline TTS into the media stream, each
+after the bot has finished its turn, like `MediaStreamCaller` does for `phonebot.call`;
+the lines are among the offline STT's phrases for campaign personas
+(`phonebot.personas.OPT_OUT_PHRASES`, the summer sale's `caller_phrases`), so the offline
+bot understands them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+from phonebot.audio import TWILIO_SAMPLE_RATE, tone
+from phonebot.emulator.script import Pause, Speak, Step, WaitForBot, WaitForHangup
+
+# What an unanswered call ends as, Twilio's final CallStatus
+# (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
+UNANSWERED = ("busy", "no-answer", "failed")
+# Twilio's AnsweredBy for a voicemail when MachineDetection=DetectMessageEnd heard the beep
+# (https://www.twilio.com/docs/voice/answering-machine-detection#webhook-parameters).
+MACHINE = "machine_end_beep"
+HUMAN = "human"
+HELLO = "Hello?"
+GOODBYE = "goodbye"
+VOICEMAIL_GREETING = "Hi, you've reached Alex. Please leave a message after the beep."
+# What each answering callee says after the bot's opening, one line per bot turn; the last
+# is followed by waiting for the bot to hang up.
+CONVERSATIONS: dict[str, tuple[str, ...]] = {
+    "interested": ("yes I would like that", GOODBYE),
+    "not-interested": ("no I don't want it", GOODBYE),
+    "callback": ("call me back tomorrow", GOODBYE),
+    "opt-out": ("please stop calling me remove me from your list",),
+}
+KINDS = (*CONVERSATIONS, "voicemail", "silent", *UNANSWERED)
+# The default rule: a number's last digit picks its behaviour.
+LAST_DIGIT_RULE: dict[str, str] = {
+    "0": "interested",
+    "1": "interested",
+    "2": "not-interested",
+    "3": "callback",
+    "4": "busy",
+    "5": "no-answer",
+    "6": "voicemail",
+    "7": "opt-out",
+    "8": "failed",
+    "9": "interested",
+}
+# Twilio's AMD decides "human" after a short greeting followed by silence
+# (https://www.twilio.com/docs/voice/answering-machine-detection: MachineDetectionSilenceTimeout
+# and the speech thresholds); the stream connects a little after the answer, too.
+HUMAN_SILENCE_S = 1.5
+# Generous: a loaded machine (or a real LLM) may take a while to answer.
+BOT_TURN_TIMEOUT_S = 30.0
+HANGUP_TIMEOUT_S = 30.0
+SILENT_CALL_S = 60.0
+
+
+@lru_cache(maxsize=64)
+def spoken(text: str) -> Speak:
+    """`text` as caller speech from the offline TTS (cached: campaigns repeat lines); a
+    tone of about the same length when the TTS is missing."""
+    try:
+        from phonebot.offline.espeak import synthesize_at
+
+        pcm = synthesize_at(text, TWILIO_SAMPLE_RATE)
+    except Exception:  # no espeak: still a callee, just not understood
+        pcm = tone(440.0, min(4.0, 0.5 + 0.06 * len(text)), TWILIO_SAMPLE_RATE)
+    return Speak(pcm, TWILIO_SAMPLE_RATE, text)
+
+
+@dataclass(frozen=True)
+class Callee:
+    """One called person's behaviour: `kind` is one of `KINDS`."""
+
+    kind: str
+    greeting: str = VOICEMAIL_GREETING  # the voicemail's
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"callee must be one of {', '.join(KINDS)}, not {self.kind!r}")
+
+    @property
+    def outcome(self) -> str:
+        """What the number does when called: "answer", or busy / no-answer / failed."""
+        return self.kind if self.kind in UNANSWERED else "answer"
+
+    @property
+    def answered_by(self) -> str:
+        """Twilio's AMD verdict for this callee (when the call asked for detection)."""
+        return MACHINE if self.kind == "voicemail" else HUMAN
+
+    @property
+    def amd_delay(self) -> float:
+        """How long detection takes, from the answer: a voicemail's verdict comes after its
+        greeting and beep (DetectMessageEnd); a person is recognised by the silence after
+        a short "Hello?" (the bot, unmuted then, must not hear half of it and barge in)."""
+        if self.kind == "voicemail":
+            return spoken(self.greeting).duration + 0.5
+        return spoken(HELLO).duration + HUMAN_SILENCE_S
+
+    def script(self) -> list[Step]:
+        """What the callee does once the media stream is up."""
+        if self.kind == "voicemail":
+            return [spoken(self.greeting), Pause(0.3), WaitForHangup(timeout=HANGUP_TIMEOUT_S)]
+        if self.kind == "silent":
+            return [Pause(SILENT_CALL_S)]
+        steps: list[Step] = [spoken(HELLO), WaitForBot(timeout=BOT_TURN_TIMEOUT_S)]
+        lines = CONVERSATIONS[self.kind]
+        for line in lines[:-1]:
+            steps += [spoken(line), WaitForBot(timeout=BOT_TURN_TIMEOUT_S, require=False)]
+        return [*steps, spoken(lines[-1]), WaitForHangup(timeout=HANGUP_TIMEOUT_S)]
+
+
+def by_last_digit(number: str) -> Callee:
+    """The default rule (`LAST_DIGIT_RULE`): +1555…7 asks to be removed, and so on."""
+    digits = [ch for ch in number if ch.isdigit()]
+    return Callee(LAST_DIGIT_RULE[digits[-1]] if digits else "interested")
+
+
+class CalleeBook:
+    """Who answers which number: `numbers` first, then `rule` (None: numbers not listed
+    are left to the emulator's defaults)."""
+
+    def __init__(
+        self,
+        numbers: Mapping[str, Callee | str] | None = None,
+        rule: Callable[[str], Callee] | None = by_last_digit,
+    ) -> None:
+        self.numbers = {
+            number: c if isinstance(c, Callee) else Callee(c)
+            for number, c in (numbers or {}).items()
+        }
+        self.rule = rule
+
+    @classmethod
+    def parse(cls, default: str, overrides: list[str] | None = None) -> CalleeBook:
+        """From the command line: `default` is "rules" (the last-digit rule) or one kind
+        for every number; `overrides` are "NUMBER=KIND"."""
+        rule = by_last_digit if default == "rules" else _everyone(Callee(default))
+        numbers = {}
+        for item in overrides or []:
+            number, sep, kind = item.partition("=")
+            if not sep or not number.strip():
+                raise ValueError(f"--callee must be NUMBER=KIND, not {item!r}")
+            numbers[number.strip()] = Callee(kind.strip())
+        return cls(numbers, rule)
+
+    def callee(self, number: str) -> Callee | None:
+        if number in self.numbers:
+            return self.numbers[number]
+        return self.rule(number) if self.rule else None
+
+    def describe(self) -> str:
+        """One line per rule and number, for the emulator's start-up banner."""
+        lines = [f"  {number}: {callee.kind}" for number, callee in self.numbers.items()]
+        if self.rule is by_last_digit:
+            lines += [f"  numbers ending in {d}: {kind}" for d, kind in LAST_DIGIT_RULE.items()]
+        elif self.rule is not None:
+            lines.append(f"  every other number: {self.rule('+0').kind}")
+        return "\n".join(lines)
+
+
+def _everyone(callee: Callee) -> Callable[[str], Callee]:
+    return lambda _number: callee

@@ -1,0 +1,227 @@
+"""HTTP guards: what the server refuses before a request can cost anything.
+
+Cheap, in-process checks in front of the routes (call admission and replays, which must
+hold across processes, are in `phonebot.state`):
+
+- `BodySizeLimit` (ASGI middleware): a request body over `MAX_REQUEST_BODY_BYTES` gets 413
+  before the form or JSON is parsed: at once when `Content-Length` says so, else as soon
+  as the streamed (chunked) bytes pass the cap. Twilio's voice webhook forms are ~1 KB.
+- `client_ip`: who is asking, believing `X-Forwarded-For` only for TRUSTED_PROXY_HOPS.
+- `limit_dialout_rate`: the `/dialout` dependency over the app's shared token buckets
+  (`phonebot.state.ratelimit`, so the limit holds across processes).
+- `RejectionLog`: refusals logged as summaries, so a flood can't flood the log.
+
+No failure rate limit sits in front of the webhooks. A request without a signature is
+refused before its body is read, costing about what `GET /health` does; a badly signed
+or replayed one adds a form parse and an HMAC (~0.25 ms). A per-IP penalty box could
+save that part, but behind ngrok or a proxy, where Twilio and an attacker share one
+address, it would refuse Twilio too and turn a flood into a denial of service; a global
+one would do that for any attacker. So flood resistance comes from every refusal being
+cheap and starting nothing, and refusals are logged as summaries (`RejectionLog`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fastapi import Request
+from loguru import logger
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from phonebot.config import Settings
+from phonebot.state import SharedRateLimiter
+from phonebot.token_bucket import Clock, RateLimiter, TokenBucket
+
+__all__ = [
+    "BodySizeLimit",
+    "RateLimiter",
+    "RejectionLog",
+    "TokenBucket",
+    "client_ip",
+    "limit_dialout_rate",
+    "retry_after_header",
+]
+
+
+# --- request bodies ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BodyCap:
+    """A body-size cap and the setting that sets it (named in the 413)."""
+
+    limit: int
+    setting: str = "MAX_REQUEST_BODY_BYTES"
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` when a streamed body passes the cap; FastAPI answers 413."""
+
+    def __init__(self, cap: BodyCap):
+        super().__init__(413, body_too_large_detail(cap))
+
+
+def body_too_large_detail(cap: BodyCap) -> str:
+    return f"request body is larger than {cap.limit} bytes ({cap.setting})"
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for an HTTP request body over `limit` bytes, before parsing.
+
+    Pure ASGI rather than a FastAPI dependency, so it runs before any route reads the
+    body and also covers bodies with no `Content-Length` (chunked), whose bytes are
+    counted as they arrive. Websockets are left alone (uvicorn's `ws_max_size` bounds
+    their messages). `per_path` gives a route its own cap: a campaign's contact list
+    (`POST /campaigns`, up to MAX_CAMPAIGN_CONTACTS rows) is far bigger than a webhook.
+    """
+
+    def __init__(
+        self, app: ASGIApp, limit: int, per_path: Mapping[str, BodyCap] | None = None
+    ):
+        self.app = app
+        self.default = BodyCap(limit)
+        self.per_path = dict(per_path or {})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cap = self.per_path.get(scope.get("path", ""), self.default)
+        if declared_length(scope) > cap.limit:
+            await self._refuse(cap, scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, self._counting(receive, cap), tracking_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await self._refuse(cap, scope, receive, send)
+
+    @staticmethod
+    def _counting(receive: Receive, cap: BodyCap) -> Receive:
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > cap.limit:
+                    raise BodyTooLarge(cap)
+            return message
+
+        return counted
+
+    @staticmethod
+    async def _refuse(cap: BodyCap, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": body_too_large_detail(cap)},
+            status_code=413,
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
+def declared_length(scope: Scope) -> int:
+    """The request's Content-Length, 0 when absent; an unparsable one counts as huge."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 2**62
+    return 0
+
+
+# --- who is asking -----------------------------------------------------------------
+
+
+def client_ip(request: Request, trusted_proxy_hops: int) -> str:
+    """The client's address, for per-client limits.
+
+    `X-Forwarded-For` is only believed when TRUSTED_PROXY_HOPS says proxies we run sit in
+    front (ngrok: 1). Each proxy appends the address it saw, so the trustworthy entry is
+    the hops-th from the right; anything left of it was written by the client itself.
+    """
+    peer = request.client.host if request.client else "unknown"
+    if trusted_proxy_hops <= 0:
+        return peer
+    forwarded = ",".join(request.headers.getlist("x-forwarded-for"))
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    if len(hops) < trusted_proxy_hops:
+        return hops[0] if hops else peer
+    return hops[-trusted_proxy_hops]
+
+
+# --- rate limits -------------------------------------------------------------------
+
+
+def retry_after_header(seconds: float) -> str:
+    """Retry-After is whole seconds; round up so a client retrying on time succeeds."""
+    return str(max(1, math.ceil(seconds)))
+
+
+async def limit_dialout_rate(request: Request) -> None:
+    """Dependency for `/dialout`: 429 with Retry-After when the client's bucket is empty.
+
+    It runs before the key check, so guessing the key is rate-limited too; a client
+    behind the same untrusted proxy as others shares their bucket (see `client_ip`). The
+    buckets are shared by every process (Redis); when they can't be reached the request
+    gets 503 (`StateUnavailable`, answered by server.py), never an unlimited dial-out.
+    """
+    settings: Settings = request.app.state.settings
+    limiter: SharedRateLimiter = request.app.state.dialout_limiter
+    client = client_ip(request, settings.trusted_proxy_hops)
+    wait_s = await limiter.retry_after(client)
+    if not wait_s:
+        return
+    request.app.state.rejections.note(f"429 /dialout rate limit for {client}")
+    retry = retry_after_header(wait_s)
+    raise HTTPException(
+        429,
+        f"rate limit: {limiter.burst} dial-outs at once, then {limiter.per_minute:g} per "
+        f"minute per client (DIALOUT_RATE_LIMIT_BURST, DIALOUT_RATE_LIMIT_PER_MINUTE); "
+        f"retry in {retry} s",
+        headers={"Retry-After": retry},
+    )
+
+
+# --- refusals ----------------------------------------------------------------------
+
+
+class RejectionLog:
+    """Logs refused requests without letting a flood flood the log.
+
+    The first refusal of a window is logged at once; the rest are counted and summed up
+    in one line when the next refusal comes after the window.
+    """
+
+    def __init__(self, window_s: float = 10.0, clock: Clock = time.monotonic):
+        self._window_s = window_s
+        self._clock = clock
+        self._window_start = -math.inf
+        self._counts: dict[str, int] = {}
+
+    def note(self, what: str) -> None:
+        now = self._clock()
+        if now - self._window_start < self._window_s:
+            self._counts[what] = self._counts.get(what, 0) + 1
+            return
+        if self._counts:
+            summary = ", ".join(f"{count} × {kind}" for kind, count in self._counts.items())
+            logger.warning(f"Refused in the last {self._window_s:g} s: {summary}")
+        self._counts = {}
+        self._window_start = now
+        logger.warning(f"Refused: {what}")

@@ -1,0 +1,98 @@
+"""Twilio's answering-machine verdicts, from `POST /amd` on any process to the call's bot.
+
+Behind a load balancer Twilio's `/amd` callback and the call's media stream may land on
+different processes (or machines), and the verdict may come before the stream has even
+connected (Twilio is quick on a human). So `/amd` stores the verdict (SET EX
+VERDICT_TTL_S) and announces it (PUBLISH); the bot first GETs it, then waits.
+
+How the bot waits: for the announcement, on one pub/sub listener per process (a verdict
+reaches a waiting bot at once, and a process costs one extra Redis connection, not one
+per call), *and* with a GET every VERDICT_POLL_S, because pub/sub is fire-and-forget: an
+announcement sent while the listener was reconnecting is lost, and the poll bounds what
+that costs to a second of silence. Polling alone would have cost the caller up to the
+poll period on every call (a human's "Hello?" answered a second late) and Redis a GET
+per waiting call per period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from loguru import logger
+
+from phonebot.state.base import SharedState, StateUnavailable
+
+# A verdict no call claims (the stream never connected) is forgotten after this long.
+VERDICT_TTL_S = 300.0
+VERDICT_POLL_S = 1.0
+CHANNEL = "amd"
+PREFIX = "amd:"
+
+
+class AmdVerdicts:
+    """`app.state.amd_verdicts`: `set` from the `/amd` callback, `wait` from the bot."""
+
+    def __init__(
+        self, shared: SharedState, ttl_s: float = VERDICT_TTL_S, poll_s: float = VERDICT_POLL_S
+    ):
+        self._shared = shared
+        self._ttl_s = ttl_s
+        self._poll_s = poll_s
+        self._waiters: dict[str, set[asyncio.Future]] = {}
+        shared.watch(CHANNEL, self._announced)
+
+    async def set(self, call_sid: str, answered_by: str) -> None:
+        """Record Twilio's verdict and wake the call's bot, wherever it runs.
+
+        Raises StateUnavailable when the shared state can't be reached.
+        """
+        await self._shared.announce(
+            PREFIX + call_sid, answered_by, self._ttl_s, CHANNEL, f"{call_sid} {answered_by}"
+        )
+
+    async def get(self, call_sid: str) -> str | None:
+        """The verdict recorded for a call, if any (without waiting)."""
+        return await self._shared.get(PREFIX + call_sid)
+
+    async def wait(self, call_sid: str, timeout: float) -> str | None:
+        """The call's verdict, or None if none came within `timeout` seconds.
+
+        The shared state being unreachable counts as "no verdict yet": the bot keeps
+        asking until the timeout, then converses (as without AMD).
+        """
+        self._shared.listen()
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(call_sid, set()).add(future)
+        deadline = time.monotonic() + timeout
+        failing = False
+        try:
+            while True:
+                try:
+                    if verdict := await self.get(call_sid):
+                        return verdict
+                except StateUnavailable as error:
+                    if not failing:  # once per wait, not once per poll
+                        logger.warning(f"Call {call_sid}: can't read its AMD verdict ({error})")
+                    failing = True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                try:
+                    return await asyncio.wait_for(
+                        asyncio.shield(future), min(remaining, self._poll_s)
+                    )
+                except TimeoutError:
+                    continue
+        finally:
+            waiters = self._waiters.get(call_sid, set())
+            waiters.discard(future)
+            if not waiters:
+                self._waiters.pop(call_sid, None)
+            future.cancel()
+
+    def _announced(self, message: str) -> None:
+        call_sid, _, answered_by = message.partition(" ")
+        for future in self._waiters.get(call_sid, ()):
+            if not future.done():
+                future.set_result(answered_by)

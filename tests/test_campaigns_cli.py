@@ -1,0 +1,63 @@
+"""`python -m phonebot.campaign`: start from a CSV, list, status, pause, results."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+
+from phonebot.campaigns.cli import main
+
+
+@pytest.fixture
+def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.setenv("TWILIO_PHONE_NUMBER", "+15550001111")
+    from phonebot.config import get_settings
+
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_start_status_pause_results(database: Path, capsys):
+    contacts = database / "contacts.csv"
+    contacts.write_text("to,customer_id,first_name\n+12025550100,c-1,Ann\n"
+                        "+1 202 555 0101,c-2,Bob\n+12025550100,c-3,Ann\n")
+    code, out, _ = run(capsys, "start", str(contacts), "--param", "campaign_id=summer_sale",
+                       "--window", "09:00-20:00", "--max-concurrent", "5")
+    assert code == 0
+    campaign = out.split()[1].rstrip(":")
+    assert out.startswith(f"campaign {campaign}: running, 2 contacts\n")
+    assert "+12025550100 given on rows [1, 3]: merged" in out
+
+    code, out, _ = run(capsys, "status", campaign)
+    assert code == 0 and "(pending 2; 2 contacts)" in out and "+12025550101" in out
+    assert run(capsys, "pause", campaign)[:2] == (0, f"campaign {campaign}: paused\n")
+    code, _, err = run(capsys, "pause", campaign)
+    assert code == 1 and "a paused campaign can't pause" in err
+    code, out, _ = run(capsys, "results", campaign)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["to"], r["customer_id"], r["state"]) for r in rows] == [
+        ("+12025550100", "c-1", "pending"), ("+12025550101", "c-2", "pending")]
+    assert run(capsys, "list")[1].count(campaign) == 1
+
+
+def test_bad_rows_and_unknown_campaigns_exit_1(database: Path, capsys):
+    contacts = database / "bad.csv"
+    contacts.write_text("to\n+15551234567\n+19005550100\n")
+    code, _, err = run(capsys, "start", str(contacts))
+    assert code == 1
+    assert "contacts.0.to: row 1: '+15551234567' is not a valid phone number" in err
+    assert "contacts.1.to: row 2: +19005550100 is a premium-rate number" in err
+    code, _, err = run(capsys, "start", str(contacts), "--window", "20:00-09:00")
+    assert code == 1 and "window.end must be after window.start" in err
+    assert run(capsys, "status", "cmp_nope")[0] == 1
