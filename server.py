@@ -52,7 +52,7 @@ from dialout import (
 )
 from phonebot import __version__
 from phonebot.caller_id import presented_caller_id
-from phonebot.campaigns.service import install_campaigns
+from phonebot.campaigns.app import install_campaigns
 from phonebot.config import Settings, get_settings
 from phonebot.diagnostics import resource_usage_log
 from phonebot.http_guards import BodyCap, BodySizeLimit, RejectionLog, limit_dialout_rate

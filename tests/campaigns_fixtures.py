@@ -15,7 +15,8 @@ import pytest
 from fastapi import FastAPI
 
 from dialout import DialoutRequest, DialoutResponse
-from phonebot.campaigns.service import Campaigns, install_campaigns
+from phonebot.campaigns.app import install_campaigns
+from phonebot.campaigns.service import Campaigns
 from phonebot.campaigns.windows import ManualClock
 from phonebot.records import Records
 from phonebot.records.schema import CallRecord, utcnow

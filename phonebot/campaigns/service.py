@@ -1,6 +1,5 @@
-"""`Campaigns`: the store and the scheduler of one app, and how the server wires them.
+"""`Campaigns`: the store and the scheduler of one app (wired by `phonebot.campaigns.app`).
 
-    campaigns = install_campaigns(app, settings, records)   # routers, 403 handler
     await campaigns.start(app.state.admission)             # in the lifespan, after records
     await campaigns.check_dial(body.to)                    # in /dialout: the do-not-call list
     await campaigns.stop()
@@ -13,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, status
-from fastapi.responses import JSONResponse
+from fastapi import HTTPException, Request, status
 from loguru import logger
 
 from phonebot.campaigns.dial_guard import RULE_DNC, DialRefused
@@ -97,32 +95,4 @@ def get_campaigns(request: Request) -> Campaigns:
             status.HTTP_503_SERVICE_UNAVAILABLE,
             "campaigns need the call records database: CALL_RECORDS=false",
         )
-    return campaigns
-
-
-def install_campaigns(app: FastAPI, settings: Settings, records: Any, **options: Any) -> Campaigns:
-    """Routers (API, do-not-call, pages) and error answers; `app.state.campaigns`.
-
-    Include BEFORE the records UI router: `/calls/ui/{call_sid}` would take
-    `/calls/ui/campaigns`."""
-    from phonebot.campaigns.api import router as api_router
-    from phonebot.campaigns.dnc import router as dnc_router
-    from phonebot.campaigns.ui import router as ui_router
-
-    campaigns = Campaigns(settings, records, **options)
-    app.state.campaigns = campaigns
-    app.include_router(ui_router)
-    app.include_router(api_router)
-    app.include_router(dnc_router)
-
-    @app.exception_handler(DialRefused)
-    async def dial_refused(request: Request, error: DialRefused) -> JSONResponse:
-        return JSONResponse({"detail": error.detail, "rule": error.rule},
-                            status_code=status.HTTP_403_FORBIDDEN)
-
-    @app.exception_handler(DoNotCallUnavailable)
-    async def dnc_unavailable(request: Request, error: DoNotCallUnavailable) -> JSONResponse:
-        return JSONResponse({"detail": str(error)},
-                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
-
     return campaigns
