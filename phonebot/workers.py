@@ -305,6 +305,13 @@ def run_workers(settings: Settings, count: int, server_script: Path) -> int:
         logger.error(f"Cannot listen on {settings.host}:{settings.port}: {error}")
         return EXIT_CONFIG
     logger.info(f"Listening on {settings.host}:{settings.port} for {count} workers")
+    if settings.database_url.get_secret_value().startswith("sqlite"):
+        # Works (SQLite locks across processes) but every record write and campaign claim
+        # of every worker then queues for one file lock: say so once, at start.
+        logger.warning(
+            f"{count} workers share one SQLite file for call records and campaigns; "
+            "set DATABASE_URL to PostgreSQL for several processes (docs/scaling.md)"
+        )
     command = [sys.executable, str(server_script)]
     # WORKERS in the workers' environment too, so each applies the same configuration
     # checks and metrics mode as the parent (`--workers N` may have set it on the command line).

@@ -46,7 +46,7 @@ WARMUP_CALLS = 40
 # A leaked call keeps its whole pipeline: measured with each call's transport kept alive,
 # that is ~660 KB traced and ~1.1 MB of RSS per call, so 100 leaked calls would add ≥ 60 MB
 # traced and ≥ 100 MB RSS. What hung-up calls legitimately leave is small: entries in the
-# server's bounded replay/admission caches (phonebot.limits), this test's set of ended
+# server's bounded replay/admission caches (phonebot.state), this test's set of ended
 # CallSids, grown hash tables; measured 0.2-0.6 MB traced and 2-3 MB RSS for 100 calls.
 # RSS is noisier: on a busy machine (the whole suite on 2 cores) glibc arenas grew
 # 29 MB once. The limits sit well above that noise and still catch a leak of ~20 KB

@@ -275,6 +275,8 @@ def test_two_workers_on_redis_serve_one_port_and_drain_on_sigterm(redis_server, 
         assert len(pids) == 2 and parent not in pids, pids
         for pid in pids:
             assert server.wait_for_log(f"(pid {pid}) serving")
+        # LiveServer's records are a SQLite file: one file lock for every worker, said once.
+        assert server.log_text().count("2 workers share one SQLite file") == 1
         server.send_signal(signal.SIGTERM)
         assert server.wait_exit(60) == 0, server.log_text()[-3000:]
         assert server.log_text().count("stopped: exit status 0") == 2

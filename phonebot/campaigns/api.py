@@ -31,6 +31,7 @@ from phonebot.campaigns.models import (
     CampaignDetail,
     CampaignIn,
     CampaignList,
+    CampaignStatusChange,
 )
 from phonebot.campaigns.service import Campaigns, get_campaigns
 from phonebot.campaigns.store import RESULT_COLUMNS, BadTransition, CampaignNotFound
@@ -164,14 +165,14 @@ async def campaign_results(campaign_id: str, campaigns: Service) -> Response:
 
 
 def _action(action: str):
-    async def act(campaign_id: str, campaigns: Service) -> dict[str, str]:
+    async def act(campaign_id: str, campaigns: Service) -> CampaignStatusChange:
         try:
             new = await campaigns.store.act(campaign_id, action, campaigns.clock.now())
         except CampaignNotFound:
             raise _not_found(campaign_id) from None
         except BadTransition as error:
             raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
-        return {"id": campaign_id, "status": new}
+        return CampaignStatusChange(id=campaign_id, status=new)
 
     act.__name__ = f"{action}_campaign"
     act.__doc__ = {

@@ -108,6 +108,13 @@ class CampaignCreated(BaseModel):
     )
 
 
+class CampaignStatusChange(BaseModel):
+    """The answer to pause / resume / cancel: the campaign's status after it."""
+
+    id: str
+    status: CampaignStatus
+
+
 class ContactOut(BaseModel):
     row: int
     to: str
