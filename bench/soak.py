@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import statistics
 import sys
@@ -277,8 +278,8 @@ def verdict(readings: list[Reading], warmup_calls: int) -> dict:
         {
             "figure": "rss_mb",
             "target": f"RSS growth after the warm-up <= {MAX_RSS_GROWTH:.0%}",
-            "warmup": reference.rss_mb,
-            "end": end_rss,
+            "warmup": round(reference.rss_mb, 1),
+            "end": round(end_rss, 1),
             "growth": round(growth, 4),
             "met": growth <= MAX_RSS_GROWTH,
         }
@@ -419,7 +420,7 @@ def render_markdown(readings: list[Reading], result: dict, extra: dict) -> str:
         machine["command"],
         "```",
         "",
-        "![resources after each batch](../bench/results/soak.png)",
+        "![resources after each batch](img/soak.png)",
         "",
         "| calls | failed | RSS MB | malloc in use / free MB | open fds | threads "
         "| asyncio tasks | live objects | traced MB |",
@@ -523,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(render_markdown(readings, result, extra))
+        if plot_path:  # the curve goes with the page (bench/results/ is not committed)
+            (args.markdown.parent / "img").mkdir(exist_ok=True)
+            shutil.copyfile(plot_path, args.markdown.parent / "img" / "soak.png")
         print(f"wrote {args.markdown}")
     print(f"total {duration:.0f} s")
     return 0 if alive else 1
