@@ -278,8 +278,8 @@ def verdict(readings: list[Reading], warmup_calls: int) -> dict:
         {
             "figure": "rss_mb",
             "target": f"RSS growth after the warm-up <= {MAX_RSS_GROWTH:.0%}",
-            "warmup": round(reference.rss_mb, 1),
-            "end": round(end_rss, 1),
+            "warmup": reference.rss_mb,
+            "end": end_rss,
             "growth": round(growth, 4),
             "met": growth <= MAX_RSS_GROWTH,
         }
@@ -403,6 +403,11 @@ def _cell(value: object, spec: str = "") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def as_printed(value: float) -> str:
+    """A reading as printed: MB to 0.1, counts as they are (the JSON keeps full precision)."""
+    return f"{value:.1f}" if isinstance(value, float) and not value.is_integer() else f"{value:g}"
+
+
 def render_markdown(readings: list[Reading], result: dict, extra: dict) -> str:
     machine = extra["machine"]
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -439,7 +444,8 @@ def render_markdown(readings: list[Reading], result: dict, extra: dict) -> str:
         for check in result["checks"]:
             mark = {True: "met", False: "MISSED", None: "not measured"}[check["met"]]
             detail = (
-                f"{check['warmup']} after the warm-up, {check['end']} at the end"
+                f"{as_printed(check['warmup'])} after the warm-up, "
+                f"{as_printed(check['end'])} at the end"
                 if "end" in check
                 else "the server logged no resource usage"
             )
@@ -541,7 +547,9 @@ def print_verdict(result: dict, alive: bool) -> None:
     print(f"RSS slope after the warm-up: {result['rss_mb_per_1000_calls']} MB per 1,000 calls")
     for check in result["checks"]:
         mark = {True: "met", False: "MISSED", None: "not measured"}[check["met"]]
-        figures = f": {check['warmup']} → {check['end']}" if "end" in check else ""
+        figures = ""
+        if "end" in check:
+            figures = f": {as_printed(check['warmup'])} → {as_printed(check['end'])}"
         print(f"  {mark:>12}: {check['target']}{figures}")
 
 

@@ -81,6 +81,12 @@ def configure_logging(settings: Settings) -> None:
     else:
         logger.add(sys.stderr, level=level, filter=not_logged_twice)
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.INFO, force=True)
+    # uvicorn's own loggers may carry handlers of their own (its default log config, used by
+    # an embedded uvicorn) that stop their records short of the root: send them through ours,
+    # so every line has our format (JSON included).
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     # Python's warnings (a library's DeprecationWarning) print to stderr on their own;
     # through logging they become records like any other, and JSON ones in JSON mode.
     logging.captureWarnings(settings.log_format == "json")

@@ -84,6 +84,10 @@ def test_text_is_the_default_format(capsys, restore_logging):
 
 
 def test_json_logs_are_one_object_per_line_with_the_call_sid(capsys, restore_logging):
+    # As uvicorn's default log config leaves its loggers (an embedded uvicorn, e.g. another
+    # test's, ran earlier in this process): their records must still come out as JSON.
+    logging.getLogger("uvicorn").addHandler(logging.NullHandler())
+    logging.getLogger("uvicorn").propagate = False
     configure_logging(make_settings(log_format="json", admin_api_key="admin-key-0123456789"))
     logger.info(f"Call {CALL_SID} started: inbound, key admin-key-0123456789")
     logger.bind(call_sid=CALL_SID, persona="support").warning("bound to a call")
