@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from cachetools import LRUCache, TLRUCache
+from cachetools import TLRUCache
 
 from phonebot.state.base import (
     ADMITTED,
@@ -24,7 +24,7 @@ from phonebot.state.base import (
     LeaseCounts,
     SharedState,
 )
-from phonebot.token_bucket import MAX_TRACKED_CLIENTS, Clock, TokenBucket
+from phonebot.token_bucket import Clock, RateLimiter
 
 MAX_LEASES = 100_000
 
@@ -45,7 +45,8 @@ class MemoryState(SharedState):
         self._max_entries = max_entries
         self._clock = clock
         self._tables: dict[str, TLRUCache] = {}
-        self._buckets: LRUCache[str, TokenBucket] = LRUCache(maxsize=MAX_TRACKED_CLIENTS)
+        # One in-process RateLimiter (an LRU of token buckets) per rate.
+        self._limiters: dict[tuple[float, float], RateLimiter] = {}
         self._live = ttl_cache(MAX_LEASES, clock)  # call_sid -> (process, ttl)
         self._reserved = ttl_cache(MAX_LEASES, clock)  # call_sid -> ("", ttl)
         self._handlers: dict[str, list[Handler]] = {}
@@ -98,10 +99,11 @@ class MemoryState(SharedState):
 
     async def take_token(self, key: str, per_s: float, burst: float) -> float:
         self.round_trips += 1
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(per_s, burst, self._clock)
-        return 0.0 if bucket.admit(1) else bucket.wait_s(1)
+        limiter = self._limiters.get((per_s, burst))
+        if limiter is None:
+            limiter = RateLimiter(per_s * 60.0, burst, clock=self._clock)
+            self._limiters[(per_s, burst)] = limiter
+        return limiter.retry_after(key)
 
     async def reserve(self, call_sid: str, ttl_s: float, cap: int) -> bool:
         self.round_trips += 1
