@@ -34,8 +34,7 @@ from load_report import TARGET_P95_FACTOR, TARGET_UNDERRUN, RunData, StepResult,
 from load_server import ProcessMeter, ServerProcess, ours_process, rss_mb
 from load_stats import turn_timings
 
-# The tests' throw-away redis-server (free loopback port, temporary folder, persistence off)
-from tests.redis_server import start_redis
+from bench.redis_server import start_redis
 
 PROCESS_STEPS = (10, 20, 30, 40, 50, 60, 80, 100, 120, 160, 200)
 QUICK_PROCESS_STEPS = (2, 4)

@@ -24,6 +24,7 @@ import pytest
 from loguru import logger
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench.redis_server import ping
 from phonebot import audio
 from phonebot.emulator import (
     CallResult,
@@ -41,7 +42,6 @@ from phonebot.emulator.timeline import Playback, Track
 from phonebot.logs import configure_logging
 from phonebot.turns import TurnTimeline
 from tests.conftest import make_settings
-from tests.redis_server import ping
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 

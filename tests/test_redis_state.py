@@ -40,7 +40,7 @@ from tests.live_server import ROOT, free_port
 from tests.test_abuse import fake_pipeline, open_stream, signed_post, stream_token, webhook_form
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (pytest_plugins), not here
-    from tests.redis_server import RedisServer
+    from bench.redis_server import RedisServer
 
 pytest_plugins = ["tests.redis_server"]
 

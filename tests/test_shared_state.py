@@ -42,7 +42,7 @@ from tests.test_abuse import start_frame, webhook_form
 from tests.test_calls import CALLER, OUR_NUMBER, server_env
 
 if TYPE_CHECKING:
-    from tests.redis_server import RedisServer
+    from bench.redis_server import RedisServer
 
 pytest_plugins = ["tests.redis_server"]
 # pytest-timeout counts the module fixture's setup (three servers loading their models at
