@@ -12,6 +12,9 @@ and runs the pipeline for a call that has already been verified.
 
 from __future__ import annotations
 
+# First: loguru's default handler without local variables in tracebacks (phonebot.log_start).
+import phonebot.log_start  # noqa: F401  # isort: skip
+
 import asyncio
 from collections.abc import Awaitable, Callable
 
@@ -46,6 +49,7 @@ from phonebot.call_control import (
 from phonebot.config import Settings, for_persona, get_settings
 from phonebot.inference import SharedSileroVADAnalyzer
 from phonebot.keypad import keypad_aggregator
+from phonebot.logs import mask_secrets
 from phonebot.metrics import INVALID_STREAM, STREAM, Metrics
 from phonebot.personas import Persona, opening_line, select_persona
 from phonebot.pipeline_cost import InputAudioStop
@@ -401,6 +405,7 @@ async def bot(runner_args: RunnerArguments) -> None:
         handshake = (transport_type, runner_args.call_data)
     websocket = runner_args.websocket  # type: ignore[attr-defined]
     settings = get_settings()
+    mask_secrets(settings)  # the runner owns the log handlers here; no secret reaches them
     # Without REDIS_URL no /amd callback can reach this session: don't wait for one.
     shared = build_state(settings) if settings.redis_url is not None else None
     try:

@@ -37,6 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from phonebot.caller_id import E164
 from phonebot.campaigns.dial_guard import check_destination
 from phonebot.config import Settings, get_settings
+from phonebot.records.limits import check_call_parameters, check_fits
+from phonebot.records.schema import CallRecord
 from phonebot.twilio_api import TwilioUnavailable, create_call
 from phonebot.twiml import ParameterError, validate_custom_parameters
 from phonebot.voicemail import AMD_CALLBACK_PATH, AMD_PARAMETER, AMD_REQUESTED
@@ -79,6 +81,19 @@ class DialoutResponse(BaseModel):
     to: str
 
 
+def validate_dial_parameters(
+    parameters: Mapping[str, str], settings: Settings, *, where: str = "parameters"
+) -> dict[str, str]:
+    """A dial's custom parameters by /dialout's rules, for /dialout and campaigns alike:
+    `validate_custom_parameters`, and `amd` is the server's own (set from machine_detection,
+    checked again on /outbound), never the caller's. ParameterError names the field."""
+    checked = validate_custom_parameters(parameters, settings, where=where)
+    if AMD_PARAMETER in checked:
+        raise ParameterError(f"{where}.{AMD_PARAMETER}", "is reserved; use machine_detection")
+    check_call_parameters(checked, where=where)  # campaign_id, customer_id fit the record
+    return checked
+
+
 async def place_call(request: DialoutRequest, settings: Settings, base_url: str) -> DialoutResponse:
     """Check the destination and the parameters, and ask Twilio to place the call.
 
@@ -88,9 +103,7 @@ async def place_call(request: DialoutRequest, settings: Settings, base_url: str)
     """
     if (refused := check_destination(request.to, settings)) is not None:
         raise refused  # toll-fraud guard: country, premium-rate, short numbers
-    parameters = validate_custom_parameters(request.parameters, settings, where="parameters")
-    if AMD_PARAMETER in parameters:
-        raise ParameterError(f"parameters.{AMD_PARAMETER}", "is reserved; use machine_detection")
+    parameters = validate_dial_parameters(request.parameters, settings)
     from_number = request.from_ or settings.twilio_phone_number
     if not from_number:
         raise ParameterError("from", "not given and TWILIO_PHONE_NUMBER is not set")
@@ -135,13 +148,16 @@ class StatusCallback:
 
     @classmethod
     def from_form(cls, form: Mapping[str, str]) -> StatusCallback:
-        """The callback's fields; ParameterError names a missing or malformed one."""
+        """The callback's fields; ParameterError names a missing or malformed one (a From
+        or To longer than the record's column: no number or SIP URI is)."""
         call_sid = str(form.get("CallSid", ""))
         status = str(form.get("CallStatus", ""))
         if not CALL_SID.match(call_sid):
             raise ParameterError("CallSid", "must be CA followed by 32 hex digits")
         if status not in CALL_STATUSES:
             raise ParameterError("CallStatus", f"must be one of {', '.join(sorted(CALL_STATUSES))}")
+        check_fits("From", form.get("From"), CallRecord.from_number)
+        check_fits("To", form.get("To"), CallRecord.to_number)
         return cls(
             call_sid=call_sid,
             status=status,

@@ -32,6 +32,7 @@ import asyncio
 import os
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -41,6 +42,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, status
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bot import serve_call
 from dialout import (
@@ -55,7 +57,13 @@ from phonebot.caller_id import presented_caller_id
 from phonebot.campaigns.app import install_campaigns
 from phonebot.config import Settings, get_settings
 from phonebot.diagnostics import resource_usage_log
-from phonebot.http_guards import BodyCap, BodySizeLimit, RejectionLog, limit_dialout_rate
+from phonebot.http_guards import (
+    BodyCap,
+    BodySizeLimit,
+    RejectionLog,
+    key_matches,
+    limit_dialout_rate,
+)
 from phonebot.inference import load_shared_models
 from phonebot.inference.turn import SMART_TURN_THREADS, smart_turn_executor
 from phonebot.logs import configure_logging
@@ -72,7 +80,9 @@ from phonebot.metrics import router as metrics_router
 from phonebot.providers import chosen_providers
 from phonebot.records import Records
 from phonebot.records.api import router as records_router
+from phonebot.records.callbacks import status_refusal, verdict_refusal
 from phonebot.records.db import UnsupportedDatabase
+from phonebot.records.limits import check_webhook
 from phonebot.records.models import RecordsHealth
 from phonebot.records.schema import utcnow
 from phonebot.records.ui import router as records_ui_router
@@ -121,8 +131,14 @@ class StateHealth(BaseModel):
     round_trips: int  # state operations this process sent (Redis commands/pipelines/scripts)
 
 
-class HealthResponse(BaseModel):
+class HealthStatus(BaseModel):
+    """What /health tells anyone under ENV=production: no version, pid, providers or
+    Redis address for a stranger to map the deployment with."""
+
     status: str  # ok, draining, or degraded (shared state unreachable: no new calls)
+
+
+class HealthResponse(HealthStatus):
     version: str
     offline: bool
     providers: dict[str, str]
@@ -165,13 +181,26 @@ async def call_twiml(request: Request, call_type: str) -> Response:
 async def webhook_answer(
     request: Request, settings: Settings, call_sid: str, call_type: str, form: Mapping
 ) -> str:
-    """The TwiML for this webhook: the same as before for Twilio's retry, else a new one."""
+    """The TwiML for this webhook: the same as before for Twilio's retry, else a new one.
+
+    A CallSid whose record shows its webhook was answered is a replay (409) even after the
+    replay cache forgot it (REPLAY_CACHE_TTL_S). Fields its record can't hold: 422.
+    """
+    check_webhook(form, request.query_params)
     replays: ReplayGuard = request.app.state.replays
     if (again := await replays.answer_for_retry(request, call_sid)) is not None:
         # Not recorded again: the record keeps when the call was first answered.
         logger.info(f"{call_type} call {call_sid}: Twilio retried its webhook; same answer")
         return again
     async with answered_once(request, call_sid):
+        if await request.app.state.records.answered_before(call_sid):
+            request.app.state.rejections.note(f"409 replayed webhook to {request.url.path}")
+            request.app.state.metrics.call_refused(REPLAY, WEBHOOK)
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                "a webhook with this CallSid was already answered (its call has a record); "
+                "each signed request is accepted once",
+            )
         twiml = await answer_call(request, settings, call_sid, call_type, form)
     try:
         await replays.remember_answer(request, call_sid, twiml)
@@ -193,8 +222,12 @@ async def answer_call(
         "caller_id": presented_caller_id(str(form.get("From", ""))),
         "called_number": str(form.get("To", "")),
         "call_type": call_type,
-        TOKEN_PARAMETER: call_token(call_sid, settings.stream_token_secret),
     }
+    # Bound to this call, these parameters and a short life (phonebot.security).
+    expires_at = time.time() + settings.stream_token_ttl_s
+    parameters[TOKEN_PARAMETER] = call_token(
+        call_sid, settings.stream_token_secret, parameters, expires_at
+    )
     target = stream_target(settings, public_base_url(request))
     if refusal := await admit_webhook(request.app.state.admission, settings, call_sid):
         logger.warning(f"{call_type} call {call_sid}: busy ({refusal})")
@@ -303,20 +336,35 @@ def record_dialout(
     records.writer.call_updated(placed.call_sid, **given(fields))
 
 
-def record_status(records: Records, update: StatusCallback) -> None:
+async def record_status(records: Records, update: StatusCallback) -> bool:
     """A final CallStatus goes on the record (and closes it, with a `call.failed` event,
-    when the call never connected); progress only makes sure the record exists.
+    when the call never connected); progress only makes sure the record exists. From and
+    To are kept only when the record has none: a callback never changes who called.
 
-    Only final statuses are written: Twilio's callbacks may arrive out of order, and a
-    late "ringing" must not overwrite "completed".
+    Only a callback that moves the call forward counts: Twilio's callbacks may arrive out
+    of order, and a replayed one late, so one for a call already final (or ended), or one
+    that would move it back, is ignored with one log line (`phonebot.records.callbacks`;
+    the writer's UPDATE holds the same rule when two callbacks race). Whether it counted.
     """
-    fields = given({"from_number": update.from_, "to_number": update.to})
+    if reason := status_refusal(await records.progress(update.call_sid), update.status):
+        logger.info(f"Call {update.call_sid}: Twilio status {update.status} ignored ({reason})")
+        return False
     if update.final:
         logger.info(f"Call {update.call_sid}: Twilio's final status {update.status}")
-        records.writer.dialout_status(update.call_sid, update.status, **fields)
     else:
         logger.debug(f"Call {update.call_sid}: Twilio status {update.status}")
-        records.writer.call_updated(update.call_sid, direction="outbound", **fields)
+    fields = given({"from_number": update.from_, "to_number": update.to})
+    records.writer.dialout_status(update.call_sid, update.status, **fields)
+    return True
+
+
+async def end_stream_token(admission: CallAdmission, update: StatusCallback) -> None:
+    """A call Twilio reports over can't start a stream any more, on any process: its token
+    is spent as its stream would have spent it. Best effort: the token expires anyway."""
+    try:
+        await admission.call_over(update.call_sid)
+    except StateUnavailable as error:
+        logger.warning(f"Call {update.call_sid}: stream token not ended ({error})")
 
 
 def given(fields: dict[str, object]) -> dict[str, object]:
@@ -376,6 +424,29 @@ async def dialout_rate(request: Request) -> None:
         raise
 
 
+def api_docs(settings: Settings) -> dict[str, str | None]:
+    """FastAPI's /docs, /redoc and /openapi.json: off under ENV=production, where they would
+    hand a stranger the map of every route and field."""
+    if settings.env == "production":
+        return {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    return {}
+
+
+async def carries_admin_key(request: Request, settings: Settings) -> bool:
+    """Whether the request has `Authorization: Bearer $ADMIN_API_KEY`, for what only the
+    operator may see; never a gate that answers 401 or 429. A wrong key still counts
+    toward the client's lockout (`key_matches`), so /health is no way around it."""
+    key = settings.admin_api_key
+    if key is None:
+        return False
+    try:
+        return await key_matches(
+            request, request.headers.get("authorization"), f"Bearer {key.get_secret_value()}"
+        )
+    except StarletteHTTPException:  # locked out (429): the stranger's answer
+        return False
+
+
 def create_app(settings: Settings, shared: SharedState | None = None) -> FastAPI:
     """The app; `shared` replaces the state backend the settings pick (tests)."""
     @asynccontextmanager
@@ -409,7 +480,7 @@ def create_app(settings: Settings, shared: SharedState | None = None) -> FastAPI
             stop_models(providers.stt == "offline")
 
     require_safe_configuration(settings)
-    app = FastAPI(title="Phone bot", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="Phone bot", version=__version__, lifespan=lifespan, **api_docs(settings))
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_request_body_bytes,
@@ -427,6 +498,7 @@ def create_app(settings: Settings, shared: SharedState | None = None) -> FastAPI
     app.state.replays = state.replays
     app.state.dialout_limiter = state.dialout_limiter
     app.state.amd_verdicts = state.amd_verdicts
+    app.state.auth_lockout = state.auth_lockout  # failed key checks per client (http_guards)
     app.state.calls = ActiveCalls()  # this process's running calls, for the drain
     app.state.rejections = RejectionLog()
     app.state.metrics = Metrics()  # GET /metrics (phonebot.metrics); passed to each call
@@ -485,10 +557,17 @@ def create_app(settings: Settings, shared: SharedState | None = None) -> FastAPI
         dependencies=[Depends(require_twilio_signature)],
     )
     async def amd_callback(request: Request) -> Response:
-        """Twilio's async answering-machine verdict for a call placed by /dialout."""
+        """Twilio's async answering-machine verdict for a call placed by /dialout: the
+        first one per call counts; another (replayed, late) is ignored with a log line."""
         call_sid, answered_by, duration = await amd_verdict(request)
+        ignored = verdict_refusal(await records.progress(call_sid))
+        # The shared store keeps the first verdict (SET NX); 503 if the state is down.
+        if ignored is None and not await app.state.amd_verdicts.set(call_sid, answered_by):
+            ignored = "the call already has its verdict"
+        if ignored:
+            logger.info(f"Call {call_sid}: AMD verdict {answered_by} ignored ({ignored})")
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
         logger.info(f"Call {call_sid} answered by {answered_by} (detection took {duration} ms)")
-        await app.state.amd_verdicts.set(call_sid, answered_by)  # 503 if state is down
         records.writer.call_updated(call_sid, amd_verdict=answered_by)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -501,7 +580,9 @@ def create_app(settings: Settings, shared: SharedState | None = None) -> FastAPI
         """Twilio's status callbacks for a call placed by /dialout: its progress, and its
         final CallStatus, recorded also for a call that never connected (busy, …)."""
         update = StatusCallback.from_form(await request.form())
-        record_status(records, update)
+        # Ignored (logged) unless it moves the call on.
+        if await record_status(records, update) and update.final:
+            await end_stream_token(app.state.admission, update)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @app.websocket("/ws")
@@ -546,17 +627,21 @@ def create_app(settings: Settings, shared: SharedState | None = None) -> FastAPI
         return placed
 
     @app.get("/health")
-    async def health(response: Response) -> HealthResponse:
+    async def health(request: Request, response: Response) -> HealthResponse | HealthStatus:
         """503 while draining or while the shared state is unreachable (new calls would
         hear the busy message), so a load balancer stops sending calls here. It asks the
-        state each time, so it turns 200 again by itself once Redis is back."""
+        state each time, so it turns 200 again by itself once Redis is back. Under
+        ENV=production only the status, unless the admin key comes with the request."""
         providers = chosen_providers(settings)
         admission: CallAdmission = app.state.admission
         state, counts = await state_health(app.state.shared, admission)
         if admission.draining or not state.ok:
             response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        overall = "draining" if admission.draining else "ok" if state.ok else "degraded"
+        if settings.env == "production" and not await carries_admin_key(request, settings):
+            return HealthStatus(status=overall)
         return HealthResponse(
-            status="draining" if admission.draining else "ok" if state.ok else "degraded",
+            status=overall,
             version=__version__,
             offline=providers.offline,
             providers={"stt": providers.stt, "llm": providers.llm, "tts": providers.tts},
@@ -621,6 +706,11 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,
         ws_max_size=MAX_MEDIA_MESSAGE_BYTES,
         timeout_graceful_shutdown=UVICORN_CLOSE_TIMEOUT_S,
+        # X-Forwarded-For is read in one place only, `http_guards.client_ip`, and only for
+        # TRUSTED_PROXY_HOPS: uvicorn's own reading (on by default, trusting 127.0.0.1)
+        # would let a loopback client pick its address, whatever that setting says.
+        proxy_headers=False,
+        server_header=False,  # `server: uvicorn` tells a stranger what to probe for
     )
     server = GracefulServer(config, Drain(settings, app.state.admission, app.state.calls))
     sockets = None

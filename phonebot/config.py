@@ -171,11 +171,19 @@ class Settings(BaseSettings):
     # A webhook answered with <Connect><Stream> holds a call slot until its stream connects
     # or this long passes, so a burst of webhooks can't overshoot MAX_CONCURRENT_CALLS.
     call_reservation_ttl_s: float = Field(default=30.0, gt=0)
+    # A stream token is valid this long after its webhook was answered (the expiry is signed
+    # into the token): Twilio opens the stream within a second or two of fetching the TwiML.
+    stream_token_ttl_s: float = Field(default=30.0, gt=0, le=3600)
     # POST /dialout per client IP: `burst` at once, refilled at `per_minute`.
     dialout_rate_limit_per_minute: float = Field(default=10.0, gt=0)
     dialout_rate_limit_burst: int = Field(default=5, ge=1)
     # Reverse proxies we run in front of the server (ngrok = 1); 0 = ignore X-Forwarded-For.
     trusted_proxy_hops: int = Field(default=0, ge=0)
+    # Failed key checks (ADMIN_API_KEY, DIALOUT_API_KEY, METRICS_TOKEN, the /calls/ui login)
+    # per client IP: this many at once, or faster than this many per AUTH_LOCKOUT_S, lock
+    # the client out of every key check (the right key included) for AUTH_LOCKOUT_S.
+    auth_failure_limit: int = Field(default=10, ge=1)
+    auth_lockout_s: float = Field(default=60.0, gt=0, le=86_400)
 
     # Shared state (phonebot.state, docs/scaling.md). Unset REDIS_URL: replays, call slots,
     # the /dialout rate limit and AMD verdicts live in this process (one process only).

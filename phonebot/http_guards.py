@@ -9,9 +9,13 @@ hold across processes, are in `phonebot.state`):
 - `client_ip`: who is asking, believing `X-Forwarded-For` only for TRUSTED_PROXY_HOPS.
 - `limit_dialout_rate`: the `/dialout` dependency over the app's shared token buckets
   (`phonebot.state.ratelimit`, so the limit holds across processes).
+- `refuse_locked_out` / `note_failed_key`: every key check (ADMIN_API_KEY, DIALOUT_API_KEY,
+  METRICS_TOKEN, the calls page's login) asks first whether the client is locked out after
+  AUTH_FAILURE_LIMIT failures, and reports its failures (`app.state.auth_lockout`).
 - `RejectionLog`: refusals logged as summaries, so a flood can't flood the log.
 
-No failure rate limit sits in front of the webhooks. A request without a signature is
+No failure rate limit sits in front of the webhooks (keys are another matter: a guess
+costs the guesser, never Twilio, which sends no key). A request without a signature is
 refused before its body is read, costing about what `GET /health` does; a badly signed
 or replayed one adds a form parse and an HMAC (~0.25 ms). A per-IP penalty box could
 save that part, but behind ngrok or a proxy, where Twilio and an attacker share one
@@ -22,6 +26,7 @@ cheap and starting nothing, and refusals are logged as summaries (`RejectionLog`
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 from collections.abc import Mapping
@@ -34,7 +39,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phonebot.config import Settings
-from phonebot.state import SharedRateLimiter
+from phonebot.state import SharedRateLimiter, StateUnavailable, app_auth_lockout
 from phonebot.token_bucket import Clock, RateLimiter, TokenBucket
 
 __all__ = [
@@ -44,6 +49,9 @@ __all__ = [
     "TokenBucket",
     "client_ip",
     "limit_dialout_rate",
+    "locked_out_for",
+    "note_failed_key",
+    "refuse_locked_out",
     "retry_after_header",
 ]
 
@@ -196,6 +204,82 @@ async def limit_dialout_rate(request: Request) -> None:
         f"retry in {retry} s",
         headers={"Retry-After": retry},
     )
+
+
+# --- failed key checks -------------------------------------------------------------
+
+
+async def locked_out_for(request: Request) -> tuple[str, float]:
+    """(client, seconds it stays locked out, 0 when it isn't), before any key is compared.
+
+    With the shared state unreachable the lockout is skipped, not the key: it is a brake
+    on guessing, and `/metrics` (and the records API, which needs no Redis) must still
+    answer a right key during a Redis outage (counted by the state's `on_error`).
+    """
+    settings: Settings = request.app.state.settings
+    client = client_ip(request, settings.trusted_proxy_hops)
+    try:
+        return client, await app_auth_lockout(request.app.state).locked_for(client)
+    except StateUnavailable as error:
+        logger.debug(f"Lockout of {client} not checked: {error}")
+        return client, 0.0
+
+
+async def refuse_locked_out(request: Request) -> str:
+    """429 with Retry-After while the client is locked out, whatever key it sends (else the
+    one answer that isn't a 429 would tell a guesser it was right); returns the client."""
+    client, wait_s = await locked_out_for(request)
+    if wait_s:
+        raise HTTPException(
+            429, locked_out_detail(wait_s), headers={"Retry-After": retry_after_header(wait_s)}
+        )
+    return client
+
+
+def locked_out_detail(wait_s: float) -> str:
+    return (
+        "too many failed key checks from this client (AUTH_FAILURE_LIMIT, AUTH_LOCKOUT_S): "
+        f"retry in {retry_after_header(wait_s)} s"
+    )
+
+
+def same_key(given: str, expected: str) -> bool:
+    """Constant time, on bytes: a non-ASCII key is a mismatch, where `hmac.compare_digest`
+    on `str` would raise (and a crafted key would be a 500)."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+async def key_matches(request: Request, given: str | None, expected: str) -> bool:
+    """Whether the key a request sent is `expected`, through the failed-key lockout.
+
+    No key (`None`) is no guess: False, not counted. A locked-out client gets 429 whatever
+    it sends (`refuse_locked_out`); a wrong key is counted (`note_failed_key`).
+    """
+    if given is None:
+        return False
+    client = await refuse_locked_out(request)
+    if same_key(given, expected):
+        return True
+    await note_failed_key(request, client)
+    return False
+
+
+async def note_failed_key(request: Request, client: str) -> None:
+    """Count a wrong key from `client`; the failure that locks it out is logged (once per
+    lockout, through the flood-proof RejectionLog when the app has one)."""
+    lockout = app_auth_lockout(request.app.state)
+    try:
+        if not await lockout.failed(client):
+            return
+    except StateUnavailable as error:  # as in `locked_out_for`: the key was still refused
+        logger.debug(f"Failed key check of {client} not counted: {error}")
+        return
+    what = f"429 {client} locked out for {lockout.lockout_s:g} s after failed key checks"
+    rejections = getattr(request.app.state, "rejections", None)
+    if rejections is not None:
+        rejections.note(f"{what} (last: {request.url.path})")
+    else:
+        logger.warning(f"{what} (last: {request.url.path})")
 
 
 # --- refusals ----------------------------------------------------------------------

@@ -7,13 +7,16 @@ gets. So `server.py` imports this module first: with LOG_FORMAT=json (environmen
 `./.env`, as `phonebot.config.get_settings` reads them) loguru's default handler is
 replaced by a list, and `configure_logging` writes what it held in the configured format.
 
-Only the standard library, python-dotenv and loguru are imported here, so nothing can log
-before the swap.
+Otherwise loguru's default handler is replaced by the same one without `diagnose` and
+`backtrace`, so no log line printed before `configure_logging` (or on Pipecat Cloud, where
+it never runs) shows a frame's local variables. Only the standard library, python-dotenv
+and loguru are imported here, so nothing can log before the swap.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from dotenv import dotenv_values
@@ -47,5 +50,15 @@ def take_held() -> list[dict]:
     return held
 
 
+def safe_default_handler() -> None:
+    """Loguru's default stderr handler, without `diagnose` (which prints the crashed frame's
+    local variables, keys included) and `backtrace`: what runs before, or without,
+    `configure_logging` (the bot on Pipecat Cloud) must not print them either."""
+    logger.remove()
+    logger.add(sys.stderr, level="DEBUG", diagnose=False, backtrace=False)
+
+
 if wants_json():
     hold_until_configured()
+else:
+    safe_default_handler()

@@ -23,7 +23,7 @@ import re
 import sys
 import traceback
 from datetime import UTC
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from loguru import logger
 from sqlalchemy.engine import make_url
@@ -32,14 +32,18 @@ from phonebot.config import Settings
 from phonebot.log_start import take_held
 from phonebot.provider_faults import not_logged_twice
 
-TOKEN_VALUE = re.compile(r"""(['"]?token['"]?\s*[:=]\s*['"]?)([0-9a-fA-F]{8,})""")
+# A stream token ("<expiry>.<hex HMAC>", phonebot.security) wherever it is printed as a
+# `token` value (Pipecat logs the parsed `start` message at DEBUG): all but 4 characters go.
+TOKEN_VALUE = re.compile(r"""(['"]?token['"]?\s*[:=]\s*['"]?)([0-9a-fA-F][0-9a-fA-F.]{7,})""")
 CALL_SID_IN_TEXT = re.compile(r"\bCA[0-9a-fA-F]{32}\b")
 ORIGIN = "origin"  # extra: (logger, module, function, line) of a routed or replayed record
 ORIGIN_TIME = "origin_time"  # extra: when a replayed record was first logged
 
 
 def secret_values(settings: Settings) -> list[str]:
-    """Every configured secret, and the passwords inside DATABASE_URL and REDIS_URL."""
+    """Every configured secret, whatever its length, and the passwords inside DATABASE_URL
+    and REDIS_URL (as written in the URL and decoded), longest first so a secret that
+    contains another is masked whole."""
     fields = (
         settings.twilio_auth_token,
         settings.twilio_webhook_shared_key,
@@ -53,15 +57,27 @@ def secret_values(settings: Settings) -> list[str]:
         settings.cartesia_api_key,
     )
     values = [f.get_secret_value() for f in fields if f]
-    values.append(make_url(settings.database_url.get_secret_value()).password or "")
+    database_url = settings.database_url.get_secret_value()
+    values += [make_url(database_url).password or "", urlsplit(database_url).password or ""]
     if settings.redis_url:
-        values.append(urlsplit(settings.redis_url.get_secret_value()).password or "")
-    return [value for value in values if len(value) >= 6]
+        redis_url = settings.redis_url.get_secret_value()
+        values += [urlsplit(redis_url).password or "", unquote(urlsplit(redis_url).password or "")]
+    return sorted({value for value in values if value}, key=len, reverse=True)
+
+
+# A secret shorter than this is masked only where it stands alone (not inside a longer word
+# or number): a 2-letter key masked inside every word would garble the whole log. Such a
+# secret is refused under ENV=production anyway (security.py `short_secret_problem`).
+SHORT_SECRET = 6
 
 
 def redact(text: str, secrets: list[str]) -> str:
+    """Mask each secret (a short one where it stands alone), and stream tokens to 4 chars."""
     for secret in secrets:
-        text = text.replace(secret, "***")
+        if len(secret) >= SHORT_SECRET:
+            text = text.replace(secret, "***")
+        else:
+            text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", "***", text)
     return TOKEN_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)[:4]}…", text)
 
 
@@ -69,17 +85,20 @@ def configure_logging(settings: Settings) -> None:
     """Send loguru to stderr at LOG_LEVEL, in LOG_FORMAT, with secrets masked."""
     secrets = secret_values(settings)
 
-    def patch(record) -> None:
-        record["message"] = redact(record["message"], secrets)
-
     logger.remove()
-    logger.configure(patcher=patch)
-    # Pipecat's own copies of provider errors are dropped: the call logs each once.
-    level = settings.log_level.upper()
-    if settings.log_format == "json":
-        logger.add(sys.stderr, level=level, filter=not_logged_twice, format=json_line(secrets))
-    else:
-        logger.add(sys.stderr, level=level, filter=not_logged_twice)
+    mask_secrets(settings)
+    # Pipecat's own copies of provider errors are dropped: the call logs each once. No
+    # handler prints a frame's local variables (loguru's `diagnose`): one crafted request
+    # that raised would otherwise write every key in the crashed frames to the log.
+    line = json_line(secrets) if settings.log_format == "json" else text_line(secrets)
+    logger.add(
+        sys.stderr,
+        level=settings.log_level.upper(),
+        filter=not_logged_twice,
+        format=line,
+        diagnose=False,
+        backtrace=False,
+    )
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.INFO, force=True)
     # uvicorn's own loggers may carry handlers of their own (its default log config, used by
     # an embedded uvicorn) that stop their records short of the root: send them through ours,
@@ -94,6 +113,47 @@ def configure_logging(settings: Settings) -> None:
         origin = (record["name"], record["module"], record["function"], record["line"])
         replay = logger.bind(**{ORIGIN: origin, ORIGIN_TIME: record["time"]})
         replay.log(record["level"].name, record["message"])
+
+
+def mask_secrets(settings: Settings) -> None:
+    """Mask every configured secret and stream token in every record's message, whatever
+    handlers there are (also where someone else owns them: the bot on Pipecat Cloud)."""
+    secrets = secret_values(settings)
+
+    def patch(record) -> None:
+        record["message"] = redact(record["message"], secrets)
+
+    logger.configure(patcher=patch)
+
+
+# Loguru's default text format, with the exception (if any) already masked in `extra`.
+TEXT_FORMAT = (
+    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <8}</level> | "
+    "<cyan>{name}</cyan>:<cyan>{function}</cyan>:<cyan>{line}</cyan> - <level>{message}</level>"
+)
+
+
+def text_line(secrets: list[str]):
+    """A loguru format function for text logs whose traceback is masked like the JSON one.
+
+    Loguru's own `{exception}` would print the traceback as it is (an exception's text can
+    hold a URL with a key, a header, a token); here it is formatted by `traceback` (no
+    local variables) and passed through `redact` first.
+    """
+
+    def format_record(record) -> str:
+        if record["exception"] is None:
+            return TEXT_FORMAT + "\n"
+        record["extra"]["masked_exception"] = exception_text(record, secrets)
+        return TEXT_FORMAT + "\n{extra[masked_exception]}"
+
+    return format_record
+
+
+def exception_text(record, secrets: list[str]) -> str:
+    """The record's traceback, formatted without local variables, secrets masked."""
+    kind, error, trace = record["exception"]
+    return redact("".join(traceback.format_exception(kind, error, trace)), secrets)
 
 
 def json_line(secrets: list[str]):
@@ -115,7 +175,7 @@ def json_line(secrets: list[str]):
 
 def json_fields(record, secrets: list[str]) -> dict:
     """The flat fields of one record (its message already masked by the patcher)."""
-    extra = {k: v for k, v in record["extra"].items() if k != "json"}
+    extra = {k: v for k, v in record["extra"].items() if k not in ("json", "masked_exception")}
     when = extra.pop(ORIGIN_TIME, None) or record["time"]
     where = extra.pop(ORIGIN, None) or (
         record["name"],
@@ -136,9 +196,7 @@ def json_fields(record, secrets: list[str]) -> dict:
     for key, value in extra.items():  # other bound fields, masked like the message
         fields.setdefault(key, redact(str(value), secrets))
     if record["exception"] is not None:
-        kind, error, trace = record["exception"]
-        text = "".join(traceback.format_exception(kind, error, trace))
-        fields["exception"] = redact(text, secrets)
+        fields["exception"] = exception_text(record, secrets)
     return fields
 
 

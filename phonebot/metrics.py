@@ -22,7 +22,6 @@ run's counts, and drops an exited worker's live gauges (`mark_process_dead`).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
+from phonebot.http_guards import key_matches
 from phonebot.state import StateUnavailable
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -270,23 +270,24 @@ class LoopLagMonitor:
 router = APIRouter()
 
 
-def require_metrics_token(request: Request) -> None:
+async def require_metrics_token(request: Request) -> None:
     """With METRICS_TOKEN set, a scrape must carry it as a bearer token; unset, it is open.
 
     /metrics holds counts only (no call content, no CallSid), so open on a private network
-    is the common setup; the token is for a port the internet can reach.
+    is the common setup; the token is for a port the internet can reach. A wrong token
+    counts toward the client's lockout, like every key (`http_guards.note_failed_key`).
     """
     token = request.app.state.settings.metrics_token
     if token is None:
         return
-    expected = f"Bearer {token.get_secret_value()}".encode()
-    given = request.headers.get("authorization", "").encode()
-    if not hmac.compare_digest(given, expected):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "GET /metrics needs Authorization: Bearer <METRICS_TOKEN>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    expected = f"Bearer {token.get_secret_value()}"
+    if await key_matches(request, request.headers.get("authorization"), expected):
+        return
+    raise HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        "GET /metrics needs Authorization: Bearer <METRICS_TOKEN>",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 @router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_metrics_token)])

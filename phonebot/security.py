@@ -4,10 +4,13 @@ Three doors, three checks:
 - `POST /` and `POST /outbound` are Twilio's webhooks: the `X-Twilio-Signature` must
   validate against the auth token, computed over the URL as Twilio saw it.
 - `WS /ws` is opened by whoever has the stream URL, which is not a secret. The TwiML we
-  hand out carries a `token` Parameter (HMAC of the CallSid), and the stream is dropped
-  before any paid service starts unless `start.callSid` matches it. The token is
-  single-use (`phonebot.state.admission.CallAdmission`), and so is each signed webhook
-  (`phonebot.state.replays.ReplayGuard`, checked after the signature), across processes.
+  hand out carries a `token` Parameter: an HMAC over the CallSid, an expiry
+  (STREAM_TOKEN_TTL_S) and every other parameter, and the stream is dropped before any
+  paid service starts unless `start.callSid` and `start.customParameters` match it and it
+  has not expired. The token is single-use (`phonebot.state.admission.CallAdmission`), and
+  so is each signed webhook (`phonebot.state.replays.ReplayGuard`, checked after the
+  signature), across processes. Its expiry is in the token itself, so no cache has to
+  outlive it.
 - `POST /dialout` spends money; it needs `Authorization: Bearer $DIALOUT_API_KEY`.
 """
 
@@ -15,7 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import NoReturn
 
 from fastapi import Depends, HTTPException, Request, status
@@ -28,20 +34,84 @@ from twilio.request_validator import (
 )
 
 from phonebot.config import Settings
+from phonebot.http_guards import key_matches
 
 TOKEN_PARAMETER = "token"
+TOKEN_VERSION = "2"
 
 
-def call_token(call_sid: str, secret: bytes) -> str:
-    """The stream token for one call: HMAC-SHA256 of its CallSid under the server secret."""
-    return hmac.new(secret, call_sid.encode(), hashlib.sha256).hexdigest()
+@dataclass(frozen=True)
+class StreamTokenCheck:
+    """The verdict on a stream token; `problem` is safe to log (no token, no secret)."""
+
+    ok: bool
+    problem: str = ""
 
 
-def verify_call_token(call_sid: str | None, token: str | None, secret: bytes) -> bool:
-    """Constant-time check that a stream's token was minted by us for this CallSid."""
+def covered_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
+    """The stream parameters a token vouches for: every one but the token itself.
+
+    Names that start with `_` are the hosting platform's, not ours (Pipecat Cloud routes on
+    `_pipecatCloudServiceHost` and may consume it); no caller can set one
+    (`twiml.PARAMETER_NAME` starts with a letter), and the call drops them once verified.
+    """
+    return {
+        name: value
+        for name, value in parameters.items()
+        if name != TOKEN_PARAMETER and not name.startswith("_")
+    }
+
+
+def parameters_digest(parameters: Mapping[str, str]) -> str:
+    """SHA-256 of the covered parameters, canonical (sorted names, exact values)."""
+    canonical = json.dumps(
+        sorted(covered_parameters(parameters).items()), ensure_ascii=False, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _token_mac(call_sid: str, expires_at: int, digest: str, secret: bytes) -> str:
+    message = f"phonebot stream token v{TOKEN_VERSION}\n{call_sid}\n{expires_at}\n{digest}"
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+
+
+def call_token(
+    call_sid: str,
+    secret: bytes,
+    parameters: Mapping[str, str],
+    expires_at: float,
+) -> str:
+    """The stream token for one call: `<expiry>.<HMAC>`, bound to its CallSid, its expiry
+    (Unix seconds) and every parameter it was issued with (`covered_parameters`).
+
+    So a token can't open a stream for another call, after `STREAM_TOKEN_TTL_S`, or with
+    a parameter added, removed or changed; single use is the admission's job.
+    """
+    expires = int(expires_at)
+    return f"{expires}.{_token_mac(call_sid, expires, parameters_digest(parameters), secret)}"
+
+
+def verify_call_token(
+    call_sid: str | None,
+    parameters: Mapping[str, str],
+    secret: bytes,
+    now: float | None = None,
+) -> StreamTokenCheck:
+    """Whether `parameters[token]` was minted by us for this CallSid and these parameters,
+    and has not expired. Constant-time on bytes: a non-ASCII token is just invalid (a
+    `str` compare_digest would raise on it)."""
+    token = parameters.get(TOKEN_PARAMETER)
     if not call_sid or not token:
-        return False
-    return hmac.compare_digest(call_token(call_sid, secret), token)
+        return StreamTokenCheck(False, "none given")
+    expires, _, mac = token.partition(".")
+    if not (token.isascii() and expires.isdigit() and len(expires) <= 12 and mac):
+        return StreamTokenCheck(False, "malformed")
+    expected = _token_mac(call_sid, int(expires), parameters_digest(parameters), secret)
+    if not hmac.compare_digest(expected.encode(), mac.encode()):
+        return StreamTokenCheck(False, "another call's, or parameters changed since issued")
+    if int(expires) <= (time.time() if now is None else now):
+        return StreamTokenCheck(False, "expired: STREAM_TOKEN_TTL_S")
+    return StreamTokenCheck(True)
 
 
 def external_base_url(request: Request, public_url: str | None = None) -> str:
@@ -97,7 +167,18 @@ def twilio_signature_is_valid(
         return False
     validator = RequestValidator(secret)
     urls = [url] if isinstance(url, str) else list(url)
-    return any(validator.validate(u, dict(form), signature, algorithm) for u in urls)
+    return any(_validates(validator, u, form, signature, algorithm) for u in urls)
+
+
+def _validates(
+    validator: RequestValidator, url: str, form: Mapping[str, str], signature: str, algorithm: str
+) -> bool:
+    """One candidate URL; a URL twilio's validator can't parse (a crafted `Host:
+    bot.example.com:abc` makes its port lookup raise ValueError) is simply not signed."""
+    try:
+        return validator.validate(url, dict(form), signature, algorithm)
+    except ValueError:
+        return False
 
 
 def checks_webhook_signatures(settings: Settings) -> bool:
@@ -181,11 +262,16 @@ async def require_twilio_signature(request: Request) -> None:
 def refuse_webhook(request: Request, what: str) -> NoReturn:
     """403, noted in the app's flood-proof rejection log (phonebot.http_guards.RejectionLog).
 
-    `what` says why and what to configure; it is both the log line and the answer's detail.
+    `what` says why and what to configure; it is the log line, and the answer's detail
+    except under ENV=production, where the answer stays generic.
     """
     rejections = getattr(request.app.state, "rejections", None)
     if rejections is not None:
         rejections.note(f"{what} to {request.url.path}")
+    if request.app.state.settings.env == "production":
+        # The reason (which URL was checked, which key is unset) is for the operator's log,
+        # not for whoever sent the request.
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "X-Twilio-Signature is missing or invalid")
     raise HTTPException(
         status.HTTP_403_FORBIDDEN, f"X-Twilio-Signature is missing or invalid: {what[4:]}"
     )
@@ -246,9 +332,39 @@ def scaling_problem(settings: Settings) -> str | None:
     return None
 
 
+# Secrets people choose (rather than Twilio issuing them) that ENV=production wants long:
+# a key of 16 random characters is beyond guessing even without the lockout of
+# `phonebot.http_guards`; a 1-character one falls to the 10th guess.
+MIN_SECRET_LENGTH = 16
+CHOSEN_SECRETS = (
+    "admin_api_key", "dialout_api_key", "metrics_token", "stream_secret",
+    "events_webhook_secret",
+)  # fmt: skip
+
+
+def short_secret_problem(settings: Settings) -> str | None:
+    """Why ENV=production must not start with a guessable secret, or None: the first of
+    CHOSEN_SECRETS that is set but shorter than MIN_SECRET_LENGTH, named (never shown)."""
+    if settings.env != "production":
+        return None
+    for name in CHOSEN_SECRETS:
+        value = getattr(settings, name)
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+            return (
+                f"ENV=production refuses to start: {name.upper()} is shorter than "
+                f"{MIN_SECRET_LENGTH} characters (use a random one, e.g. "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
+    return None
+
+
 def require_safe_configuration(settings: Settings) -> None:
     """Raise `UnsafeConfiguration` for settings the server must not run with."""
-    if problem := production_auth_problem(settings) or scaling_problem(settings):
+    if problem := (
+        production_auth_problem(settings)
+        or short_secret_problem(settings)
+        or scaling_problem(settings)
+    ):
         raise UnsafeConfiguration(problem)
 
 
@@ -259,15 +375,17 @@ async def require_dialout_key(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
 ) -> None:
-    """Dependency for `/dialout`: 503 when no key is configured, 401 on a wrong key."""
+    """Dependency for `/dialout`: 503 when no key is configured, 401 on a wrong key, 429
+    while the client is locked out after AUTH_FAILURE_LIMIT wrong keys (right key or not:
+    `phonebot.http_guards.refuse_locked_out`). A request without a key is no guess."""
     settings: Settings = request.app.state.settings
     if settings.dialout_api_key is None or not settings.dialout_api_key.get_secret_value():
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "dial-out disabled")
-    expected = settings.dialout_api_key.get_secret_value()
-    given = credentials.credentials if credentials else ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "Authorization: Bearer <DIALOUT_API_KEY> required",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    given = credentials.credentials if credentials else None
+    if await key_matches(request, given, settings.dialout_api_key.get_secret_value()):
+        return
+    raise HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        "Authorization: Bearer <DIALOUT_API_KEY> required",
+        headers={"WWW-Authenticate": "Bearer"},
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import WebSocket
 from loguru import logger
@@ -41,7 +41,7 @@ from phonebot.pipeline_cost import (
     ULAW_BYTES_PER_MS,
     AudioBatcher,
 )
-from phonebot.security import TOKEN_PARAMETER, verify_call_token
+from phonebot.security import TOKEN_PARAMETER, covered_parameters, verify_call_token
 from phonebot.stream_guard import (
     Handshake,
     HandshakeError,
@@ -91,13 +91,15 @@ async def accept_twilio_stream(
         except HandshakeError as error:
             raise StreamRejected(f"no valid Media Streams handshake ({error})") from None
     call = twilio_call(*handshake)
-    token = call.parameters.get(TOKEN_PARAMETER)
-    if not verify_call_token(call.call_sid, token, settings.stream_token_secret):
+    check = verify_call_token(call.call_sid, call.parameters, settings.stream_token_secret)
+    if not check.ok:
         # Unverified, so only a truncated form of the CallSid is logged.
         raise StreamRejected(
-            f"missing or invalid stream token for CallSid={describe(call.call_sid)}"
+            f"missing or invalid stream token ({check.problem}) for "
+            f"CallSid={describe(call.call_sid)}"
         )
-    return call
+    # Only what the token vouches for goes on: the platform's own `_…` parameters are dropped.
+    return replace(call, parameters=covered_parameters(call.parameters))
 
 
 def twilio_call(transport_type: str, call_data: CallData) -> CallSession:

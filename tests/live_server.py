@@ -136,6 +136,21 @@ class LiveServer:
 
 
 
+def refused_start(env: dict[str, str], workdir: Path) -> str:
+    """Run `python server.py` with only `env`; assert it refuses to start (exit 2) with one
+    "refuses to start" line and no traceback; return that line."""
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "server.py")], cwd=workdir, env=env,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    output = process.stdout + process.stderr
+    assert process.returncode == 2, output
+    lines = [line for line in output.splitlines() if "refuses to start" in line]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
 def instant_services_env(ai_api_url: str) -> dict[str, str]:
     """Settings that point every provider at the AI API emulator (instant-test mode)."""
     return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -69,14 +70,25 @@ def twiml_children(response: httpx.Response) -> list[str]:
     return [child.tag for child in ElementTree.fromstring(response.text)]
 
 
-def stream_token(response: httpx.Response) -> str:
+def stream_token(response: httpx.Response) -> dict[str, str]:
+    """The stream's parameters in the TwiML, its token among them: what Twilio sends back."""
     stream = ElementTree.fromstring(response.text).find("./Connect/Stream")
     assert stream is not None, response.text
-    return {p.get("name"): p.get("value") for p in stream.findall("Parameter")}["token"]
+    parameters = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+    assert parameters["token"]
+    return parameters
 
 
-def start_frame(call_sid: str, token: str) -> dict:
-    """Twilio's `start` message for an inbound call's stream carrying `token`."""
+def minted_parameters(call_sid: str, secret: bytes) -> dict[str, str]:
+    """Parameters with a valid token for a call this app never answered (another process
+    with the same secret did)."""
+    parameters = {"call_type": "inbound"}
+    token = call_token(call_sid, secret, parameters, time.time() + 30)
+    return {**parameters, "token": token}
+
+
+def start_frame(call_sid: str, parameters: dict[str, str]) -> dict:
+    """Twilio's `start` message for an inbound call's stream carrying `parameters`."""
     return {
         "event": "start",
         "streamSid": "MZ" + "3" * 32,
@@ -86,16 +98,16 @@ def start_frame(call_sid: str, token: str) -> dict:
             "accountSid": ACCOUNT_SID,
             "tracks": ["inbound"],
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            "customParameters": {"token": token, "call_type": "inbound"},
+            "customParameters": parameters,
         },
     }
 
 
-def open_stream(client: TestClient, call_sid: str, token: str) -> int:
+def open_stream(client: TestClient, call_sid: str, parameters: dict[str, str]) -> int:
     """Run a stream's handshake; the close code: 1008 refused, 1000 the call ran (fake)."""
     with client.websocket_connect("/ws") as websocket:
         websocket.send_text(json.dumps({"event": "connected", "protocol": "Call"}))
-        websocket.send_text(json.dumps(start_frame(call_sid, token)))
+        websocket.send_text(json.dumps(start_frame(call_sid, parameters)))
         with pytest.raises(WebSocketDisconnect) as closed:
             websocket.receive_text()
     return closed.value.code
@@ -325,8 +337,8 @@ def test_a_stream_without_a_reservation_is_refused_at_capacity(calls_run):
     client = TestClient(create_app(settings))
     signed_post(client, "/", webhook_form())  # holds the only slot
     stranger = new_call_sid()  # answered by another process with the same secret
-    token = call_token(stranger, settings.stream_token_secret)
-    assert open_stream(client, stranger, token) == 1008
+    parameters = minted_parameters(stranger, settings.stream_token_secret)
+    assert open_stream(client, stranger, parameters) == 1008
     assert calls_run == []
 
 

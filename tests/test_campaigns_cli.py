@@ -47,7 +47,7 @@ def test_start_status_pause_results(database: Path, capsys):
     code, out, _ = run(capsys, "results", campaign)
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["to"], r["customer_id"], r["state"]) for r in rows] == [
-        ("+12025550100", "c-1", "pending"), ("+12025550101", "c-2", "pending")]
+        ("'+12025550100", "c-1", "pending"), ("'+12025550101", "c-2", "pending")]
     assert run(capsys, "list")[1].count(campaign) == 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from urllib.parse import urlencode
 
 import pytest
@@ -61,13 +62,14 @@ def test_webhook_answers_connect_stream_with_every_parameter(client, settings):
     assert root.find("Say").text == settings.stream_closed_phrase
     stream_url, parameters = stream_of(response.text)
     assert stream_url == "ws://testserver/ws"
+    assert verify_call_token(CALL_SID, parameters, settings.stream_token_secret).ok
+    parameters.pop("token")
     assert parameters == {
         "session_type": "support",
         "user_id": "u123",
         "caller_id": "+15557654321",
         "called_number": "+15550001111",
         "call_type": "inbound",
-        "token": call_token(CALL_SID, settings.stream_token_secret),
     }
 
 
@@ -165,13 +167,16 @@ def test_outbound_twiml_requires_a_signature(client):
 
 def test_call_token_checks():
     secret = b"secret"
-    token = call_token(CALL_SID, secret)
-    assert verify_call_token(CALL_SID, token, secret)
-    assert not verify_call_token(CALL_SID, None, secret)
-    assert not verify_call_token(CALL_SID, "", secret)
-    assert not verify_call_token(CALL_SID, token[:-1] + "0", secret)
-    assert not verify_call_token("CA" + "2" * 32, token, secret)
-    assert not verify_call_token(CALL_SID, token, b"other secret")
+    parameters = {"call_type": "inbound", "caller_id": "+15557654321"}
+    expires = time.time() + 30
+    signed = {**parameters, "token": call_token(CALL_SID, secret, parameters, expires)}
+    token = signed["token"]
+    assert verify_call_token(CALL_SID, signed, secret).ok
+    assert not verify_call_token(CALL_SID, parameters, secret).ok
+    assert not verify_call_token(CALL_SID, {**parameters, "token": ""}, secret).ok
+    assert not verify_call_token(CALL_SID, {**signed, "token": token[:-1] + "0"}, secret).ok
+    assert not verify_call_token("CA" + "2" * 32, signed, secret).ok
+    assert not verify_call_token(CALL_SID, signed, b"other secret").ok
 
 
 def start_message(token: str | None) -> str:
@@ -308,7 +313,9 @@ def test_pipecat_cloud_entry_point_verifies_the_token_then_runs_the_call(
         await websocket.accept()
         await bot.bot(WebSocketRunnerArguments(websocket=websocket))
 
-    token = call_token(CALL_SID, settings.stream_token_secret)
+    token = call_token(
+        CALL_SID, settings.stream_token_secret, {"caller_id": "+15557654321"}, time.time() + 30
+    )
     with TestClient(app).websocket_connect("/ws") as websocket:
         websocket.send_text(json.dumps({"event": "connected", "protocol": "Call"}))
         websocket.send_text(start_message(token))

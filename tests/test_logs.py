@@ -14,7 +14,7 @@ from tests.conftest import AUTH_TOKEN, DIALOUT_KEY, make_settings
 
 
 def test_redact_masks_configured_secrets_and_stream_tokens():
-    token = call_token("CA" + "1" * 32, b"secret")
+    token = call_token("CA" + "1" * 32, b"secret", {"call_type": "inbound"}, 2_000_000_000)
     line = f"auth={AUTH_TOKEN} key={DIALOUT_KEY} body={{'token': '{token}', 'user_id': 'u1'}}"
     cleaned = redact(line, [AUTH_TOKEN, DIALOUT_KEY])
     assert AUTH_TOKEN not in cleaned

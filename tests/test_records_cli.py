@@ -83,7 +83,7 @@ def test_export_csv_and_jsonl(database, capsys, tmp_path):
     assert code == 0 and [r["call_sid"] for r in rows] == ["CAbusy", "CAin"]
     assert rows[0]["twilio_status"] == "busy" and rows[0]["campaign_id"] == "spring"
     assert json.loads(rows[1]["parameters"]) == {"user_id": "u1"}
-    assert rows[1]["from"] == "+15550001"
+    assert rows[1]["from"] == "'+15550001"  # escaped like any formula start (csv_cells)
 
     target = tmp_path / "calls.jsonl"
     code, _ = run(capsys, "--database-url", database, "export", "--format", "jsonl",

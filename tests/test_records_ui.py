@@ -195,11 +195,15 @@ def test_caller_speech_is_shown_as_text_never_run(page, site: str):
 
 def test_logging_out_ends_the_session(page, site: str):
     _login(page, site)
+    kept = next(c for c in page.context.cookies() if c["name"] == COOKIE)
     page.click("form.logout button")
     assert page.url == f"{site}/calls/ui/login"
     assert [c for c in page.context.cookies() if c["name"] == COOKIE] == []
     page.goto(f"{site}/calls/ui")
     assert page.url.startswith(f"{site}/calls/ui/login")
+    page.context.add_cookies([kept])  # a copy of the cookie taken before the logout
+    page.goto(f"{site}/calls/ui")
+    assert page.url.startswith(f"{site}/calls/ui/login")  # ended on the server too
 
 
 # --- over HTTP: the cookie, the guard rails ---------------------------------------------------
@@ -242,13 +246,14 @@ def test_the_session_reads_the_api_but_cannot_erase(client: TestClient):
     [
         new_session("another-key-0123456789"),  # made with another key
         new_session(KEY, now=time.time() - SESSION_TTL_S - 1),  # expired
-        new_session(KEY).split(".")[0] + "." + "0" * 64,  # forged signature
-        str(int(time.time()) + 10**6) + "." + new_session(KEY).split(".")[1],  # moved expiry
+        new_session(KEY).rsplit(".", 1)[0] + "." + "0" * 64,  # forged signature
+        str(int(time.time()) + 10**6) + "." + new_session(KEY).split(".", 1)[1],  # moved expiry
+        new_session(KEY),  # signed right, but no login opened it on the server
         KEY,
         "",
     ],
     # Fixed ids: the values hold the time, and xdist's workers must collect the same names.
-    ids=["another-key", "expired", "forged", "moved-expiry", "raw-key", "empty"],
+    ids=["another-key", "expired", "forged", "moved-expiry", "never-opened", "raw-key", "empty"],
 )
 def test_a_bad_session_cookie_is_refused(client: TestClient, session: str):
     client.cookies.set(COOKIE, session)

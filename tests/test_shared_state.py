@@ -148,11 +148,14 @@ async def start_call(dialed: DialIn, stream_to: LiveServer, script) -> asyncio.T
     return call
 
 
-async def stream_close_code(server: LiveServer, call_sid: str, token: str) -> int | None:
-    """Open a stream with this token: the close code (1008 refused) or None (it ran)."""
+async def stream_close_code(
+    server: LiveServer, call_sid: str, parameters: dict[str, str]
+) -> int | None:
+    """Open a stream with these parameters (token included): the close code (1008 refused)
+    or None (it ran)."""
     async with connect(ws_url(server)) as websocket:
         await websocket.send(json.dumps({"event": "connected", "protocol": "Call"}))
-        await websocket.send(json.dumps(start_frame(call_sid, token)))
+        await websocket.send(json.dumps(start_frame(call_sid, parameters)))
         try:
             while True:
                 await asyncio.wait_for(websocket.recv(), timeout=10)
@@ -233,7 +236,7 @@ async def test_a_call_answered_by_one_process_streams_on_the_other_and_its_token
     # Process a sees the call process b runs, and its reservation was used by it.
     assert (cluster_a["cluster_calls"], cluster_a["reserved_calls"]) == (1, 0)
     # The token is single-use on every process: replayed on a, it is refused.
-    assert await stream_close_code(clean.a, dialed.call_sid, dialed.parameters["token"]) == 1008
+    assert await stream_close_code(clean.a, dialed.call_sid, dialed.parameters) == 1008
     assert clean.a.wait_for_log("stream token already used")
 
 

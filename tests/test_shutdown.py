@@ -23,7 +23,6 @@ from phonebot.emulator import CallEvent, Hangup, Pause, WaitForBot, WaitForHangu
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
 from phonebot.personas import DIALIN_PERSONAS, opening_line
-from phonebot.security import call_token
 from phonebot.shutdown import ActiveCalls, Drain
 from phonebot.state import CallAdmission, MemoryState
 from phonebot.twiml import BUSY_MESSAGE
@@ -33,6 +32,7 @@ from tests.live_server import LiveServer
 from tests.test_abuse import (
     fake_pipeline,
     live_servers,
+    minted_parameters,
     open_stream,
     signed_post,
     stream_token,
@@ -80,8 +80,8 @@ def test_while_draining_new_calls_are_refused_but_answered_ones_connect(calls_ru
     assert health.status_code == 503
     assert health.json()["status"] == "draining" and health.json()["draining"] is True
     # A stream we never answered is refused; the call we answered before the signal connects.
-    secret = app.state.settings.stream_token_secret
-    assert open_stream(client, stranger["CallSid"], call_token(stranger["CallSid"], secret)) == 1008
+    stranger_stream = minted_parameters(stranger["CallSid"], app.state.settings.stream_token_secret)
+    assert open_stream(client, stranger["CallSid"], stranger_stream) == 1008
     assert open_stream(client, answered["CallSid"], token) == 1000
     assert calls_run == [answered["CallSid"]]
 

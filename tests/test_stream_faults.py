@@ -444,8 +444,9 @@ CALL_SID = "CA" + "c" * 32
 
 
 def signed_start(settings, call_sid: str = CALL_SID, **parameters: str) -> str:
-    token = call_token(call_sid, settings.stream_token_secret)
-    return twilio_start({"call_type": "inbound", TOKEN_PARAMETER: token, **parameters}, call_sid)
+    parameters = {"call_type": "inbound", **parameters}
+    token = call_token(call_sid, settings.stream_token_secret, parameters, time.time() + 30)
+    return twilio_start({**parameters, TOKEN_PARAMETER: token}, call_sid)
 
 
 @pytest.fixture

@@ -10,11 +10,14 @@ contacts as a CSV file in `contacts` and every other field as JSON in `campaign`
          http://localhost:8000/campaigns
 
 The upload is turned into the same JSON body before FastAPI reads it (`CsvOrJsonRoute`),
-so both paths share one model, one validation and one schema in the OpenAPI docs.
+so both paths share one model, one validation and one schema in the OpenAPI docs. Nothing
+of a body is read before the key is checked (`AuthFirstRoute`), and the CPU-heavy parts of
+a big list (reading the CSV, checking every number) run in a thread, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -35,7 +38,8 @@ from phonebot.campaigns.models import (
 )
 from phonebot.campaigns.service import Campaigns, get_campaigns
 from phonebot.campaigns.store import RESULT_COLUMNS, BadTransition, CampaignNotFound
-from phonebot.records.api import require_admin_key
+from phonebot.csv_cells import SafeDictWriter
+from phonebot.records.api import check_admin_key, require_admin_key
 
 NOT_FOUND = {404: {"description": "No such campaign"}}
 CSV_UPLOAD = {
@@ -54,30 +58,71 @@ CSV_UPLOAD = {
 }
 
 
-class CsvOrJsonRoute(APIRoute):
-    """A route whose JSON body may also come as a CSV upload (see the module docstring)."""
+class AuthFirstRoute(APIRoute):
+    """A route that checks ADMIN_API_KEY before it reads the request's body.
+
+    FastAPI reads and parses a body before it solves the route's dependencies, so with
+    `Depends(require_admin_key)` alone a stranger's 3 MB upload was parsed before the 401.
+    Here `check_admin_key` (the same answers and failed-key lockout) runs first, on the
+    headers only; the dependency runs again once the body is read, which costs nothing.
+    Routes without a body are left as they are: FastAPI reads nothing before their key.
+    """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
 
         async def route(request: Request) -> Response:
-            kind = request.headers.get("content-type", "")
-            if kind.startswith("multipart/form-data"):
-                request = await _as_json(request)
-            return await handler(request)
+            await check_admin_key(request)
+            return await handler(await self.before_body(request))
 
         return route
 
+    async def before_body(self, request: Request) -> Request:
+        """The request whose body FastAPI reads (a subclass may rewrite it)."""
+        return request
+
+
+class CsvOrJsonRoute(AuthFirstRoute):
+    """A route whose JSON body may also come as a CSV upload (see the module docstring)."""
+
+    async def before_body(self, request: Request) -> Request:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await _as_json(request)
+        return request
+
 
 async def _as_json(request: Request) -> Request:
-    """The multipart request as the equivalent JSON request; 422 naming the bad part."""
+    """The multipart request as the equivalent JSON request; 422 naming the bad part.
+
+    The form is taken apart as it streams in (cheap); decoding and reading the CSV, ~0.1 s
+    of CPU for 10,000 rows, runs in a thread so that live calls keep the event loop."""
     form = await request.form()
-    upload, options = form.get("contacts"), form.get("campaign") or "{}"
-    if not isinstance(upload, UploadFile):
-        raise _invalid(["body", "contacts"], "a CSV file is required")
     try:
-        body = json.loads(options if isinstance(options, str) else await options.read())
-        text = (await upload.read()).decode("utf-8-sig")
+        upload, options = form.get("contacts"), form.get("campaign") or "{}"
+        if not isinstance(upload, UploadFile):
+            raise _invalid(["body", "contacts"], "a CSV file is required")
+        text = options if isinstance(options, str) else await options.read()
+        raw = await asyncio.to_thread(campaign_json, text, await upload.read())
+    finally:
+        await form.close()
+    headers = [(k, v) for k, v in request.scope["headers"]
+               if k not in (b"content-type", b"content-length")]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    scope = {**request.scope, "headers": headers}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return Request(scope, receive)
+
+
+def campaign_json(options: str | bytes, contacts: bytes) -> bytes:
+    """The JSON body of an upload's `campaign` part and `contacts` CSV (off the loop)."""
+    try:
+        body = json.loads(options)
+        text = contacts.decode("utf-8-sig")
     except (ValueError, UnicodeDecodeError) as error:
         raise _invalid(["body", "campaign"], f"not JSON / UTF-8: {error}") from None
     if not isinstance(body, dict):
@@ -88,16 +133,7 @@ async def _as_json(request: Request) -> Request:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, error.errors) from None
     except csv.Error as error:
         raise _invalid(["body", "contacts"], f"not CSV: {error}") from None
-    raw = json.dumps(body).encode()
-    headers = [(k, v) for k, v in request.scope["headers"]
-               if k not in (b"content-type", b"content-length")]
-    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-    scope = {**request.scope, "headers": headers}
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    return Request(scope, receive)
+    return json.dumps(body).encode()
 
 
 Service = Annotated[Campaigns, Depends(get_campaigns)]
@@ -118,8 +154,8 @@ router = APIRouter(
 async def create_campaign(body: CampaignIn, campaigns: Service) -> CampaignCreated:
     """Create a campaign; it starts at start_at (now when not given). 422 names the field
     and row of every bad contact; duplicate numbers are merged and listed."""
-    try:
-        prepared = prepare(body, campaigns.settings)
+    try:  # phonenumbers on 10,000 rows is seconds of CPU: not on the event loop
+        prepared = await asyncio.to_thread(prepare, body, campaigns.settings)
     except ContactErrors as error:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, error.errors) from None
     campaign = await campaigns.store.create(body, prepared, campaigns.clock.now())
@@ -156,7 +192,7 @@ async def campaign_results(campaign_id: str, campaigns: Service) -> Response:
     except CampaignNotFound:
         raise _not_found(campaign_id) from None
     out = io.StringIO()
-    writer = csv.DictWriter(out, RESULT_COLUMNS)
+    writer = SafeDictWriter(out, RESULT_COLUMNS)  # no cell a spreadsheet would run
     writer.writeheader()
     writer.writerows(rows)
     disposition = f'attachment; filename="{campaign_id}-results.csv"'

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import sys
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from phonebot.campaigns.store import (
 )
 from phonebot.campaigns.windows import SystemClock
 from phonebot.config import Settings, get_settings
+from phonebot.csv_cells import SafeDictWriter
 from phonebot.records.cli import database_parser, migrated_database, parse_when
 
 
@@ -134,7 +134,7 @@ async def _command(
         status = await store.act(args.campaign_id, args.command, now)
         out.write(f"campaign {args.campaign_id}: {status}\n")
     else:
-        writer = csv.DictWriter(out, RESULT_COLUMNS)
+        writer = SafeDictWriter(out, RESULT_COLUMNS)  # no cell a spreadsheet would run
         writer.writeheader()
         writer.writerows(await store.results(args.campaign_id))
     return 0

@@ -14,11 +14,12 @@ from typing import Any
 
 import phonenumbers
 
+from dialout import validate_dial_parameters
 from phonebot.campaigns.dial_guard import check_destination
 from phonebot.campaigns.models import CampaignIn, ContactIn
 from phonebot.campaigns.windows import contact_zone, known_zone
 from phonebot.config import Settings
-from phonebot.twiml import ParameterError, validate_custom_parameters
+from phonebot.twiml import ParameterError
 
 # CSV header names for the number; other known columns; every other column is a parameter.
 NUMBER_COLUMNS = ("to", "number", "phone", "phone_number")
@@ -119,7 +120,7 @@ def _shared_parameters(
     campaign: CampaignIn, settings: Settings, errors: list[dict[str, Any]]
 ) -> dict[str, str]:
     try:
-        return validate_custom_parameters(campaign.parameters, settings, where="parameters")
+        return validate_dial_parameters(campaign.parameters, settings, where="parameters")
     except ParameterError as error:
         errors.append(problem(["body", *error.field.split(".", 1)], error.message))
         return {}
@@ -147,7 +148,7 @@ def _check(
                               f" {contact.timezone!r} (IANA name, e.g. America/New_York)", row))
     parameters = {**shared, **contact.parameters}
     try:
-        validate_custom_parameters(parameters, settings, where="parameters")
+        validate_dial_parameters(parameters, settings, where="parameters")
     except ParameterError as error:
         errors.append(problem([*loc, *error.field.split(".", 1)], f"row {row}: {error.message}",
                               row))

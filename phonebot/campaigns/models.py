@@ -89,8 +89,19 @@ class CampaignIn(BaseModel):
     retry: RetryIn = Field(default_factory=RetryIn)
     machine_detection: bool = False
     from_: str | None = Field(None, alias="from", pattern=E164, description="Caller ID")
-    start_at: datetime | None = None
-    end_at: datetime | None = None
+    start_at: datetime | None = Field(None, description="ISO 8601 with a zone offset")
+    end_at: datetime | None = Field(None, description="ISO 8601 with a zone offset")
+
+    @field_validator("start_at", "end_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        """A time without a zone is ambiguous (whose 09:00?) and can't be compared with
+        the clock's aware now: refused, naming the field, rather than guessed."""
+        if value is not None and value.utcoffset() is None:
+            raise ValueError(
+                "must include a time zone offset, e.g. 2026-11-25T09:00:00-05:00 or …Z"
+            )
+        return value
 
     @model_validator(mode="after")
     def _period(self) -> CampaignIn:

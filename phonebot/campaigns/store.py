@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import Select, and_, delete, func, or_, select, update
+from sqlalchemy import Select, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -57,6 +57,8 @@ SILENT_CALL_MARGIN_S = 600
 # How many due contacts one claim looks at (those outside their window are pushed to their
 # next opening, so the next claim sees others).
 CANDIDATES = 200
+# Contacts per INSERT when a campaign is created (~10 ms of the event loop each).
+INSERT_BATCH = 500
 ACTIONS = {
     "pause": ({"scheduled", "running"}, "paused"),
     "resume": ({"paused"}, "running"),
@@ -154,16 +156,20 @@ class CampaignStore:
             retry_on=list(body.retry.on), machine_detection=body.machine_detection,
             duplicates=prepared.duplicates,
         )
+        rows = [
+            {"campaign_id": campaign.id, "row": c.row, "to_number": c.to,
+             "timezone": c.timezone, "customer_id": c.customer_id,
+             "parameters": c.parameters or None, "state": "pending", "attempts": 0,
+             "updated_at": now}
+            for c in prepared.contacts
+        ]
         async with self._sessions.begin() as session:
             session.add(campaign)
-            session.add_all(
-                CampaignContact(
-                    campaign_id=campaign.id, row=c.row, to_number=c.to, timezone=c.timezone,
-                    customer_id=c.customer_id, parameters=c.parameters or None,
-                    state="pending", attempts=0, updated_at=now,
-                )
-                for c in prepared.contacts
-            )
+            await session.flush()  # the campaign's row before its contacts' foreign keys
+            # Bulk INSERTs, not 10,000 ORM objects (their unit of work held the event loop
+            # for seconds), in batches: the loop runs other tasks between them.
+            for start in range(0, len(rows), INSERT_BATCH):
+                await session.execute(insert(CampaignContact), rows[start:start + INSERT_BATCH])
         return campaign
 
     async def get(self, campaign_id: str) -> CampaignDetail:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import jinja2
-from fastapi import APIRouter, Depends, Form, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
@@ -51,7 +51,7 @@ def progress(counts: dict[str, int], total: int) -> int:
 
 @router.get("", response_class=HTMLResponse)
 async def campaigns_page(request: Request, campaigns: Service) -> Response:
-    if (guard := records_ui._guard(request)) is not None:
+    if (guard := await records_ui._guard(request)) is not None:
         return guard
     listed = await campaigns.store.list()
     rows = [(c, progress(c.counts, c.total)) for c in listed]
@@ -60,7 +60,7 @@ async def campaigns_page(request: Request, campaigns: Service) -> Response:
 
 @router.get("/{campaign_id}", response_class=HTMLResponse)
 async def campaign_page(campaign_id: str, request: Request, campaigns: Service) -> Response:
-    if (guard := records_ui._guard(request)) is not None:
+    if (guard := await records_ui._guard(request)) is not None:
         return guard
     try:
         campaign = await campaigns.store.get(campaign_id)
@@ -73,7 +73,7 @@ async def campaign_page(campaign_id: str, request: Request, campaigns: Service) 
 @router.get("/{campaign_id}/results.csv")
 async def campaign_results(campaign_id: str, request: Request, campaigns: Service) -> Response:
     """The API's results.csv for the page's session (the API's cookie path is /calls)."""
-    if (guard := records_ui._guard(request)) is not None:
+    if (guard := await records_ui._guard(request)) is not None:
         return guard
     try:
         return await api_results(campaign_id, campaigns)
@@ -83,12 +83,13 @@ async def campaign_results(campaign_id: str, request: Request, campaigns: Servic
 
 @router.post("/{campaign_id}/{action}")
 async def campaign_action(
-    campaign_id: str, action: str, request: Request, campaigns: Service,
-    csrf: Annotated[str, Form()] = "",
+    campaign_id: str, action: str, request: Request, campaigns: Service
 ) -> Response:
-    """pause / resume / cancel from the page (POST with the page's CSRF token)."""
-    if (guard := records_ui._guard(request)) is not None:
+    """pause / resume / cancel from the page (POST with the page's CSRF token). The form
+    is read after the session is checked: a stranger's body is never parsed."""
+    if (guard := await records_ui._guard(request)) is not None:
         return guard
+    csrf = await _form_field(request, "csrf")
     key = request.app.state.settings.admin_api_key.get_secret_value()
     if action not in ("pause", "resume", "cancel") or not csrf_valid(
         key, request.cookies.get(COOKIE), csrf
@@ -101,3 +102,13 @@ async def campaign_action(
     except BadTransition as error:
         return _page(request, "error.html", {"message": str(error)}, 409)
     return RedirectResponse(f"{PREFIX}/{campaign_id}", status.HTTP_303_SEE_OTHER)
+
+
+async def _form_field(request: Request, name: str) -> str:
+    """One text field of the request's form ("" when missing or a file)."""
+    form = await request.form()
+    try:
+        value = form.get(name)
+    finally:
+        await form.close()
+    return value if isinstance(value, str) else ""

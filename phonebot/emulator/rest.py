@@ -367,9 +367,9 @@ class TwilioRestEmulator:
             return False
         if self.auth_token is None:
             return True
-        return hmac.compare_digest(user, self.account_sid) and hmac.compare_digest(
-            password.encode(), self.auth_token.encode()
-        )
+        return hmac.compare_digest(
+            user.encode(), self.account_sid.encode()
+        ) and hmac.compare_digest(password.encode(), self.auth_token.encode())
 
     def _respond(
         self,

@@ -8,7 +8,6 @@ cookie of the calls page (`/calls/ui`, see `ui.py`). The app provides its `Recor
 
 from __future__ import annotations
 
-import hmac
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +17,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from loguru import logger
 
+from phonebot.http_guards import key_matches
 from phonebot.records.models import CallDetail, CallPage, Direction
 from phonebot.records.recording_store import (
     LocalRecordings,
@@ -32,24 +32,27 @@ bearer = HTTPBearer(auto_error=False, description="ADMIN_API_KEY")
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 
-def require_admin_key(
+async def require_admin_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
-    """401 without the right bearer key, 503 when no key is configured.
+    """401 without the right bearer key, 503 when no key is configured, 429 while the
+    client is locked out after AUTH_FAILURE_LIMIT wrong keys (`http_guards`).
 
     Reads (GET, HEAD) also accept the session cookie of the calls page (`ui_session`), so
-    its <audio> element can fetch the recording; DELETE always needs the bearer key.
+    its <audio> element can fetch the recording; DELETE always needs the bearer key. A
+    request that sends no key is not a guess and costs nothing; one that sends a key is
+    refused while its client is locked out, even when the key is right.
     """
     key = request.app.state.settings.admin_api_key
     if key is None:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, "the records API is off: set ADMIN_API_KEY"
         )
-    given = credentials.credentials if credentials else ""
-    if hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+    given = credentials.credentials if credentials else None
+    if await key_matches(request, given, key.get_secret_value()):
         return
-    if request.method not in READ_METHODS or not request_session_valid(
+    if request.method not in READ_METHODS or not await request_session_valid(
         request, key.get_secret_value()
     ):
         raise HTTPException(
@@ -57,6 +60,12 @@ def require_admin_key(
             "missing or wrong Authorization: Bearer key",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+async def check_admin_key(request: Request) -> None:
+    """`require_admin_key` for code that runs before FastAPI's dependencies (a route class
+    that must authenticate before it reads the body): the same answers, awaited."""
+    await require_admin_key(request, await bearer(request))
 
 
 def get_store(request: Request) -> CallStore:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +21,7 @@ from typing import TextIO
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from phonebot.config import get_settings
+from phonebot.csv_cells import SafeDictWriter
 from phonebot.records.db import create_engine, sessionmaker
 from phonebot.records.migrate import migrate
 from phonebot.records.models import CallDetail, CallSummary, as_json
@@ -168,7 +168,8 @@ def describe(entry) -> str:
 
 
 async def export(store: CallStore, where: CallFilter, fmt: str, out: TextIO) -> None:
-    writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore") if fmt == "csv" else None
+    # Cells a spreadsheet would run as formulas are prefixed with ' (`phonebot.csv_cells`).
+    writer = SafeDictWriter(out, CSV_COLUMNS, extrasaction="ignore") if fmt == "csv" else None
     if writer:
         writer.writeheader()
     async for call in store.iterate(where):

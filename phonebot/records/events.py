@@ -99,7 +99,10 @@ def verify_signature(
     expected = hmac.new(
         secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256
     ).hexdigest()
-    return any(hmac.compare_digest(expected, signature) for signature in signatures)
+    # Bytes: a non-ASCII signature is a mismatch, where a str compare_digest would raise.
+    return any(
+        hmac.compare_digest(expected.encode(), signature.encode()) for signature in signatures
+    )
 # ------------------------------------------------------------------------------------------
 
 

@@ -48,6 +48,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def column_length(column: Any) -> int | None:
+    """The most characters a String column holds (`CallRecord.from_number` → 255), or None
+    for a column without a limit. Every length check reads it from here, so a limit is
+    written once, in the table, and PostgreSQL (which enforces it) and the checks agree."""
+    return getattr(getattr(column, "type", None), "length", None)
+
+
 class Base(DeclarativeBase):
     # Named constraints, so later migrations can alter them on both databases.
     metadata = MetaData(

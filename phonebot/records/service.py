@@ -14,12 +14,17 @@ from loguru import logger
 from sqlalchemy.engine import make_url
 
 from phonebot.config import Settings
+from phonebot.records.callbacks import CallProgress
 from phonebot.records.db import create_engine, safe_url, sessionmaker
 from phonebot.records.events import EventDeliverer
 from phonebot.records.migrate import migrate
 from phonebot.records.recording_store import Recordings
 from phonebot.records.store import CallStore
 from phonebot.records.writer import RecordWriter
+
+# How long a webhook or callback waits to read a call's record before going on without it
+# (the writer's conditional UPDATEs still keep a finished call as it was).
+LOOKUP_TIMEOUT_S = 1.0
 
 
 class Records:
@@ -44,6 +49,8 @@ class Records:
         self.writer.recordings = self.recordings
         self.writer.enabled = self.enabled
         self._migrated = False
+        self._started = False
+        self._lookups_failing = False
 
     def _deliverer(self, settings: Settings, options: dict) -> EventDeliverer | None:
         url, secret = settings.events_webhook_url, settings.events_webhook_secret
@@ -73,6 +80,7 @@ class Records:
                 " calls go on without records until it is back"
             )
         self.writer.start()
+        self._started = True
         if self.events is not None:
             self.events.start()
         self.recordings.start()  # retention: now, then hourly
@@ -97,6 +105,31 @@ class Records:
                 await self.events.settle(events_grace_s)
             await self.events.close()
         await self.engine.dispose()
+
+    async def progress(self, call_sid: str) -> CallProgress | None:
+        """How far the call has got, for deciding on a late callback; None without a
+        record, with records off or not started, or when the database does not answer
+        within LOOKUP_TIMEOUT_S (one warning per outage: the callback goes on without it)."""
+        if not (self.enabled and self._started):
+            return None
+        try:
+            found = await asyncio.wait_for(self.store.progress(call_sid), LOOKUP_TIMEOUT_S)
+        except Exception as error:  # database down or slow: never fail the request
+            if not self._lookups_failing:
+                original = getattr(error, "orig", None) or error
+                logger.warning(
+                    f"Call records: can't read call {call_sid}'s record"
+                    f" ({type(original).__name__}); callbacks are checked by the writer only"
+                )
+            self._lookups_failing = True
+            return None
+        self._lookups_failing = False
+        return found
+
+    async def answered_before(self, call_sid: str) -> bool:
+        """True when the call's record shows its webhook was already answered."""
+        call = await self.progress(call_sid)
+        return call is not None and call.webhook_answered_at is not None
 
     def health(self) -> dict[str, int | bool]:
         """Counters for /health."""

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Select, and_, delete, or_, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from phonebot.records.callbacks import CallProgress
 from phonebot.records.models import CallDetail, CallPage, detail, summary
 from phonebot.records.schema import CallRecord, TranscriptEntry
 
@@ -113,6 +114,16 @@ class CallStore:
                 .order_by(TranscriptEntry.seq)
             )
             return detail(row, list(entries.all()))
+
+    async def progress(self, call_sid: str) -> CallProgress | None:
+        """How far the call has got (status, verdict, answered, started, ended), or None
+        without a record: what decides whether a late callback may still change it."""
+        columns = [getattr(CallRecord, name) for name in CallProgress.__dataclass_fields__]
+        async with self._sessions() as session:
+            found = (
+                await session.execute(select(*columns).where(CallRecord.call_sid == call_sid))
+            ).first()
+        return None if found is None else CallProgress(*found)
 
     async def recording_path(self, call_sid: str) -> str | None:
         async with self._sessions() as session:

@@ -12,7 +12,6 @@ answer `/calls/ui` (with a 401).
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
 from datetime import UTC, datetime
@@ -27,7 +26,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.routing import NoMatchFound
 
-from phonebot.http_guards import RateLimiter, client_ip, retry_after_header
+from phonebot.http_guards import locked_out_for, note_failed_key, retry_after_header, same_key
 from phonebot.records.api import get_store
 from phonebot.records.chart import latency_chart
 from phonebot.records.models import CallDetail, Direction
@@ -37,17 +36,14 @@ from phonebot.records.ui_session import (
     clear_session_cookie,
     csrf_token,
     csrf_valid,
-    new_session,
+    end_session,
     request_session_valid,
     set_session_cookie,
+    start_session,
 )
 
 TEMPLATES = Path(__file__).parent / "templates"
 PREFIX = "/calls/ui"
-# Login attempts per client IP: 10 at once, then 5 a minute. Guessing a key of the length
-# the docs ask for is hopeless anyway; this keeps a script from trying.
-LOGIN_BURST = 10
-LOGIN_PER_MINUTE = 5.0
 STATUSES = ("completed", "busy", "no-answer", "failed", "canceled")
 # No script may run, whatever a transcript contains; the stylesheet comes from this server
 # only; no other site may frame the page (clickjacking). Media may also come from another
@@ -157,15 +153,6 @@ def _to_login(request: Request) -> Response:
     return RedirectResponse(f"{PREFIX}/login{query}", status.HTTP_303_SEE_OTHER)
 
 
-def _logins(request: Request) -> RateLimiter:
-    """The app's login-attempt limiter (on app.state, made on first use)."""
-    limiter = getattr(request.app.state, "calls_ui_logins", None)
-    if limiter is None:
-        limiter = RateLimiter(LOGIN_PER_MINUTE, LOGIN_BURST)
-        request.app.state.calls_ui_logins = limiter
-    return limiter
-
-
 def _recording_url(request: Request, call: CallDetail) -> str | None:
     """The API's recording route for this call (None without a recording or the API)."""
     if not call.has_recording:
@@ -212,23 +199,26 @@ async def login_form(request: Request, next: str = PREFIX) -> Response:
 async def login(
     request: Request, key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = PREFIX
 ) -> Response:
-    """Right key: a session cookie and back to the page. Wrong key: the form again."""
+    """Right key: a session cookie and back to the page. Wrong key: the form again. The
+    same lockout as the API's keys (AUTH_FAILURE_LIMIT wrong keys from one client, API and
+    form together), and while it lasts the right key is refused too."""
     admin_key = _admin_key(request)
     if admin_key is None:
         return _off(request)
     context = {"next": _safe_next(next)}
-    ip = client_ip(request, request.app.state.settings.trusted_proxy_hops)
-    wait_s = _logins(request).retry_after(ip)
+    client, wait_s = await locked_out_for(request)
     if wait_s:
+        retry = retry_after_header(wait_s)
         response = _page(
             request,
             "login.html",
-            {**context, "error": "Too many attempts: wait a minute and try again."},
+            {**context, "error": f"Too many attempts: try again in {retry} s."},
             status.HTTP_429_TOO_MANY_REQUESTS,
         )
-        response.headers["Retry-After"] = retry_after_header(wait_s)
+        response.headers["Retry-After"] = retry
         return response
-    if not _key_matches(key, admin_key):
+    if not same_key(key, admin_key):
+        await note_failed_key(request, client)
         return _page(
             request,
             "login.html",
@@ -236,19 +226,21 @@ async def login(
             status.HTTP_401_UNAUTHORIZED,
         )
     response = RedirectResponse(context["next"], status.HTTP_303_SEE_OTHER)
-    set_session_cookie(response, request, new_session(admin_key))
+    set_session_cookie(response, request, await start_session(request, admin_key))
     return response
 
 
 @router.post("/logout")
 async def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
-    """Ends the browser's session. POST with the page's token: another site can neither
+    """Ends the session on the server (every process), then deletes the browser's cookie:
+    a copy of the cookie is dead too. POST with the page's token: another site can neither
     send our cookie (SameSite=Strict) nor know the token."""
     admin_key = _admin_key(request)
     if admin_key is None:
         return _off(request)
     if not csrf_valid(admin_key, request.cookies.get(COOKIE), csrf):
         return _page(request, "error.html", {"message": "Bad or missing form token."}, 403)
+    await end_session(request, admin_key)
     response = RedirectResponse(f"{PREFIX}/login", status.HTTP_303_SEE_OTHER)
     clear_session_cookie(response, request)
     return response
@@ -257,7 +249,7 @@ async def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Respons
 @router.get("", response_class=HTMLResponse)
 async def call_log(request: Request, store: Annotated[CallStore, Depends(get_store)]) -> Response:
     """The call log, newest first, filtered like `GET /calls` (same query string)."""
-    if (guard := _guard(request)) is not None:
+    if (guard := await _guard(request)) is not None:
         return guard
     raw = {k: v for k, v in request.query_params.items() if v.strip()}
     context: dict[str, Any] = {"filters": raw, "statuses": STATUSES, "calls": [], "next": None}
@@ -281,7 +273,7 @@ async def call_page(
     call_sid: str, request: Request, store: Annotated[CallStore, Depends(get_store)]
 ) -> Response:
     """One call: its record, recording, latency chart and the conversation."""
-    if (guard := _guard(request)) is not None:
+    if (guard := await _guard(request)) is not None:
         return guard
     call = await store.get(call_sid)
     if call is None:
@@ -295,20 +287,15 @@ async def call_page(
     return _page(request, "call.html", context)
 
 
-def _guard(request: Request) -> Response | None:
-    """503 page when the key is unset, the login form without a session, else None."""
+async def _guard(request: Request) -> Response | None:
+    """503 page when the key is unset, the login form without a live session, else None."""
     admin_key = _admin_key(request)
     if admin_key is None:
         return _off(request)
-    if not request_session_valid(request, admin_key):
+    if not await request_session_valid(request, admin_key):
         return _to_login(request)
     request.state.csrf = csrf_token(admin_key, request.cookies[COOKIE])
     return None
-
-
-def _key_matches(given: str, admin_key: str) -> bool:
-    """Constant time: the answer's timing must not tell how much of a guess was right."""
-    return hmac.compare_digest(given.encode(), admin_key.encode())
 
 
 def _safe_next(target: str) -> str:

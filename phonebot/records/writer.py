@@ -12,6 +12,17 @@ When the database is down or the disk is full a batch fails: its operations are 
 database), and one error line is logged per outage, plus one line when writes work again.
 When the queue is full, new operations are dropped and counted in `dropped_writes`. Calls
 never see either.
+
+One bad value must not cost other calls their records: every string is cut to its
+column's length before it is queued (`phonebot.records.limits.fit`, one log line), and a
+batch that fails because of one operation's values (a constraint, a value its column
+can't take) is written again one operation per transaction, so that operation alone is
+lost (one log line with its CallSid, never the value) and every other one is written.
+
+Late and replayed callbacks can't rewrite a finished call: a status applies only while it
+moves the call forward, an AMD verdict only once, and who called only when the record has
+no one yet, each as a conditional UPDATE (`phonebot.records.callbacks`), so that holds even
+when two processes write the same call at once.
 """
 
 from __future__ import annotations
@@ -26,13 +37,22 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from phonebot.campaigns.schema import DoNotCall
+from phonebot.records.callbacks import (
+    FINAL,
+    progress_of,
+    status_condition,
+    status_refusal,
+    verdict_condition,
+)
 from phonebot.records.events import EventDeliverer
+from phonebot.records.limits import fit
 from phonebot.records.models import as_json, detail, summary
 from phonebot.records.schema import CallRecord, TranscriptEntry, utcnow
 
@@ -59,6 +79,12 @@ UPDATABLE = frozenset(
         "provider_errors", "reply_latency_p50_s", "reply_latency_p95_s", "recording_path",
     }
 )
+# Who a call is between: set only while the record has none (an update or a status
+# callback never changes it; the stream's start, from our own signed TwiML, may).
+SET_ONCE = ("direction", "from_number", "to_number")
+# Writes lost one by one (their own values failed) get a line each, up to this many per
+# batch, then one line with the count.
+LOST_WRITE_LOG_LIMIT = 5
 # <Parameter> names never stored: the per-call stream token is a credential.
 SECRET_PARAMETERS = frozenset({"token"})
 BATCH_SIZE = 200
@@ -215,9 +241,10 @@ class RecordWriter:
         self._put(_Op("end", call_sid, _clean(fields)))
 
     def dialout_status(self, call_sid: str, status: str, **fields: Any) -> None:
-        """Twilio's StatusCallback for a dial-out: keep its CallStatus; busy, no-answer,
-        failed or canceled with no stream ever started closes the record and sends
-        `call.failed`."""
+        """Twilio's StatusCallback for a dial-out: keep a final CallStatus (progress only
+        makes sure the record exists); busy, no-answer, failed or canceled with no stream
+        ever started closes the record and sends `call.failed`. Applied only while it moves
+        the call forward (`phonebot.records.callbacks`)."""
         unknown = set(fields) - UPDATABLE
         if unknown:
             raise ValueError(f"not call record fields: {sorted(unknown)}")
@@ -237,6 +264,7 @@ class RecordWriter:
     def _put(self, op: _Op) -> None:
         if not self.enabled:
             return
+        op = _fitted(op)
         try:
             self._queue.put_nowait(op)
         except asyncio.QueueFull:
@@ -292,19 +320,67 @@ class RecordWriter:
                     self._queue.task_done()
 
     async def _write(self, batch: list[_Op]) -> None:
-        staged_events = False
         try:
             if self._prepare is not None:
                 await self._prepare()
                 self._prepare = None
-            async with self._sessions.begin() as session:
-                rows: dict[str, CallRecord] = {}
-                for op in batch:
-                    staged_events |= await self._apply(session, rows, op)
+            staged_events = await self._transaction(batch)
         except Exception as error:  # database down, disk full, constraint: never raise
-            self._failed(len(batch), error)
+            if self._prepare is not None or not row_fault(error):
+                self._failed(len(batch), error)
+            else:
+                await self._one_by_one(batch)
             return
         self.written += len(batch)
+        self._succeeded(staged_events)
+
+    async def _transaction(self, ops: list[_Op]) -> bool:
+        """Apply `ops` in one transaction; True when it staged an event."""
+        staged_events = False
+        async with self._sessions.begin() as session:
+            rows: dict[str, CallRecord] = {}
+            for op in ops:
+                staged_events |= await self._apply(session, rows, op)
+        return staged_events
+
+    async def _one_by_one(self, batch: list[_Op]) -> None:
+        """After a batch failed on one operation's values: each operation in a transaction
+        of its own, so the bad one loses only itself. Should the database itself fail
+        meanwhile, the rest is counted lost, as for any failed batch."""
+        staged_events, lost = False, 0
+        for index, op in enumerate(batch):
+            try:
+                staged_events |= await self._transaction([op])
+            except Exception as error:
+                if not row_fault(error):
+                    self._failed(len(batch) - index, error)
+                    return
+                lost += 1
+                self._lost(op, error, lost)
+            else:
+                self.written += 1
+        if lost > LOST_WRITE_LOG_LIMIT:
+            logger.error(
+                f"Call records: {lost - LOST_WRITE_LOG_LIMIT} more writes of the same batch"
+                " were lost the same way"
+            )
+        self._succeeded(staged_events)
+
+    def _lost(self, op: _Op, error: Exception, count: int) -> None:
+        """One operation lost for its own values: counted, and logged with its CallSid and
+        field names, never the values (a transcript line or a parameter may hold anything)."""
+        self.failed_writes += 1
+        if count > LOST_WRITE_LOG_LIMIT:
+            return
+        what = f"transcript line {op.fields.get('seq')}" if op.kind == "entry" else op.kind
+        if op.kind in ("update", "start", "end", "status"):
+            what += f" ({', '.join(sorted(op.fields))})"
+        logger.error(
+            f"Call records: a write for call {op.call_sid} was lost, {what}:"
+            f" {error_name(error)}; the other writes of its batch were written"
+        )
+
+    def _succeeded(self, staged_events: bool) -> None:
         self._recovered()
         if staged_events and self._events is not None:
             self._events.wake()
@@ -357,14 +433,65 @@ class RecordWriter:
             if op.fields["number"]:
                 await session.execute(do_not_call_insert(session, op.fields["number"]))
             return False
-        was_connected = row.stream_started_at is not None
-        for name, value in op.fields.items():
+        if op.kind == "status":
+            return await self._status(session, row, dict(op.fields))
+        fields = dict(op.fields)
+        once: dict[str, Any] = {}
+        if op.kind != "start":  # the stream's start, from our signed TwiML, sets who called
+            once = {name: fields.pop(name) for name in (*SET_ONCE, "amd_verdict") if name in fields}
+        for name, value in fields.items():
             setattr(row, name, value)
+        if once:
+            await self._set_once(session, row, once)
         if op.kind == "start":
             return await self._stage(session, "call.started", row)
         if op.kind == "end":
             return await self._stage(session, "call.ended", row)
-        if op.kind == "status" and _close_unconnected(row, was_connected):
+        return False
+
+    async def _set_once(self, session: AsyncSession, row: CallRecord, once: dict[str, Any]) -> None:
+        """Who the call is between, and its AMD verdict, written only where the record has
+        none yet: in the UPDATE's SQL, so a racing process can't overwrite them either."""
+        await session.flush()  # the row exists in the database before it is updated
+        key = CallRecord.call_sid == row.call_sid
+        verdict = once.pop("amd_verdict", None)
+        if once:
+            values = {name: func.coalesce(getattr(CallRecord, name), v) for name, v in once.items()}
+            await session.execute(_update(key).values(values))
+        if verdict is not None:
+            result = await session.execute(
+                _update(key, verdict_condition()).values(amd_verdict=verdict)
+            )
+            if result.rowcount == 0:
+                logger.info(
+                    f"Call {row.call_sid}: AMD verdict {verdict} not recorded (the call already"
+                    " has one)"
+                )
+        await session.refresh(row)
+
+    async def _status(self, session: AsyncSession, row: CallRecord, fields: dict[str, Any]) -> bool:
+        """Twilio's status callback, applied only while it moves the call forward
+        (`callbacks.status_condition`); a final status that says the call never connected
+        closes the record and stages `call.failed`."""
+        status = fields.pop("twilio_status")
+        values: dict[str, Any] = {
+            name: func.coalesce(getattr(CallRecord, name), fields.pop(name))
+            for name in SET_ONCE
+            if name in fields
+        }
+        # Only a final status is kept: the column is the call's outcome.
+        values["twilio_status"] = status if status in FINAL else CallRecord.twilio_status
+        await session.flush()
+        key = CallRecord.call_sid == row.call_sid
+        result = await session.execute(_update(key, status_condition(status)).values(values))
+        await session.refresh(row)
+        if result.rowcount == 0:
+            reason = status_refusal(progress_of(row), status)
+            logger.info(f"Call {row.call_sid}: Twilio status {status} not recorded ({reason})")
+            return False
+        for name, value in fields.items():
+            setattr(row, name, value)
+        if _close_unconnected(row):
             return await self._stage(session, "call.failed", row)
         return False
 
@@ -410,13 +537,52 @@ def do_not_call_insert(session: AsyncSession, number: str) -> Any:
     return sqlite_insert(DoNotCall).values(**values).on_conflict_do_nothing()
 
 
-def _close_unconnected(row: CallRecord, was_connected: bool) -> bool:
+def _close_unconnected(row: CallRecord) -> bool:
     """A dial-out's final status says it never connected: close its record (once)."""
-    if row.twilio_status not in NOT_CONNECTED or was_connected or row.ended_at is not None:
+    connected = row.stream_started_at is not None
+    if row.twilio_status not in NOT_CONNECTED or connected or row.ended_at is not None:
         return False
     row.ended_at = utcnow()
     row.end_reason = NOT_CONNECTED_REASON
     return True
+
+
+def _update(*where: Any) -> Any:
+    """An UPDATE of `calls` whose result the session need not mirror (the row is refreshed)."""
+    return (
+        update(CallRecord).where(*where).execution_options(synchronize_session=False)
+    )
+
+
+def _fitted(op: _Op) -> _Op:
+    """`op` with every string cut to its column's length (`limits.fit`, one log line per
+    cut): no single value can fail a batch for its length."""
+    call_sid = fit(CallRecord, {"call_sid": op.call_sid}, op.call_sid)["call_sid"]
+    table = {"entry": TranscriptEntry, "opt_out": DoNotCall}.get(op.kind, CallRecord)
+    return _Op(op.kind, call_sid, fit(table, dict(op.fields), call_sid))
+
+
+def row_fault(error: BaseException) -> bool:
+    """True when a write failed because of its own values (a constraint, a value its column
+    can't take or its driver can't encode), not because the database failed: the other
+    writes of its batch can then still go in."""
+    if isinstance(error, IntegrityError | DataError):
+        return True
+    if isinstance(error, DBAPIError):
+        original = error.orig
+        # asyncpg's errors reach SQLAlchemy generic: PostgreSQL's SQLSTATE class 22 is a
+        # data exception (a value too long, out of range), 23 a constraint violation;
+        # asyncpg's own DataError (a value it can't encode) is a ValueError.
+        state = str(getattr(original, "sqlstate", None) or "")
+        return state[:2] in ("22", "23") or isinstance(original.__cause__, ValueError)
+    return isinstance(error, StatementError | TypeError | ValueError)
+
+
+def error_name(error: BaseException) -> str:
+    """The driver's name for what failed (e.g. StringDataRightTruncationError), without
+    its message: messages may quote the value."""
+    original = getattr(error, "orig", None) or error
+    return type(original.__cause__ or original).__name__
 
 
 def _clean(fields: dict[str, Any]) -> dict[str, Any]:

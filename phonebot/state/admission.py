@@ -50,6 +50,7 @@ from phonebot.state.base import (
     LeaseCounts,
     SharedState,
     StateUnavailable,
+    stream_token_key,
 )
 
 IDLE_POLL_S = 0.1
@@ -131,6 +132,11 @@ class CallAdmission:
         self._reserved.pop(call_sid, None)
         self._start_renewing()
         return None
+
+    async def call_over(self, call_sid: str) -> None:
+        """Spend the stream token of a call that is over (Twilio reported its final status)
+        before its stream came, so no stream can start for it on any process."""
+        await self._shared.claim([stream_token_key(call_sid)], self._token_ttl_s)
 
     def _refusal_text(self, verdict: str, call_sid: str) -> str:
         return {

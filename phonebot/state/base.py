@@ -21,6 +21,11 @@ from dataclasses import dataclass
 Handler = Callable[[str], None]
 
 
+def stream_token_key(call_sid: str) -> str:
+    """The key that marks a call's stream token spent (its stream started, or it ended)."""
+    return f"stream:{call_sid}"
+
+
 class StateUnavailable(RuntimeError):
     """The shared state could not be reached (within REDIS_TIMEOUT_S, never a hang).
 

@@ -23,6 +23,7 @@ from phonebot.state.base import (
     Handler,
     LeaseCounts,
     SharedState,
+    stream_token_key,
 )
 from phonebot.token_bucket import Clock, RateLimiter
 
@@ -126,7 +127,7 @@ class MemoryState(SharedState):
         draining: bool,
     ) -> str:
         self.round_trips += 1
-        token = f"stream:{call_sid}"
+        token = stream_token_key(call_sid)
         if token in self._table(token) or call_sid in self._live:
             return TOKEN_USED
         reserved = self._reserved.pop(call_sid, None) is not None

@@ -34,7 +34,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from phonebot.state.base import Handler, LeaseCounts, SharedState, StateUnavailable
+from phonebot.state.base import (
+    Handler,
+    LeaseCounts,
+    SharedState,
+    StateUnavailable,
+    stream_token_key,
+)
 
 T = TypeVar("T")
 # Between tries of the AMD-verdict listener's subscription while Redis is unreachable.
@@ -325,7 +331,7 @@ class RedisState(SharedState):
         draining: bool,
     ) -> str:
         live, reserved, proc = self._lease_keys(process)
-        token = self._key(f"stream:{call_sid}")
+        token = self._key(stream_token_key(call_sid))
         args = [call_sid, _ms(token_ttl_s), _ms(lease_ttl_s), cap, process_cap, int(draining)]
         return str(await self._script("admit", [token, live, reserved, proc], args))
 
@@ -335,7 +341,7 @@ class RedisState(SharedState):
         if not call_sids:
             return
         live, _, proc = self._lease_keys(process)
-        tokens = [self._key(f"stream:{sid}") for sid in call_sids]
+        tokens = [self._key(stream_token_key(sid)) for sid in call_sids]
         args = [_ms(lease_ttl_s), _ms(token_ttl_s), *call_sids]
         await self._script("renew", [live, proc, *tokens], args)
 

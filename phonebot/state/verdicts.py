@@ -12,11 +12,15 @@ announcement sent while the listener was reconnecting is lost, and the poll boun
 that costs to a second of silence. Polling alone would have cost the caller up to the
 poll period on every call (a human's "Hello?" answered a second late) and Redis a GET
 per waiting call per period.
+
+A call gets one verdict: the first one `set` wins (SET NX on a key of its own, in every
+process), so a replayed or late callback can't change what the bot was told.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from loguru import logger
@@ -28,6 +32,8 @@ VERDICT_TTL_S = 300.0
 VERDICT_POLL_S = 1.0
 CHANNEL = "amd"
 PREFIX = "amd:"
+# The claim that a call's verdict was given (SET NX): the first `set` wins.
+GIVEN_PREFIX = "amd-given:"
 
 
 class AmdVerdicts:
@@ -42,14 +48,24 @@ class AmdVerdicts:
         self._waiters: dict[str, set[asyncio.Future]] = {}
         shared.watch(CHANNEL, self._announced)
 
-    async def set(self, call_sid: str, answered_by: str) -> None:
-        """Record Twilio's verdict and wake the call's bot, wherever it runs.
+    async def set(self, call_sid: str, answered_by: str) -> bool:
+        """Record Twilio's verdict and wake the call's bot, wherever it runs; False (and
+        nothing changed) when the call already had one.
 
         Raises StateUnavailable when the shared state can't be reached.
         """
-        await self._shared.announce(
-            PREFIX + call_sid, answered_by, self._ttl_s, CHANNEL, f"{call_sid} {answered_by}"
-        )
+        claim = [GIVEN_PREFIX + call_sid]
+        if await self._shared.claim(claim, self._ttl_s) is not None:
+            return False
+        try:
+            await self._shared.announce(
+                PREFIX + call_sid, answered_by, self._ttl_s, CHANNEL, f"{call_sid} {answered_by}"
+            )
+        except BaseException:
+            with contextlib.suppress(StateUnavailable):  # else it expires after the TTL
+                await self._shared.forget(claim)
+            raise
+        return True
 
     async def get(self, call_sid: str) -> str | None:
         """The verdict recorded for a call, if any (without waiting)."""
