@@ -25,7 +25,7 @@ EXPOSE 8000
 # /health answers 503 while draining or when Redis is unreachable: no new calls here.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=2)"]
-# SIGTERM drains calls (phonebot/shutdown.py); WORKERS=N runs N processes (phonebot/workers.py).
+# SIGTERM drains calls (phonebot/web/shutdown.py); WORKERS=N runs N processes (phonebot/web/workers.py).
 STOPSIGNAL SIGTERM
 CMD ["python", "server.py"]
 

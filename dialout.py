@@ -1,196 +1,24 @@
-"""Place outbound calls through Twilio's REST API, from `POST /dialout` or the command line.
+"""Place an outbound call from the command line, through `phonebot.twilio.dialout`.
 
     python dialout.py +15551234567 --param campaign_id=summer_sale --param customer_id=c-42
 
 It exits 0 once Twilio accepted the call, 1 when the call was not placed (bad input, Twilio
 refused or could not be reached), 2 without PUBLIC_URL, and 3 when Twilio failed in a way
 that may have placed the call (check the Twilio console before trying again).
-
-The call is created with `url=` pointing at this server's signed `POST /outbound`
-endpoint, carrying the campaign parameters in its query string. When the callee picks
-up, Twilio fetches that URL with the new CallSid (signed with the auth token), and the
-TwiML it gets back carries every parameter, `call_type=outbound` and a stream token bound
-to that CallSid. No token has to be guessed or remembered before the CallSid exists.
-
-With `machine_detection`, Twilio also listens for an answering machine and POSTs its
-verdict to `/amd` (see `phonebot.voicemail`); the `/outbound` URL then carries `amd=1`,
-set here after the caller's parameters are validated, so the bot waits for that verdict.
-
-Every call also carries `StatusCallback=<PUBLIC_URL>/status`: Twilio POSTs (signed) the
-call's progress there, and its final CallStatus, so a dial-out that is busy, unanswered,
-failed or canceled, and never reaches `/outbound`, still gets a record (`StatusCallback`
-below, read by the server's `POST /status`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
-from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from phonebot.caller_id import E164
-from phonebot.campaigns.dial_guard import check_destination
-from phonebot.config import Settings, get_settings
-from phonebot.records.limits import check_call_parameters, check_fits
-from phonebot.records.schema import CallRecord
-from phonebot.twilio_api import TwilioUnavailable, create_call
-from phonebot.twiml import ParameterError, validate_custom_parameters
-from phonebot.voicemail import AMD_CALLBACK_PATH, AMD_PARAMETER, AMD_REQUESTED
+from phonebot.config import get_settings
+from phonebot.twilio.dialout import DialoutRequest, parse_param, place_call
+from phonebot.twilio.rest import TwilioUnavailable
 
 # Exit status of the command line when Twilio failed in a way that may have placed the call.
 EXIT_MAYBE_PLACED = 3
-STATUS_CALLBACK_PATH = "/status"
-# Twilio's CallStatus values; the last five are final
-# (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
-CALL_STATUSES = frozenset(
-    {"queued", "initiated", "ringing", "in-progress", "completed", "busy", "no-answer",
-     "failed", "canceled"}
-)
-FINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
-CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
-
-
-class DialoutRequest(BaseModel):
-    """Body of `POST /dialout`."""
-
-    model_config = ConfigDict(populate_by_name=True, extra="forbid")
-
-    to: str = Field(pattern=E164, description="Number to call, E.164 (+15551234567)")
-    from_: str | None = Field(
-        default=None, alias="from", pattern=E164, description="Caller ID; TWILIO_PHONE_NUMBER"
-    )
-    parameters: dict[str, str] = Field(
-        default_factory=dict, description="Stream parameters, e.g. campaign_id, customer_id"
-    )
-    machine_detection: bool = Field(
-        default=False,
-        description="Twilio answering-machine detection: leave the campaign's voicemail "
-        "message on a machine, talk to a human",
-    )
-
-
-class DialoutResponse(BaseModel):
-    call_sid: str
-    status: str
-    to: str
-
-
-def validate_dial_parameters(
-    parameters: Mapping[str, str], settings: Settings, *, where: str = "parameters"
-) -> dict[str, str]:
-    """A dial's custom parameters by /dialout's rules, for /dialout and campaigns alike:
-    `validate_custom_parameters`, and `amd` is the server's own (set from machine_detection,
-    checked again on /outbound), never the caller's. ParameterError names the field."""
-    checked = validate_custom_parameters(parameters, settings, where=where)
-    if AMD_PARAMETER in checked:
-        raise ParameterError(f"{where}.{AMD_PARAMETER}", "is reserved; use machine_detection")
-    check_call_parameters(checked, where=where)  # campaign_id, customer_id fit the record
-    return checked
-
-
-async def place_call(request: DialoutRequest, settings: Settings, base_url: str) -> DialoutResponse:
-    """Check the destination and the parameters, and ask Twilio to place the call.
-
-    Raises DialRefused (DIALOUT_ALLOWED_COUNTRIES, premium-rate or short number: HTTP 403),
-    ParameterError (the caller's fault) or TwilioUnavailable (Twilio's answer). The
-    do-not-call list needs the database: the server checks it before calling this.
-    """
-    if (refused := check_destination(request.to, settings)) is not None:
-        raise refused  # toll-fraud guard: country, premium-rate, short numbers
-    parameters = validate_dial_parameters(request.parameters, settings)
-    from_number = request.from_ or settings.twilio_phone_number
-    if not from_number:
-        raise ParameterError("from", "not given and TWILIO_PHONE_NUMBER is not set")
-    amd_callback_url = None
-    if request.machine_detection:
-        _check_amd_possible(settings)
-        # Added after validation: the server's own parameter, not one of the caller's.
-        parameters[AMD_PARAMETER] = AMD_REQUESTED
-        amd_callback_url = f"{base_url}{AMD_CALLBACK_PATH}"
-    query = f"?{urlencode(parameters)}" if parameters else ""
-    created = await create_call(
-        settings,
-        to=request.to,
-        from_=from_number,
-        twiml_url=f"{base_url}/outbound{query}",
-        amd_callback_url=amd_callback_url,
-        status_callback_url=f"{base_url}{STATUS_CALLBACK_PATH}",
-    )
-    return DialoutResponse(call_sid=created.sid, status=created.status, to=created.to)
-
-
-@dataclass(frozen=True)
-class StatusCallback:
-    """One of Twilio's call status callbacks (Twilio docs, "Call status callbacks":
-    https://www.twilio.com/docs/voice/api/call-resource#statuscallback). Each POST
-    carries the call's usual webhook parameters (CallSid, CallStatus, From, To,
-    Direction, …) plus `Timestamp`, `SequenceNumber` (per call, from 0: callbacks may
-    arrive out of order) and, on the final one, `CallDuration` in seconds."""
-
-    call_sid: str
-    status: str
-    from_: str | None = None
-    to: str | None = None
-    direction: str | None = None
-    duration_s: int | None = None
-    sequence: int | None = None
-    timestamp: str | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.status in FINAL_STATUSES
-
-    @classmethod
-    def from_form(cls, form: Mapping[str, str]) -> StatusCallback:
-        """The callback's fields; ParameterError names a missing or malformed one (a From
-        or To longer than the record's column: no number or SIP URI is)."""
-        call_sid = str(form.get("CallSid", ""))
-        status = str(form.get("CallStatus", ""))
-        if not CALL_SID.match(call_sid):
-            raise ParameterError("CallSid", "must be CA followed by 32 hex digits")
-        if status not in CALL_STATUSES:
-            raise ParameterError("CallStatus", f"must be one of {', '.join(sorted(CALL_STATUSES))}")
-        check_fits("From", form.get("From"), CallRecord.from_number)
-        check_fits("To", form.get("To"), CallRecord.to_number)
-        return cls(
-            call_sid=call_sid,
-            status=status,
-            from_=str(form.get("From", "")) or None,
-            to=str(form.get("To", "")) or None,
-            direction=str(form.get("Direction", "")) or None,
-            duration_s=_int_or_none(form.get("CallDuration")),
-            sequence=_int_or_none(form.get("SequenceNumber")),
-            timestamp=str(form.get("Timestamp", "")) or None,
-        )
-
-
-def _int_or_none(value: object) -> int | None:
-    text = str(value or "")
-    return int(text) if text.isdigit() else None
-
-
-def _check_amd_possible(settings: Settings) -> None:
-    """Twilio posts the verdict to this server; a bot on Pipecat Cloud reads it only through
-    the shared state (REDIS_URL, which its `bot()` then opens too), never from our memory."""
-    if settings.env == "production" and not settings.redis_url:
-        raise ParameterError(
-            "machine_detection",
-            "needs REDIS_URL with ENV=production: the AMD verdict reaches this server, and the "
-            "bot on Pipecat Cloud can only read it from the shared state",
-        )
-
-
-def _parse_param(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("to", help="number to call, E.164, e.g. +15551234567")
     parser.add_argument("--from", dest="from_", help="caller ID (default TWILIO_PHONE_NUMBER)")
     parser.add_argument(
-        "--param", action="append", type=_parse_param, default=[], metavar="NAME=VALUE"
+        "--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE"
     )
     parser.add_argument(
         "--machine-detection",

@@ -2,7 +2,7 @@
 
 Feeds phone audio (espeak phrases and synthetic line noise, through 8 kHz μ-law, in the
 server's 60 ms inbound batches) to the VAD exactly as a call's user aggregator does, with
-Pipecat's default parameters and with ours (`phonebot.barge_in.vad_params`), and prints
+Pipecat's default parameters and with ours (`phonebot.call.barge_in.vad_params`), and prints
 when speech is confirmed after its onset, or that it never was (noise must never be):
 
     .venv/bin/python bench/barge_in_vad.py
@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipecat.audio.vad.vad_analyzer import VADParams, VADState  # noqa: E402
 
+from phonebot.ai.inference import SharedSileroVADAnalyzer  # noqa: E402
+from phonebot.ai.offline.espeak import synthesize_at  # noqa: E402
 from phonebot.audio import ulaw_decode, ulaw_encode  # noqa: E402
-from phonebot.barge_in import vad_params  # noqa: E402
+from phonebot.call.barge_in import vad_params  # noqa: E402
 from phonebot.config import Settings  # noqa: E402
-from phonebot.inference import SharedSileroVADAnalyzer  # noqa: E402
-from phonebot.offline.espeak import synthesize_at  # noqa: E402
 from phonebot.pipecat_compat import run_silero  # noqa: E402
-from phonebot.pipeline_cost import INBOUND_BATCH_MS  # noqa: E402
+from phonebot.twilio.transport import INBOUND_BATCH_MS  # noqa: E402
 
 RATE = 8000
 LEAD_S = 0.5

@@ -1,4 +1,4 @@
-"""Microbenchmark of the shared models (phonebot.inference): what batching buys.
+"""Microbenchmark of the shared models (phonebot.ai.inference): what batching buys.
 
     .venv/bin/python bench/inference.py                 # N = 1, 10, 20, 40
     .venv/bin/python bench/inference.py --calls 10,40 --paced-s 10
@@ -25,18 +25,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phonebot import pipecat_compat as compat  # noqa: E402
-from phonebot.inference import (  # noqa: E402
+from phonebot.ai.inference import (  # noqa: E402
     SharedSileroVADAnalyzer,
     SileroBatcher,
     silero_session,
     smart_turn_session,
 )
-from phonebot.inference.vad import BATCH_WAIT_S, SileroStream, score_windows  # noqa: E402
-from phonebot.offline.espeak import synthesize_at  # noqa: E402
+from phonebot.ai.inference.vad import BATCH_WAIT_S, SileroStream, score_windows  # noqa: E402
+from phonebot.ai.offline.espeak import synthesize_at  # noqa: E402
 
 RATE = 8000
 WINDOW = 256  # samples: 32 ms at 8 kHz
-FRAME_BYTES = 960  # 60 ms: phonebot.pipeline_cost.INBOUND_BATCH_MS
+FRAME_BYTES = 960  # 60 ms: phonebot.twilio.transport.INBOUND_BATCH_MS
 
 
 def vad_us_per_window(calls: int, rounds: int) -> float:

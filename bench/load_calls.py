@@ -71,7 +71,7 @@ def ensure_caller_audio(directory: Path = AUDIO_DIR) -> dict[str, Path]:
     for key, text in PHRASES.items():
         path = directory / f"{key}.wav"
         if not path.exists():
-            from phonebot.offline.espeak import synthesize_at
+            from phonebot.ai.offline.espeak import synthesize_at
 
             write_mono_wav(path, synthesize_at(text, TWILIO_SAMPLE_RATE), TWILIO_SAMPLE_RATE)
         paths[key] = path

@@ -54,7 +54,7 @@ def ours_env(max_calls: int) -> dict[str, str]:
         "PIPELINE_IDLE_TIMEOUT_S": "60",
         "SHUTDOWN_GRACE_S": "0",
         # INFO keeps the log to a few lines per call; LOG_TURN_TIMING writes the per-turn
-        # timing lines (phonebot.turns) at INFO, for where each reply's time went.
+        # timing lines (phonebot.call.turns) at INFO, for where each reply's time went.
         "LOG_LEVEL": "INFO",
         "LOG_TURN_TIMING": "true",
     }

@@ -133,7 +133,7 @@ class StepFigures(Protocol):
 # ------------------------------------------------------------------ server turn timing
 
 # The server's per-turn DEBUG line, `Call <CallSid> turn timing <compact JSON>`, parsed by
-# `phonebot.turns.parse_turn_timing` (the server owns its format; the benchmark only reads).
+# `phonebot.call.turns.parse_turn_timing` (the server owns its format; the benchmark only reads).
 TIMING_MARK = " turn timing {"
 STAGES = {  # key in the line: label; seconds after the end of the caller's speech
     "vad_stop_s": "VAD stop",
@@ -149,7 +149,7 @@ Parser = Callable[[str], dict | None]
 
 def server_parser() -> Parser:
     """The server's own parser, imported only when a log is read (bench runs without it)."""
-    from phonebot.turns import parse_turn_timing
+    from phonebot.call.turns import parse_turn_timing
 
     return parse_turn_timing
 

@@ -3,7 +3,7 @@
 Speaks a fixed set of phone-call phrases with espeak-ng, sends them through the phone path
 (8 kHz, G.711 mu-law round trip) and transcribes them with pocketsphinx, reporting word accuracy
 (1 - WER) and real-time factors. It also decodes with a native 8 kHz front end, the rejected
-alternative to upsampling, so the choice made in ``phonebot/offline/stt.py`` stays checkable.
+alternative to upsampling, so the choice made in ``phonebot/ai/offline/stt.py`` stays checkable.
 
 Run: ``.venv/bin/python bench/offline_engines.py`` (about 30 s on one core).
 """
@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loguru import logger  # noqa: E402
 from pocketsphinx import Decoder, get_model_path  # noqa: E402
 
-from phonebot.offline import stt  # noqa: E402
-from phonebot.offline.channel import PHONE_SAMPLE_RATE, phone_channel  # noqa: E402
-from phonebot.offline.espeak import synthesize  # noqa: E402
+from phonebot.ai.offline import stt  # noqa: E402
+from phonebot.ai.offline.channel import PHONE_SAMPLE_RATE, phone_channel  # noqa: E402
+from phonebot.ai.offline.espeak import synthesize  # noqa: E402
 
 PHRASES = [
     "I'd like to book an appointment",

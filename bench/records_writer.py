@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from phonebot.records.db import create_engine, sessionmaker  # noqa: E402
-from phonebot.records.migrate import migrate  # noqa: E402
+from phonebot.db.engine import create_engine, sessionmaker  # noqa: E402
+from phonebot.db.migrate import migrate  # noqa: E402
 from phonebot.records.writer import RecordWriter  # noqa: E402
 
 TURNS = 12

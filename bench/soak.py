@@ -11,7 +11,7 @@ conversations of `load_calls.py`) in batches of `--batch` concurrent calls. Afte
 each batch, once the server reports no open stream, it takes a reading:
 
 - from outside, in /proc: the server's RSS, open file descriptors and OS threads;
-- from inside: the server runs with `LOG_RESOURCE_USAGE=true` (phonebot.diagnostics), and
+- from inside: the server runs with `LOG_RESOURCE_USAGE=true` (phonebot.ops.diagnostics), and
   a SIGUSR1 makes it log one `Resource usage {...}` line after a full garbage collection:
   asyncio tasks, live objects, and with `TRACEMALLOC_FRAMES` the Python allocation sites
   that grew since the previous batch.
@@ -61,7 +61,7 @@ from load_server import (  # noqa: E402
     rss_mb,
 )
 
-from phonebot.diagnostics import parse_resource_usage  # noqa: E402
+from phonebot.ops.diagnostics import parse_resource_usage  # noqa: E402
 
 CALLS = 2000
 BATCH = 20

@@ -17,6 +17,8 @@ from dotenv import load_dotenv
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from phonebot.phone_numbers import is_transfer_target
+
 DEFAULT_TWILIO_API_BASE_URL = "https://api.twilio.com"
 PIPECAT_CLOUD_TWILIO_WS_URL = "wss://api.pipecat.daily.co/ws/twilio"
 
@@ -32,8 +34,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 8000
     log_level: str = "INFO"
-    # Observability (phonebot.logs, phonebot.metrics; docs/observability.md). LOG_FORMAT=json
-    # writes one JSON object per log line (with the CallSid as a field) for log collectors.
+    # Observability (phonebot.ops.logs, phonebot.ops.metrics; docs/observability.md).
+    # LOG_FORMAT=json writes one JSON object per log line (with the CallSid as a field) for
+    # log collectors.
     # METRICS_TOKEN, when set, is the bearer token GET /metrics requires; unset, it is open
     # (counts only, no call content).
     log_format: Literal["text", "json"] = "text"
@@ -41,11 +44,11 @@ class Settings(BaseSettings):
     # Log each text the bot hands to its TTS ("Call <CallSid> bot says: ...") at INFO; off,
     # the line is written at DEBUG only. Call content: an LLM reply can repeat the caller.
     log_bot_speech: bool = False
-    # Log each caller turn's timing line ("Call <CallSid> turn timing {...}", phonebot.turns)
+    # Log each caller turn's timing line ("Call <CallSid> turn timing {...}", phonebot.call.turns)
     # at INFO; off, at DEBUG only. The load benchmark turns it on to see where replies wait.
     log_turn_timing: bool = False
     # Resource-usage lines ("Resource usage {...}": RSS, open files, threads, asyncio tasks;
-    # phonebot.diagnostics) every LOG_RESOURCE_USAGE_EVERY_S (0: never on a timer) and on
+    # phonebot.ops.diagnostics) every LOG_RESOURCE_USAGE_EVERY_S (0: never on a timer) and on
     # SIGUSR1, for finding creep (bench/soak.py). TRACEMALLOC_FRAMES > 0 also traces Python
     # allocations and names the sites that grew since the last line: slow, soak tests only.
     log_resource_usage: bool = False
@@ -62,7 +65,7 @@ class Settings(BaseSettings):
     twilio_auth_token: SecretStr | None = None
     twilio_phone_number: str | None = None
     twilio_api_base_url: str = DEFAULT_TWILIO_API_BASE_URL
-    # REST calls (phonebot.twilio_api): seconds one request may take, and tries for one that
+    # REST calls (phonebot.twilio.rest): seconds one request may take, and tries for one that
     # is safe to repeat (hang-up, transfer) on 5xx/429/network errors; a dial-out is retried
     # only when Twilio was never reached.
     twilio_rest_timeout_s: float = Field(default=10.0, gt=0)
@@ -113,7 +116,7 @@ class Settings(BaseSettings):
     # Dial-out: how long the bot waits for the callee's "Hello?" before opening anyway.
     dialout_greeting_delay_s: float = Field(default=3.0, ge=0)
 
-    # Turn-taking (phonebot.turns), seconds after the caller's speech ends. The Smart Turn
+    # Turn-taking (phonebot.call.turns), seconds after the caller's speech ends. The Smart Turn
     # model says "unfinished" but the transcript looks finished: answer after this (Pipecat
     # waits 3 s; a caller who hears 3 s of silence thinks the line is dead).
     turn_incomplete_wait_s: float = Field(default=0.7, ge=0, le=10)
@@ -121,7 +124,7 @@ class Settings(BaseSettings):
     # long for the caller to go on, whatever the model says (Pipecat's own fallback, 3 s).
     turn_dangling_wait_s: float = Field(default=3.0, ge=0, le=10)
 
-    # Hearing the caller (Silero VAD; phonebot.barge_in.vad_params). How soon a caller
+    # Hearing the caller (Silero VAD; phonebot.call.barge_in.vad_params). How soon a caller
     # talking over the bot stops it: seconds of voiced audio before speech counts (Pipecat:
     # 0.2), the smoothed loudness it must reach, 0-1 (Pipecat: 0.6, tuned for microphones),
     # and Silero's speech confidence, 0-1, which is what keeps line hiss and coughs out.
@@ -141,7 +144,7 @@ class Settings(BaseSettings):
     pipeline_idle_timeout_s: float = Field(default=120.0, gt=0)
     max_concurrent_calls: int = Field(default=20, ge=1)
 
-    # Provider failures (see phonebot/provider_faults.py). A request to the LLM, or to the
+    # Provider failures (see phonebot/call/provider_faults.py). A request to the LLM, or to the
     # OpenAI-compatible STT/TTS, fails after this long without a byte back (never retried:
     # a retry would double the caller's silence). The caller hears PROVIDER_ERROR_PHRASE and
     # the call goes on; MAX_PROVIDER_FAILURES failed turns in a row of one provider end the
@@ -154,7 +157,7 @@ class Settings(BaseSettings):
     )
     max_provider_failures: int = Field(default=3, ge=1)
 
-    # Abuse limits (phonebot.http_guards, phonebot.state). Twilio's webhook forms are ~1 KB;
+    # Abuse limits (phonebot.web.guards, phonebot.state). Twilio's webhook forms are ~1 KB;
     # bigger bodies → 413.
     max_request_body_bytes: int = Field(default=65_536, ge=1024)
     # POST /campaigns only (JSON or CSV contacts, up to MAX_CAMPAIGN_CONTACTS rows of ~100-200
@@ -203,14 +206,14 @@ class Settings(BaseSettings):
     # about 2.5 × this, never hangs a webhook.
     redis_timeout_s: float = Field(default=0.5, gt=0, le=10)
 
-    # Graceful shutdown (phonebot.shutdown): on SIGTERM/SIGINT take no new calls, let live
+    # Graceful shutdown (phonebot.web.shutdown): on SIGTERM/SIGINT take no new calls, let live
     # calls run this long, then say the phrase (waiting at most the timeout for it to play)
     # and hang up. A second signal exits at once.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     shutdown_phrase: str = "I'm sorry, we have to end the call now. Goodbye!"
     shutdown_goodbye_timeout_s: float = Field(default=10.0, gt=0)
     # A websocket that hasn't sent Twilio's `connected` + `start` by then is closed, so a
-    # silent or stalled peer can't hold one of the call slots (phonebot.stream_guard).
+    # silent or stalled peer can't hold one of the call slots (phonebot.twilio.stream_guard).
     stream_handshake_timeout_s: float = Field(default=10.0, gt=0)
     # Said by Twilio (<Say>, then <Hangup/>) when the media stream closes without the call
     # being hung up or transferred: a refused stream, a failed REST hang-up, a crash. Twilio
@@ -258,7 +261,7 @@ class Settings(BaseSettings):
     campaign_unknown_after_s: float = Field(default=120.0, gt=0)
     # Countries (ISO 3166 codes, comma-separated: "US,CA") any dial may reach, campaign or
     # /dialout; unset = the country of TWILIO_PHONE_NUMBER. Premium-rate and short numbers
-    # are always refused (phonebot.campaigns.dial_guard).
+    # are always refused (phonebot.twilio.dial_guard).
     dialout_allowed_countries: str | None = None
 
     @field_validator("campaign_default_timezone")
@@ -326,8 +329,6 @@ class Settings(BaseSettings):
     @field_validator("transfer_target")
     @classmethod
     def _dialable(cls, value: str | None) -> str | None:
-        from phonebot.transfer import is_transfer_target
-
         if value and not is_transfer_target(value):
             raise ValueError(f"{value!r} is neither an E.164 number nor a SIP URI")
         return value or None
@@ -341,7 +342,7 @@ class Settings(BaseSettings):
 
     @cached_property
     def stream_token_secret(self) -> bytes:
-        """The key that signs per-call stream tokens (see `phonebot.security`)."""
+        """The key that signs per-call stream tokens (see `phonebot.twilio.stream_token`)."""
         for candidate in (self.stream_secret, self.twilio_auth_token):
             if candidate and candidate.get_secret_value():
                 return candidate.get_secret_value().encode()

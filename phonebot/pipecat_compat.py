@@ -32,13 +32,13 @@ if TYPE_CHECKING:  # Only for types: importing this module must stay cheap.
 
 # Pipecat class (module, name) → the private members our subclasses of it override.
 OVERRIDDEN: dict[tuple[str, str], frozenset[str]] = {
-    # phonebot.session.TwilioMarkSerializer: the end-of-call hang-up, with retries.
+    # phonebot.twilio.stream.TwilioMarkSerializer: the end-of-call hang-up, with retries.
     ("pipecat.serializers.twilio", "TwilioFrameSerializer"): frozenset({"_hang_up_call"}),
-    # phonebot.inference.turn.SharedSmartTurnAnalyzer: the shared inference threads.
+    # phonebot.ai.inference.turn.SharedSmartTurnAnalyzer: the shared inference threads.
     ("pipecat.audio.turn.smart_turn.base_smart_turn", "BaseSmartTurn"): frozenset(
         {"_model_executor"}
     ),
-    # phonebot.offline.tts.OfflineTTSService: the settings hook and its typed settings.
+    # phonebot.ai.offline.tts.OfflineTTSService: the settings hook and its typed settings.
     ("pipecat.services.tts_service", "TTSService"): frozenset({"_update_settings", "_settings"}),
 }
 
@@ -81,7 +81,7 @@ def replace_websocket_output(transport: Any, output_class: type) -> Any:
     `FastAPIWebsocketTransport.__init__` builds its output processor from its private
     `_client`, `_params` and `_output_name` and keeps it in `_output`, with no factory to
     override; replacing `_output` before the pipeline is built is the only way to put a
-    subclass in its place (phonebot.barge_in).
+    subclass in its place (phonebot.twilio.transport).
     """
     output = output_class(
         transport, transport._client, transport._params, name=transport._output_name

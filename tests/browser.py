@@ -35,9 +35,10 @@ from sqlalchemy import update
 
 from phonebot.config import Settings
 from phonebot.records import Records
-from phonebot.records.api import router as api_router
 from phonebot.records.schema import CallRecord
-from phonebot.records.ui import router as ui_router
+from phonebot.web.calls_api import router as api_router
+from phonebot.web.calls_ui import router as ui_router
+from phonebot.web.services import AppServices, app_services
 
 MISSING = "Chromium not installed (apt-get install chromium): browser tests skipped"
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
@@ -115,14 +116,14 @@ def chromium(executable: str, viewport: dict[str, int] | None = None) -> Iterato
 def records_app(
     settings: Settings, seed: Callable[[Records], Awaitable[None]] | None = None
 ) -> FastAPI:
-    """The records API and the calls page on their own app, as server.py includes them (the
-    page's router first: `/calls/{call_sid}` would otherwise answer `/calls/ui`)."""
+    """The records API and the calls page on their own app, as `create_app` includes them
+    (the page's router first: `/calls/{call_sid}` would otherwise answer `/calls/ui`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         records = Records(settings)
         await records.start()
-        app.state.records = records
+        app_services(app).records = records
         if seed is not None:
             await seed(records)
         try:
@@ -131,7 +132,7 @@ def records_app(
             await records.stop()
 
     app = FastAPI(lifespan=lifespan)
-    app.state.settings = settings
+    app.state.services = AppServices.build(settings)  # its records: made in the lifespan
     app.include_router(ui_router)
     app.include_router(api_router)
     return app

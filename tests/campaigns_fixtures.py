@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,12 +14,15 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from dialout import DialoutRequest, DialoutResponse
-from phonebot.campaigns.app import install_campaigns
 from phonebot.campaigns.service import Campaigns
 from phonebot.campaigns.windows import ManualClock
 from phonebot.records import Records
 from phonebot.records.schema import CallRecord, utcnow
+from phonebot.twilio.dialout import DialoutRequest, DialoutResponse
+from phonebot.web.app import create_app
+from phonebot.web.campaigns import EXCEPTION_HANDLERS, ROUTERS
+from phonebot.web.services import AppServices
+from tests.browser import ServedApp
 from tests.conftest import make_settings
 
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -117,10 +120,11 @@ async def build_harness(database_url: str, **settings: Any) -> tuple[Harness, An
     records = Records(make_settings(**values))
     await records.start()
     clock, twilio = ManualClock(T0), FakeTwilio()
-    app = FastAPI()
-    app.state.settings = records.settings
-    app.state.records = records
-    campaigns = install_campaigns(app, records.settings, records, dial=twilio, clock=clock)
+    campaigns = Campaigns(records.settings, records, dial=twilio, clock=clock)
+    app = FastAPI(exception_handlers=EXCEPTION_HANDLERS)
+    app.state.services = AppServices.build(records.settings, records=records, campaigns=campaigns)
+    for router in ROUTERS:
+        app.include_router(router)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
     harness = Harness(records, campaigns, client, clock, twilio)
     harness.app = app
@@ -149,3 +153,16 @@ async def sqlite_harness(tmp_path):
         yield built
     finally:
         await close()
+
+
+@pytest.fixture
+def campaign_server(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The server's whole app on a free port (its own TWILIO_PHONE_NUMBER, no scheduler:
+    nothing is dialed), for `python -m phonebot.campaigns`, its client. The terminal's
+    environment has only what the README gives it: the server's URL and the admin key."""
+    settings = make_settings(database_url=f"sqlite:///{tmp_path / 'server.db'}",
+                             admin_api_key=ADMIN_KEY, campaign_scheduler=False)
+    with ServedApp(create_app(settings)) as served:
+        monkeypatch.setenv("PHONEBOT_URL", served.base_url)
+        monkeypatch.setenv("ADMIN_API_KEY", ADMIN_KEY)
+        yield served.base_url

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from phonebot.bot_speech import bot_lines
+from phonebot.call.bot_speech import bot_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 90
@@ -103,7 +103,7 @@ class LiveServer:
     def bot_lines(self, call_sid: str, timeout_s: float = 10.0) -> list[str]:
         """The texts the bot of call `call_sid` handed to its TTS, in order.
 
-        Read from the server's "bot says" lines (phonebot.bot_speech) once the call's end
+        Read from the server's "bot says" lines (phonebot.call.bot_speech) once the call's end
         line is in, so none is still on its way: what the bot said, exactly, instead of a
         guess from its audio.
         """

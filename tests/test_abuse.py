@@ -26,18 +26,18 @@ from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from dialout import DialoutResponse
+from phonebot.ai.personas import DIALIN_PERSONAS, opening_line
 from phonebot.emulator import Hangup, TwilioRestEmulator, WaitForBot, dial_in
 from phonebot.emulator.ids import new_call_sid
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
-from phonebot.http_guards import BodySizeLimit, RateLimiter, client_ip
-from phonebot.personas import DIALIN_PERSONAS, opening_line
-from phonebot.security import call_token
 from phonebot.state import MemoryState, ReplayGuard
-from phonebot.stream_guard import MAX_MEDIA_MESSAGE_BYTES
-from phonebot.twiml import BUSY_MESSAGE
-from server import create_app
+from phonebot.twilio.dialout import DialoutResponse
+from phonebot.twilio.stream_guard import MAX_MEDIA_MESSAGE_BYTES
+from phonebot.twilio.stream_token import call_token
+from phonebot.twilio.twiml import BUSY_MESSAGE
+from phonebot.web.app import create_app
+from phonebot.web.guards import BodySizeLimit, RateLimiter, client_ip
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
 from tests.live_server import LiveServer, free_port
 from tests.test_calls import CALLER, OUR_NUMBER, server_env
@@ -129,9 +129,11 @@ def fake_pipeline(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     def no_services(*args, **kwargs):
         raise AssertionError("no services may be built here")
 
-    monkeypatch.setattr("bot.twilio_transport", lambda websocket, *args: (websocket, None))
-    monkeypatch.setattr("bot.run_bot", fake_run_bot)
-    monkeypatch.setattr("bot.build_services", no_services)
+    monkeypatch.setattr(
+        "phonebot.call.serve.twilio_transport", lambda websocket, *args: (websocket, None)
+    )
+    monkeypatch.setattr("phonebot.call.serve.run_bot", fake_run_bot)
+    monkeypatch.setattr("phonebot.call.serve.build_services", no_services)
     return ran
 
 
@@ -353,7 +355,7 @@ def dialed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         placed.append(body.to)
         return DialoutResponse(call_sid=new_call_sid(), status="queued", to=body.to)
 
-    monkeypatch.setattr("server.place_call", fake_place_call)
+    monkeypatch.setattr("phonebot.web.dialout.place_call", fake_place_call)
     return placed
 
 

@@ -29,6 +29,8 @@ from pipecat.services.openai.stt import OpenAISTTService
 from pipecat.services.openai.tts import OpenAITTSService
 from pipecat.tests.utils import run_test
 
+from phonebot.ai.personas import DIALIN_PERSONAS
+from phonebot.ai.providers import build_services, chosen_providers
 from phonebot.emulator.ai_api import (
     ANSWER,
     DEFAULT_TRANSCRIPT,
@@ -37,8 +39,6 @@ from phonebot.emulator.ai_api import (
     running_ai_api,
 )
 from phonebot.emulator.ai_speech import SAMPLE_RATE, speech_master, speech_pcm
-from phonebot.personas import DIALIN_PERSONAS
-from phonebot.providers import build_services, chosen_providers
 from tests.conftest import make_settings
 
 QUESTION = "What time do you open?"

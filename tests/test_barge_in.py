@@ -35,14 +35,15 @@ from pipecat.workers.runner import WorkerRunner
 from starlette.websockets import WebSocketState
 
 from phonebot.audio import ulaw_decode
-from phonebot.barge_in import BargeInOutputTransport, ClearGate, barge_in_transport, vad_params
+from phonebot.call.barge_in import vad_params
 from phonebot.emulator import Hangup, Pause, Speak, WaitForBot
 from phonebot.emulator.timeline import LateMediaWatch, Segment, onset_before
+from phonebot.twilio.transport import BargeInOutputTransport, ClearGate, barge_in_transport
 from tests.conftest import make_settings
 from tests.test_calls import call_in, rest_port, server, twilio  # noqa: F401 (fixtures)
 
 RATE = 8000
-CHUNK = RATE // 10  # the transport's 100 ms chunk (phonebot.pipeline_cost)
+CHUNK = RATE // 10  # the transport's 100 ms chunk (phonebot.twilio.transport)
 
 
 class FakeTwilioSocket:
@@ -218,7 +219,7 @@ def test_the_transport_puts_our_output_in_pipecats_place() -> None:
 def test_vad_parameters_come_from_the_settings() -> None:
     params = vad_params(make_settings(vad_start_s=0.15, vad_min_volume=0.4, vad_confidence=0.8))
     assert (params.start_secs, params.min_volume, params.confidence) == (0.15, 0.4, 0.8)
-    assert params.stop_secs == 0.2  # Pipecat's; turn-taking (phonebot.turns) builds on it
+    assert params.stop_secs == 0.2  # Pipecat's; turn-taking (phonebot.call.turns) builds on it
 
 
 def test_late_media_is_charged_to_a_clear_until_the_bots_media_pauses() -> None:

@@ -23,7 +23,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
-from phonebot.bot_speech import BotSpeechLog, bot_lines, bot_says_line
+from phonebot.call.bot_speech import BotSpeechLog, bot_lines, bot_says_line
 from tests.conftest import make_settings
 
 CALL_SID = "CA" + "b" * 32
@@ -64,7 +64,7 @@ def levels(records: list[dict]) -> set[str]:
 def test_a_line_reads_back_exactly_whatever_the_text_holds():
     text = 'He said "hi"\nthen left: 100% sure — ¿sí?'
     log = [
-        f"2026-01-01 00:00:00.000 | INFO     | phonebot.bot_speech:log:1 - {line}"
+        f"2026-01-01 00:00:00.000 | INFO     | phonebot.call.bot_speech:log:1 - {line}"
         for line in (
             bot_says_line(CALL_SID, text),
             bot_says_line(OTHER_SID, "another call's line"),

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from defusedxml import ElementTree
 
+from phonebot.ai.personas import DIALIN_PERSONAS
 from phonebot.config import Settings
 from phonebot.emulator import (
     CallResult,
@@ -27,8 +28,7 @@ from phonebot.emulator import (
 from phonebot.emulator.ids import new_call_sid
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
-from phonebot.personas import DIALIN_PERSONAS
-from phonebot.twiml import BUSY_MESSAGE
+from phonebot.twilio.twiml import BUSY_MESSAGE
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY
 from tests.live_server import LiveServer, free_port
 from tests.test_calls import CALLER, OUR_NUMBER, call_in, dialin_opening, say, server_env

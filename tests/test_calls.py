@@ -5,7 +5,7 @@ STT, responder and TTS are the offline engines. The emulator is Twilio: it rings
 webhook (signed), streams 20 ms μ-law frames in real time, answers marks, honours clears,
 and plays the Twilio REST API on loopback for dial-out and hang-up. What the bot said is
 read from the server's log: each text the bot handed to its TTS (`LiveServer.bot_lines`,
-phonebot.bot_speech), exactly, while the audio checks say that speech reached the caller.
+phonebot.call.bot_speech), exactly, while the audio checks say that speech reached the caller.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
+from phonebot.ai.offline.espeak import synthesize_at
+from phonebot.ai.personas import CAMPAIGNS, DIALIN_PERSONAS, opening_line
 from phonebot.emulator import (
     CallResult,
     Dtmf,
@@ -31,8 +33,6 @@ from phonebot.emulator import (
     WaitForBot,
     dial_in,
 )
-from phonebot.offline.espeak import synthesize_at
-from phonebot.personas import CAMPAIGNS, DIALIN_PERSONAS, opening_line
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY
 from tests.live_server import LiveServer, free_port
 

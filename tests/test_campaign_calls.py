@@ -22,17 +22,17 @@ import pytest
 from pipecat.processors.aggregators.llm_context import LLMContext
 from sqlalchemy import select
 
-from bot import call_tools
-from phonebot.call_control import OPT_OUT_TOOL, EndReason, other_party, record_outcome_tool
-from phonebot.campaigns.schema import DoNotCall
+from phonebot.ai.offline.responder import OfflineResponder, Reply
+from phonebot.ai.personas import CAMPAIGNS, DIALIN_PERSONAS, outcome_problems
+from phonebot.call.control import EndReason, other_party
+from phonebot.call.tools import OPT_OUT_TOOL, call_tools, record_outcome_tool
+from phonebot.db.engine import create_engine, sessionmaker
+from phonebot.db.migrate import migrate
+from phonebot.dnc.schema import DoNotCall
 from phonebot.emulator import CalleeBook, TwilioRestEmulator
-from phonebot.offline.responder import OfflineResponder, Reply
-from phonebot.personas import CAMPAIGNS, DIALIN_PERSONAS, outcome_problems
-from phonebot.records.db import create_engine, sessionmaker
-from phonebot.records.migrate import migrate
 from phonebot.records.schema import CallRecord
 from phonebot.records.writer import RecordWriter
-from phonebot.session import CallSession
+from phonebot.twilio.stream import CallSession
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
 from tests.live_server import LiveServer, free_port
 from tests.test_calls import server_env

@@ -1,4 +1,5 @@
-"""`python -m phonebot.campaign`: start from a CSV, list, status, pause, results."""
+"""`python -m phonebot.campaigns`: start from a CSV, list, status, pause, results, through
+the server's API (its app served in this process: tests.campaigns_fixtures)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,13 @@ import pytest
 
 from phonebot.campaigns.cli import main
 
+pytest_plugins = ["tests.campaigns_fixtures"]
+
 
 @pytest.fixture
-def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
-    monkeypatch.setenv("TWILIO_PHONE_NUMBER", "+15550001111")
-    from phonebot.config import get_settings
-
-    get_settings.cache_clear()
-    yield tmp_path
-    get_settings.cache_clear()
+def database(campaign_server: str, tmp_path: Path) -> Path:
+    """A folder for the CSV; the server keeps the campaigns (the terminal has no database)."""
+    return tmp_path
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -61,3 +59,22 @@ def test_bad_rows_and_unknown_campaigns_exit_1(database: Path, capsys):
     code, _, err = run(capsys, "start", str(contacts), "--window", "20:00-09:00")
     assert code == 1 and "window.end must be after window.start" in err
     assert run(capsys, "status", "cmp_nope")[0] == 1
+
+
+def test_the_servers_settings_decide_and_its_key_is_needed(database: Path, capsys):
+    """The terminal has neither TWILIO_PHONE_NUMBER nor DIALOUT_ALLOWED_COUNTRIES: the
+    server's settings decide (US numbers, from its own number); a wrong key is refused."""
+    contacts = database / "abroad.csv"
+    contacts.write_text("to\n+12025550100\n+33612345678\n")
+    code, _, err = run(capsys, "start", str(contacts))
+    assert code == 1
+    assert "contacts.1.to: row 2:" in err and "DIALOUT_ALLOWED_COUNTRIES" in err
+    assert "contacts.0" not in err
+    code, _, err = run(capsys, "--api-key", "wrong-key", "list")
+    assert code == 1 and "ADMIN_API_KEY" in err
+
+
+def test_an_unreachable_server_is_named(capsys, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PHONEBOT_URL", "http://127.0.0.1:9")
+    code, _, err = run(capsys, "list")
+    assert code == 1 and "the server isn't reachable at http://127.0.0.1:9" in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -21,6 +22,14 @@ from tests.test_calls import server_env
 ADMIN_KEY = "test-admin-key-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 NUMBERS = [f"+1202555{n:04d}" for n in range(100, 110)]  # America/New_York
+
+
+def noon_zone() -> str:
+    """A fixed-offset zone where it is about noon now: the server's scheduler reads the real
+    clock, and a contact's 00:00-23:59 window there stays open for the whole test, whenever
+    the suite runs (in New York's own zone it would close at 23:59)."""
+    offset = 12 - datetime.now(UTC).hour  # hours east of UTC, -11 to +12
+    return f"Etc/GMT{-offset:+d}" if offset else "Etc/GMT"
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +77,8 @@ async def _wait_done(client: httpx.AsyncClient, campaign: str, timeout_s: float)
 async def test_a_campaign_through_the_emulator(server: LiveServer, twilio: TwilioRestEmulator):
     body = {
         "name": "emulated", "parameters": {"campaign_id": "summer_sale"},
-        "contacts": [{"to": n, "customer_id": f"c-{i}"} for i, n in enumerate(NUMBERS[:4])],
+        "contacts": [{"to": n, "customer_id": f"c-{i}", "timezone": noon_zone()}
+                     for i, n in enumerate(NUMBERS[:4])],
         "window": {"start": "00:00", "end": "23:59"},
         "max_concurrent": 2, "calls_per_minute": 60,
         "retry": {"attempts": 2, "delay_s": 0, "on": ["busy", "no-answer", "failed"]},
@@ -98,7 +108,7 @@ async def test_a_lost_create_answer_is_unknown_and_a_refusal_is_retried(
     "unknown" and never dialed again. Twilio answering 503 (nothing placed): tried again."""
     twilio.inject_fault(None, delay=2.5, on="create")  # the first create: slow, then placed
     body = {
-        "name": "faults", "contacts": [{"to": NUMBERS[6]}],
+        "name": "faults", "contacts": [{"to": NUMBERS[6], "timezone": noon_zone()}],
         "window": {"start": "00:00", "end": "23:59"}, "max_concurrent": 1,
         "retry": {"attempts": 3, "delay_s": 0, "on": ["busy", "no-answer", "failed"]},
     }
@@ -113,7 +123,7 @@ async def test_a_lost_create_answer_is_unknown_and_a_refusal_is_retried(
 
         twilio.inject_fault(503, on="create")
         retried = (await client.post("/campaigns", json={**body, "contacts": [
-            {"to": NUMBERS[7]}]}, headers=ADMIN)).json()["id"]
+            {"to": NUMBERS[7], "timezone": noon_zone()}]}, headers=ADMIN)).json()["id"]
         detail = await _wait_done(client, retried, timeout_s=60)
     assert [(c["state"], c["outcome"], c["attempts"]) for c in detail["contacts"]] == [
         ("completed", "completed", 2)]

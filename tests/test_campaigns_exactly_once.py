@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from datetime import UTC, datetime
 
 import pytest
 
 pytest.register_assert_rewrite("tests.campaigns_fixtures")
-from tests.campaigns_fixtures import NY, FakeTwilio, build_harness, end_call  # noqa: E402
+from tests.campaigns_fixtures import NY, T0, FakeTwilio, build_harness, end_call  # noqa: E402
 
 pytest_plugins = ["tests.pg_server", "tests.campaigns_fixtures"]
 
@@ -153,18 +154,27 @@ async def test_a_claim_skips_what_another_process_has_locked(postgres_server):
 
 # A scheduler process: its own interpreter, engine and connections. Its "Twilio" appends
 # each dial to a shared file and its callees end each call a moment later (busy on the
-# first try for every third number), writing what /status and the bot would write.
+# first try for every third number), writing what /status and the bot would write. Its
+# clock is the real one moved by the same shift in both processes, to the harness's T0
+# (a Wednesday, 10:00 in New York): inside the calling window whenever the suite runs.
 WORKER = r"""
 import asyncio, os, random, sys
-from dialout import DialoutResponse
+from datetime import UTC, datetime, timedelta
+from phonebot.twilio.dialout import DialoutResponse
 from phonebot.campaigns.store import CampaignStore
 from phonebot.campaigns.scheduler import CampaignScheduler
+from phonebot.campaigns.windows import SystemClock
 from phonebot.records import Records
 from tests.campaigns_fixtures import end_call, NY
 from tests.conftest import make_settings
 
 url, log, deadline, campaign = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+shift = timedelta(seconds=float(sys.argv[5]))
 busy_first = set(NY[:30:3])
+
+class ShiftedClock(SystemClock):
+    def now(self):
+        return datetime.now(UTC) + shift
 
 async def main():
     records = Records(make_settings(database_url=url, campaign_tick_s=0.05))
@@ -186,7 +196,7 @@ async def main():
         return DialoutResponse(call_sid=sid, status="queued", to=request.to)
 
     store = CampaignStore(records.sessions, records.settings)
-    scheduler = CampaignScheduler(store, records.settings, dial=dial)
+    scheduler = CampaignScheduler(store, records.settings, dial=dial, clock=ShiftedClock())
     loop = asyncio.get_running_loop()
     # Start together: both interpreters are up (a loaded machine takes seconds for each).
     open(f"{log}.ready.{os.getpid()}", "w").close()
@@ -223,9 +233,10 @@ async def test_two_scheduler_processes_on_one_postgresql(postgres_server, tmp_pa
         # Generous: a loaded machine takes seconds to start each interpreter; the workers
         # stop as soon as the campaign is completed.
         deadline = time.monotonic() + 90
+        shift = (T0 - datetime.now(UTC)).total_seconds()  # the workers' clock: T0 and on
         workers = [
             subprocess.Popen([sys.executable, "-c", WORKER, url, str(log), str(deadline),
-                              campaign],
+                              campaign, str(shift)],
                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             for _ in range(2)
         ]

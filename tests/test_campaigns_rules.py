@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dialout import DialoutRequest, place_call
-from phonebot.campaigns.dial_guard import (
+from phonebot.campaigns.windows import Window, contact_zone, zone_for_number
+from phonebot.twilio.dial_guard import (
     RULE_COUNTRIES,
     RULE_PREMIUM,
     RULE_SHORT,
@@ -15,7 +15,7 @@ from phonebot.campaigns.dial_guard import (
     allowed_countries,
     check_destination,
 )
-from phonebot.campaigns.windows import Window, contact_zone, zone_for_number
+from phonebot.twilio.dialout import DialoutRequest, place_call
 from tests.conftest import make_settings
 
 GUARD = [

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from phonebot.records.schema import EventDelivery
-from phonebot.twilio_api import TwilioUnavailable
+from phonebot.twilio.rest import TwilioUnavailable
 
 pytest.register_assert_rewrite("tests.campaigns_fixtures")
 from tests.campaigns_fixtures import LA, NY, build_harness  # noqa: E402
@@ -152,12 +152,12 @@ async def test_the_servers_call_cap_holds(harness):
 async def test_the_do_not_call_list_is_checked_before_each_dial(harness):
     campaign = await harness.create(contacts=[{"to": NY[0]}, {"to": NY[1]}],
                                     retry={"attempts": 2, "delay_s": 60})
-    await harness.store.dnc_add([NY[1]], "asked", source="api")
+    await harness.campaigns.dnc.store.add([NY[1]], "asked", source="api")
     await harness.tick()
     assert harness.twilio.dialed() == [NY[0]]
     await harness.end(NY[0], "busy")
     await harness.tick()
-    await harness.store.dnc_add([NY[0]], None, source="api")  # added between attempts
+    await harness.campaigns.dnc.store.add([NY[0]], None, source="api")  # between attempts
     harness.clock.advance(61)
     await harness.tick()
     assert harness.twilio.dialed() == [NY[0]]

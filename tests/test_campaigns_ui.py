@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from phonebot.records.ui import router as records_ui_router
+from phonebot.web.calls_ui import router as records_ui_router
 
 pytest.register_assert_rewrite("tests.campaigns_fixtures")
 from tests.campaigns_fixtures import ADMIN_KEY, NY  # noqa: E402

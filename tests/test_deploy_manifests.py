@@ -19,9 +19,9 @@ from fastapi.testclient import TestClient
 
 from bench.balancer import haproxy_binary, skip_or_fail_if_missing
 from phonebot.config import Settings
-from phonebot.shutdown import HANG_UP_SLACK_S
-from phonebot.workers import supervisor_deadline_s
-from server import create_app
+from phonebot.web.app import create_app
+from phonebot.web.shutdown import HANG_UP_SLACK_S
+from phonebot.web.workers import supervisor_deadline_s
 from tests.conftest import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent

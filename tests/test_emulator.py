@@ -26,13 +26,6 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from phonebot import audio
-from phonebot.call import (
-    TranscriptPrinter,
-    bot_hung_up_at_the_end,
-    build_parser,
-    build_script,
-    print_summary,
-)
 from phonebot.emulator import (
     CallEvent,
     CallResult,
@@ -55,6 +48,13 @@ from phonebot.emulator import (
     dial_in,
     parse_twiml,
     voice_webhook_form,
+)
+from phonebot.emulator.client import (
+    TranscriptPrinter,
+    bot_hung_up_at_the_end,
+    build_parser,
+    build_script,
+    print_summary,
 )
 from phonebot.emulator.loopback import LoopbackServer
 from phonebot.emulator.signature import SharedKey, signed_headers
@@ -933,8 +933,8 @@ async def test_scripted_callees_are_busy_unanswered_unreachable_or_a_voicemail()
 
 
 def test_a_dial_out_can_be_a_scripted_callee() -> None:
-    from phonebot.call import callee_options
     from phonebot.emulator.callees import Callee
+    from phonebot.emulator.client import callee_options
 
     args = build_parser().parse_args(["--dialout", "+15551230007", "--callee", "opt-out"])
     script, _ = build_script(args, dialout=True)

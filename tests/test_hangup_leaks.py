@@ -25,8 +25,9 @@ from fastapi import FastAPI
 from loguru import logger
 
 from phonebot.emulator import Hangup, WaitForBot, dial_in
-from phonebot.stream_guard import MAX_MEDIA_MESSAGE_BYTES
-from server import create_app
+from phonebot.twilio.stream_guard import MAX_MEDIA_MESSAGE_BYTES
+from phonebot.web.app import create_app
+from phonebot.web.services import app_services
 from tests.conftest import make_settings
 from tests.live_server import free_port
 from tests.test_calls import CALLER, OUR_NUMBER
@@ -135,7 +136,7 @@ async def settled(server: InProcessServer, baseline: set[asyncio.Task] | None = 
     counts: list[int] = []
     while loop.time() < deadline:
         counts = [*counts[-9:], len(asyncio.all_tasks())]
-        if server.app.state.active_streams == 0:
+        if app_services(server.app).active_streams == 0:
             if baseline is not None and not leftover_tasks(baseline):
                 return
             if baseline is None and len(counts) == 10 and len(set(counts)) == 1:
@@ -185,7 +186,7 @@ async def test_200_hang_ups_while_the_bot_speaks_leave_no_task_or_memory_behind(
 
     assert len(set(sids)) == CALLS
     assert set(sids) <= server.ended, f"{len(set(sids) - server.ended)} calls never ended"
-    assert server.app.state.active_streams == 0
+    assert app_services(server.app).active_streams == 0
     # No task beyond those before the calls (uvicorn's server and lifespan, this test).
     assert leftover == []
     assert growth < TRACED_GROWTH_LIMIT, "\n".join(str(stat) for stat in top)

@@ -15,8 +15,9 @@ from starlette.websockets import WebSocketDisconnect
 from twilio.request_validator import RequestValidator
 
 from phonebot.config import Settings
-from phonebot.security import call_token, verify_call_token
-from server import create_app
+from phonebot.twilio.stream_token import call_token, verify_call_token
+from phonebot.web.app import create_app
+from phonebot.web.services import app_services
 from tests.conftest import AUTH_TOKEN, DIALOUT_KEY, make_settings
 
 CALL_SID = "CA" + "1" * 32
@@ -204,7 +205,7 @@ def test_stream_without_a_valid_token_is_closed_before_any_service_starts(
     def no_services(*args, **kwargs):
         raise AssertionError("services must not be built for a rejected stream")
 
-    monkeypatch.setattr("bot.build_services", no_services)
+    monkeypatch.setattr("phonebot.call.serve.build_services", no_services)
     with client.websocket_connect("/ws") as websocket:
         websocket.send_text(json.dumps({"event": "connected", "protocol": "Call"}))
         websocket.send_text(start_message(token))
@@ -283,7 +284,7 @@ def test_health_counts_the_record_writes(tmp_path):
     """What the records lost (database down, queue full) shows in /health."""
     settings = make_settings(database_url=f"sqlite:///{tmp_path / 'records.db'}")
     with TestClient(create_app(settings)) as client:
-        client.app.state.records.writer.dropped_writes = 3
+        app_services(client.app).records.writer.dropped_writes = 3
         records = client.get("/health").json()["records"]
     assert records["dropped_writes"] == 3
     assert {"queued", "written", "failed_writes", "database_failing"} <= set(records)
@@ -298,14 +299,14 @@ def test_pipecat_cloud_entry_point_verifies_the_token_then_runs_the_call(
 
     calls = []
 
-    async def fake_run_bot(transport, call, settings, serializer, records=None, **app):
+    async def fake_run_bot(transport, call, settings, serializer, deps):
         calls.append(call)
-        writers.append(records)
+        writers.append(deps.records)
 
     writers = []
 
     monkeypatch.setattr(bot, "get_settings", lambda: settings)
-    monkeypatch.setattr(bot, "run_bot", fake_run_bot)
+    monkeypatch.setattr("phonebot.call.serve.run_bot", fake_run_bot)
     app = FastAPI()
 
     @app.websocket("/ws")
@@ -333,7 +334,7 @@ def test_call_records_off_keep_nothing_and_the_records_api_says_so(tmp_path):
         call_records=False, admin_api_key="admin-key-123456", database_url=f"sqlite:///{database}"
     )
     with TestClient(create_app(settings)) as client:
-        records = client.app.state.records
+        records = app_services(client.app).records
         records.writer.call_started("CA" + "1" * 32, direction="inbound")
         assert records.writer.queued == 0
         answer = client.get("/calls", headers={"Authorization": "Bearer admin-key-123456"})

@@ -1,4 +1,4 @@
-"""Batched inference (phonebot.inference): many calls' VAD windows in one ONNX run, and
+"""Batched inference (phonebot.ai.inference): many calls' VAD windows in one ONNX run, and
 Smart Turn predictions side by side, with every call getting what Pipecat alone gives it.
 """
 
@@ -14,12 +14,12 @@ import pytest
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 
 from phonebot import pipecat_compat as compat
-from phonebot.inference import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzer, SileroBatcher
-from phonebot.inference.turn import smart_turn_executor
-from phonebot.offline.espeak import synthesize_at
+from phonebot.ai.inference import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzer, SileroBatcher
+from phonebot.ai.inference.turn import smart_turn_executor
+from phonebot.ai.offline.espeak import synthesize_at
 
 RATE = 8000
-FRAME_BYTES = 960  # 60 ms, what phonebot.pipeline_cost.AudioBatcher hands the VAD: 1-2 windows
+FRAME_BYTES = 960  # 60 ms, what phonebot.twilio.transport.AudioBatcher hands the VAD: 1-2 windows
 CALLS = 4
 
 

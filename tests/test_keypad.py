@@ -6,7 +6,7 @@ from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.frames.frames import InputDTMFFrame, TranscriptionFrame
 from pipecat.tests.utils import run_test
 
-from phonebot.keypad import KEYPAD_PREFIX, keypad_aggregator, pressed_digits, spoken_digits
+from phonebot.twilio.keypad import KEYPAD_PREFIX, keypad_aggregator, pressed_digits, spoken_digits
 
 
 async def test_1234_pound_arrives_as_one_entry():

@@ -26,6 +26,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from bench.redis_server import ping
 from phonebot import audio
+from phonebot.call.turns import TurnTimeline
 from phonebot.emulator import (
     CallResult,
     CloseInfo,
@@ -39,8 +40,7 @@ from phonebot.emulator import (
 )
 from phonebot.emulator.media_stream import speech_frames
 from phonebot.emulator.timeline import Playback, Track
-from phonebot.logs import configure_logging
-from phonebot.turns import TurnTimeline
+from phonebot.ops.logs import configure_logging
 from tests.conftest import make_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -325,7 +325,7 @@ def test_spread_histogram_and_slow_share() -> None:
 
 
 SERVER_LINE = (
-    "2026-01-05 10:00:00.123 | DEBUG    | phonebot.turns:_log:270 - Call CA"
+    "2026-01-05 10:00:00.123 | DEBUG    | phonebot.call.turns:_log:270 - Call CA"
     + "1" * 32
     + ' turn timing {"speech_end_at":12.5,"verdict":"incomplete","probability":0.41,'
     '"rule":"finished_transcript","wait_s":0.6,"segments":1,"vad_stop_s":0.2,'
@@ -359,7 +359,7 @@ def test_log_turn_timing_writes_the_timing_lines_at_info_and_no_debug(
     capsys, restore_logging
 ) -> None:
     """The benchmark's server runs at LOG_LEVEL=INFO with LOG_TURN_TIMING: the per-turn
-    lines (phonebot.turns) reach its log through the server's own logging, DEBUG does not."""
+    lines (phonebot.call.turns) reach its log through the server's own logging, DEBUG does not."""
     env = load_server.ours_env(10)
     settings = make_settings(log_level=env["LOG_LEVEL"], log_turn_timing=env["LOG_TURN_TIMING"])
     configure_logging(settings)

@@ -8,8 +8,8 @@ import logging
 import pytest
 from loguru import logger
 
-from phonebot.logs import configure_logging, redact, secret_values
-from phonebot.security import call_token
+from phonebot.ops.logs import configure_logging, redact, secret_values
+from phonebot.twilio.stream_token import call_token
 from tests.conftest import AUTH_TOKEN, DIALOUT_KEY, make_settings
 
 
@@ -123,8 +123,8 @@ def test_json_logs_are_one_object_per_line_with_the_call_sid(capsys, restore_log
 
 def test_json_logs_replay_what_was_logged_before_configuration(capsys, restore_logging):
     """Pipecat's import banner comes before the settings; in JSON mode it is held and
-    written as JSON (phonebot.log_start), not as the one text line of the log."""
-    from phonebot import log_start
+    written as JSON (phonebot.ops.log_start), not as the one text line of the log."""
+    from phonebot.ops import log_start
 
     log_start.hold_until_configured()
     logger.info("logged at import time")

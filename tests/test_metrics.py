@@ -20,9 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from phonebot.ai.offline.espeak import synthesize_at
 from phonebot.emulator import Hangup, Speak, WaitForBot, dial_in
 from phonebot.emulator.errors import NoStreamError
-from phonebot.metrics import (
+from phonebot.ops.metrics import (
     CAPACITY,
     DRAINING,
     INVALID_STREAM,
@@ -33,10 +34,10 @@ from phonebot.metrics import (
     LoopLagMonitor,
     Metrics,
     refusal_reason,
-    router,
 )
-from phonebot.offline.espeak import synthesize_at
 from phonebot.state import StateUnavailable, StreamGate, build_app_state
+from phonebot.web.metrics import router
+from phonebot.web.services import AppServices
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, make_settings
 from tests.live_server import LiveServer, ai_api_process, instant_services_env
 
@@ -170,10 +171,8 @@ class FakeAdmission:
 
 def metrics_app(admission: FakeAdmission | None = None, **settings) -> FastAPI:
     app = FastAPI()
-    app.state.settings = make_settings(**settings)
-    app.state.metrics = Metrics()
-    if admission is not None:
-        app.state.admission = admission
+    given = {"admission": admission} if admission is not None else {}
+    app.state.services = AppServices.build(make_settings(**settings), **given)
     app.include_router(router)
     return app
 
@@ -239,7 +238,7 @@ async def test_the_app_measures_loop_lag_between_start_and_stop():
 
 WORKER = """
 import sys
-from phonebot.metrics import Metrics
+from phonebot.ops.metrics import Metrics
 metrics = Metrics()
 assert metrics.multiprocess_dir
 metrics.call_started()
@@ -284,7 +283,7 @@ def test_two_worker_processes_sum_into_one_scrape(tmp_path: Path, monkeypatch):
         first.communicate("\n", timeout=20)
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(first.pid, str(tmp_path))  # what phonebot.workers does
+        multiprocess.mark_process_dead(first.pid, str(tmp_path))  # what phonebot.web.workers does
         text = scrape(scraper)
         assert sample(text, "phonebot_calls_live") == 1
         assert sample(text, "phonebot_calls_admitted_total", stage="stream") == 2
@@ -298,12 +297,12 @@ def test_two_worker_processes_sum_into_one_scrape(tmp_path: Path, monkeypatch):
 
 
 async def test_every_provider_error_is_counted_by_provider():
-    """ProviderFaults (phonebot.provider_faults) counts each error, not only new episodes."""
+    """ProviderFaults (phonebot.call.provider_faults) counts each error, not only new episodes."""
     from pipecat.frames.frames import ErrorFrame
 
-    from phonebot.personas import DIALIN_PERSONAS
-    from phonebot.provider_faults import ApologyPlayer, ProviderFaults
-    from phonebot.providers import build_services
+    from phonebot.ai.personas import DIALIN_PERSONAS
+    from phonebot.ai.providers import build_services
+    from phonebot.call.provider_faults import ApologyPlayer, ProviderFaults
 
     unreachable = "http://127.0.0.1:9/v1"  # never contacted: the errors are handed in
     settings = make_settings(

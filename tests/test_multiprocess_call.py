@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from bench.balancer import skip_or_fail_if_missing, start_haproxy
+from phonebot.ai.personas import CAMPAIGNS
 from phonebot.emulator import MediaStreamCaller, Speak, TwilioRestEmulator, WaitForHangup
-from phonebot.personas import CAMPAIGNS
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 from tests.live_server import LiveServer, ai_api_process, free_port, instant_services_env
 from tests.test_call_control import assert_hung_up_after_playout

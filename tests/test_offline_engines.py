@@ -38,19 +38,19 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.services.stt_service import SegmentedSTTService
 from pipecat.tests.utils import SleepFrame, run_test
 
-from phonebot.audio import pcm16_to_ulaw as ulaw_encode
-from phonebot.audio import ulaw_to_pcm16 as ulaw_decode
-from phonebot.offline import stt
-from phonebot.offline.channel import phone_channel
-from phonebot.offline.espeak import synthesize, synthesize_at, voice_for_language
-from phonebot.offline.stt import (
+from phonebot.ai.offline import stt
+from phonebot.ai.offline.channel import phone_channel
+from phonebot.ai.offline.espeak import synthesize, synthesize_at, voice_for_language
+from phonebot.ai.offline.stt import (
     OfflineSTTService,
     normalize_transcript,
     squeeze_silence,
     transcribe,
     vocabulary_words,
 )
-from phonebot.offline.tts import OfflineTTSService
+from phonebot.ai.offline.tts import OfflineTTSService
+from phonebot.audio import pcm16_to_ulaw as ulaw_encode
+from phonebot.audio import ulaw_to_pcm16 as ulaw_decode
 
 PHRASES = [
     "I'd like to book an appointment",
@@ -321,7 +321,7 @@ async def test_workers_dead_while_idle_cost_no_request() -> None:
 
 _EXIT_SCRIPT = """
 import asyncio, os, signal, sys
-from phonebot.offline import stt
+from phonebot.ai.offline import stt
 
 async def main():
     await stt.start_decoder_pool(["yes please"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phonebot.personas import (
+from phonebot.ai.personas import (
     CAMPAIGNS,
     DIALIN_PERSONAS,
     OUTBOUND_DEFAULT,
@@ -12,7 +12,7 @@ from phonebot.personas import (
     opening_line,
     select_persona,
 )
-from phonebot.providers import chosen_providers
+from phonebot.ai.providers import chosen_providers
 from tests.conftest import make_settings
 
 

@@ -36,11 +36,11 @@ from pipecat.utils.text.base_text_filter import BaseTextFilter
 
 import phonebot
 from phonebot import pipecat_compat as compat
-from phonebot.inference import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzer
-from phonebot.offline.stt import OfflineSTTService
-from phonebot.offline.tts import OfflineTTSService
-from phonebot.session import TwilioMarkSerializer
-from phonebot.voice_text import voice_text_filters
+from phonebot.ai.inference import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzer
+from phonebot.ai.offline.stt import OfflineSTTService
+from phonebot.ai.offline.tts import OfflineTTSService
+from phonebot.ai.voice_text import voice_text_filters
+from phonebot.twilio.stream import TwilioMarkSerializer
 
 ROOT = Path(__file__).resolve().parent.parent
 CALL_SID, STREAM_SID = "CA" + "1" * 32, "MZ" + "2" * 32

@@ -1,4 +1,5 @@
-"""What keeps a call's CPU low (phonebot.pipeline_cost), and that it changes nothing heard.
+"""What keeps a call's CPU low (phonebot.call.pipeline_cost, phonebot.twilio.transport), and
+that it changes nothing heard.
 
 - inbound audio is batched into fewer, larger frames, byte for byte the same audio;
 - the caller's audio stops after the user aggregator;
@@ -34,23 +35,22 @@ from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
-import bot
-from bot import call_worker
-from phonebot.call_control import PlayoutTracker
+from phonebot.ai.inference import SharedSileroVADAnalyzer
+from phonebot.ai.offline.espeak import synthesize_at
+from phonebot.call.pipeline import call_worker
+from phonebot.call.pipeline_cost import InputAudioStop
+from phonebot.call.playout import PlayoutTracker
 from phonebot.config import Settings
 from phonebot.emulator import Hangup, WaitForBot, dial_in
 from phonebot.emulator.ids import new_call_sid
-from phonebot.inference import SharedSileroVADAnalyzer
-from phonebot.offline.espeak import synthesize_at
-from phonebot.pipeline_cost import (
+from phonebot.twilio.stream import CallSession, TwilioMarkSerializer, twilio_transport
+from phonebot.twilio.transport import (
     INBOUND_BATCH_MS,
     OUTBOUND_CHUNK_10MS,
     ULAW_BYTES_PER_MS,
     AudioBatcher,
-    InputAudioStop,
 )
-from phonebot.session import CallSession, TwilioMarkSerializer, twilio_transport
-from server import create_app
+from phonebot.web.app import create_app
 from tests.conftest import make_settings
 from tests.live_server import free_port
 from tests.test_calls import CALLER, OUR_NUMBER
@@ -173,7 +173,7 @@ async def test_a_real_calls_worker_has_no_observers(monkeypatch: pytest.MonkeyPa
         workers.append(call_worker(pipeline))
         return workers[-1]
 
-    monkeypatch.setattr(bot, "call_worker", recording_worker)
+    monkeypatch.setattr("phonebot.call.pipeline.call_worker", recording_worker)
     settings = make_settings(twilio_account_sid=None, twilio_auth_token=None)
     async with in_process_server(settings) as base_url:
         answered = await dial_in(f"{base_url}/", from_=CALLER, to=OUR_NUMBER)

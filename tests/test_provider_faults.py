@@ -4,7 +4,7 @@ The caller must hear a short apology, the call must go on (or, when one provider
 failing, end politely), the log must say it once with the CallSid, and nothing else may
 notice. Two layers:
 
-- in-process: the bot's REAL Pipecat OpenAI services (built by `phonebot.providers`) in a
+- in-process: the bot's REAL Pipecat OpenAI services (built by `phonebot.ai.providers`) in a
   small pipeline with `ProviderFaults`, against the in-process AI API emulator with
   injected faults. Fast and precise about frames, log records and request counts.
 - live: `python server.py` in instant-test mode (OpenAI services pointed at the emulator,
@@ -44,8 +44,17 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
-from phonebot.bot_speech import bot_lines
-from phonebot.call_control import EndReason
+from phonebot.ai.offline.espeak import synthesize_at
+from phonebot.ai.personas import DIALIN_PERSONAS
+from phonebot.ai.providers import CallServices, build_services
+from phonebot.call.bot_speech import bot_lines
+from phonebot.call.control import EndReason
+from phonebot.call.provider_faults import (
+    ApologyPlayer,
+    ProviderFaults,
+    rendered_speech,
+    short_reason,
+)
 from phonebot.config import Settings
 from phonebot.emulator import (
     CallResult,
@@ -63,16 +72,7 @@ from phonebot.emulator.ai_api import (
     reply_for,
     running_ai_api,
 )
-from phonebot.offline.espeak import synthesize_at
-from phonebot.personas import DIALIN_PERSONAS
-from phonebot.provider_faults import (
-    ApologyPlayer,
-    ProviderFaults,
-    not_logged_twice,
-    rendered_speech,
-    short_reason,
-)
-from phonebot.providers import CallServices, build_services
+from phonebot.ops.logs import not_logged_twice
 from tests.conftest import make_settings
 from tests.live_server import LiveServer, ai_api_process, instant_services_env
 from tests.test_calls import CALLER, OUR_NUMBER, dialin_opening, say
@@ -449,7 +449,7 @@ def test_the_log_filter_drops_only_pipecats_copies():
         record("pipecat.pipeline.worker", "_process_up_queue", "Worker#0: Something went wrong")
     )
     assert not_logged_twice(record("pipecat.pipeline.worker", "_process_up_queue", "started"))
-    assert not_logged_twice(record("phonebot.provider_faults", "on_error"))
+    assert not_logged_twice(record("phonebot.call.provider_faults", "on_error"))
 
 
 # ------------------------------------------------------------------------------ live

@@ -9,14 +9,14 @@ import pytest
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.openai.llm import OpenAILLMService
 
+from phonebot.ai.offline.responder import OfflineResponder
+from phonebot.ai.offline.stt import OfflineSTTService
+from phonebot.ai.offline.tts import OfflineTTSService
+from phonebot.ai.personas import CAMPAIGNS, DIALIN_PERSONAS, OUTBOUND_DEFAULT
+from phonebot.ai.providers import build_services
+from phonebot.ai.voice_text import VoiceTextFilter
 from phonebot.config import for_persona
-from phonebot.offline.responder import OfflineResponder
-from phonebot.offline.stt import OfflineSTTService
-from phonebot.offline.tts import OfflineTTSService
-from phonebot.personas import CAMPAIGNS, DIALIN_PERSONAS, OUTBOUND_DEFAULT
 from phonebot.pipecat_compat import tts_text_filters
-from phonebot.providers import build_services
-from phonebot.voice_text import VoiceTextFilter
 from tests.conftest import make_settings
 
 

@@ -12,9 +12,10 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from phonebot.records import Records
-from phonebot.records.api import router
 from phonebot.records.schema import CallRecord, TranscriptEntry
 from phonebot.records.store import CallFilter
+from phonebot.web.calls_api import router
+from phonebot.web.services import AppServices, app_services
 from tests.conftest import make_settings
 
 pytest_plugins = ["tests.pg_server"]
@@ -115,8 +116,7 @@ async def api(tmp_path: Path):
     await records.start()
     await seed(records, recording)
     app = FastAPI()
-    app.state.settings = records.settings
-    app.state.records = records
+    app.state.services = AppServices.build(records.settings, records=records)
     app.include_router(router)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -139,7 +139,7 @@ async def test_the_api_wants_the_admin_key(api, headers):
 
 
 async def test_the_api_is_off_without_a_key(api):
-    api.app.state.settings = make_settings(admin_api_key=None)
+    app_services(api.app).settings = make_settings(admin_api_key=None)
     response = await api.get("/calls", headers=AUTH)
     assert response.status_code == 503
     assert "ADMIN_API_KEY" in response.json()["detail"]

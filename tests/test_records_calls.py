@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from phonebot.call import record_pointer
+from phonebot.ai.personas import CAMPAIGNS, DIALIN_PERSONAS
 from phonebot.emulator import (
     Dtmf,
     Hangup,
@@ -31,8 +31,8 @@ from phonebot.emulator import (
     WaitForBot,
     WaitForHangup,
 )
+from phonebot.emulator.client import record_pointer
 from phonebot.emulator.signature import compute_signature
-from phonebot.personas import CAMPAIGNS, DIALIN_PERSONAS
 from phonebot.records import Records
 from phonebot.records.call_log import CallLog, ReplyLatencies
 from phonebot.records.events import SIGNATURE_HEADER, verify_signature
@@ -129,7 +129,7 @@ def records_env(rest_port: int, database_url: str, events_url: str | None = None
 
 @dataclass
 class ServerSlot:
-    """The module's SQLite server; the restart test replaces it with its successor."""
+    """A SQLite server that the restart test stops and replaces with its successor."""
 
     env: dict[str, str]
     folder: Path
@@ -143,19 +143,24 @@ class ServerSlot:
 
 
 @pytest.fixture(scope="module")
-def sqlite_slot(
+def sqlite_server(
     rest_port: int, receiver: EventReceiver, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerSlot]:
+) -> Iterator[LiveServer]:
     folder = tmp_path_factory.mktemp("records-sqlite")
     env = records_env(rest_port, f"sqlite:///{folder / 'records.db'}", receiver.url)
-    slot = ServerSlot(env, folder, LiveServer(env, folder))
-    yield slot
-    slot.live.stop()
+    live = LiveServer(env, folder)
+    yield live
+    live.stop()
 
 
 @pytest.fixture
-def sqlite_server(sqlite_slot: ServerSlot) -> LiveServer:
-    return sqlite_slot.live
+def sqlite_slot(rest_port: int, receiver: EventReceiver, tmp_path: Path) -> Iterator[ServerSlot]:
+    """The restart test's own server and database: no earlier test's leftovers (a webhook
+    answered whose stream never came) are in its drain."""
+    env = records_env(rest_port, f"sqlite:///{tmp_path / 'records.db'}", receiver.url)
+    slot = ServerSlot(env, tmp_path, LiveServer(env, tmp_path))
+    yield slot
+    slot.live.stop()
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +436,7 @@ def test_the_call_tool_says_where_the_record_is():
     sid = "CA" + "1" * 32
     assert record_pointer("http://127.0.0.1:8000/", sid) == (
         f"record: GET http://127.0.0.1:8000/calls/{sid} (Authorization: Bearer $ADMIN_API_KEY),"
-        f" or python -m phonebot.calls show {sid}"
+        f" or python -m phonebot.records show {sid}"
     )
 
 

@@ -1,4 +1,4 @@
-"""`python -m phonebot.calls list | show | export` over a records database."""
+"""`python -m phonebot.records list | show | export` over a records database."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_export_csv_and_jsonl(database, capsys, tmp_path):
 
 def test_the_module_runs(database):
     result = subprocess.run(
-        [sys.executable, "-m", "phonebot.calls", "--database-url", database, "list"],
+        [sys.executable, "-m", "phonebot.records", "--database-url", database, "list"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr

@@ -4,6 +4,8 @@ restart, and never in a call's way. A local aiohttp receiver plays the user's en
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import random
 import socket
@@ -122,6 +124,32 @@ def test_a_signature_verifies_and_any_change_breaks_it():
         assert not verify_signature(SECRET, broken, body)
     # Several v1 values (a secret being rotated): any may match.
     assert verify_signature(SECRET, f"{header},v1={'0' * 64}", body)
+
+
+async def test_a_delivery_is_signed_over_its_timestamp_and_raw_body(tmp_path, receiver):
+    """What docs/records.md promises receivers, checked from outside: v1 is the HMAC-SHA256
+    of "<t>.<raw body>" keyed with the secret, computed here independently; the timestamp is
+    part of what is signed, so a tampered t= fails, and so does a MAC of the body alone."""
+    endpoint = await receiver()
+    records = records_for(f"sqlite:///{tmp_path / 'signed.db'}", endpoint.url)
+    await records.start()
+    records.writer.call_started("CAsig", direction="inbound", from_number="+15550001")
+    await endpoint.wait_for(1)
+    await records.stop()
+
+    header, body = endpoint.posts[0]
+    fields = dict(item.split("=", 1) for item in header.split(","))
+    assert set(fields) == {"t", "v1"}
+    timestamp = fields["t"]
+    ours = hmac.new(SECRET.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    assert fields["v1"] == ours.hexdigest()
+    assert abs(int(timestamp) - time.time()) < 60
+    assert json.loads(body)["data"]["call_sid"] == "CAsig"
+    assert verify_signature(SECRET, header, body)
+    tampered = header.replace(f"t={timestamp}", f"t={int(timestamp) - 1}")
+    assert tampered != header and not verify_signature(SECRET, tampered, body)
+    body_only = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert not verify_signature(SECRET, f"t={timestamp},v1={body_only}", body)
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap():

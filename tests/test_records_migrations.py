@@ -12,10 +12,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select
 
-from phonebot.records import migrate
-from phonebot.records.db import UnsupportedDatabase, async_url, create_engine, sessionmaker
-from phonebot.records.migrate import head_revision
-from phonebot.records.schema import Base, CallRecord, TranscriptEntry, utcnow
+from phonebot.db.engine import UnsupportedDatabase, async_url, create_engine, sessionmaker
+from phonebot.db.migrate import head_revision, migrate
+from phonebot.db.tables import Base
+from phonebot.records.schema import CallRecord, TranscriptEntry, utcnow
 
 pytest_plugins = ["tests.pg_server"]
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,10 +20,9 @@ import pytest
 from fastapi import FastAPI
 from pipecat.frames.frames import InputAudioRawFrame, OutputAudioRawFrame
 
+from phonebot.ai.personas import DIALIN_PERSONAS, DIALIN_RECORDING_NOTICE, opening_line
 from phonebot.audio import tone
-from phonebot.personas import DIALIN_PERSONAS, DIALIN_RECORDING_NOTICE, opening_line
 from phonebot.records import Records
-from phonebot.records.api import router
 from phonebot.records.recording import (
     FLUSH_S,
     SETTLE_S,
@@ -31,6 +30,8 @@ from phonebot.records.recording import (
     StereoTimeline,
 )
 from phonebot.records.recording_store import Recordings, S3Recordings
+from phonebot.web.calls_api import router
+from phonebot.web.services import AppServices
 from tests.conftest import make_settings
 
 RATE = 8000
@@ -306,7 +307,7 @@ async def api_for():
 
     async def build(records: Records) -> httpx.AsyncClient:
         app = FastAPI()
-        app.state.settings, app.state.records = records.settings, records
+        app.state.services = AppServices.build(records.settings, records=records)
         app.include_router(router)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
         clients.append((client, records))

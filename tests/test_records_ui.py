@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 
 from phonebot.records.chart import latency_chart, tick_step
 from phonebot.records.models import TranscriptEntryOut
-from phonebot.records.ui import _offset
-from phonebot.records.ui_session import COOKIE, SESSION_TTL_S, new_session
+from phonebot.web.calls_ui import _offset
+from phonebot.web.sessions import COOKIE, SESSION_TTL_S, new_session
 from tests.browser import (
     HOSTILE_SID,
     HOSTILE_TEXT,
@@ -330,11 +330,11 @@ def test_the_page_is_off_without_a_key(tmp_path: Path):
 
 
 def test_the_server_serves_the_page_not_the_api_route_for_a_call_named_ui():
-    """server.py includes the page's router before the API's: `/calls/{call_sid}` would
+    """`create_app` includes the page's router before the API's: `/calls/{call_sid}` would
     otherwise answer /calls/ui with a 401."""
-    import server
+    from phonebot.web.app import create_app
 
-    app = server.create_app(make_settings(admin_api_key=KEY))
+    app = create_app(make_settings(admin_api_key=KEY))
     response = TestClient(app, follow_redirects=False).get("/calls/ui")  # no lifespan needed
     assert response.status_code == 303
     assert response.headers["location"] == "/calls/ui/login?next=%2Fcalls%2Fui"

@@ -10,9 +10,9 @@ import pytest
 from loguru import logger
 from sqlalchemy import event, select
 
+from phonebot.db.engine import create_engine, sessionmaker
+from phonebot.db.migrate import migrate
 from phonebot.records import Records
-from phonebot.records.db import create_engine, sessionmaker
-from phonebot.records.migrate import migrate
 from phonebot.records.schema import TranscriptEntry
 from phonebot.records.store import CallStore
 from phonebot.records.writer import RecordWriter, percentile

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import pytest
 from fastapi.testclient import TestClient
 
-from phonebot.security import UnsafeConfiguration, scaling_problem
 from phonebot.state import (
     AmdVerdicts,
     CallAdmission,
@@ -32,7 +31,9 @@ from phonebot.state import (
 )
 from phonebot.state.base import ADMITTED, CLUSTER_FULL, DRAINING, PROCESS_FULL, TOKEN_USED
 from phonebot.state.redis import RedisState
-from server import create_app
+from phonebot.web.app import create_app
+from phonebot.web.safety import UnsafeConfiguration, scaling_problem
+from phonebot.web.services import app_services
 from tests.conftest import make_settings
 from tests.live_server import free_port, refused_start
 from tests.test_abuse import fake_pipeline, open_stream, signed_post, stream_token, webhook_form
@@ -372,9 +373,9 @@ def test_a_dial_in_call_costs_six_state_round_trips(monkeypatch):
     client = TestClient(app)
     form = webhook_form()
     answer = signed_post(client, "/", form, {"I-Twilio-Idempotency-Token": "idem-1"})
-    assert app.state.shared.round_trips == 4
+    assert app_services(app).shared.round_trips == 4
     assert open_stream(client, form["CallSid"], stream_token(answer)) == 1000
-    assert app.state.shared.round_trips == 6
+    assert app_services(app).shared.round_trips == 6
     assert client.get("/health").json()["state"] == {
         "backend": "memory", "ok": True, "error": None, "round_trips": 6
     }

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pipecat.processors.aggregators.llm_context import LLMContext
 
-from phonebot.keypad import KEYPAD_PREFIX
-from phonebot.offline.responder import NO_TRANSFER, OFFLINE_FALLBACK, OfflineResponder, Reply
-from phonebot.personas import CAMPAIGNS, DIALIN_PERSONAS
+from phonebot.ai.offline.responder import NO_TRANSFER, OFFLINE_FALLBACK, OfflineResponder, Reply
+from phonebot.ai.personas import CAMPAIGNS, DIALIN_PERSONAS
+from phonebot.twilio.keypad import KEYPAD_PREFIX
 
 
 def reply(persona, *messages: tuple[str, str]) -> Reply:

@@ -25,11 +25,11 @@ from fastapi.testclient import TestClient
 from loguru import logger
 
 from phonebot.config import Settings
-from phonebot.logs import configure_logging, redact, secret_values
-from phonebot.records.ui_session import COOKIE
-from phonebot.security import UnsafeConfiguration, require_safe_configuration
+from phonebot.ops.logs import configure_logging, redact, secret_values
 from phonebot.state import MemoryState
-from server import create_app
+from phonebot.web.app import create_app
+from phonebot.web.safety import UnsafeConfiguration, require_safe_configuration
+from phonebot.web.sessions import COOKIE
 from tests.browser import records_app
 from tests.conftest import DIALOUT_KEY, make_settings
 from tests.live_server import LiveServer, free_port, refused_start

@@ -4,7 +4,7 @@
   body is read, and an admin's big list must be read and checked off the event loop;
 - CSV formula injection: a contact field (or a caller's number) starting with = + - @
   tab or CR must reach no spreadsheet as a formula (results.csv from the API and the
-  page, `python -m phonebot.campaign results`, `python -m phonebot.calls export`);
+  page, `python -m phonebot.campaigns results`, `python -m phonebot.records export`);
 - a start_at without a time zone (was a 500) and a reserved `amd` parameter (refused by
   /dialout, accepted by campaigns) are 422s naming the field.
 """
@@ -24,13 +24,13 @@ from typing import Any
 import httpx
 import pytest
 
-from phonebot.campaigns import api as campaigns_api
 from phonebot.campaigns import contacts as campaigns_contacts
-from phonebot.campaigns import dnc as campaigns_dnc
 from phonebot.campaigns.cli import main as campaign_cli
 from phonebot.records import Records
 from phonebot.records.cli import main as calls_cli
-from phonebot.records.ui import router as records_ui_router
+from phonebot.web import campaigns_api
+from phonebot.web import dnc_api as campaigns_dnc
+from phonebot.web.calls_ui import router as records_ui_router
 from tests.conftest import make_settings
 
 pytest.register_assert_rewrite("tests.campaigns_fixtures")
@@ -238,24 +238,16 @@ async def test_results_csv_escapes_formulas_from_the_api_and_the_page(sqlite_har
     assert page.status_code == 200 and page.text == response.text
 
 
-def test_the_campaign_cli_results_escape_formulas(tmp_path: Path, monkeypatch, capsys):
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
-    monkeypatch.setenv("TWILIO_PHONE_NUMBER", "+15550001111")
-    from phonebot.config import get_settings
-
-    get_settings.cache_clear()
-    try:
-        listed = tmp_path / "contacts.csv"
-        with listed.open("w", newline="") as out:  # written with csv: quoted where needed
-            csv.writer(out).writerows([["to", "customer_id"], [NY[0], FORMULAS[0]],
-                                       [NY[1], FORMULAS[3]]])
-        assert campaign_cli(["start", str(listed)]) == 0
-        campaign = capsys.readouterr().out.split()[1].rstrip(":")
-        assert campaign_cli(["results", campaign]) == 0
-        rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-        assert_escaped(rows, "customer_id", [FORMULAS[0], FORMULAS[3]])
-    finally:
-        get_settings.cache_clear()
+def test_the_campaign_cli_results_escape_formulas(tmp_path: Path, campaign_server, capsys):
+    listed = tmp_path / "contacts.csv"
+    with listed.open("w", newline="") as out:  # written with csv: quoted where needed
+        csv.writer(out).writerows([["to", "customer_id"], [NY[0], FORMULAS[0]],
+                                   [NY[1], FORMULAS[3]]])
+    assert campaign_cli(["start", str(listed)]) == 0
+    campaign = capsys.readouterr().out.split()[1].rstrip(":")
+    assert campaign_cli(["results", campaign]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert_escaped(rows, "customer_id", [FORMULAS[0], FORMULAS[3]])
 
 
 def test_the_calls_export_escapes_formulas(tmp_path: Path, capsys):

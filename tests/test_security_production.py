@@ -24,8 +24,8 @@ from websockets.exceptions import ConnectionClosed
 from phonebot.emulator.ids import new_call_sid
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
-from phonebot.logs import configure_logging
-from server import create_app
+from phonebot.ops.logs import configure_logging
+from phonebot.web.app import create_app
 from tests.conftest import ACCOUNT_SID, make_settings
 from tests.live_server import ROOT, LiveServer
 
@@ -150,9 +150,9 @@ def test_a_logged_exception_shows_no_local_variables_and_is_masked(
 
 
 def test_before_logging_is_configured_no_local_variables_are_printed(tmp_path):
-    """What Pipecat Cloud's bot runs with: loguru's handler as `phonebot.log_start` left it."""
+    """What Pipecat Cloud's bot runs with: loguru's handler as `phonebot.ops.log_start` left it."""
     script = (
-        "import phonebot.log_start\n"
+        "import phonebot.ops.log_start\n"
         "from loguru import logger\n"
         "def leaky():\n"
         "    very_secret_local = 'sk-live-abcdefghijklmnopqrstuvwxyz'\n"

@@ -23,15 +23,16 @@ from sqlalchemy import select
 from twilio.request_validator import RequestValidator
 
 from phonebot.config import Settings
+from phonebot.db.engine import create_engine, sessionmaker
+from phonebot.db.migrate import migrate
 from phonebot.emulator.ids import new_call_sid
 from phonebot.records import Records
 from phonebot.records.call_log import CallLog
-from phonebot.records.db import create_engine, sessionmaker
-from phonebot.records.migrate import migrate
 from phonebot.records.schema import CallRecord, TranscriptEntry, column_length, utcnow
 from phonebot.records.store import CallStore
 from phonebot.records.writer import RecordWriter
-from server import create_app
+from phonebot.web.app import create_app
+from phonebot.web.services import app_services
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
 
 pytest_plugins = ["tests.pg_server"]
@@ -228,7 +229,7 @@ class Server:
 
     def __init__(self, app) -> None:
         self.app = app
-        self.records: Records = app.state.records
+        self.records: Records = app_services(app).records
         transport = httpx.ASGITransport(app=app)
         self.http = httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
@@ -350,7 +351,7 @@ async def test_a_second_amd_verdict_is_ignored(server, logs):
     again = await server.post("/amd", verdict(call_sid, "machine_end_beep"))
     assert again.status_code == 204
     assert (await server.record(call_sid)).amd_verdict == "human"
-    assert await server.app.state.amd_verdicts.get(call_sid) == "human"
+    assert await app_services(server.app).amd_verdicts.get(call_sid) == "human"
     assert any(f"{call_sid}: AMD verdict machine_end_beep ignored" in line for line in logs)
 
 
@@ -361,14 +362,14 @@ async def test_the_verdict_store_keeps_the_first_verdict_without_records(tmp_pat
         call_sid = new_call_sid()
         await server.post("/amd", verdict(call_sid, "machine_start"))
         await server.post("/amd", verdict(call_sid, "human"))
-        assert await server.app.state.amd_verdicts.get(call_sid) == "machine_start"
+        assert await app_services(server.app).amd_verdicts.get(call_sid) == "machine_start"
 
 
 async def test_an_amd_verdict_for_a_finished_inbound_call_is_ignored(server):
     call_sid = await finished_inbound_call(server)
     assert (await server.post("/amd", verdict(call_sid, "machine_end_beep"))).status_code == 204
     assert (await server.record(call_sid)).amd_verdict is None
-    assert await server.app.state.amd_verdicts.get(call_sid) is None
+    assert await app_services(server.app).amd_verdicts.get(call_sid) is None
 
 
 @pytest.fixture

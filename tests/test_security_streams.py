@@ -14,13 +14,13 @@ from urllib.parse import urlencode
 import pytest
 from fastapi.testclient import TestClient
 
-from phonebot.security import (
+from phonebot.twilio.stream_token import (
     TOKEN_PARAMETER,
     call_token,
     covered_parameters,
     verify_call_token,
 )
-from server import create_app
+from phonebot.web.app import create_app
 from tests.conftest import make_settings
 from tests.test_abuse import (
     fake_pipeline,
@@ -41,7 +41,7 @@ def calls_run(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def later(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """The stream side's clock `seconds` ahead (the token's expiry is read with it)."""
     now = time.time() + seconds
-    monkeypatch.setattr("phonebot.security.time", SimpleNamespace(time=lambda: now))
+    monkeypatch.setattr("phonebot.twilio.stream_token.time", SimpleNamespace(time=lambda: now))
 
 
 def answered(client: TestClient, query: str = "") -> tuple[str, dict[str, str]]:

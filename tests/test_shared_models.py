@@ -1,4 +1,4 @@
-"""Process-wide ONNX sessions (phonebot.inference): shared models, per-call state, same results.
+"""Process-wide ONNX sessions (phonebot.ai.inference): shared models, per-call state, same results.
 
 Each call's VAD and Smart Turn analyzer must behave exactly like Pipecat's own, one session per
 analyzer, would; only the session (the ~38 MB of model and arena per call) is shared.
@@ -18,9 +18,8 @@ from pipecat.audio.turn.base_turn_analyzer import EndOfTurnState
 from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 
-import bot
 from phonebot import pipecat_compat as compat
-from phonebot.inference import (
+from phonebot.ai.inference import (
     SharedSileroVADAnalyzer,
     SharedSmartTurnAnalyzer,
     load_shared_models,
@@ -28,7 +27,8 @@ from phonebot.inference import (
     silero_session,
     smart_turn_session,
 )
-from phonebot.offline.espeak import synthesize_at
+from phonebot.ai.offline.espeak import synthesize_at
+from phonebot.call.turns import user_turn_params
 from tests.conftest import make_settings
 
 RATE = 8000
@@ -104,7 +104,7 @@ def test_every_analyzer_runs_on_the_one_session() -> None:
 
 
 def test_a_call_loads_no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bot.user_turn_params (run for every call) uses the shared sessions, loading nothing."""
+    """user_turn_params (run for every call) uses the shared sessions, loading nothing."""
     load_shared_models()
     loaded: list[object] = []
     real = onnxruntime.InferenceSession
@@ -114,7 +114,7 @@ def test_a_call_loads_no_model(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", counting)
-    params = bot.user_turn_params(make_settings())
+    params = user_turn_params(make_settings())
     turn_analyzer = compat.stop_strategy_turn_analyzer(params.user_turn_strategies.stop[0])
     assert loaded == []
     assert compat.silero_model(params.vad_analyzer).session is silero_session()

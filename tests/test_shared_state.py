@@ -34,7 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from phonebot.emulator import CallEvent, Hangup, MediaStreamCaller, Pause, WaitForBot, dial_in
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import DialIn
-from phonebot.twiml import BUSY_MESSAGE
+from phonebot.twilio.twiml import BUSY_MESSAGE
 from tests import live_server
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY
 from tests.live_server import LiveServer, free_port

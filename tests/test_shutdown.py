@@ -18,15 +18,17 @@ import pytest
 from defusedxml import ElementTree
 from fastapi.testclient import TestClient
 
+from phonebot.ai.personas import DIALIN_PERSONAS, opening_line
 from phonebot.config import Settings
 from phonebot.emulator import CallEvent, Hangup, Pause, WaitForBot, WaitForHangup, dial_in
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
-from phonebot.personas import DIALIN_PERSONAS, opening_line
-from phonebot.shutdown import ActiveCalls, Drain
 from phonebot.state import CallAdmission, MemoryState
-from phonebot.twiml import BUSY_MESSAGE
-from server import create_app
+from phonebot.state.admission import STREAM_WAIT_S
+from phonebot.twilio.twiml import BUSY_MESSAGE
+from phonebot.web.app import create_app
+from phonebot.web.services import app_services
+from phonebot.web.shutdown import ActiveCalls, Drain
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
 from tests.live_server import LiveServer
 from tests.test_abuse import (
@@ -67,7 +69,7 @@ def test_while_draining_new_calls_are_refused_but_answered_ones_connect(calls_ru
     answered, stranger = webhook_form(), webhook_form()
     token = stream_token(signed_post(client, "/", answered))
 
-    app.state.admission.start_draining()
+    app_services(app).admission.start_draining()
 
     busy = signed_post(client, "/", webhook_form())
     assert twiml_children(busy) == ["Say", "Hangup"]
@@ -80,7 +82,9 @@ def test_while_draining_new_calls_are_refused_but_answered_ones_connect(calls_ru
     assert health.status_code == 503
     assert health.json()["status"] == "draining" and health.json()["draining"] is True
     # A stream we never answered is refused; the call we answered before the signal connects.
-    stranger_stream = minted_parameters(stranger["CallSid"], app.state.settings.stream_token_secret)
+    stranger_stream = minted_parameters(
+        stranger["CallSid"], app_services(app).settings.stream_token_secret
+    )
     assert open_stream(client, stranger["CallSid"], stranger_stream) == 1008
     assert open_stream(client, answered["CallSid"], token) == 1000
     assert calls_run == [answered["CallSid"]]
@@ -139,6 +143,25 @@ async def test_the_drain_ends_as_soon_as_the_last_call_does():
 
     assert time.monotonic() - started < 1.5
     assert call.told == []
+
+
+async def test_the_drain_waits_for_an_answered_calls_stream_only_briefly():
+    """A webhook answered just before the signal: its stream may still come, so the drain
+    waits; one answered STREAM_WAIT_S ago, or reported over by Twilio, won't (the caller
+    hung up): the restart does not wait out its reservation (CALL_RESERVATION_TTL_S)."""
+    now = [1000.0]
+    settings = make_settings(shutdown_grace_s=30, call_reservation_ttl_s=30)
+    admission = CallAdmission(MemoryState(), settings, clock=lambda: now[0])
+    assert await admission.reserve("CA" + "1" * 32) is None
+    assert await admission.reserve("CA" + "2" * 32) is None
+    admission.start_draining()
+    assert not await admission.wait_idle(0.2)  # both may still stream
+    await admission.call_over("CA" + "2" * 32)  # Twilio: that call is over
+    assert admission.process_reserved == 1
+    now[0] += STREAM_WAIT_S  # the other one's stream never came
+    started = time.monotonic()
+    assert await admission.wait_idle(5)
+    assert time.monotonic() - started < 1
 
 
 # --- the real server and a real (emulated) call ------------------------------------

@@ -1,4 +1,4 @@
-"""The soak benchmark's instruments (phonebot.diagnostics) and its verdict (bench/soak.py).
+"""The soak benchmark's instruments (phonebot.ops.diagnostics) and its verdict (bench/soak.py).
 
 What the soak's figures rest on: a reading inside the server counts the asyncio tasks and
 names the allocation sites that grew, SIGUSR1 asks for one, the setting is off by
@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from phonebot.diagnostics import (
+from phonebot.emulator import Hangup, Speak
+from phonebot.ops.diagnostics import (
     ResourceMonitor,
     parse_resource_usage,
     resource_usage_log,
 )
-from phonebot.emulator import Hangup, Speak
 from tests.conftest import make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ async def test_the_timer_logs_readings_and_the_default_is_off(restore_logging) -
 
 def test_the_reading_line_is_read_back() -> None:
     line = (
-        "2026-11-25 17:00:00.000 | INFO     | phonebot.diagnostics:log_reading:170 - "
+        "2026-11-25 17:00:00.000 | INFO     | phonebot.ops.diagnostics:log_reading:170 - "
         'Resource usage {"reading":4,"rss_mb":312.5,"fds":13,"tasks":3}'
     )
     assert parse_resource_usage(line) == {"reading": 4, "rss_mb": 312.5, "fds": 13, "tasks": 3}
@@ -258,7 +258,7 @@ def test_a_call_without_a_measurable_reply_still_counts_as_made() -> None:
 @pytest.mark.timeout(400)
 def test_a_quick_soak_writes_its_curve_from_a_real_server(tmp_path: Path) -> None:
     """40 calls through server.py: every reading has the server's own task count (the
-    lifespan runs phonebot.diagnostics), and the outputs are written."""
+    lifespan runs phonebot.ops.diagnostics), and the outputs are written."""
     markdown = tmp_path / "soak.md"
     command = [sys.executable, str(ROOT / "bench" / "soak.py"), "--quick"]
     command += ["--out", str(tmp_path), "--markdown", str(markdown)]

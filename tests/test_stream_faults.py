@@ -26,13 +26,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 import bot
-from phonebot import stream_guard
 from phonebot.audio import ULAW_SILENCE
 from phonebot.emulator import CallResult, Dtmf, Hangup, MediaStreamCaller, WaitForBot, dial_in
-from phonebot.pipeline_cost import INBOUND_BATCH_MS
-from phonebot.security import TOKEN_PARAMETER, call_token
-from phonebot.session import StreamRejected, TwilioMarkSerializer, accept_twilio_stream
-from phonebot.stream_guard import (
+from phonebot.twilio import stream_guard
+from phonebot.twilio.stream import StreamRejected, TwilioMarkSerializer, accept_twilio_stream
+from phonebot.twilio.stream_guard import (
     AUDIO_BURST_S,
     DTMF_BURST,
     FAULT_SUMMARY_INTERVAL_S,
@@ -40,6 +38,8 @@ from phonebot.stream_guard import (
     MAX_MEDIA_MESSAGE_BYTES,
     InboundGuard,
 )
+from phonebot.twilio.stream_token import TOKEN_PARAMETER, call_token
+from phonebot.twilio.transport import INBOUND_BATCH_MS
 from tests.live_server import LiveServer
 from tests.test_calls import CALLER, OUR_NUMBER
 
@@ -399,7 +399,7 @@ async def test_the_serializer_never_raises_and_still_decodes_twilio(warnings):
     for message in junk:
         assert await serializer.deserialize(message) is None
     assert "oversized: 65537 characters" in " ".join(warnings)
-    batch = INBOUND_BATCH_MS // 20  # 20 ms messages per frame (phonebot.pipeline_cost)
+    batch = INBOUND_BATCH_MS // 20  # 20 ms messages per frame (phonebot.twilio.transport)
     frames = [await serializer.deserialize(media(STREAM_SID)) for _ in range(batch)]
     assert frames[:-1] == [None] * (batch - 1)
     assert frames[-1] is not None and len(frames[-1].audio) == 320 * batch

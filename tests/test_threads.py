@@ -1,4 +1,4 @@
-"""Thread pools start whole at start-up (phonebot.threads): no thread is added under load."""
+"""Thread pools start whole at start-up (phonebot.ops.threads): no thread is added under load."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from phonebot.threads import asyncio_default_workers, start_every_thread, started_default_executor
+from phonebot.ops.threads import (
+    asyncio_default_workers,
+    start_every_thread,
+    started_default_executor,
+)
 
 
 def threads_named(prefix: str) -> int:

@@ -1,10 +1,10 @@
-"""Turn-taking on a phone line (phonebot.turns): when the bot answers, and the timing log.
+"""Turn-taking on a phone line (phonebot.call.turns): when the bot answers, and the timing log.
 
 Three layers:
 - the rules alone: which transcripts end mid-phrase, what `TurnPolicy` waits, the timing
   record and `parse_turn_timing`;
-- a call's real listening half (bot.call_worker running Pipecat's segmented STT machinery,
-  the keypad aggregator and the user aggregator built by `bot.user_turn_params`, with
+- a call's real listening half (call_worker running Pipecat's segmented STT machinery,
+  the keypad aggregator and the user aggregator built by `turns.user_turn_params`, with
   Silero VAD hearing espeak speech sent on a real-time 60 ms clock). What Smart Turn
   makes of espeak audio is not what it makes of a caller (docs: turn-taking), so its
   verdict is scripted, and the STT's transcript too: the tests assert what the product
@@ -37,6 +37,7 @@ from pipecat.frames.frames import (
     TTSAudioRawFrame,
 )
 from pipecat.metrics.metrics import TTFBMetricsData, TurnMetricsData
+from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
@@ -46,27 +47,27 @@ from pipecat.transcriptions.language import Language
 from pipecat.utils.time import time_now_iso8601
 from pipecat.workers.runner import WorkerRunner
 
-import bot
-from phonebot import turns
-from phonebot.config import Settings
-from phonebot.emulator import Hangup, WaitForBot, dial_in
-from phonebot.inference import SharedSmartTurnAnalyzer
-from phonebot.keypad import keypad_aggregator
-from phonebot.offline.espeak import synthesize_at
-from phonebot.turns import (
+from phonebot.ai.inference import SharedSmartTurnAnalyzer
+from phonebot.ai.offline.espeak import synthesize_at
+from phonebot.call import turns
+from phonebot.call.pipeline import call_worker
+from phonebot.call.turns import (
     TurnPolicy,
     TurnTimeline,
     TurnTimer,
     ends_mid_phrase,
     parse_turn_timing,
 )
+from phonebot.config import Settings
+from phonebot.emulator import Hangup, WaitForBot, dial_in
+from phonebot.twilio.keypad import keypad_aggregator
 from tests.conftest import make_settings
 from tests.live_server import LiveServer, ai_api_process, instant_services_env
 from tests.test_calls import CALLER, OUR_NUMBER, say
 
 CALL_SID = "CA" + "7" * 32
 RATE = 8000
-CHUNK_S = 0.06  # the server's inbound batch (phonebot.pipeline_cost.INBOUND_BATCH_MS)
+CHUNK_S = 0.06  # the server's inbound batch (phonebot.twilio.transport.INBOUND_BATCH_MS)
 CHUNK_BYTES = int(RATE * CHUNK_S) * 2
 INCOMPLETE_WAIT_S = Settings.model_fields["turn_incomplete_wait_s"].default
 DANGLING_WAIT_S = Settings.model_fields["turn_dangling_wait_s"].default
@@ -140,7 +141,8 @@ def test_defaults_are_well_under_pipecats_three_seconds_for_a_finished_sentence(
 def test_the_call_uses_the_settings_and_pipecats_watchdog_outwaits_them() -> None:
     """Pipecat ends a turn on its own 5 s after the last speech or transcript; a longer
     TURN_DANGLING_WAIT_S must not be cut short by it."""
-    params = bot.user_turn_params(make_settings(turn_incomplete_wait_s=0.4, turn_dangling_wait_s=6))
+    settings = make_settings(turn_incomplete_wait_s=0.4, turn_dangling_wait_s=6)
+    params = turns.user_turn_params(settings)
     [strategy] = params.user_turn_strategies.stop
     assert strategy.policy == TurnPolicy(incomplete_wait_s=0.4, dangling_wait_s=6.0)
     assert strategy.turn_analyzer.params.stop_secs == 6.0  # its fallback only backs ours up
@@ -222,7 +224,7 @@ async def test_the_reply_stages_come_from_pipecats_metrics_and_the_first_frame_w
     timeline.speech_ended(time.monotonic(), vad_stop_s=0.2)
     timeline.turn_ended(time.monotonic(), "model_complete", 0.0)
     timer, answers = TurnTimer(timeline, "LLM#0", "TTS#0"), Answers()
-    worker = bot.call_worker(bot.Pipeline([timer, answers]))
+    worker = call_worker(Pipeline([timer, answers]))
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
     running = asyncio.create_task(runner.run())
@@ -378,7 +380,7 @@ async def listening_call(
     inference_s: float = 0.0,
     probe: FrameProcessor | None = None,
 ) -> AsyncIterator[Line]:
-    """bot.py's listening half, wired as run_bot wires it, with its default settings.
+    """A call's listening half, wired as `PhoneCall` wires it, with its default settings.
 
     `inference_s`: how long each scripted verdict takes; `probe`: a processor placed
     right after the user aggregator.
@@ -387,14 +389,14 @@ async def listening_call(
     timeline = TurnTimeline(CALL_SID)
     stt, answers = ScriptedSTT(transcripts), Answers()
     user_aggregator, _ = LLMContextAggregatorPair(
-        LLMContext(messages=[]), user_params=bot.user_turn_params(make_settings(), timeline)
+        LLMContext(messages=[]), user_params=turns.user_turn_params(make_settings(), timeline)
     )
     timer = TurnTimer(timeline, "no-llm", "no-tts")  # logs the turns left at the call's end
     processors = [stt, keypad_aggregator(), user_aggregator, timer, answers]
     if probe:
         processors.insert(3, probe)
-    pipeline = bot.Pipeline(processors)
-    worker = bot.call_worker(pipeline)
+    pipeline = Pipeline(processors)
+    worker = call_worker(pipeline)
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
     running = asyncio.create_task(runner.run())
@@ -468,7 +470,7 @@ async def test_a_finished_sentence_judged_finished_is_answered_at_once(
 async def test_keypad_entries_are_answered_without_waiting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Digits from the keypad end with # (phonebot.keypad): no mid-phrase rule applies."""
+    """Digits from the keypad end with # (phonebot.twilio.keypad): no mid-phrase rule applies."""
     async with listening_call(monkeypatch, [], []) as line:
         pressed = await line.press("1234#")
         answered_at, text = await line.answer(timeout=5)

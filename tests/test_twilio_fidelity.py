@@ -21,6 +21,7 @@ import pytest
 from defusedxml import ElementTree
 from fastapi.testclient import TestClient
 
+from phonebot.ai.personas import DIALIN_PERSONAS, opening_line
 from phonebot.config import Settings
 from phonebot.emulator import MediaStreamCaller, WaitForBot, dial_in
 from phonebot.emulator.ids import new_call_sid
@@ -28,10 +29,11 @@ from phonebot.emulator.loopback import LoopbackServer
 from phonebot.emulator.signature import SharedKey, compute_signature, signed_headers
 from phonebot.emulator.twiml import say_seconds
 from phonebot.emulator.webhook import IDEMPOTENCY_HEADER, voice_webhook_form
-from phonebot.personas import DIALIN_PERSONAS, opening_line
-from phonebot.security import production_auth_problem, verify_call_token
 from phonebot.state import MemoryState
-from server import create_app
+from phonebot.twilio.stream_token import verify_call_token
+from phonebot.web.app import create_app
+from phonebot.web.safety import production_auth_problem
+from phonebot.web.services import app_services
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, make_settings
 from tests.live_server import ROOT, LiveServer, free_port
 
@@ -254,7 +256,7 @@ async def test_the_emulator_retries_a_lost_answer_like_twilio_and_gets_the_same_
     assert len(lossy.tokens) == 2 and lossy.tokens[0] and lossy.tokens[0] == lossy.tokens[1]
     assert lossy.bodies[0] == lossy.bodies[1]
     assert verify_call_token(call.call_sid, call.parameters, settings.stream_token_secret).ok
-    assert (await app.state.admission.counts()).reserved == 1
+    assert (await app_services(app).admission.counts()).reserved == 1
 
 
 # --- 5. ws:// stream URLs --------------------------------------------------------------

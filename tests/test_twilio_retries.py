@@ -24,16 +24,16 @@ import dialout
 from phonebot.config import get_settings
 from phonebot.emulator import TwilioRestEmulator, WaitForBot, WaitForHangup
 from phonebot.emulator.ids import new_call_sid
-from phonebot.session import TwilioMarkSerializer
-from phonebot.transfer import dial_twiml
-from phonebot.twilio_api import (
+from phonebot.twilio.rest import (
     RetryPolicy,
     TwilioAccount,
     TwilioUnavailable,
     hang_up_call,
     update_call_twiml,
 )
-from server import create_app
+from phonebot.twilio.stream import TwilioMarkSerializer
+from phonebot.twilio.transfer import dial_twiml
+from phonebot.web.app import create_app
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
 from tests.live_server import free_port
 from tests.test_call_control import hangups, phone  # noqa: F401

@@ -17,8 +17,8 @@ from pipecat.frames.frames import (
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import run_test
 
-from phonebot.offline.tts import OfflineTTSService
-from phonebot.voice_text import EXCERPT_CHARS, VoiceTextFilter, voice_text_filters
+from phonebot.ai.offline.tts import OfflineTTSService
+from phonebot.ai.voice_text import EXCERPT_CHARS, VoiceTextFilter, voice_text_filters
 
 # (written by the LLM, spoken on the phone)
 CASES = [

@@ -21,7 +21,8 @@ from pipecat.frames.frames import (
 from pipecat.tests.utils import run_test
 from pydantic import ValidationError
 
-from dialout import DialoutRequest, place_call
+from phonebot.ai.personas import CAMPAIGNS, opening_line
+from phonebot.call.voicemail import AmdGate, AnsweringMachineScreen, amd_requested
 from phonebot.emulator import (
     Hangup,
     MediaStreamCaller,
@@ -31,16 +32,12 @@ from phonebot.emulator import (
     WaitForHangup,
 )
 from phonebot.emulator.ids import new_call_sid
-from phonebot.personas import CAMPAIGNS, opening_line
 from phonebot.state import AmdVerdicts, MemoryState
-from phonebot.twiml import ParameterError
-from phonebot.voicemail import (
-    AMD_PARAMETER,
-    AmdGate,
-    AnsweringMachineScreen,
-    amd_requested,
-)
-from server import create_app
+from phonebot.twilio.amd import AMD_PARAMETER
+from phonebot.twilio.dialout import DialoutRequest, place_call
+from phonebot.twilio.twiml import ParameterError
+from phonebot.web.app import create_app
+from phonebot.web.services import app_services
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
 from tests.live_server import free_port
 from tests.test_call_control import assert_hung_up_after_playout, phone  # noqa: F401
@@ -155,7 +152,7 @@ async def test_machine_detection_on_pipecat_cloud_works_through_the_shared_state
         created.update(call)
         return SimpleNamespace(sid=new_call_sid(), status="queued", to=call["to"])
 
-    monkeypatch.setattr("dialout.create_call", fake_create_call)
+    monkeypatch.setattr("phonebot.twilio.dialout.create_call", fake_create_call)
     request = DialoutRequest(to="+15551234567", machine_detection=True)
     await place_call(request, settings, "https://bot.example.com")
     assert created["amd_callback_url"] == "https://bot.example.com/amd"
@@ -186,7 +183,7 @@ def test_amd_callback_records_the_verdict_and_answers_204(client):
     response = signed_post(client, "http://testserver/amd", form)
     assert response.status_code == 204
     assert response.content == b""
-    verdicts: AmdVerdicts = client.app.state.amd_verdicts
+    verdicts: AmdVerdicts = app_services(client.app).amd_verdicts
     assert asyncio.run(verdicts.get(form["CallSid"])) == "machine_end_beep"
 
 
@@ -196,7 +193,7 @@ def test_amd_callback_needs_twilios_signature(client, signature):
     headers = {} if signature is None else {"X-Twilio-Signature": signature}
     response = client.post("/amd", data=form, headers=headers)
     assert response.status_code == 403
-    assert asyncio.run(client.app.state.amd_verdicts.get(form["CallSid"])) is None
+    assert asyncio.run(app_services(client.app).amd_verdicts.get(form["CallSid"])) is None
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""`python server.py --workers N`: N processes sharing one port (phonebot.workers).
+"""`python server.py --workers N`: N processes sharing one port (phonebot.web.workers).
 
 The supervisor's rules (signals forwarded once per signal, no restart while stopping, a
 dead worker restarted, a crash loop or a refused configuration ending it, the exit status)
@@ -24,7 +24,7 @@ import pytest
 from loguru import logger
 
 from phonebot.config import Settings
-from phonebot.workers import (
+from phonebot.web.workers import (
     EXIT_CONFIG,
     EXIT_CUT_OFF,
     EXIT_GAVE_UP,

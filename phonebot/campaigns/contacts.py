@@ -14,12 +14,12 @@ from typing import Any
 
 import phonenumbers
 
-from dialout import validate_dial_parameters
-from phonebot.campaigns.dial_guard import check_destination
 from phonebot.campaigns.models import CampaignIn, ContactIn
 from phonebot.campaigns.windows import contact_zone, known_zone
 from phonebot.config import Settings
-from phonebot.twiml import ParameterError
+from phonebot.twilio.dial_guard import check_destination
+from phonebot.twilio.dialout import validate_dial_parameters
+from phonebot.twilio.twiml import ParameterError
 
 # CSV header names for the number; other known columns; every other column is a parameter.
 NUMBER_COLUMNS = ("to", "number", "phone", "phone_number")

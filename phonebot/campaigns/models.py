@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from phonebot.caller_id import E164
 from phonebot.campaigns.windows import DAYS, parse_hhmm
+from phonebot.phone_numbers import E164
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 Outcome = Literal["busy", "no-answer", "failed", "voicemail"]
@@ -164,26 +164,3 @@ class CampaignDetail(CampaignSummary):
 
 class CampaignList(BaseModel):
     campaigns: list[CampaignSummary]
-
-
-class DncIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    numbers: list[str] = Field(min_length=1, max_length=10_000)
-    reason: str | None = Field(None, max_length=255)
-
-
-class DncEntry(BaseModel):
-    number: str
-    reason: str | None
-    source: str | None
-    created_at: datetime
-
-
-class DncList(BaseModel):
-    numbers: list[DncEntry]
-
-
-class DncAdded(BaseModel):
-    added: int
-    numbers: list[str]

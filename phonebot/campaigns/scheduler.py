@@ -26,13 +26,13 @@ from typing import Any
 
 from loguru import logger
 
-from dialout import DialoutRequest, DialoutResponse, place_call
-from phonebot.campaigns.dial_guard import DialRefused
 from phonebot.campaigns.store import CampaignStore, Claim
 from phonebot.campaigns.windows import Clock, SystemClock
 from phonebot.config import Settings, mask
-from phonebot.twilio_api import TwilioUnavailable
-from phonebot.twiml import ParameterError
+from phonebot.twilio.dial_guard import DialRefused
+from phonebot.twilio.dialout import DialoutRequest, DialoutResponse, place_call
+from phonebot.twilio.rest import TwilioUnavailable
+from phonebot.twilio.twiml import ParameterError
 
 Dial = Callable[[DialoutRequest], Awaitable[DialoutResponse]]
 
@@ -73,7 +73,7 @@ async def _maybe_await(value: Any) -> Any:
 
 
 class CampaignScheduler:
-    """Dials campaigns; one per server process (`app.state.campaign_scheduler`)."""
+    """Dials campaigns; one per server process (the app's `campaigns.scheduler`)."""
 
     def __init__(
         self,
@@ -196,15 +196,14 @@ class CampaignScheduler:
         """The call's record starts now, like a /dialout's, with its campaign fields."""
         if self.writer is None:
             return
-        fields = {
-            "direction": "outbound",
-            "from_number": claim.from_number or self.settings.twilio_phone_number,
-            "to_number": placed.to,
-            "parameters": claim.parameters,
-            "campaign_id": claim.parameters.get("campaign_id") or claim.campaign_id,
-            "customer_id": claim.customer_id,
-        }
-        self.writer.call_updated(placed.call_sid, **{k: v for k, v in fields.items() if v})
+        self.writer.dialout_placed(
+            placed.call_sid,
+            to=placed.to,
+            from_number=claim.from_number or self.settings.twilio_phone_number,
+            parameters=claim.parameters,
+            campaign_id=claim.campaign_id,
+            customer_id=claim.customer_id,
+        )
 
     def _failed(self, error: Exception) -> None:
         if not self._failing:

@@ -1,6 +1,6 @@
-"""The campaign tables, on the call records' metadata (one database, one set of migrations).
+"""The campaign tables, on the one database's metadata (`phonebot.db.base`: one set of migrations).
 
-Changing a table here needs a new Alembic revision in `phonebot/records/migrations/versions/`
+Changing a table here needs a new Alembic revision in `phonebot/db/migrations/versions/`
 (`tests/test_records_migrations.py` compares the two).
 
 Exactly once: an attempt is a row of `campaign_attempts` keyed by (contact_id, number),
@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from phonebot.records.schema import Base, UTCDateTime, utcnow
+from phonebot.db.base import Base, UTCDateTime, utcnow
 
 
 class Campaign(Base):
@@ -125,16 +125,3 @@ class CampaignAttempt(Base):
         Index("ix_campaign_attempts_call_sid", "call_sid"),
         Index("ix_campaign_attempts_campaign_id_status", "campaign_id", "status"),
     )
-
-
-class DoNotCall(Base):
-    """A number never to be dialed: by campaign or by /dialout."""
-
-    __tablename__ = "do_not_call"
-
-    # E.164
-    number: Mapped[str] = mapped_column(String(32), primary_key=True)
-    reason: Mapped[str | None] = mapped_column(String(255))
-    # api, opt-out, cli
-    source: Mapped[str | None] = mapped_column(String(32))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

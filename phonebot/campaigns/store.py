@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import phonenumbers
-from sqlalchemy import Select, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Select, and_, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 
 from phonebot.campaigns.contacts import Prepared
-from phonebot.campaigns.dial_guard import check_destination
 from phonebot.campaigns.models import (
     CLOSED,
     FINAL_STATES,
@@ -38,18 +36,18 @@ from phonebot.campaigns.models import (
     CampaignIn,
     CampaignSummary,
     ContactOut,
-    DncEntry,
     RetryIn,
     WindowIn,
 )
-from phonebot.campaigns.schema import Campaign, CampaignAttempt, CampaignContact, DoNotCall
+from phonebot.campaigns.schema import Campaign, CampaignAttempt, CampaignContact
 from phonebot.campaigns.windows import Window
 from phonebot.config import Settings
+from phonebot.dnc.store import listed, opted_out_since
 from phonebot.records.events import EventDeliverer
-from phonebot.records.schema import CallRecord, utcnow
+from phonebot.records.schema import CallRecord
+from phonebot.twilio.dial_guard import check_destination
+from phonebot.twilio.statuses import FINAL_STATUSES
 
-# Twilio's final CallStatus values (https://www.twilio.com/docs/voice/api/call-resource).
-FINAL_CALL_STATUSES = ("completed", "busy", "no-answer", "failed", "canceled")
 OPTED_OUT_REASON = "opted out"
 # Beyond MAX_CALL_DURATION_S, how long a placed call may go without a final status before
 # it counts as lost: Twilio rings for up to 60 s, plus slack for a slow callback.
@@ -92,17 +90,6 @@ def new_id() -> str:
     return f"cmp_{secrets.token_hex(8)}"
 
 
-def dnc_number(text: str) -> str | None:
-    """A number as the do-not-call list keeps it (E.164), or None when it isn't one."""
-    try:
-        parsed = phonenumbers.parse(text.strip(), None)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_possible_number(parsed):
-        return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-
-
 def outcome_of(call: CallRecord) -> str:
     """What a finished call came to: busy, no-answer, failed, voicemail, opted-out or
     completed (a conversation)."""
@@ -125,7 +112,7 @@ def call_is_over(call: CallRecord) -> bool:
     which may land a moment after the status callback)."""
     if call.stream_started_at is not None:
         return call.ended_at is not None
-    return call.twilio_status in FINAL_CALL_STATUSES
+    return call.twilio_status in FINAL_STATUSES
 
 
 class CampaignStore:
@@ -229,36 +216,6 @@ class CampaignStore:
                 )
         return target
 
-    # --- the do-not-call list ----------------------------------------------------------
-    async def dnc_add(self, numbers: Sequence[str], reason: str | None, source: str) -> list[str]:
-        """Add numbers (already E.164); returns those that were not on the list yet."""
-        async with self._sessions.begin() as session:
-            present = set((await session.scalars(
-                select(DoNotCall.number).where(DoNotCall.number.in_(numbers))
-            )).all())
-            added = [n for n in dict.fromkeys(numbers) if n not in present]
-            session.add_all(
-                DoNotCall(number=n, reason=reason, source=source, created_at=utcnow())
-                for n in added
-            )
-        return added
-
-    async def dnc_remove(self, number: str) -> bool:
-        async with self._sessions.begin() as session:
-            result = await session.execute(delete(DoNotCall).where(DoNotCall.number == number))
-        return bool(result.rowcount)
-
-    async def dnc_list(self) -> list[DncEntry]:
-        async with self._sessions() as session:
-            rows = (await session.scalars(select(DoNotCall).order_by(DoNotCall.created_at))).all()
-        return [DncEntry(number=r.number, reason=r.reason, source=r.source,
-                         created_at=r.created_at) for r in rows]
-
-    async def dnc_has(self, number: str) -> bool:
-        async with self._sessions() as session:
-            found = await session.get(DoNotCall, number)
-        return found is not None
-
     # --- the scheduler's side ----------------------------------------------------------
     async def due_campaigns(self, now: datetime) -> list[str]:
         """Start scheduled campaigns whose start_at has come, close the finished ones, and
@@ -319,7 +276,7 @@ class CampaignStore:
                 .where(CampaignAttempt.status == "placed",
                        CallRecord.stream_started_at.is_(None),
                        or_(CallRecord.twilio_status.is_(None),
-                           CallRecord.twilio_status.not_in(FINAL_CALL_STATUSES)))
+                           CallRecord.twilio_status.not_in(FINAL_STATUSES)))
             ) or 0
 
     async def claim(
@@ -374,7 +331,7 @@ class CampaignStore:
         self, session: AsyncSession, campaign: Campaign, now: datetime, room: int, claimer: str
     ) -> list[Claim]:
         due = (await session.scalars(_due(campaign.id, now))).all()
-        blocked = await _blocked(session, [c.to_number for c in due])
+        blocked = await listed(session, [c.to_number for c in due])
         window = Window.of(campaign.window_start, campaign.window_end, campaign.window_days)
         claims: list[Claim] = []
         for contact in due:
@@ -490,7 +447,7 @@ class CampaignStore:
                 .join(CallRecord, CallRecord.call_sid == CampaignAttempt.call_sid)
                 .where(CampaignAttempt.status == "placed",
                        or_(CallRecord.ended_at.is_not(None),
-                           CallRecord.twilio_status.in_(FINAL_CALL_STATUSES)))
+                           CallRecord.twilio_status.in_(FINAL_STATUSES)))
                 .with_for_update(skip_locked=True, of=CampaignAttempt)
             )).all()
             done = 0
@@ -511,7 +468,9 @@ class CampaignStore:
         attempt.status, attempt.outcome, attempt.finished_at = "finished", outcome, now
         if call.outcomes:
             contact.outcomes = {**(contact.outcomes or {}), **call.outcomes}
-        if outcome == "completed" and await _opted_out_during(session, contact, attempt):
+        if outcome == "completed" and await opted_out_since(
+            session, contact.to_number, attempt.claimed_at
+        ):
             outcome = "opted-out"  # the end reason was lost, the list entry was not
         self._after(session, campaign, contact, outcome, now)
 
@@ -587,22 +546,6 @@ def _due(campaign_id: str, now: datetime) -> Select:
         .limit(CANDIDATES)
         .with_for_update(skip_locked=True)
     )
-
-
-async def _opted_out_during(
-    session: AsyncSession, contact: CampaignContact, attempt: CampaignAttempt
-) -> bool:
-    entry = await session.get(DoNotCall, contact.to_number)
-    if entry is None or entry.source != "opt-out":
-        return False
-    return entry.created_at >= attempt.claimed_at
-
-
-async def _blocked(session: AsyncSession, numbers: list[str]) -> set[str]:
-    if not numbers:
-        return set()
-    found = await session.scalars(select(DoNotCall.number).where(DoNotCall.number.in_(numbers)))
-    return set(found.all())
 
 
 async def _counts(

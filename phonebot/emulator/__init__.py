@@ -1,14 +1,5 @@
-"""Twilio emulator: call the bot from a terminal or a test, no phone and no keys.
-
-The same code is the `python -m phonebot.call` tool and the integration-test harness, so
-the Twilio protocol (voice webhook, Media Streams, REST calls API) is written once:
-
-- `dial_in()` rings the server's voice webhook and returns where to stream;
-- `MediaStreamCaller` plays a caller script over the Media Stream and records the call;
-- `TwilioRestEmulator` stands in for Twilio's REST API and answers dial-out calls, with
-  scripted callees (`CalleeBook`) when asked; `python -m phonebot.emulator twilio` runs it
-  on its own.
-"""
+"""Twilio on your laptop: the voice webhook, Media Streams and REST API with scripted callees,
+used by `python -m phonebot.call`, `python -m phonebot.emulator twilio` and the tests."""
 
 from phonebot.emulator.callees import Callee, CalleeBook
 from phonebot.emulator.calls import EmulatedCall

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from phonebot.emulator.callees import KINDS, CalleeBook
 from phonebot.emulator.calls import EmulatedCall
+from phonebot.emulator.client import Env, quiet_logs
 from phonebot.emulator.errors import EmulatorError
 from phonebot.emulator.rest import TwilioRestEmulator
 
@@ -80,9 +81,7 @@ async def report(twilio: TwilioRestEmulator, call: EmulatedCall) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from phonebot.call import Env  # the same environment / .env reading as phonebot.call
-
-    env = Env.load()
+    env = Env.load()  # the same environment / .env reading as `python -m phonebot.call`
     try:
         callees = CalleeBook.parse(args.callees, args.callee)
     except ValueError as error:
@@ -120,8 +119,6 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from phonebot.call import quiet_logs
-
     quiet_logs(verbose=False)
     try:
         return asyncio.run(serve(args))

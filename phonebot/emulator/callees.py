@@ -7,9 +7,9 @@ which number behaves how, per number or by a rule (the default rule is keyed on 
 digit, so a 10-number list ending 0-9 shows every behaviour).
 
 A callee who answers speaks its lines with the offline TTS into the media stream, each
-after the bot has finished its turn, like `MediaStreamCaller` does for `phonebot.call`;
+after the bot has finished its turn, like `MediaStreamCaller` does for `phonebot.emulator.client`;
 the lines are among the offline STT's phrases for campaign personas
-(`phonebot.personas.OPT_OUT_PHRASES`, the summer sale's `caller_phrases`), so the offline
+(`phonebot.ai.personas.OPT_OUT_PHRASES`, the summer sale's `caller_phrases`), so the offline
 bot understands them.
 """
 
@@ -69,7 +69,7 @@ def spoken(text: str) -> Speak:
     """`text` as caller speech from the offline TTS (cached: campaigns repeat lines); a
     tone of about the same length when the TTS is missing."""
     try:
-        from phonebot.offline.espeak import synthesize_at
+        from phonebot.ai.offline.espeak import synthesize_at
 
         pcm = synthesize_at(text, TWILIO_SAMPLE_RATE)
     except Exception:  # no espeak: still a callee, just not understood

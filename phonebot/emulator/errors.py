@@ -6,10 +6,7 @@ tests can assert on the exact kind of failure.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from phonebot.emulator.media_stream import CallResult
+from phonebot.emulator.result import CallResult
 
 
 class EmulatorError(Exception):

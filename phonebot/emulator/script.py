@@ -2,7 +2,7 @@
 
 While any step runs, a frame goes out every 20 ms (speech or silence), exactly as a real
 phone line keeps streaming; the steps only decide what is in the frames and when to move
-on. Build scripts in code (tests) or from the command line (`phonebot.call`).
+on. Build scripts in code (tests) or from the command line (`phonebot.emulator.client`).
 """
 
 from __future__ import annotations

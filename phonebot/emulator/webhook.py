@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -28,11 +28,9 @@ from phonebot.emulator.errors import (
     WebhookHTTPError,
 )
 from phonebot.emulator.ids import new_account_sid, new_call_sid
+from phonebot.emulator.media_stream import MediaStreamCaller
 from phonebot.emulator.signature import SharedKey, signed_headers
 from phonebot.emulator.twiml import TwiML, Verb, parse_twiml, stream_url_refusal
-
-if TYPE_CHECKING:
-    from phonebot.emulator.media_stream import MediaStreamCaller
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000/"
 DEFAULT_FROM = "+15550001111"
@@ -230,8 +228,6 @@ class DialIn:
 
         It runs the TwiML after `</Connect>` when the server closes the stream, as Twilio.
         """
-        from phonebot.emulator.media_stream import MediaStreamCaller
-
         kwargs.setdefault("after_stream", self.after_stream)
         return MediaStreamCaller(
             self.stream_url,

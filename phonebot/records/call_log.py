@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from phonebot.keypad import KEYPAD_PREFIX
 from phonebot.records.schema import utcnow
 from phonebot.records.writer import RecordWriter
+from phonebot.twilio.keypad import KEYPAD_PREFIX
 
 # The `<Parameter>`s that are record columns of their own, not only in `parameters`.
 CAMPAIGN_PARAMETER = "campaign_id"
@@ -160,7 +160,7 @@ class CallLog:
 class ReplyLatencies:
     """Each bot turn's reply latency, read from the call's `TurnTimeline` timings.
 
-    `phonebot.turns.TurnTimeline` logs one timing per caller turn when the reply's first
+    `phonebot.call.turns.TurnTimeline` logs one timing per caller turn when the reply's first
     audio frame goes out; its `audio_out_s` is the caller's wait, from the end of their
     speech to that frame. A bot turn takes the newest timing logged since the previous bot
     turn: none for the greeting or a re-prompt (no caller turn before them), and none

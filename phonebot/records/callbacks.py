@@ -23,10 +23,9 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, and_, case, or_
 
 from phonebot.records.schema import CallRecord
+from phonebot.twilio.statuses import FINAL_STATUSES, PROGRESS_STATUSES
 
-PROGRESS = ("queued", "initiated", "ringing", "in-progress")
-FINAL = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
-FINAL_RANK = len(PROGRESS)
+FINAL_RANK = len(PROGRESS_STATUSES)
 INBOUND = "inbound"
 
 
@@ -49,7 +48,7 @@ def progress_of(row: CallRecord) -> CallProgress:
 
 def rank(status: str) -> int:
     """Where `status` is in Twilio's order (every final status last)."""
-    return PROGRESS.index(status) if status in PROGRESS else FINAL_RANK
+    return PROGRESS_STATUSES.index(status) if status in PROGRESS_STATUSES else FINAL_RANK
 
 
 def status_refusal(call: CallProgress | None, status: str) -> str | None:
@@ -57,13 +56,13 @@ def status_refusal(call: CallProgress | None, status: str) -> str | None:
     if call is None:
         return None
     stored = call.twilio_status
-    if stored in FINAL:
+    if stored in FINAL_STATUSES:
         return f"the call already has its final status, {stored}"
     if stored is not None and rank(stored) >= rank(status):
         return f"the call is already {stored}"
-    if status not in FINAL and call.ended_at is not None:
+    if status not in FINAL_STATUSES and call.ended_at is not None:
         return "the call has ended"
-    if status in FINAL and status != "completed" and call.stream_started_at is not None:
+    if status in FINAL_STATUSES and status != "completed" and call.stream_started_at is not None:
         return f"the call connected, so it can only be completed, not {status}"
     return None
 
@@ -71,12 +70,12 @@ def status_refusal(call: CallProgress | None, status: str) -> str | None:
 def status_condition(status: str) -> ColumnElement[bool]:
     """`status_refusal` as the WHERE of the writer's UPDATE: true when it may apply."""
     stored_rank = case(
-        {name: index for index, name in enumerate(PROGRESS)},
+        {name: index for index, name in enumerate(PROGRESS_STATUSES)},
         value=CallRecord.twilio_status,
         else_=FINAL_RANK,
     )
     clauses = [or_(CallRecord.twilio_status.is_(None), stored_rank < rank(status))]
-    if status not in FINAL:
+    if status not in FINAL_STATUSES:
         clauses.append(CallRecord.ended_at.is_(None))
     elif status != "completed":
         clauses.append(CallRecord.stream_started_at.is_(None))

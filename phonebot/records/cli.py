@@ -1,8 +1,9 @@
-"""`python -m phonebot.calls`: the call log from a terminal.
+"""`python -m phonebot.records`: the call log from a terminal.
 
-    python -m phonebot.calls list [--direction outbound] [--status busy] [--limit 20]
-    python -m phonebot.calls show CA0123…
-    python -m phonebot.calls export --since 2026-11-01 --format csv > calls.csv
+    python -m phonebot.records list [--direction outbound] [--status busy] [--limit 20]
+    python -m phonebot.records show CA0123…
+    python -m phonebot.records export --since 2026-11-01 --format csv > calls.csv
+    python -m phonebot.records migrate
 
 Reads DATABASE_URL from the environment or ./.env, like the server.
 """
@@ -22,8 +23,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from phonebot.config import get_settings
 from phonebot.csv_cells import SafeDictWriter
-from phonebot.records.db import create_engine, sessionmaker
-from phonebot.records.migrate import migrate
+from phonebot.db.engine import create_engine, safe_url, sessionmaker
+from phonebot.db.migrate import migrate
 from phonebot.records.models import CallDetail, CallSummary, as_json
 from phonebot.records.store import CallFilter, CallStore
 
@@ -44,8 +45,9 @@ def parse_when(text: str) -> datetime:
 
 
 def database_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """The parser of a terminal tool on the records database (this one, and
-    `python -m phonebot.campaign`): its docstring as help, and `--database-url`."""
+    """The parser of a terminal tool on the records database (`python -m phonebot.records`;
+    the campaigns' tool goes through the server's API instead): its docstring as help, and
+    `--database-url`."""
     parser = argparse.ArgumentParser(prog=prog, description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database-url", help="default: DATABASE_URL")
@@ -65,7 +67,7 @@ async def migrated_database(url: str) -> AsyncIterator[async_sessionmaker]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = database_parser("python -m phonebot.calls", __doc__)
+    parser = database_parser("python -m phonebot.records", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="the newest calls, one line each")
     _filters(listing)
@@ -77,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     _filters(export)
     export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    migrate_command = commands.add_parser(
+        "migrate", help="bring the schema up to date (the server does it at start-up too)"
+    )
+    # Also after the command, as `python -m phonebot.records migrate --database-url URL`.
+    migrate_command.add_argument(
+        "--database-url", default=argparse.SUPPRESS, help="default: DATABASE_URL"
+    )
     return parser
 
 
@@ -101,6 +110,9 @@ def _where(args: argparse.Namespace) -> CallFilter:
 
 async def run(args: argparse.Namespace, out: TextIO) -> int:
     url = args.database_url or get_settings().database_url.get_secret_value()
+    if args.command == "migrate":  # for deploys that migrate before starting the server
+        print(f"{safe_url(url)}: schema at revision {await migrate(url)}", file=out)
+        return 0
     async with migrated_database(url) as sessions:
         store = CallStore(sessions)
         if args.command == "list":

@@ -20,7 +20,7 @@ from typing import Any
 from loguru import logger
 
 from phonebot.records.schema import CallRecord, column_length
-from phonebot.twiml import ParameterError
+from phonebot.twilio.twiml import ParameterError
 
 # Call parameters that become record columns of their own (phonebot.records.call_log).
 PARAMETER_COLUMNS = {

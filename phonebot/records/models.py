@@ -1,7 +1,7 @@
 """The records as the API, the events and the command line show them (pydantic).
 
 One shape everywhere: `GET /calls/{sid}`, the `call.ended` event's `data` and
-`python -m phonebot.calls show` print the same `CallDetail`.
+`python -m phonebot.records show` print the same `CallDetail`.
 """
 
 from __future__ import annotations

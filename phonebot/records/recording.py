@@ -3,7 +3,7 @@
 Two taps in the call's pipeline feed one `CallRecorder`:
 
 - `caller_tap`, right after `transport.input()`: the caller's audio as Twilio sent it. It
-  must come before `InputAudioStop` (phonebot.pipeline_cost), which drops the caller's
+  must come before `InputAudioStop` (phonebot.call.pipeline_cost), which drops the caller's
   audio after the user aggregator, so nothing downstream of the LLM ever sees it.
 - `bot_tap`, right after `transport.output()`: the bot's audio as it was actually sent
   to Twilio (what a barge-in cut off never gets here).

@@ -1,51 +1,20 @@
 """The tables: one row per call, its transcript entries, and the event deliveries.
 
-Changing a table here needs a new Alembic revision in `migrations/versions/`
+They share `phonebot.db.base.Base` with the campaign tables (one database, one migration
+history; `phonebot.db.tables` gathers both). Changing a table here needs a new Alembic
+revision in `phonebot/db/migrations/versions/`
 (`tests/test_records_migrations.py` fails when the two disagree).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    DateTime,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Text,
-)
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-
-class UTCDateTime(TypeDecorator):
-    """Aware UTC datetimes in and out, on SQLite (no time zones) and PostgreSQL alike."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
-        if value is None:
-            return None
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        # SQLite compares datetimes as text: store one naive UTC format so order holds.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+from phonebot.db.base import Base, UTCDateTime, utcnow
 
 
 def column_length(column: Any) -> int | None:
@@ -53,18 +22,6 @@ def column_length(column: Any) -> int | None:
     for a column without a limit. Every length check reads it from here, so a limit is
     written once, in the table, and PostgreSQL (which enforces it) and the checks agree."""
     return getattr(getattr(column, "type", None), "length", None)
-
-
-class Base(DeclarativeBase):
-    # Named constraints, so later migrations can alter them on both databases.
-    metadata = MetaData(
-        naming_convention={
-            "ix": "ix_%(table_name)s_%(column_0_name)s",
-            "uq": "uq_%(table_name)s_%(column_0_name)s",
-            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-            "pk": "pk_%(table_name)s",
-        }
-    )
 
 
 class CallRecord(Base):
@@ -162,8 +119,3 @@ class EventDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_event_deliveries_next_attempt_at", "next_attempt_at"),)
-
-
-# The campaign tables live on the same metadata (one database, one migration history):
-# imported here so everything reading Base.metadata (Alembic, the tests) sees them.
-from phonebot.campaigns import schema as _campaign_tables  # noqa: E402, F401

@@ -1,6 +1,6 @@
 """`Records`: the database, the writer, the store and the event deliverer of one app.
 
-The server creates one at startup (`app.state.records`), starts it in its lifespan and
+The server creates one at startup (its services' `records`), starts it in its lifespan and
 stops it on shutdown; nothing here is a module global, so tests build as many as they like.
 """
 
@@ -14,10 +14,10 @@ from loguru import logger
 from sqlalchemy.engine import make_url
 
 from phonebot.config import Settings
+from phonebot.db.engine import create_engine, safe_url, sessionmaker
+from phonebot.db.migrate import migrate
 from phonebot.records.callbacks import CallProgress
-from phonebot.records.db import create_engine, safe_url, sessionmaker
 from phonebot.records.events import EventDeliverer
-from phonebot.records.migrate import migrate
 from phonebot.records.recording_store import Recordings
 from phonebot.records.store import CallStore
 from phonebot.records.writer import RecordWriter

@@ -31,21 +31,19 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from loguru import logger
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from phonebot.campaigns.schema import DoNotCall
+from phonebot.dnc.schema import DoNotCall
+from phonebot.dnc.store import opt_out_insert
 from phonebot.records.callbacks import (
-    FINAL,
     progress_of,
     status_condition,
     status_refusal,
@@ -54,19 +52,16 @@ from phonebot.records.callbacks import (
 from phonebot.records.events import EventDeliverer
 from phonebot.records.limits import fit
 from phonebot.records.models import as_json, detail, summary
+from phonebot.records.recording import CallRecorder
 from phonebot.records.schema import CallRecord, TranscriptEntry, utcnow
+from phonebot.twilio.statuses import FINAL_STATUSES
 
-if TYPE_CHECKING:
-    from phonebot.records.recording_store import Recordings
-
-# Twilio's final CallStatus values for a call that never connected
-# (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
-NOT_CONNECTED = frozenset({"busy", "no-answer", "failed", "canceled"})
+# Twilio's final CallStatus values for a call that never connected: all but completed.
+NOT_CONNECTED = frozenset(FINAL_STATUSES) - {"completed"}
 NOT_CONNECTED_REASON = "not connected"
 # The end reason of a call whose callee asked not to be called again
-# (phonebot.call_control.EndReason.OPTED_OUT; the campaign scheduler reads it).
+# (phonebot.call.control.EndReason.OPTED_OUT; the campaign scheduler reads it).
 OPTED_OUT_REASON = "opted out"
-OPT_OUT_SOURCE = "opt-out"
 # Entry kinds and who is speaking in each.
 SPEAKER = {"caller": "caller", "bot": "bot", "keypad": "caller", "function": "bot",
            "reprompt": "bot"}
@@ -110,6 +105,16 @@ class _LiveCall:
     latencies: list[float] = field(default_factory=list)
 
 
+class Recorders(Protocol):
+    """Where a call gets its recorder: the app's `phonebot.records.recording_store.Recordings`.
+
+    Named here, by what the writer hands on, because the store depends on the writer (a
+    stored recording updates its record), not the other way round.
+    """
+
+    def recorder(self, call_sid: str) -> CallRecorder | None: ...
+
+
 class RecordWriter:
     """Queued, batched writes of call records; owned by the app (`Records.writer`)."""
 
@@ -140,7 +145,7 @@ class RecordWriter:
         self.written = 0
         # The app's call recordings, set by `Records` (phonebot.records.recording_store): a
         # call reaches them through the writer it is given, like its record.
-        self.recordings: Recordings | None = None
+        self.recordings: Recorders | None = None
         self.enabled = True  # False (CALL_RECORDS=false): every write is dropped at once
 
     # --- the call path: non-blocking --------------------------------------------------------
@@ -239,6 +244,31 @@ class RecordWriter:
             fields["reply_latency_p95_s"] = percentile(live.latencies, 95)
         fields.update(end_reason=end_reason, ended_at=ended_at or utcnow(), duration_s=duration_s)
         self._put(_Op("end", call_sid, _clean(fields)))
+
+    def dialout_placed(
+        self,
+        call_sid: str,
+        *,
+        to: str,
+        from_number: str | None,
+        parameters: Mapping[str, str],
+        campaign_id: str | None = None,
+        customer_id: str | None = None,
+    ) -> None:
+        """A dial-out's record starts when Twilio accepts the call (/dialout and campaigns
+        alike), with its campaign, so one that is never answered is still found by
+        campaign_id or customer_id. A `campaign_id` parameter wins over the campaign's own
+        id; the contact's `customer_id` over the parameter. Fields without a value are left
+        out: an update must not blank what an earlier one set."""
+        fields = {
+            "direction": "outbound",
+            "from_number": from_number,
+            "to_number": to,
+            "parameters": dict(parameters),
+            "campaign_id": parameters.get("campaign_id") or campaign_id,
+            "customer_id": customer_id or parameters.get("customer_id"),
+        }
+        self.call_updated(call_sid, **{k: v for k, v in fields.items() if v is not None})
 
     def dialout_status(self, call_sid: str, status: str, **fields: Any) -> None:
         """Twilio's StatusCallback for a dial-out: keep a final CallStatus (progress only
@@ -412,14 +442,7 @@ class RecordWriter:
         """Apply `op`; True when it staged an event. `rows` caches this batch's records: a
         record added in this batch is not in the session's identity map until flushed, and
         looking it up again would flush (one INSERT per transcript line) and SELECT."""
-        row = rows.get(op.call_sid)
-        if row is None:
-            row = await session.get(CallRecord, op.call_sid)
-        if row is None:
-            # Any operation may come first (a status callback before the stream, or the
-            # start lost in an outage): the record is created by whichever arrives.
-            row = CallRecord(call_sid=op.call_sid, created_at=utcnow())
-            session.add(row)
+        row = rows.get(op.call_sid) or await self._record(session, op.call_sid)
         rows[op.call_sid] = row
         if op.kind == "entry":
             session.add(TranscriptEntry(call_sid=op.call_sid, **op.fields))
@@ -431,10 +454,25 @@ class RecordWriter:
         if op.kind == "opt_out":
             row.end_reason = OPTED_OUT_REASON
             if op.fields["number"]:
-                await session.execute(do_not_call_insert(session, op.fields["number"]))
+                await session.execute(opt_out_insert(session, op.fields["number"]))
             return False
         if op.kind == "status":
             return await self._status(session, row, dict(op.fields))
+        return await self._update_record(session, row, op)
+
+    @staticmethod
+    async def _record(session: AsyncSession, call_sid: str) -> CallRecord:
+        """The call's record, created if it has none: any operation may come first (a status
+        callback before the stream, or the start lost in an outage)."""
+        row = await session.get(CallRecord, call_sid)
+        if row is None:
+            row = CallRecord(call_sid=call_sid, created_at=utcnow())
+            session.add(row)
+        return row
+
+    async def _update_record(self, session: AsyncSession, row: CallRecord, op: _Op) -> bool:
+        """A start, an update or an end: set its fields (who called only once); True when
+        it staged the call's started or ended event."""
         fields = dict(op.fields)
         once: dict[str, Any] = {}
         if op.kind != "start":  # the stream's start, from our signed TwiML, sets who called
@@ -480,7 +518,7 @@ class RecordWriter:
             if name in fields
         }
         # Only a final status is kept: the column is the call's outcome.
-        values["twilio_status"] = status if status in FINAL else CallRecord.twilio_status
+        values["twilio_status"] = status if status in FINAL_STATUSES else CallRecord.twilio_status
         await session.flush()
         key = CallRecord.call_sid == row.call_sid
         result = await session.execute(_update(key, status_condition(status)).values(values))
@@ -521,20 +559,6 @@ class RecordWriter:
             "dropped_writes": self.dropped_writes,
             "database_failing": self._failing,
         }
-
-
-def do_not_call_insert(session: AsyncSession, number: str) -> Any:
-    """INSERT the number into `do_not_call` unless it is there: ON CONFLICT DO NOTHING, so
-    two processes listing the same number at once can't fail each other's batch."""
-    values = {
-        "number": number,
-        "source": OPT_OUT_SOURCE,
-        "reason": "asked not to be called again, on a call",
-        "created_at": utcnow(),
-    }
-    if session.bind.dialect.name == "postgresql":
-        return pg_insert(DoNotCall).values(**values).on_conflict_do_nothing()
-    return sqlite_insert(DoNotCall).values(**values).on_conflict_do_nothing()
 
 
 def _close_unconnected(row: CallRecord) -> bool:

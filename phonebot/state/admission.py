@@ -21,7 +21,10 @@ a replayed `start` message can't start a second pipeline, on any process.
 
 Draining (SIGTERM) is per process: it refuses new calls here and waits for this
 process's live calls and for the reservations it handed out, until their streams have
-connected (anywhere) or expired.
+connected (anywhere), or their calls are reported over, or STREAM_WAIT_S has passed since
+their webhook: Twilio opens a stream within a second or two of fetching the TwiML, so one
+not there by then is not coming (the caller hung up), and a restart must not wait the
+reservation's whole CALL_RESERVATION_TTL_S for it.
 
 When the shared state is unreachable every method raises StateUnavailable (callers fail
 closed: busy TwiML, 503, refused stream), except `release`, and the renewal of live
@@ -54,6 +57,8 @@ from phonebot.state.base import (
 )
 
 IDLE_POLL_S = 0.1
+# How long after its webhook a draining process still waits for a call's stream.
+STREAM_WAIT_S = 10.0
 SHUTTING_DOWN = "the server is shutting down"
 Clock = Callable[[], float]
 
@@ -64,7 +69,7 @@ def process_name() -> str:
 
 
 class CallAdmission:
-    """The server's call cap, over the shared state; one per app (`app.state.admission`)."""
+    """The server's call cap, over the shared state; one per app (its services' `admission`)."""
 
     def __init__(
         self,
@@ -82,9 +87,10 @@ class CallAdmission:
         self._token_ttl_s = settings.replay_cache_ttl_s + settings.max_call_duration_s
         self.process = process or process_name()
         self.draining = False
+        self._clock = clock
         self._live: set[str] = set()  # calls this process runs
-        # Reservations this process handed out, for its drain to wait on.
-        self._reserved: TTLCache[str, bool] = TTLCache(
+        # Reservations this process handed out (→ when), for its drain to wait on.
+        self._reserved: TTLCache[str, float] = TTLCache(
             maxsize=100_000, ttl=self._reservation_ttl_s, timer=clock
         )
         self._renewer: asyncio.Task | None = None
@@ -109,7 +115,7 @@ class CallAdmission:
             return SHUTTING_DOWN
         if not await self._shared.reserve(call_sid, self._reservation_ttl_s, self.max_calls):
             return self.capacity_refusal()
-        self._reserved[call_sid] = True
+        self._reserved[call_sid] = self._clock()
         return None
 
     async def admit_stream(self, call_sid: str) -> str | None:
@@ -135,8 +141,10 @@ class CallAdmission:
 
     async def call_over(self, call_sid: str) -> None:
         """Spend the stream token of a call that is over (Twilio reported its final status)
-        before its stream came, so no stream can start for it on any process."""
+        before its stream came, so no stream can start for it on any process (nor will a
+        drain wait for it here)."""
         await self._shared.claim([stream_token_key(call_sid)], self._token_ttl_s)
+        self._reserved.pop(call_sid, None)
 
     def _refusal_text(self, verdict: str, call_sid: str) -> str:
         return {
@@ -228,6 +236,7 @@ class CallAdmission:
         deadline = time.monotonic() + timeout_s
         while True:
             await self._forget_connected_reservations()
+            self._forget_streams_not_coming()
             if not self.in_use_here():
                 return True
             if time.monotonic() >= deadline:
@@ -244,6 +253,13 @@ class CallAdmission:
             return  # they expire locally after CALL_RESERVATION_TTL_S
         for call_sid in list(self._reserved):
             if call_sid not in pending:
+                self._reserved.pop(call_sid, None)
+
+    def _forget_streams_not_coming(self) -> None:
+        """Drop local reservations answered more than STREAM_WAIT_S ago: no stream now."""
+        too_old = self._clock() - STREAM_WAIT_S
+        for call_sid, reserved_at in list(self._reserved.items()):
+            if reserved_at <= too_old:
                 self._reserved.pop(call_sid, None)
 
     async def close(self) -> None:

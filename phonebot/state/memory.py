@@ -25,7 +25,7 @@ from phonebot.state.base import (
     SharedState,
     stream_token_key,
 )
-from phonebot.token_bucket import Clock, RateLimiter
+from phonebot.state.token_bucket import Clock, RateLimiter
 
 MAX_LEASES = 100_000
 

@@ -1,5 +1,5 @@
-"""Rate limits shared by every process: the `/dialout` limit (`app.state.dialout_limiter`)
-and the lockout after failed key checks (`app.state.auth_lockout`).
+"""Rate limits shared by every process: the `/dialout` limit (the app's `dialout_limiter`)
+and the lockout after failed key checks (the app's `auth_lockout`).
 
 A token bucket per client, kept in the shared state (a Lua script on Redis, so two
 processes spend from one bucket and a client can't double its rate by being balanced
@@ -34,7 +34,7 @@ class SharedRateLimiter:
 
 
 class AuthLockout:
-    """Failed key checks per client, shared by every process (`app.state.auth_lockout`).
+    """Failed key checks per client, shared by every process (the app's `auth_lockout`).
 
     Each failure spends a token of the client's bucket (`rate:authfail:<client>`, holding
     `limit - 1` tokens and refilled at `limit` per `lockout_s`), so the `limit`-th failure

@@ -30,7 +30,7 @@ ANSWER = "answer:"
 
 
 class ReplayGuard:
-    """`app.state.replays`: claims of signed webhooks, and the answers kept for retries.
+    """The app's `replays`: claims of signed webhooks, and the answers kept for retries.
 
     `retry_window_s` (WEBHOOK_RETRY_WINDOW_S, at most `ttl_s`) is how long an answer is
     kept for Twilio's retry of the same request.

@@ -1,6 +1,6 @@
 """Browser sessions of the calls page (`/calls/ui`), kept in the shared state.
 
-The cookie is signed (`phonebot.records.ui_session`), but a signature alone can't be taken
+The cookie is signed (`phonebot.web.sessions`), but a signature alone can't be taken
 back: logging out must end the session on the server too, on every process. So each login
 stores its random session id here (`uisession:<id>`, expiring with the session), a request
 is logged in only while its id is here, and logging out deletes it. In memory by default

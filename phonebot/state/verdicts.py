@@ -37,7 +37,7 @@ GIVEN_PREFIX = "amd-given:"
 
 
 class AmdVerdicts:
-    """`app.state.amd_verdicts`: `set` from the `/amd` callback, `wait` from the bot."""
+    """The app's `amd_verdicts`: `set` from the `/amd` callback, `wait` from the bot."""
 
     def __init__(
         self, shared: SharedState, ttl_s: float = VERDICT_TTL_S, poll_s: float = VERDICT_POLL_S

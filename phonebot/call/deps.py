@@ -1,0 +1,43 @@
+"""What a call borrows from the app it runs in: records, the running-calls registry, verdicts,
+metrics.
+
+One object, built by whoever accepts the stream (the server's `/ws`, or `bot()` on Pipecat
+Cloud) and handed down unchanged through `serve_call` and `run_bot` (phonebot.call.serve) to
+the `PhoneCall`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from phonebot.call.control import CallControl
+    from phonebot.ops.metrics import Metrics
+    from phonebot.records.writer import RecordWriter
+    from phonebot.state import AmdVerdicts
+
+
+class CallRegistry(Protocol):
+    """The app's running calls (phonebot.web.shutdown.ActiveCalls): a shutdown asks each of
+    them to say goodbye."""
+
+    def add(self, call_sid: str, control: CallControl) -> None: ...
+
+    def discard(self, call_sid: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class CallDeps:
+    """The app's services a call uses; None where it has none (a test, or Pipecat Cloud
+    without a shared database or REDIS_URL).
+
+    `records` is the record writer the call only enqueues to (None: the call leaves no
+    record), `calls` the registry of running calls, `verdicts` where answering-machine
+    verdicts arrive, `metrics` the app's /metrics.
+    """
+
+    records: RecordWriter | None = None
+    calls: CallRegistry | None = None
+    verdicts: AmdVerdicts | None = None
+    metrics: Metrics | None = None

@@ -1,0 +1,249 @@
+"""One phone call: the parts its pipeline is made of, and what it does on the pipeline's events.
+
+`phonebot.call.serve.run_bot` builds a `PhoneCall` and runs it; `call_pipeline`
+(phonebot.call.pipeline) puts its processors in order. Its collaborators are attributes, set
+once in `__init__` in the order they depend on each other, and its Pipecat event handlers
+are methods registered in one place (`_register_handlers`), the way LiveKit's `Agent`
+classes and Pipecat's examples read.
+"""
+
+from __future__ import annotations
+
+from loguru import logger
+from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
+from pipecat.frames.frames import ErrorFrame
+from pipecat.pipeline.worker import PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    AssistantTurnStoppedMessage,
+    LLMAssistantAggregator,
+    LLMContextAggregatorPair,
+    LLMUserAggregator,
+    UserTurnStoppedMessage,
+)
+from pipecat.transports.base_transport import BaseTransport
+from pipecat.turns.user_start import BaseUserTurnStartStrategy
+from pipecat.turns.user_stop import BaseUserTurnStopStrategy
+from pipecat.workers.runner import WorkerRunner
+
+from phonebot.ai.personas import Persona, opening_line
+from phonebot.ai.providers import CallServices
+from phonebot.call.bot_speech import BotSpeechLog
+from phonebot.call.control import CallControl, EndReason
+from phonebot.call.deps import CallDeps
+from phonebot.call.opener import CallOpener
+from phonebot.call.pipeline import call_pipeline
+from phonebot.call.playout import PlayoutTracker
+from phonebot.call.provider_faults import LLM, STT, TTS, ApologyPlayer, ProviderFaults
+from phonebot.call.tools import END_CALL, OPT_OUT, RECORD_OUTCOME, TRANSFER_CALL, call_tools
+from phonebot.call.turns import TurnTimeline, TurnTimer, user_turn_params
+from phonebot.call.voicemail import AnsweringMachineScreen
+from phonebot.config import Settings
+from phonebot.records.call_log import CallLog, ReplyLatencies
+from phonebot.records.recording import CallRecorder
+from phonebot.twilio.stream import CallSession, TwilioMarkSerializer
+
+
+def system_prompt(persona: Persona, session: CallSession) -> str:
+    """The persona's instructions plus how this call opens."""
+    opening = opening_line(persona, session.parameters)
+    if session.direction == "outbound":
+        return (
+            f"{persona.system_prompt()} You placed this call and the callee has just "
+            f"picked up. Your first reply must be exactly: {opening}"
+        )
+    return f"{persona.system_prompt()} You have already greeted the caller with: {opening}"
+
+
+class PhoneCall:
+    """One verified call, from its pipeline's start to the record of how it ended.
+
+    `session` is the call as Twilio's stream announced it; `persona` and `settings` are
+    already the persona's; `recorder` is None unless the call is recorded; `deps` is what
+    the call borrows from its app (phonebot.call.deps).
+    """
+
+    def __init__(
+        self,
+        transport: BaseTransport,
+        session: CallSession,
+        settings: Settings,
+        persona: Persona,
+        services: CallServices,
+        *,
+        serializer: TwilioMarkSerializer | None = None,
+        recorder: CallRecorder | None = None,
+        deps: CallDeps | None = None,
+    ):
+        self.transport = transport
+        self.session = session
+        self.settings = settings
+        self.persona = persona
+        self.services = services
+        self.serializer = serializer  # without it (another transport), no transfers
+        self.recorder = recorder
+        self.deps = deps or CallDeps()
+        call_sid = session.call_sid
+        self.bot_speech = BotSpeechLog(call_sid, settings)  # "Call … bot says: …"
+        self.bot_speech.watch(services.llm)
+        self.context = LLMContext(
+            messages=[{"role": "system", "content": system_prompt(persona, session)}],
+            tools=ToolsSchema(standard_tools=call_tools(settings, serializer, persona)),
+        )
+        # "Call … turn timing {…}" per turn, at DEBUG (INFO with LOG_TURN_TIMING)
+        self.timeline = TurnTimeline(call_sid, "INFO" if settings.log_turn_timing else "DEBUG")
+        aggregators = LLMContextAggregatorPair(
+            self.context, user_params=user_turn_params(settings, self.timeline)
+        )
+        self.user_aggregator: LLMUserAggregator = aggregators.user()
+        self.assistant_aggregator: LLMAssistantAggregator = aggregators.assistant()
+        # Pipecat's idle timeout is replaced by this cheaper watchdog (phonebot.call.watchdog).
+        self.playout = PlayoutTracker(settings.pipeline_idle_timeout_s, on_idle=self.end_idle)
+        self.apology_player = ApologyPlayer()  # speaks for a broken TTS
+        verdicts = self.deps.verdicts  # dial-outs that asked for answering-machine detection
+        self.screen = AnsweringMachineScreen(call_sid, session.parameters, verdicts=verdicts)
+        self.turn_timer = TurnTimer(self.timeline, services.llm.name, services.tts.name)
+        self.worker = call_pipeline(self)  # the parts above in order; the parts below need it
+        self.call_log = CallLog(self.deps.records, call_sid)  # the call's record
+        self.control = CallControl(
+            self.worker,
+            self.context,
+            persona,
+            settings,
+            self.playout,
+            session,
+            serializer,
+            records=self.call_log,
+        )
+        self.faults = ProviderFaults(
+            call_sid,
+            services,
+            settings,
+            self.apology_player,
+            self.worker,
+            self.control.end_call,
+            self.deps.metrics,
+        )
+        opening = opening_line(persona, session.parameters)
+        self.opener = CallOpener(self.worker, opening, session.direction, settings)
+        self.reply_latencies = ReplyLatencies(self.timeline.logged)  # for the transcript
+        self._register_handlers()
+
+    def _register_handlers(self) -> None:
+        """The functions the LLM may call and the Pipecat events the call answers, all here."""
+        llm, control = self.services.llm, self.control
+        llm.register_function(END_CALL, control.end_call_tool)
+        llm.register_function(TRANSFER_CALL, control.transfer_call_tool)
+        llm.register_function(OPT_OUT, control.opt_out_tool)
+        llm.register_function(RECORD_OUTCOME, control.record_outcome_tool)
+        user, assistant = self.user_aggregator, self.assistant_aggregator
+        user.add_event_handler("on_user_turn_started", self.on_user_turn_started)
+        user.add_event_handler("on_user_turn_idle", self.on_user_turn_idle)
+        user.add_event_handler("on_user_turn_stopped", self.on_user_turn_stopped)
+        assistant.add_event_handler("on_assistant_turn_stopped", self.on_assistant_turn_stopped)
+        self.transport.add_event_handler("on_client_connected", self.on_client_connected)
+        self.transport.add_event_handler("on_client_disconnected", self.on_client_disconnected)
+        self.worker.add_event_handler("on_pipeline_error", self.on_pipeline_error)
+
+    # --- the call's life ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the pipeline until the call ends, then stop what the call started."""
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(self.worker)
+        if self.deps.calls is not None:
+            self.deps.calls.add(self.session.call_sid, self.control)  # a shutdown says goodbye
+        if self.deps.metrics is not None:
+            self.deps.metrics.call_started()
+        try:
+            await runner.run()
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Cancel the call's timers and tasks; log and record how it ended."""
+        if self.deps.metrics is not None:
+            self.deps.metrics.call_ended()
+        if self.deps.calls is not None:
+            self.deps.calls.discard(self.session.call_sid)
+        self.opener.stop()
+        self.screen.stop()
+        self.control.stop()
+        self.faults.stop()
+        call = self.session
+        if faults_seen := self.faults.summary():
+            logger.info(f"Call {call.call_sid} provider errors: {faults_seen}")
+        errors = {kind: self.faults.health(kind).errors for kind in (STT, LLM, TTS)}
+        end_reason = self.control.end_reason or EndReason.ERROR
+        self.call_log.ended(end_reason, provider_errors=errors)
+        logger.info(
+            f"Call {call.call_sid} ended after {self.control.duration_s():.1f} s "
+            f"({end_reason}): {call.direction}, parameters={call.loggable_parameters()}"
+        )
+
+    async def end_idle(self) -> None:
+        """No one spoke for the idle timeout: a stuck or abandoned stream (the watchdog in
+        `playout` calls it)."""
+        logger.warning(
+            f"Call {self.session.call_sid}: no one spoke for "
+            f"{self.settings.pipeline_idle_timeout_s:g} s; ending the idle pipeline"
+        )
+        self.control.note_end(EndReason.IDLE)
+        await self.worker.cancel(reason="idle timeout")
+
+    # --- Pipecat's events -----------------------------------------------------------------
+
+    async def on_client_connected(self, transport: BaseTransport, client: object) -> None:
+        call, persona = self.session, self.persona
+        logger.info(
+            f"Call {call.call_sid} started: {call.direction}, persona={persona.name}, "
+            f"parameters={call.loggable_parameters()}"
+        )
+        self.call_log.started(
+            direction=call.direction, persona=persona.name, parameters=call.parameters
+        )
+        self.control.start_duration_limit()
+        self.screen.start(self.control, persona, converse=self.opener.start)
+
+    async def on_client_disconnected(self, transport: BaseTransport, client: object) -> None:
+        self.control.note_end(EndReason.CALLER_HUNG_UP)
+        await self.worker.cancel()
+
+    async def on_user_turn_started(
+        self, aggregator: LLMUserAggregator, strategy: BaseUserTurnStartStrategy | None
+    ) -> None:
+        self.opener.caller_spoke()
+        self.control.caller_spoke()
+        self.faults.caller_turn_started()
+
+    async def on_user_turn_idle(self, aggregator: LLMUserAggregator) -> None:
+        await self.control.on_caller_silent()
+
+    async def on_user_turn_stopped(
+        self,
+        aggregator: LLMUserAggregator,
+        strategy: BaseUserTurnStopStrategy | None,
+        message: UserTurnStoppedMessage,
+    ) -> None:
+        """The caller's side of the transcript, from Pipecat's own finalised turns."""
+        self.call_log.caller_turn(message.content, message.timestamp)
+
+    async def on_assistant_turn_stopped(
+        self, aggregator: LLMAssistantAggregator, message: AssistantTurnStoppedMessage
+    ) -> None:
+        """The bot's side of the transcript, with how long the caller waited for it."""
+        latency_s = self.reply_latencies.next()
+        self.call_log.bot_turn(
+            message.content,
+            interrupted=message.interrupted,
+            started=message.timestamp,
+            reply_latency_s=latency_s,
+        )
+        if self.deps.metrics is not None and latency_s is not None:
+            self.deps.metrics.observe_reply_latency(latency_s)
+
+    async def on_pipeline_error(self, worker: PipelineWorker, error: ErrorFrame) -> None:
+        # A provider's failure is apologised for and the call goes on (or ends as a
+        # "provider failure"); only other errors mark the call as ended by an error.
+        if not self.faults.on_error(error):
+            self.control.note_end(EndReason.ERROR)

@@ -1,0 +1,178 @@
+"""Voicemail on dial-out: Twilio's answering-machine verdict, and what the bot does with it.
+
+`POST /dialout` with `machine_detection: true` creates the call with Twilio's async AMD
+(`MachineDetection=DetectMessageEnd`): the call connects at once and Twilio POSTs its
+verdict to our signed `POST /amd` later, once it has heard a human or the end of a
+machine's greeting (the beep). `/outbound` marks such a call with the `amd=1` Parameter,
+so the bot knows to wait for that verdict before saying anything.
+
+While the verdict is pending the bot must neither open nor answer: a machine's greeting
+would otherwise be taken for the callee's "Hello?" and the pitch spoken over it, and would
+barge in on the message the bot leaves. `AmdGate` mutes the callee until a human is
+confirmed. Then, on a machine, the bot leaves the persona's `voicemail` line and hangs up;
+on a human (or no clear verdict) it opens at once: Twilio decided "human" because the
+callee has already spoken, so waiting for another "Hello?" would only add silence.
+
+The verdicts live in the app's shared state (`phonebot.state.verdicts.AmdVerdicts`,
+the app's `amd_verdicts`): with REDIS_URL the `/amd` callback and the call's media stream
+may reach different processes or machines, and a verdict that came before the stream is
+still there when the bot asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+
+from loguru import logger
+from pipecat.frames.frames import (
+    EndWorkerFrame,
+    Frame,
+    InputAudioRawFrame,
+    InputDTMFFrame,
+    TTSSpeakFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+from phonebot.ai.personas import Persona, opening_line
+from phonebot.twilio.amd import AMD_PARAMETER, AMD_REQUESTED, MACHINE_ANSWERS
+
+if TYPE_CHECKING:  # only their types: the bot hands us its CallControl and verdicts
+    from phonebot.call.control import CallControl
+    from phonebot.state.verdicts import AmdVerdicts
+
+# Twilio stops detecting after MachineDetectionTimeout (30 s by default) and reports what
+# it has; wait a little longer so its verdict, not our timeout, normally decides.
+AMD_WAIT_TIMEOUT_S = 35.0
+VOICEMAIL_END_REASON = "voicemail"
+FAX_END_REASON = "fax"
+
+
+def amd_requested(parameters: Mapping[str, str]) -> bool:
+    """Whether a call's Stream parameters ask the bot to wait for an AMD verdict."""
+    return (
+        parameters.get(AMD_PARAMETER) == AMD_REQUESTED and parameters.get("call_type") == "outbound"
+    )
+
+
+class AmdGate(FrameProcessor):
+    """Keeps the callee out of the conversation until a human is confirmed.
+
+    Placed after the playout tracker and before STT. While muted, callee audio goes on as
+    silence (so the pipeline's timing and idle watch see a live line) and keypad presses
+    are dropped; marks and everything else pass. Without AMD it is never muted.
+    """
+
+    def __init__(self, muted: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self._muted = muted
+
+    @property
+    def muted(self) -> bool:
+        return self._muted
+
+    def unmute(self) -> None:
+        self._muted = False
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if self._muted and isinstance(frame, InputDTMFFrame):
+            return
+        if self._muted and isinstance(frame, InputAudioRawFrame):
+            frame = _silenced(frame)
+        await self.push_frame(frame, direction)
+
+    async def speak(self, text: str) -> None:
+        """Speak `text` (TTS is downstream of the gate)."""
+        await self.push_frame(TTSSpeakFrame(text))
+
+    async def end_pipeline(self, reason: str) -> None:
+        """End the call without a word (the serializer then hangs up through REST)."""
+        await self.push_frame(EndWorkerFrame(reason=reason), FrameDirection.UPSTREAM)
+
+
+def _silenced(frame: InputAudioRawFrame) -> InputAudioRawFrame:
+    silent = InputAudioRawFrame(
+        audio=bytes(len(frame.audio)),
+        sample_rate=frame.sample_rate,
+        num_channels=frame.num_channels,
+    )
+    silent.transport_source = frame.transport_source
+    return silent
+
+
+class AnsweringMachineScreen:
+    """One dial-out call's wait for the AMD verdict, and the bot's answer to it.
+
+    `start()` runs in its own task, because Pipecat waits for transport event handlers
+    to finish when the call is torn down; `stop()` cancels it.
+    """
+
+    def __init__(
+        self,
+        call_sid: str,
+        parameters: Mapping[str, str],
+        *,
+        verdicts: AmdVerdicts | None = None,
+        timeout_s: float = AMD_WAIT_TIMEOUT_S,
+    ):
+        self.call_sid = call_sid
+        self.requested = amd_requested(parameters)
+        self.gate = AmdGate(muted=self.requested)
+        self.answered_by: str | None = None
+        self._parameters = dict(parameters)
+        self._verdicts = verdicts
+        self._timeout_s = timeout_s
+        self._task: asyncio.Task | None = None
+
+    def start(
+        self, control: CallControl, persona: Persona, converse: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Screen the call in the background; `converse` opens a call that isn't screened."""
+        self._task = asyncio.create_task(self._run(control, persona, converse))
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def _run(
+        self, control: CallControl, persona: Persona, converse: Callable[[], Awaitable[None]]
+    ) -> None:
+        try:
+            await self.screen(control, persona, converse)
+        except Exception:  # a background task's failure would otherwise go unseen
+            logger.exception(f"Call {self.call_sid}: answering-machine screening failed")
+
+    async def screen(
+        self, control: CallControl, persona: Persona, converse: Callable[[], Awaitable[None]]
+    ) -> str:
+        """Wait for the verdict and act on it; returns what was done, as logged."""
+        if not self.requested:
+            await converse()
+            return "conversation"
+        if self._verdicts is None:  # nothing can deliver a verdict here: don't wait for one
+            logger.warning(f"Call {self.call_sid}: AMD requested but no verdicts to wait on")
+            self.answered_by = None
+        else:
+            self.answered_by = await self._verdicts.wait(self.call_sid, self._timeout_s)
+        verdict = self.answered_by or f"no verdict within {self._timeout_s:g} s"
+        outcome = self._outcome(self.answered_by)
+        logger.info(f"Call {self.call_sid} voicemail: {verdict} -> {outcome}")
+        if outcome == "left message":
+            await control.end_call(persona.voicemail, VOICEMAIL_END_REASON)
+        elif outcome == "hung up":
+            control.note_end(FAX_END_REASON)
+            await self.gate.end_pipeline(FAX_END_REASON)
+        else:
+            self.gate.unmute()
+            await self.gate.speak(opening_line(persona, self._parameters))
+        return outcome
+
+    @staticmethod
+    def _outcome(answered_by: str | None) -> str:
+        if answered_by in MACHINE_ANSWERS:
+            return "left message"
+        if answered_by == "fax":
+            return "hung up"
+        return "conversation"  # human, unknown, or no callback at all

@@ -1,0 +1,95 @@
+"""The app's lifespan: what starts before the first request and stops after the last call.
+
+Start: the models and thread pools (so the first caller doesn't pay for them), the
+records (migrations), the event-loop lag monitor and the campaign scheduler. Stop, once
+the calls have drained (`phonebot.web.shutdown` runs before the lifespan ends): the same,
+backwards, writing the calls' last queued records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from loguru import logger
+
+from phonebot import __version__
+from phonebot.ai.inference import load_shared_models
+from phonebot.ai.inference.turn import SMART_TURN_THREADS, smart_turn_executor
+from phonebot.ai.providers import ProviderChoice, chosen_providers
+from phonebot.ops.diagnostics import resource_usage_log
+from phonebot.ops.threads import start_every_thread, started_default_executor
+from phonebot.twilio.signatures import checks_webhook_signatures
+from phonebot.web.services import AppServices, app_services
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the app's services, serve, then stop them (the app's `lifespan`)."""
+    services = app_services(app)
+    providers = chosen_providers(services.settings)
+    log_configuration(services, providers)
+    offline_stt = providers.stt == "offline"
+    await warm_up_models(offline_stt)
+    await services.records.start()
+    services.metrics.start_loop_lag()
+    if services.campaigns is not None:  # the scheduler, after the migrations
+        await services.campaigns.start(services.admission)
+    try:
+        # LOG_RESOURCE_USAGE: RSS, fds, threads, tasks on a timer and on SIGUSR1 (soak)
+        async with resource_usage_log(services.settings):
+            yield
+    finally:
+        # Calls have drained by now: their last writes are queued, and are written here.
+        await services.metrics.stop_loop_lag()
+        if services.campaigns is not None:
+            await services.campaigns.stop()
+        await services.records.stop()
+        await services.admission.close()
+        await services.shared.close()
+        stop_models(offline_stt)
+
+
+def log_configuration(services: AppServices, providers: ProviderChoice) -> None:
+    """One line per choice an operator should see at startup, and each door left open."""
+    settings = services.settings
+    mode = "offline mode" if providers.offline else "online"
+    logger.info(f"Phone bot {__version__} ({mode}): {providers.describe()}")
+    if settings.webhook_auth == "external":
+        logger.info("WEBHOOK_AUTH=external: webhook signatures are left to your gateway")
+    elif not checks_webhook_signatures(settings):
+        logger.warning("TWILIO_AUTH_TOKEN unset: webhook signatures are not checked")
+    if settings.dialout_api_key is None:
+        logger.info("DIALOUT_API_KEY unset: POST /dialout is disabled")
+    logger.info(f"Shared state: {services.shared.describe()}")
+
+
+async def warm_up_models(offline_stt: bool) -> None:
+    """Start the thread pools, and load the shared VAD / Smart Turn sessions (and offline
+    STT workers), before the first call.
+
+    Otherwise the first caller pays for it, and the load runs on the event loop that
+    every other call's audio pacing shares.
+    """
+    loop = asyncio.get_running_loop()
+    # Every pool thread now, not under the first peak (phonebot.ops.threads).
+    loop.set_default_executor(started_default_executor())
+    start_every_thread(smart_turn_executor(), SMART_TURN_THREADS)
+    await asyncio.to_thread(load_shared_models)
+    if offline_stt:
+        # Imported only then, as `phonebot.ai.providers` does: pocketsphinx and its model
+        # are for offline mode alone.
+        from phonebot.ai.offline.stt import start_decoder_pool
+
+        await start_decoder_pool()
+
+
+def stop_models(offline_stt: bool) -> None:
+    """End the offline STT workers at once: the calls have drained, and waiting for them
+    (the stdlib's exit hook does) held the exit ~10 s when one was still starting."""
+    if offline_stt:
+        from phonebot.ai.offline.stt import shutdown_decoder_pool  # as in `warm_up_models`
+
+        shutdown_decoder_pool(wait=False)

@@ -1,0 +1,39 @@
+"""`WS /ws`: Twilio Media Streams, each stream one call through the bot's pipeline.
+
+A stream runs its call only once admitted: its single-use stream token verified, a slot
+free, the server not draining (`phonebot.state.StreamGate`). The call gets what it needs
+from the app's services: the record writer, the running calls (for the drain), the AMD
+verdicts and the metrics.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, WebSocket
+
+from phonebot.call.deps import CallDeps
+from phonebot.call.serve import serve_call
+from phonebot.state import StreamGate
+from phonebot.web.services import Services
+
+router = APIRouter()
+
+
+@router.websocket("/ws")
+async def media_stream(websocket: WebSocket, services: Services) -> None:
+    """A stream runs its call only once admitted (single-use token, capacity, drain)."""
+    await websocket.accept()
+    services.active_streams += 1
+    gate = StreamGate(services.admission)
+    try:
+        records = services.records
+        writer = records.writer if records.enabled else None  # None: no per-call record work
+        deps = CallDeps(
+            records=writer,
+            calls=services.calls,
+            verdicts=services.amd_verdicts,
+            metrics=services.metrics,
+        )
+        await serve_call(websocket, services.settings, admit=gate, deps=deps)
+    finally:
+        await gate.release()
+        services.active_streams -= 1
