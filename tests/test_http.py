@@ -175,7 +175,8 @@ def test_call_token_checks():
     assert verify_call_token(CALL_SID, signed, secret).ok
     assert not verify_call_token(CALL_SID, parameters, secret).ok
     assert not verify_call_token(CALL_SID, {**parameters, "token": ""}, secret).ok
-    assert not verify_call_token(CALL_SID, {**signed, "token": token[:-1] + "0"}, secret).ok
+    flipped = token[:-1] + ("1" if token.endswith("0") else "0")  # one hex digit changed
+    assert not verify_call_token(CALL_SID, {**signed, "token": flipped}, secret).ok
     assert not verify_call_token("CA" + "2" * 32, signed, secret).ok
     assert not verify_call_token(CALL_SID, signed, b"other secret").ok
 
