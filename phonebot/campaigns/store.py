@@ -45,10 +45,10 @@ from phonebot.config import Settings
 from phonebot.dnc.store import listed, opted_out_since
 from phonebot.records.events import EventDeliverer
 from phonebot.records.schema import CallRecord
+from phonebot.records.writer import OPTED_OUT_REASON
 from phonebot.twilio.dial_guard import check_destination
 from phonebot.twilio.statuses import FINAL_STATUSES
 
-OPTED_OUT_REASON = "opted out"
 # Beyond MAX_CALL_DURATION_S, how long a placed call may go without a final status before
 # it counts as lost: Twilio rings for up to 60 s, plus slack for a slow callback.
 SILENT_CALL_MARGIN_S = 600

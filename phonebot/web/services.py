@@ -105,12 +105,8 @@ def services_of(connection: HTTPConnection) -> AppServices:
     return app_services(connection.app)
 
 
-def get_services(connection: HTTPConnection) -> AppServices:
-    """The dependency behind `Services` (an HTTP request and a websocket alike)."""
-    return services_of(connection)
-
-
-Services = Annotated[AppServices, Depends(get_services)]
+# The dependency takes a request and a websocket alike.
+Services = Annotated[AppServices, Depends(services_of)]
 
 
 def get_campaigns(request: HTTPConnection) -> Campaigns:
