@@ -17,6 +17,7 @@ RUN pip install -r requirements.txt
 
 COPY server.py bot.py dialout.py ./
 COPY phonebot ./phonebot
+COPY agents ./agents
 # Not root: the server needs no privileges. /app is its own so the default SQLite records
 # file works in a lone container; with several replicas set DATABASE_URL to PostgreSQL.
 RUN useradd --create-home --uid 10001 phonebot && chown phonebot /app
@@ -38,3 +39,4 @@ RUN pip install --no-cache-dir -r requirements.txt
 
 COPY bot.py dialout.py ./
 COPY phonebot ./phonebot
+COPY agents ./agents

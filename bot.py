@@ -35,6 +35,9 @@ async def bot(runner_args: RunnerArguments) -> None:
     There is no app here: the session opens its own records when DATABASE_URL is a
     shared database (`phonebot.records.service.session_records`), and, with REDIS_URL,
     reads answering-machine verdicts that the webhook servers' `/amd` stored in Redis.
+    With no app to run it in the background, the call's post-call analysis (agents with
+    `analysis:`) runs once the call has ended, before the session's records close
+    (`phonebot.call.analysis`): the caller has hung up by then, only the session waits.
     """
     handshake = None
     if runner_args.call_data is not None:

@@ -1,6 +1,10 @@
 """Place an outbound call from the command line, through `phonebot.twilio.dialout`.
 
     python dialout.py +15551234567 --param campaign_id=summer_sale --param customer_id=c-42
+    python dialout.py +15551234567 --agent sales
+
+`--agent NAME` picks the agent that talks (an agent file's name), checked against AGENTS_DIR
+here: run it beside the server, with the same files.
 
 It exits 0 once Twilio accepted the call, 1 when the call was not placed (bad input, Twilio
 refused or could not be reached), 2 without PUBLIC_URL, and 3 when Twilio failed in a way
@@ -12,9 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
-from phonebot.config import get_settings
-from phonebot.twilio.dialout import DialoutRequest, parse_param, place_call
+from phonebot.agents.loader import load_agents
+from phonebot.agents.selection import AGENT_PARAMETER
+from phonebot.config import Settings, get_settings
+from phonebot.twilio.dialout import DialoutRequest, check_agent_named, parse_param, place_call
 from phonebot.twilio.rest import TwilioUnavailable
 
 # Exit status of the command line when Twilio failed in a way that may have placed the call.
@@ -33,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="detect answering machines: leave the voicemail message, talk to humans",
     )
+    parser.add_argument("--agent", metavar="NAME", help="the agent that talks (its file's name)")
     args = parser.parse_args(argv)
     settings = get_settings()
     if not settings.public_url:
@@ -45,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             from_=args.from_,
             parameters=dict(args.param),
             machine_detection=args.machine_detection,
+            agent=args.agent,
         )
+        check_agent(request, settings)
         response = asyncio.run(place_call(request, settings, settings.public_url))
     except ValueError as error:  # pydantic's ValidationError and ParameterError included
         print(f"error: {error}", file=sys.stderr)
@@ -54,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         return twilio_failure(error)
     print(f"call {response.call_sid} to {response.to}: {response.status}")
     return 0
+
+
+def check_agent(request: DialoutRequest, settings: Settings) -> None:
+    """A named agent must be in AGENTS_DIR (ValueError: AgentFileError or ParameterError)."""
+    parameters = request.call_parameters()
+    if AGENT_PARAMETER in parameters:
+        agents = load_agents(Path(settings.agents_dir), settings)
+        check_agent_named(parameters, agents, field="--agent" if request.agent else "agent")
 
 
 def twilio_failure(error: TwilioUnavailable) -> int:

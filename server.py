@@ -3,7 +3,7 @@
 uvicorn on PORT (default 8000) serving the app of `phonebot.web.app` (its routes are listed
 there); `--workers N` (or WORKERS=N) > 1 runs N processes sharing the port
 (`phonebot.web.workers`). SIGTERM drains calls before exiting, a second one exits now
-(`phonebot.web.shutdown`).
+(`phonebot.web.shutdown`); SIGHUP reloads the agent files (`phonebot.web.agents_api`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import phonebot.ops.log_start  # noqa: F401  # isort: skip
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 import uvicorn
 from loguru import logger
 
+from phonebot.agents.loader import AgentFileError, load_agents
 from phonebot.config import Settings, get_settings
 from phonebot.db.engine import UnsupportedDatabase
 from phonebot.ops.logs import configure_logging
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     `--listen-fd`, is the one-process server (`serve`).
     """
     args = parse_args(argv)
+    # Until the app (or the supervisor) reloads on SIGHUP, one must not kill the server:
+    # a `systemctl reload` during the start is a reload of files just read.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = get_settings()
     if args.workers is not None:
         settings = settings.model_copy(update={"workers": args.workers})
@@ -68,8 +73,12 @@ def supervise(settings: Settings) -> int:
     """Run `settings.workers` copies of this script on one port; their exit status."""
     try:
         require_safe_configuration(settings)  # REDIS_URL, STREAM_SECRET: refused early
+        load_agents(Path(settings.agents_dir), settings)  # one report, not one per worker
     except UnsafeConfiguration as problem:
         logger.error(str(problem))
+        return EXIT_CONFIG
+    except AgentFileError as problem:
+        logger.error(f"The server refuses to start: {problem.report()}")
         return EXIT_CONFIG
     return run_workers(settings, settings.workers, Path(__file__).resolve())
 
@@ -81,6 +90,9 @@ def serve(settings: Settings, listen_fd: int | None, worker_index: int) -> int:
         app = create_app(settings)
     except (UnsafeConfiguration, UnsupportedDatabase) as problem:
         logger.error(str(problem))
+        return EXIT_CONFIG
+    except AgentFileError as problem:
+        logger.error(f"The server refuses to start: {problem.report()}")
         return EXIT_CONFIG
     config = uvicorn.Config(
         app,

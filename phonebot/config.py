@@ -21,6 +21,8 @@ from phonebot.phone_numbers import is_transfer_target
 
 DEFAULT_TWILIO_API_BASE_URL = "https://api.twilio.com"
 PIPECAT_CLOUD_TWILIO_WS_URL = "wss://api.pipecat.daily.co/ws/twilio"
+# The example agents that ship in the repository, next to the package.
+SHIPPED_AGENTS_DIR = Path(__file__).resolve().parent.parent / "agents"
 
 
 class Settings(BaseSettings):
@@ -101,14 +103,21 @@ class Settings(BaseSettings):
     cartesia_api_key: SecretStr | None = None
     cartesia_voice_id: str = "71a7ad14-091c-4e8e-a314-022ece01c121"
 
-    # Transfer to a person (`transfer_call`): E.164 number or SIP URI; personas may override.
+    # The agents (phonebot.agents, docs/agents.md): one YAML file each in AGENTS_DIR (default:
+    # this checkout's agents/, whatever the working directory), read at start and again on
+    # SIGHUP or POST /agents/reload. TOOLS_WEBHOOK_SECRET signs the POSTs to the agents'
+    # HTTP tools (X-Phonebot-Signature, as the events webhook's).
+    agents_dir: str = str(SHIPPED_AGENTS_DIR)
+    tools_webhook_secret: SecretStr | None = None
+
+    # Transfer to a person (`transfer_call`): E.164 number or SIP URI; agents may override.
     transfer_target: str | None = None
     transfer_phrase: str = "Sure, I'm connecting you with a member of our team now."
     transfer_failed_phrase: str = (
         "I'm sorry, I couldn't connect you right now. Let's keep going: how can I help?"
     )
 
-    # Voice and language for every call, unless the persona sets its own. TTS_VOICE is the
+    # Voice and language for every call, unless the agent sets its own. TTS_VOICE is the
     # active TTS provider's voice (Cartesia voice id, OpenAI voice name, espeak voice).
     tts_voice: str | None = None
     language: str = "en"
@@ -132,7 +141,7 @@ class Settings(BaseSettings):
     vad_min_volume: float = Field(default=0.3, ge=0, le=1)
     vad_confidence: float = Field(default=0.7, gt=0, le=1)
 
-    # Call control (silence, limits); personas may override them (Persona.overrides).
+    # Call control (silence, limits); agents may override them (Agent.overrides).
     silence_timeout_s: float = Field(default=8.0, gt=0)
     reprompt_phrase: str = "Sorry, I didn't catch that. Could you say it again?"
     max_reprompts: int = Field(default=2, ge=0)
@@ -297,6 +306,7 @@ class Settings(BaseSettings):
         "cartesia_api_key",
         "admin_api_key",
         "events_webhook_secret",
+        "tools_webhook_secret",
         "metrics_token",
         "redis_url",
         mode="before",
@@ -375,15 +385,15 @@ def mask(secret: str | None, keep: int = 4) -> str:
     return f"…{secret[-keep:]}" if len(secret) > keep * 2 else "…"
 
 
-def for_persona(settings: Settings, persona) -> Settings:
-    """The settings one call runs with: the server's, with the persona's overrides applied.
+def for_agent(settings: Settings, agent) -> Settings:
+    """The settings one call runs with: the server's, with the agent's overrides applied.
 
-    Validated like the environment is, so a typo in a persona fails loudly.
+    Validated like the environment is, so a typo in an agent file fails loudly.
     """
-    if not persona.overrides:
+    if not agent.overrides:
         return settings
-    unknown = set(persona.overrides) - set(Settings.model_fields)
+    unknown = set(agent.overrides) - set(Settings.model_fields)
     if unknown:
-        raise ValueError(f"persona {persona.name!r} overrides unknown settings {sorted(unknown)}")
-    values = {**settings.model_dump(), **persona.overrides}
+        raise ValueError(f"agent {agent.name!r} overrides unknown settings {sorted(unknown)}")
+    values = {**settings.model_dump(), **agent.overrides}
     return Settings.model_validate(values)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
+from functools import cache
 
 import pytest
 from loguru import logger
 
-from phonebot.config import Settings
+from phonebot.agents.agent import Agent
+from phonebot.agents.loader import load_agents
+from phonebot.agents.selection import AgentSet
+from phonebot.config import SHIPPED_AGENTS_DIR, Settings
 
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 ACCOUNT_SID = "AC" + "0" * 32
@@ -27,6 +31,18 @@ def _isolated_environment(
     # phonebot.db in the working directory (the repository).
     records = tmp_path_factory.getbasetemp() / "phonebot.db"
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{records}")
+
+
+@cache
+def shipped_agents() -> AgentSet:
+    """The example agents in the repository's agents/ (what a fresh clone runs with)."""
+    return load_agents(SHIPPED_AGENTS_DIR, make_settings())
+
+
+def shipped_agent(name: str) -> Agent:
+    agent = shipped_agents().by_name(name)
+    assert agent is not None, f"no shipped agent {name!r}"
+    return agent
 
 
 def make_settings(**overrides) -> Settings:

@@ -26,7 +26,7 @@ from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from phonebot.ai.personas import DIALIN_PERSONAS, opening_line
+from phonebot.agents.agent import opening_line
 from phonebot.emulator import Hangup, TwilioRestEmulator, WaitForBot, dial_in
 from phonebot.emulator.ids import new_call_sid
 from phonebot.emulator.signature import signed_headers
@@ -38,7 +38,7 @@ from phonebot.twilio.stream_token import call_token
 from phonebot.twilio.twiml import BUSY_MESSAGE
 from phonebot.web.app import create_app
 from phonebot.web.guards import BodySizeLimit, RateLimiter, client_ip
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings, shipped_agent
 from tests.live_server import LiveServer, free_port
 from tests.test_calls import CALLER, OUR_NUMBER, server_env
 
@@ -521,7 +521,7 @@ async def test_a_webhook_flood_is_refused_cheaply_while_a_real_call_goes_on(live
 
     assert codes[:1000] == [409] * 1000  # the real call's own webhook, replayed
     assert codes[1000:] == [403] * 1000
-    opening = opening_line(DIALIN_PERSONAS["general"], {"caller_id": CALLER})
+    opening = opening_line(shipped_agent("general"), {"caller_id": CALLER})
     assert server.bot_lines(dial.call_sid) == [opening]
     assert len(result.bot_utterances) == 1, "the opening was broken up"
     assert max(h["active_streams"] for h in health) <= 1

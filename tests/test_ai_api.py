@@ -15,6 +15,7 @@ import numpy as np
 import openai
 import pytest
 from pipecat.frames.frames import (
+    FunctionCallResultFrame,
     LLMContextFrame,
     LLMTextFrame,
     MetricsFrame,
@@ -24,22 +25,23 @@ from pipecat.frames.frames import (
 from pipecat.metrics.metrics import LLMUsageMetricsData
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.services.llm_service import FunctionCallParams
 from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.services.openai.stt import OpenAISTTService
 from pipecat.services.openai.tts import OpenAITTSService
 from pipecat.tests.utils import run_test
 
-from phonebot.ai.personas import DIALIN_PERSONAS
 from phonebot.ai.providers import build_services, chosen_providers
 from phonebot.emulator.ai_api import (
     ANSWER,
     DEFAULT_TRANSCRIPT,
     GREETING,
+    ScriptedReply,
     create_ai_app,
     running_ai_api,
 )
 from phonebot.emulator.ai_speech import SAMPLE_RATE, speech_master, speech_pcm
-from tests.conftest import make_settings
+from tests.conftest import make_settings, shipped_agent
 
 QUESTION = "What time do you open?"
 
@@ -282,10 +284,10 @@ def test_instant_settings_choose_openai_everywhere_with_the_emulator_urls():
     )
     assert settings.openai_stt_base_url == settings.openai_tts_base_url == url
     assert chosen_providers(settings).describe() == "STT=openai LLM=openai TTS=openai"
-    services = build_services(settings, DIALIN_PERSONAS["general"])
+    services = build_services(settings, shipped_agent("general"))
     for service in (services.stt, services.llm, services.tts):
         assert str(service._client.base_url) == url + "/"
-    default = build_services(make_settings(openai_api_key="test"), DIALIN_PERSONAS["general"])
+    default = build_services(make_settings(openai_api_key="test"), shipped_agent("general"))
     assert str(default.stt._client.base_url) == "https://api.openai.com/v1/"
     assert str(default.tts._client.base_url) == "https://api.openai.com/v1/"
 
@@ -339,3 +341,114 @@ async def test_cli_serves_the_api():
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+ORDER = {"order_number": "A-1234", "details": {"express": True, "note": "leave at door"}}
+
+
+async def test_scripted_function_calls_come_as_openai_sends_them(api):
+    """PUT /_emulator/replies queues function calls: streamed (name first, then argument
+    pieces, finish_reason tool_calls) and plain (message.tool_calls); bad entries refused."""
+    ai = client(api)
+    async with httpx.AsyncClient(base_url=api.base_url.removesuffix("/v1")) as http:
+        queued = await http.put("/_emulator/replies", json={"replies": [
+            {"function": "check_order_status", "arguments": ORDER},
+            {"function": "lookup_customer", "arguments": {"phone": "+15550001"}},
+        ]})  # fmt: skip
+        bad = [await http.put("/_emulator/replies", json={"replies": [reply]})
+               for reply in ({}, {"text": "x", "function": "f"}, {"function": "no spaces"})]
+    assert queued.json()["replies"][0] == {"function": "check_order_status", "arguments": ORDER}
+    assert [r.status_code for r in bad] == [422] * 3
+    chunks = [c async for c in await ai.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Where is my order?"}], stream=True,
+        stream_options={"include_usage": True})]  # fmt: skip
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices]
+    calls = [call[0] for call in calls if call]
+    assert len(calls) > 2  # the name first, then the arguments in pieces
+    assert (calls[0].index, calls[0].id, calls[0].type) == (0, "call_emu1", "function")
+    assert calls[0].function.name == "check_order_status" and calls[0].function.arguments == ""
+    assert json.loads("".join(c.function.arguments for c in calls)) == ORDER
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage.completion_tokens > 0
+
+    plain = await ai.chat.completions.create(model="m", messages=[])
+    assert plain.choices[0].finish_reason == "tool_calls"
+    assert plain.choices[0].message.content is None
+    (call,) = plain.choices[0].message.tool_calls
+    assert (call.id, call.function.name) == ("call_emu2", "lookup_customer")
+    assert json.loads(call.function.arguments) == {"phone": "+15550001"}
+
+
+async def test_scripted_text_tool_echo_clearing_and_the_chat_log(api):
+    """A scripted text is said as is; with the queue empty, a tool result is echoed; DELETE
+    empties the queue; GET /_emulator/chat shows the requests' messages and tools."""
+    ai = client(api)
+    tools = [{"type": "function", "function": {"name": "check_order_status",
+                                               "parameters": {"type": "object"}}}]  # fmt: skip
+    tool_message = {"role": "tool", "tool_call_id": "call_emu1",
+                    "content": '{"status":  "shipped",\n "eta": "Friday"}' + " x" * 150}
+    async with httpx.AsyncClient(base_url=api.base_url.removesuffix("/v1")) as http:
+        await http.put("/_emulator/replies", json={"replies": [{"text": "All done."}]})
+        text = await stream_chat(ai, [])
+        echoed = await ai.chat.completions.create(model="m", messages=[tool_message])
+        filler = {"role": "assistant", "content": "One moment please."}
+        past_filler = await ai.chat.completions.create(model="m", messages=[tool_message, filler])
+        asked_again = await ai.chat.completions.create(
+            model="m", messages=[tool_message, filler, {"role": "user", "content": "Thanks"}]
+        )
+        await http.put("/_emulator/replies", json={"replies": [{"text": "never said"}]})
+        cleared = await http.delete("/_emulator/replies")
+        after_clear = await ai.chat.completions.create(
+            model="m", messages=[{"role": "system", "content": "Hi"}], tools=tools
+        )
+        chats = (await http.get("/_emulator/chat")).json()
+    assert "".join(c.choices[0].delta.content or "" for c in text if c.choices) == "All done."
+    found = echoed.choices[0].message.content
+    assert found.startswith('Here is what I found: {"status": "shipped", "eta": "Friday"} x x')
+    assert len(found) == len("Here is what I found: ") + 200 + 1 and found.endswith(".")
+    assert past_filler.choices[0].message.content == found  # a spoken filler came after it
+    assert asked_again.choices[0].message.content.startswith("You said: Thanks. ")
+    assert cleared.json() == {"replies": []}
+    assert after_clear.choices[0].message.content == GREETING
+    assert len(chats) == 5 and chats[1]["messages"] == [tool_message]
+    assert chats[4]["tools"] == tools
+
+
+async def test_a_faulted_request_leaves_the_scripted_reply_queued(api):
+    api.script([ScriptedReply(text="Scripted.")])
+    api.inject_fault("llm", "status_500")
+    with pytest.raises(openai.InternalServerError):
+        await client(api).chat.completions.create(model="m", messages=[])
+    reply = await client(api).chat.completions.create(model="m", messages=[])
+    assert reply.choices[0].message.content == "Scripted."
+
+
+async def test_the_chat_log_keeps_the_last_twenty_requests():
+    app = create_ai_app()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://emu") as http:
+        for n in range(25):
+            await http.post("/v1/chat/completions", json={"messages": [], "n": n})
+        chats = (await http.get("/_emulator/chat")).json()
+    assert [chat["n"] for chat in chats] == list(range(5, 25))
+
+
+async def test_pipecat_runs_the_function_a_scripted_reply_calls(api):
+    """Pipecat 1.14's OpenAILLMService parses the emulator's streamed tool call and runs the
+    handler registered under its name, with the arguments."""
+    api.script([ScriptedReply(function="check_order_status", arguments={"order_number": "42"})])
+    llm = OpenAILLMService(api_key="test", base_url=api.base_url)
+    called: list[FunctionCallParams] = []
+
+    async def check_order_status(params: FunctionCallParams) -> None:
+        called.append(params)
+        await params.result_callback({"status": "shipped"})
+
+    llm.register_function("check_order_status", check_order_status)
+    context = LLMContext(messages=[{"role": "user", "content": "Where is order 42?"}])
+    down, _ = await run_test(llm, frames_to_send=[LLMContextFrame(context)])
+    assert [(p.function_name, dict(p.arguments), p.tool_call_id) for p in called] == [
+        ("check_order_status", {"order_number": "42"}, "call_emu1")
+    ]
+    results = [f for f in down if isinstance(f, FunctionCallResultFrame)]
+    assert [r.result for r in results] == [{"status": "shipped"}]

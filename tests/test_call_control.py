@@ -14,7 +14,6 @@ import httpx
 import pytest
 from defusedxml import ElementTree
 
-from phonebot.ai.personas import DIALIN_PERSONAS
 from phonebot.config import Settings
 from phonebot.emulator import (
     CallResult,
@@ -29,7 +28,7 @@ from phonebot.emulator.ids import new_call_sid
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
 from phonebot.twilio.twiml import BUSY_MESSAGE
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, shipped_agent
 from tests.live_server import LiveServer, free_port
 from tests.test_calls import CALLER, OUR_NUMBER, call_in, dialin_opening, say, server_env
 
@@ -82,7 +81,7 @@ async def test_silence_reprompts_twice_then_says_goodbye_and_hangs_up(phone):
     server, twilio = await phone(SILENCE_TIMEOUT_S="1.5", MAX_REPROMPTS="2")
     result = await call_in(server, twilio, [WaitForBot(), WaitForHangup(timeout=40)])
 
-    general = DIALIN_PERSONAS["general"]
+    general = shipped_agent("general")
     # greeting, the question repeated twice, goodbye
     assert len(result.bot_utterances) == 4, [u.start for u in result.bot_utterances]
     assert server.bot_lines(result.call_sid) == [
@@ -97,7 +96,7 @@ async def test_a_spoken_goodbye_is_heard_in_full_before_the_hang_up(phone):
     script = [WaitForBot(), say("thanks that's all goodbye"), WaitForHangup(timeout=30)]
     result = await call_in(server, twilio, script)
 
-    general = DIALIN_PERSONAS["general"]
+    general = shipped_agent("general")
     assert len(result.bot_utterances) == 2, "the bot said more after its goodbye"
     assert server.bot_lines(result.call_sid) == [dialin_opening("general"), general.goodbye]
     assert_hung_up_after_playout(result, twilio)

@@ -19,8 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
+from phonebot.agents.agent import opening_line
 from phonebot.ai.offline.espeak import synthesize_at
-from phonebot.ai.personas import CAMPAIGNS, DIALIN_PERSONAS, opening_line
 from phonebot.emulator import (
     CallResult,
     Dtmf,
@@ -33,7 +33,7 @@ from phonebot.emulator import (
     WaitForBot,
     dial_in,
 )
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, shipped_agent
 from tests.live_server import LiveServer, free_port
 
 CALLER = "+15557654321"
@@ -82,7 +82,7 @@ def say(text: str) -> Speak:
 
 def dialin_opening(persona: str) -> str:
     """What a dial-in persona greets CALLER with."""
-    return opening_line(DIALIN_PERSONAS[persona], {"caller_id": CALLER})
+    return opening_line(shipped_agent(persona), {"caller_id": CALLER})
 
 
 def assert_real_phone_audio(result: CallResult) -> None:
@@ -127,7 +127,7 @@ async def test_dialin_support_greeting_is_spoken_to_the_right_stream(server, twi
 
 
 async def test_a_question_from_the_keyword_table_gets_its_answer(server, twilio):
-    support = DIALIN_PERSONAS["support"]
+    support = shipped_agent("support")
     script = [WaitForBot(), say("my order has not arrived"), WaitForBot(timeout=15), Hangup()]
     result = await call_in(server, twilio, script, session_type="support")
 
@@ -229,7 +229,7 @@ async def test_dialout_carries_the_campaign_and_opens_with_its_pitch(server, twi
     assert parameters["customer_id"] == "c-42"
     assert parameters["call_type"] == "outbound"
     assert parameters["token"]
-    pitch = opening_line(CAMPAIGNS["summer_sale"], parameters)
+    pitch = opening_line(shipped_agent("summer_sale"), parameters)
     assert call.result.bot_utterances
     assert server.bot_lines(call.sid) == [pitch]
     assert_call_ended_cleanly(server, call.sid)
@@ -247,7 +247,7 @@ async def test_dialout_opens_anyway_when_the_callee_stays_silent(server, twilio)
     await call.wait_finished(timeout=30)
     first = call.result.bot_utterances[0]
     assert 2.5 < first.start < 6.0, f"bot opened at {first.start:.2f} s"
-    pitch = opening_line(CAMPAIGNS["summer_sale"], call.twiml.stream.parameters)
+    pitch = opening_line(shipped_agent("summer_sale"), call.twiml.stream.parameters)
     assert server.bot_lines(call.sid) == [pitch]
 
 

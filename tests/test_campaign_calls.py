@@ -22,8 +22,8 @@ import pytest
 from pipecat.processors.aggregators.llm_context import LLMContext
 from sqlalchemy import select
 
+from phonebot.agents.agent import outcome_problems
 from phonebot.ai.offline.responder import OfflineResponder, Reply
-from phonebot.ai.personas import CAMPAIGNS, DIALIN_PERSONAS, outcome_problems
 from phonebot.call.control import EndReason, other_party
 from phonebot.call.tools import OPT_OUT_TOOL, call_tools, record_outcome_tool
 from phonebot.db.engine import create_engine, sessionmaker
@@ -33,7 +33,7 @@ from phonebot.emulator import CalleeBook, TwilioRestEmulator
 from phonebot.records.schema import CallRecord
 from phonebot.records.writer import RecordWriter
 from phonebot.twilio.stream import CallSession
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings, shipped_agent
 from tests.live_server import LiveServer, free_port
 from tests.test_calls import server_env
 
@@ -42,7 +42,7 @@ pytest_plugins = ["tests.pg_server"]
 ADMIN_KEY = "test-admin-key-campaign-calls"
 OPTS_OUT = "+15551230007"
 INTERESTED = "+15551230001"
-SALE = CAMPAIGNS["summer_sale"]
+SALE = shipped_agent("summer_sale")
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_the_number_to_list_is_the_other_party_and_only_a_real_number():
 
 def reply_to(persona, *messages: dict) -> Reply:
     context = LLMContext(messages=[{"role": "system", "content": "prompt"}, *messages])
-    return OfflineResponder(persona=persona).reply_to(context)
+    return OfflineResponder(agent=persona).reply_to(context)
 
 
 HI = {"role": "assistant", "content": "hi"}
@@ -251,7 +251,7 @@ def test_record_outcome_offers_the_persona_fields_and_refuses_others():
     assert schema is not None and schema.name == "record_outcome"
     assert schema.properties["interested"]["enum"] == ["yes", "no"]
     assert "enum" not in schema.properties["callback_at"]  # free text
-    assert record_outcome_tool(DIALIN_PERSONAS["support"]) is None
+    assert record_outcome_tool(shipped_agent("support")) is None
     assert outcome_problems(SALE, {"interested": "yes", "callback_at": "friday 10am"}) == []
     assert outcome_problems(SALE, {"interested": "maybe"}) == [
         "interested must be one of ['yes', 'no'], not 'maybe'"

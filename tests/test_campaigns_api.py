@@ -184,3 +184,28 @@ async def test_the_openapi_docs_type_both_bodies(sqlite_harness):
     assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/CampaignIn"}
     assert "multipart/form-data" in body
     assert "CampaignDetail" in schema["components"]["schemas"]
+
+
+async def test_a_campaign_names_its_agent_for_every_call(sqlite_harness):
+    """`"agent"` is checked against the agents in use (422 naming it, or the row of a
+    contact's `agent` column) and kept as the `agent` parameter every dial carries."""
+    api = sqlite_harness.client
+    unknown = await api.post("/campaigns", json={**GOOD, "agent": "nobody"}, headers=AUTH)
+    assert unknown.status_code == 422
+    [error] = unknown.json()["detail"]
+    assert error["loc"] == ["body", "agent"] and "no agent named 'nobody'" in error["msg"]
+    row = {**GOOD, "contacts": [{"to": NY[0]}, {"to": LA[0], "parameters": {"agent": "x"}}]}
+    refused = await api.post("/campaigns", json=row, headers=AUTH)
+    assert refused.status_code == 422
+    [error] = refused.json()["detail"]
+    assert error["loc"] == ["body", "contacts", 1, "parameters", "agent"] and error["row"] == 2
+    clash = {**GOOD, "agent": "sales", "parameters": {"agent": "support"}}
+    assert (await api.post("/campaigns", json=clash, headers=AUTH)).status_code == 422
+
+    campaign = await sqlite_harness.create(**{**GOOD, "agent": "sales"})
+    detail = (await api.get(f"/campaigns/{campaign}", headers=AUTH)).json()
+    assert detail["agent"] == "sales"
+    assert detail["parameters"] == {"campaign_id": "summer_sale", "agent": "sales"}
+    assert await sqlite_harness.tick() == 1  # 10:00 in New York; 07:00 in LA is too early
+    [dialed] = sqlite_harness.twilio.requests
+    assert dialed.parameters["agent"] == "sales" and dialed.call_parameters()["agent"] == "sales"

@@ -78,3 +78,15 @@ def test_an_unreachable_server_is_named(capsys, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("PHONEBOT_URL", "http://127.0.0.1:9")
     code, _, err = run(capsys, "list")
     assert code == 1 and "the server isn't reachable at http://127.0.0.1:9" in err
+
+
+def test_start_names_the_agent_of_every_call(database: Path, capsys):
+    contacts = database / "contacts.csv"
+    contacts.write_text("to\n+12025550100\n")
+    code, out, _ = run(capsys, "start", str(contacts), "--agent", "sales")
+    assert code == 0
+    campaign = out.split()[1].rstrip(":")
+    code, out, _ = run(capsys, "status", campaign)
+    assert code == 0 and out.splitlines()[0].endswith("  agent sales")
+    code, _, err = run(capsys, "start", str(contacts), "--agent", "nobody")
+    assert code == 1 and "error: agent: no agent named 'nobody'" in err

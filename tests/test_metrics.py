@@ -300,16 +300,16 @@ async def test_every_provider_error_is_counted_by_provider():
     """ProviderFaults (phonebot.call.provider_faults) counts each error, not only new episodes."""
     from pipecat.frames.frames import ErrorFrame
 
-    from phonebot.ai.personas import DIALIN_PERSONAS
     from phonebot.ai.providers import build_services
     from phonebot.call.provider_faults import ApologyPlayer, ProviderFaults
+    from tests.conftest import shipped_agent
 
     unreachable = "http://127.0.0.1:9/v1"  # never contacted: the errors are handed in
     settings = make_settings(
         openai_api_key="test", openai_base_url=unreachable, openai_stt_base_url=unreachable,
         openai_tts_base_url=unreachable, max_provider_failures=10,
     )  # fmt: skip
-    services = build_services(settings, DIALIN_PERSONAS["general"])
+    services = build_services(settings, shipped_agent("general"))
     metrics = Metrics()
 
     async def end_call(*args, **kwargs) -> None: ...

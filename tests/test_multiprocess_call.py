@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from bench.balancer import skip_or_fail_if_missing, start_haproxy
-from phonebot.ai.personas import CAMPAIGNS
 from phonebot.emulator import MediaStreamCaller, Speak, TwilioRestEmulator, WaitForHangup
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, shipped_agent
 from tests.live_server import LiveServer, ai_api_process, free_port, instant_services_env
 from tests.test_call_control import assert_hung_up_after_playout
 from tests.test_calls import dialout, say, server_env
@@ -32,7 +31,7 @@ pytest_plugins = ["tests.redis_server"]
 
 GREETING = "Hi, you've reached Alex. Please leave a message after the beep."
 BEEP_S = 0.5
-SUMMER_SALE = CAMPAIGNS["summer_sale"]
+SUMMER_SALE = shipped_agent("summer_sale")
 
 
 @pytest.fixture(scope="module")

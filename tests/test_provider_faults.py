@@ -45,7 +45,6 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
 from phonebot.ai.offline.espeak import synthesize_at
-from phonebot.ai.personas import DIALIN_PERSONAS
 from phonebot.ai.providers import CallServices, build_services
 from phonebot.call.bot_speech import bot_lines
 from phonebot.call.control import EndReason
@@ -73,7 +72,7 @@ from phonebot.emulator.ai_api import (
     running_ai_api,
 )
 from phonebot.ops.logs import not_logged_twice
-from tests.conftest import make_settings
+from tests.conftest import make_settings, shipped_agent
 from tests.live_server import LiveServer, ai_api_process, instant_services_env
 from tests.test_calls import CALLER, OUR_NUMBER, dialin_opening, say
 
@@ -111,7 +110,7 @@ def test_a_reason_is_a_status_or_a_kind_never_the_response_body():
 
 def test_openai_services_fail_fast_instead_of_the_sdks_ten_minutes_and_two_retries():
     settings = make_settings(openai_api_key="test", llm_timeout_s=2.5, speech_timeout_s=4)
-    services = build_services(settings, DIALIN_PERSONAS["general"])
+    services = build_services(settings, shipped_agent("general"))
 
     assert services.llm._client.timeout == 2.5
     assert services.stt._client.timeout == services.tts._client.timeout == 4
@@ -219,7 +218,7 @@ async def mini_call(api, **overrides) -> AsyncIterator[MiniCall]:
         openai_tts_base_url=url,
         **overrides,
     )
-    services = build_services(settings, DIALIN_PERSONAS["general"])
+    services = build_services(settings, shipped_agent("general"))
     player, out = ApologyPlayer(), FrameLog()
     worker = PipelineWorker(
         Pipeline([services.stt, services.llm, services.tts, player, out]),

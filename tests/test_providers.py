@@ -12,16 +12,15 @@ from pipecat.services.openai.llm import OpenAILLMService
 from phonebot.ai.offline.responder import OfflineResponder
 from phonebot.ai.offline.stt import OfflineSTTService
 from phonebot.ai.offline.tts import OfflineTTSService
-from phonebot.ai.personas import CAMPAIGNS, DIALIN_PERSONAS, OUTBOUND_DEFAULT
 from phonebot.ai.providers import build_services
 from phonebot.ai.voice_text import VoiceTextFilter
-from phonebot.config import for_persona
+from phonebot.config import for_agent
 from phonebot.pipecat_compat import tts_text_filters
-from tests.conftest import make_settings
+from tests.conftest import make_settings, shipped_agent, shipped_agents
 
 
 def test_no_keys_builds_the_offline_engines():
-    services = build_services(make_settings(), DIALIN_PERSONAS["support"])
+    services = build_services(make_settings(), shipped_agent("support"))
     assert isinstance(services.stt, OfflineSTTService)
     assert isinstance(services.llm, OfflineResponder)
     assert isinstance(services.tts, OfflineTTSService)
@@ -29,7 +28,7 @@ def test_no_keys_builds_the_offline_engines():
 
 def test_each_key_builds_only_its_own_provider():
     settings = make_settings(deepgram_api_key="dg-key", openai_base_url="http://127.0.0.1:9/v1")
-    services = build_services(settings, DIALIN_PERSONAS["general"])
+    services = build_services(settings, shipped_agent("general"))
     assert isinstance(services.stt, DeepgramSTTService)
     assert isinstance(services.llm, OpenAILLMService)
     assert isinstance(services.tts, OfflineTTSService)
@@ -37,36 +36,36 @@ def test_each_key_builds_only_its_own_provider():
 
 
 def test_voice_and_language_come_from_the_persona_then_the_settings():
-    general = DIALIN_PERSONAS["general"]
+    general = shipped_agent("general")
     by_setting = build_services(make_settings(language="es", tts_voice="es-419"), general)
     assert (by_setting.tts._settings.voice, by_setting.tts._settings.language) == ("es-419", "es")
 
     persona = dataclasses.replace(general, overrides={"tts_voice": "en-gb", "language": "en"})
-    settings = for_persona(make_settings(language="es", tts_voice="fr-fr"), persona)
+    settings = for_agent(make_settings(language="es", tts_voice="fr-fr"), persona)
     by_persona = build_services(settings, persona)
     assert by_persona.tts._settings.voice == "en-gb"
 
 
 def test_persona_overrides_are_validated_settings():
-    general = DIALIN_PERSONAS["general"]
+    general = shipped_agent("general")
     shorter = dataclasses.replace(general, overrides={"silence_timeout_s": "5"})
-    assert for_persona(make_settings(), shorter).silence_timeout_s == 5.0
-    assert for_persona(make_settings(), general) == make_settings()
+    assert for_agent(make_settings(), shorter).silence_timeout_s == 5.0
+    assert for_agent(make_settings(), general) == make_settings()
     with pytest.raises(ValueError, match="unknown settings"):
-        for_persona(make_settings(), dataclasses.replace(general, overrides={"nope": 1}))
+        for_agent(make_settings(), dataclasses.replace(general, overrides={"nope": 1}))
     undialable = dataclasses.replace(general, overrides={"transfer_target": "x"})
     with pytest.raises(ValueError, match="E.164"):
-        for_persona(make_settings(), undialable)
+        for_agent(make_settings(), undialable)
 
 
 def test_every_persona_override_is_a_valid_setting():
-    for persona in (*DIALIN_PERSONAS.values(), *CAMPAIGNS.values(), OUTBOUND_DEFAULT):
-        for_persona(make_settings(), persona)
+    for agent in shipped_agents().agents:
+        for_agent(make_settings(), agent)
 
 
 def test_stt_language_follows_the_call_language():
     settings = make_settings(openai_api_key="sk-test", language="es")
-    services = build_services(settings, DIALIN_PERSONAS["general"])
+    services = build_services(settings, shipped_agent("general"))
     assert services.stt._settings.language == "es"
 
 
@@ -77,5 +76,5 @@ def test_an_unknown_language_is_refused_at_startup():
 
 def test_every_tts_cleans_text_before_speaking():
     for keys in ({}, {"openai_api_key": "sk-test"}, {"cartesia_api_key": "ca-test"}):
-        tts = build_services(make_settings(**keys), DIALIN_PERSONAS["support"]).tts
+        tts = build_services(make_settings(**keys), shipped_agent("support")).tts
         assert [type(f) for f in tts_text_filters(tts)] == [VoiceTextFilter]

@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from phonebot.ai.personas import CAMPAIGNS, DIALIN_PERSONAS
 from phonebot.emulator import (
     Dtmf,
     Hangup,
@@ -37,7 +36,7 @@ from phonebot.records import Records
 from phonebot.records.call_log import CallLog, ReplyLatencies
 from phonebot.records.events import SIGNATURE_HEADER, verify_signature
 from phonebot.records.service import session_records
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings, shipped_agent
 from tests.live_server import LiveServer, free_port
 from tests.test_calls import (
     CALLER,
@@ -237,7 +236,7 @@ async def test_a_dialin_call_is_recorded_turn_by_turn(backend, request, twilio):
     result = await call_in(server, twilio, script, session_type="support")
     record = await record_of(server, result.call_sid)
 
-    support = DIALIN_PERSONAS["support"]
+    support = shipped_agent("support")
     order = next(entry.answer for entry in support.answers if "order" in entry.keywords)
     lines = [(e["kind"], e["speaker"], e["text"]) for e in record["transcript"]]
     assert lines == [
@@ -383,7 +382,7 @@ async def test_a_dialout_answered_by_voicemail_is_recorded_with_the_amd_verdict(
     assert record["twilio_status"] == "completed"
     assert record["direction"] == "outbound"
     bot_lines = [e["text"] for e in record["transcript"] if e["kind"] == "bot"]
-    assert bot_lines == [CAMPAIGNS["summer_sale"].voicemail]
+    assert bot_lines == [shipped_agent("summer_sale").voicemail]
     assert not [e for e in record["transcript"] if e["kind"] == "caller"]  # muted until AMD
 
 

@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI
 from pipecat.frames.frames import InputAudioRawFrame, OutputAudioRawFrame
 
-from phonebot.ai.personas import DIALIN_PERSONAS, DIALIN_RECORDING_NOTICE, opening_line
+from phonebot.agents.agent import opening_line
 from phonebot.audio import tone
 from phonebot.records import Records
 from phonebot.records.recording import (
@@ -32,7 +32,7 @@ from phonebot.records.recording import (
 from phonebot.records.recording_store import Recordings, S3Recordings
 from phonebot.web.calls_api import router
 from phonebot.web.services import AppServices
-from tests.conftest import make_settings
+from tests.conftest import make_settings, shipped_agent
 
 RATE = 8000
 CALLER_HZ, BOT_HZ = 440.0, 1000.0
@@ -441,10 +441,10 @@ def test_s3_paths_are_split_into_bucket_and_prefix():
 
 
 def test_dialin_personas_announce_recordings_only_when_recorded():
-    support = DIALIN_PERSONAS["support"]
-    assert DIALIN_RECORDING_NOTICE not in opening_line(support, {})
+    support = shipped_agent("support")
+    assert "This call is recorded." not in opening_line(support, {})
     announced = opening_line(support.announcing_recording(), {})
-    assert announced.startswith(f"{support.greeting} {DIALIN_RECORDING_NOTICE}")
+    assert announced.startswith(f"{support.greeting} This call is recorded.")
 
 
 # --- whole calls through the real server and the emulator --------------------------------
@@ -536,7 +536,7 @@ async def test_a_recorded_call_has_the_caller_left_and_the_bot_right_aligned(tmp
     server, result = await live_call(env, tmp_path, script)
     try:
         greeting = opening_line(
-            DIALIN_PERSONAS["general"].announcing_recording(), {"caller_id": CALLER}
+            shipped_agent("general").announcing_recording(), {"caller_id": CALLER}
         )
         assert server.bot_lines(result.call_sid)[0] == greeting  # the notice is spoken
         response = await fetch_recording(server, result.call_sid)

@@ -111,14 +111,14 @@ def test_the_call_log_lists_and_filters_calls(page, site: str):
     assert page.url == f"{site}/calls/ui"
     assert _rows(page) == NEWEST_FIRST
     headers = page.eval_on_selector_all("table.calls th", "cells => cells.map(c => c.innerText)")
-    assert headers == ["Time (UTC)", "Direction", "From", "To", "Persona", "Duration",
-                       "End reason", "Status"]
+    assert headers == ["Time (UTC)", "Direction", "From", "To", "Agent", "Duration",
+                       "End reason", "Status", "Success"]
     cells = page.eval_on_selector_all(
         f"tr[data-call-sid='{RICH_SID}'] td", "cells => cells.map(c => c.innerText.trim())"
     )
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", cells[0])
     assert cells[1:] == ["inbound", "+15550111111", "+15550100000", "support", "0:27",
-                         "bot ended", "completed"]
+                         "bot ended", "completed", ""]
 
     page.select_option("select[name=direction]", "outbound")
     page.click("form.filters button[type=submit]")
@@ -152,8 +152,10 @@ def test_a_call_shows_its_conversation_recording_and_chart(page, site: str):
     )
     assert [kind for kind, _ in entries] == [row[0] for row in RICH_TRANSCRIPT]
     for (kind, text), (_, expected, *_rest) in zip(entries, RICH_TRANSCRIPT, strict=True):
-        if kind == "function":
+        if kind == "function" and expected == "lookup_order":
             assert text.startswith('lookup_order({"order": 42}) → {"status": "shipped"')
+        elif kind == "function":  # a tool that failed shows its error, not a result
+            assert text == 'check_stock({"sku": "T2"}) → failed: check_stock failed (HTTP 503)'
         else:
             assert text == expected
     # Caller on the left, bot on the right.
@@ -166,6 +168,9 @@ def test_a_call_shows_its_conversation_recording_and_chart(page, site: str):
     ]
     assert page.locator("li.entry.bot").nth(0).locator(".at").inner_text() == "0:00.4"
     assert page.locator("li.entry.interrupted").count() == 1
+    # How long each tool call took.
+    assert page.locator("li.entry.function .took").all_inner_texts() == ["took 0.31 s",
+                                                                         "took 0.05 s"]
 
     # The recording plays from the API's route, authorized by the session cookie.
     page.wait_for_function("document.querySelector('audio').readyState >= 1", timeout=10_000)

@@ -18,7 +18,7 @@ import pytest
 from defusedxml import ElementTree
 from fastapi.testclient import TestClient
 
-from phonebot.ai.personas import DIALIN_PERSONAS, opening_line
+from phonebot.agents.agent import opening_line
 from phonebot.config import Settings
 from phonebot.emulator import CallEvent, Hangup, Pause, WaitForBot, WaitForHangup, dial_in
 from phonebot.emulator.signature import signed_headers
@@ -29,7 +29,7 @@ from phonebot.twilio.twiml import BUSY_MESSAGE
 from phonebot.web.app import create_app
 from phonebot.web.services import app_services
 from phonebot.web.shutdown import ActiveCalls, Drain
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings, shipped_agent
 from tests.live_server import LiveServer
 from tests.test_abuse import (
     fake_pipeline,
@@ -45,7 +45,7 @@ from tests.test_call_control import assert_hung_up_after_playout
 from tests.test_calls import CALLER, OUR_NUMBER
 
 SHUTDOWN_PHRASE = Settings.model_fields["shutdown_phrase"].default
-GENERAL = DIALIN_PERSONAS["general"]
+GENERAL = shipped_agent("general")
 OPENING = opening_line(GENERAL, {"caller_id": CALLER})
 
 

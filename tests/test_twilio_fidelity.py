@@ -21,7 +21,7 @@ import pytest
 from defusedxml import ElementTree
 from fastapi.testclient import TestClient
 
-from phonebot.ai.personas import DIALIN_PERSONAS, opening_line
+from phonebot.agents.agent import opening_line
 from phonebot.config import Settings
 from phonebot.emulator import MediaStreamCaller, WaitForBot, dial_in
 from phonebot.emulator.ids import new_call_sid
@@ -34,7 +34,7 @@ from phonebot.twilio.stream_token import verify_call_token
 from phonebot.web.app import create_app
 from phonebot.web.safety import production_auth_problem
 from phonebot.web.services import app_services
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, make_settings
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, make_settings, shipped_agent
 from tests.live_server import ROOT, LiveServer, free_port
 
 CALLER = "+15557654321"
@@ -298,10 +298,10 @@ def test_a_withheld_caller_id_is_no_caller_id_everywhere(withheld, logs):
     parameters = parameters_of(post(client, "/", form(from_=withheld), "http://testserver/"))
 
     assert parameters["caller_id"] == ""
-    greeting = opening_line(DIALIN_PERSONAS["general"], parameters)
+    greeting = opening_line(shipped_agent("general"), parameters)
     assert "ending in" not in greeting
     # Even a stream whose parameters carry the placeholder (e.g. an older webhook server).
-    assert "ending in" not in opening_line(DIALIN_PERSONAS["general"], {"caller_id": withheld})
+    assert "ending in" not in opening_line(shipped_agent("general"), {"caller_id": withheld})
     assert not [line for line in logs if "266696687" in line or "6 6 8 7" in line]
 
 
@@ -309,7 +309,7 @@ def test_a_real_caller_id_is_still_read_out():
     client = TestClient(create_app(make_settings()))
     parameters = parameters_of(post(client, "/", form(from_=CALLER), "http://testserver/"))
     assert parameters["caller_id"] == CALLER
-    assert "ending in 4 3 2 1" in opening_line(DIALIN_PERSONAS["general"], parameters)
+    assert "ending in 4 3 2 1" in opening_line(shipped_agent("general"), parameters)
 
 
 # --- 7. production without a shared secret ---------------------------------------------

@@ -114,7 +114,7 @@ def warnings_logged() -> Iterator[list[str]]:
 
 
 @pytest.mark.asyncio
-async def test_removals_are_warned_once_per_kind_with_the_persona(
+async def test_removals_are_warned_once_per_kind_with_the_agent(
     warnings_logged: list[str],
 ) -> None:
     f = VoiceTextFilter("billing-agent")
@@ -176,16 +176,16 @@ async def test_unclosed_code_block_ends_with_the_reply() -> None:
 @pytest.mark.asyncio
 async def test_settings_update_and_disable() -> None:
     f = VoiceTextFilter("support")
-    await f.update_settings({"persona": "sales", "unknown": 1})
-    assert f.persona == "sales"
+    await f.update_settings({"agent": "sales", "unknown": 1})
+    assert f.agent == "sales"
     await f.update_settings({"enabled": False})
     assert await f.filter("**Hi** 😀") == "**Hi** 😀"
 
 
-def test_factory_returns_one_voice_filter_for_the_persona() -> None:
+def test_factory_returns_one_voice_filter_for_the_agent() -> None:
     filters = voice_text_filters("support")
     assert len(filters) == 1
-    assert isinstance(filters[0], VoiceTextFilter) and filters[0].persona == "support"
+    assert isinstance(filters[0], VoiceTextFilter) and filters[0].agent == "support"
 
 
 class RecordingTTS(OfflineTTSService):
@@ -236,4 +236,4 @@ async def test_tts_service_speaks_the_cleaned_text(warnings_logged: list[str]) -
         "emoji",
         "markdown",
     ]
-    assert all(m.startswith("Persona 'support' ") for m in warnings_logged)
+    assert all(m.startswith("Agent 'support' ") for m in warnings_logged)

@@ -21,7 +21,7 @@ from pipecat.frames.frames import (
 from pipecat.tests.utils import run_test
 from pydantic import ValidationError
 
-from phonebot.ai.personas import CAMPAIGNS, opening_line
+from phonebot.agents.agent import opening_line
 from phonebot.call.voicemail import AmdGate, AnsweringMachineScreen, amd_requested
 from phonebot.emulator import (
     Hangup,
@@ -38,13 +38,13 @@ from phonebot.twilio.dialout import DialoutRequest, place_call
 from phonebot.twilio.twiml import ParameterError
 from phonebot.web.app import create_app
 from phonebot.web.services import app_services
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings, shipped_agent
 from tests.live_server import free_port
 from tests.test_call_control import assert_hung_up_after_playout, phone  # noqa: F401
 from tests.test_calls import dialout, say
 from tests.test_http import FORM, signed_post, stream_of
 
-SUMMER_SALE = CAMPAIGNS["summer_sale"]
+SUMMER_SALE = shipped_agent("summer_sale")
 AMD_FORM = {
     "CallSid": "CA" + "2" * 32,
     "AccountSid": ACCOUNT_SID,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.transcriptions.language import Language
 
-from phonebot.ai.personas import Persona
+from phonebot.agents.agent import Agent
 from phonebot.ai.voice_text import voice_text_filters
 from phonebot.config import Settings
 from phonebot.pipecat_compat import bound_openai_client
@@ -36,14 +36,14 @@ def call_voice(settings: Settings) -> Voice:
     return Voice(voice=settings.tts_voice, language=Language(settings.language))
 
 
-def _tts_extras(persona: Persona) -> dict:
+def _tts_extras(agent: Agent) -> dict:
     """What every TTS gets: text made speakable first (see phonebot.ai.voice_text).
 
     `text_filters` is deprecated in Pipecat 1.14 in favour of `text_transforms`, but the
     transforms are never reset between replies, and the filter keeps per-reply state
     (open code blocks, which warnings it has logged); keep the filter hook until then.
     """
-    return {"text_filters": voice_text_filters(persona.name)}
+    return {"text_filters": voice_text_filters(agent.name)}
 
 
 def _secret(value) -> str:
@@ -65,7 +65,7 @@ def _has_openai_key(settings: Settings) -> bool:
     return bool(_secret(settings.openai_api_key))
 
 
-def _deepgram_stt(settings: Settings, persona: Persona) -> FrameProcessor:
+def _deepgram_stt(settings: Settings, agent: Agent) -> FrameProcessor:
     from pipecat.services.deepgram.stt import DeepgramSTTService
 
     return DeepgramSTTService(
@@ -74,7 +74,7 @@ def _deepgram_stt(settings: Settings, persona: Persona) -> FrameProcessor:
     )
 
 
-def _openai_stt(settings: Settings, persona: Persona) -> FrameProcessor:
+def _openai_stt(settings: Settings, agent: Agent) -> FrameProcessor:
     from pipecat.services.openai.stt import OpenAISTTService
 
     service = OpenAISTTService(
@@ -87,15 +87,15 @@ def _openai_stt(settings: Settings, persona: Persona) -> FrameProcessor:
     return _fail_fast(service, settings.speech_timeout_s)
 
 
-def _offline_stt(settings: Settings, persona: Persona) -> FrameProcessor:
+def _offline_stt(settings: Settings, agent: Agent) -> FrameProcessor:
     from phonebot.ai.offline.stt import OfflineSTTService
 
     # Pocketsphinx on 8 kHz phone audio is only usable when limited to the words a caller
-    # is likely to say to this persona (see README, "offline engines"). English only.
-    return OfflineSTTService(vocabulary=persona.offline_vocabulary())
+    # is likely to say to this agent (see README, "offline engines"). English only.
+    return OfflineSTTService(vocabulary=agent.offline_vocabulary())
 
 
-def _openai_llm(settings: Settings, persona: Persona) -> FrameProcessor:
+def _openai_llm(settings: Settings, agent: Agent) -> FrameProcessor:
     from pipecat.services.openai.llm import OpenAILLMService
 
     service = OpenAILLMService(
@@ -107,13 +107,13 @@ def _openai_llm(settings: Settings, persona: Persona) -> FrameProcessor:
     return _fail_fast(service, settings.llm_timeout_s)
 
 
-def _offline_llm(settings: Settings, persona: Persona) -> FrameProcessor:
+def _offline_llm(settings: Settings, agent: Agent) -> FrameProcessor:
     from phonebot.ai.offline.responder import OfflineResponder
 
-    return OfflineResponder(persona=persona)
+    return OfflineResponder(agent=agent)
 
 
-def _cartesia_tts(settings: Settings, persona: Persona) -> FrameProcessor:
+def _cartesia_tts(settings: Settings, agent: Agent) -> FrameProcessor:
     from pipecat.services.cartesia.tts import CartesiaTTSService
 
     voice = call_voice(settings)
@@ -122,11 +122,11 @@ def _cartesia_tts(settings: Settings, persona: Persona) -> FrameProcessor:
         settings=CartesiaTTSService.Settings(
             voice=voice.voice or settings.cartesia_voice_id, language=voice.language
         ),
-        **_tts_extras(persona),
+        **_tts_extras(agent),
     )
 
 
-def _openai_tts(settings: Settings, persona: Persona) -> FrameProcessor:
+def _openai_tts(settings: Settings, agent: Agent) -> FrameProcessor:
     from pipecat.services.openai.tts import OpenAITTSService
 
     service = OpenAITTSService(
@@ -137,16 +137,16 @@ def _openai_tts(settings: Settings, persona: Persona) -> FrameProcessor:
             voice=call_voice(settings).voice or settings.openai_tts_voice,
         ),
         sample_rate=OPENAI_TTS_SAMPLE_RATE,
-        **_tts_extras(persona),
+        **_tts_extras(agent),
     )
     return _fail_fast(service, settings.speech_timeout_s)
 
 
-def _offline_tts(settings: Settings, persona: Persona) -> FrameProcessor:
+def _offline_tts(settings: Settings, agent: Agent) -> FrameProcessor:
     from phonebot.ai.offline.tts import OfflineTTSService
 
     voice = call_voice(settings)
-    return OfflineTTSService(voice=voice.voice, language=voice.language, **_tts_extras(persona))
+    return OfflineTTSService(voice=voice.voice, language=voice.language, **_tts_extras(agent))
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class Provider:
 
     name: str
     is_configured: Callable[[Settings], bool]
-    build: Callable[[Settings, Persona], FrameProcessor]
+    build: Callable[[Settings, Agent], FrameProcessor]
 
 
 def _always(settings: Settings) -> bool:
@@ -216,9 +216,9 @@ class CallServices:
     tts: FrameProcessor
 
 
-def build_services(settings: Settings, persona: Persona) -> CallServices:
+def build_services(settings: Settings, agent: Agent) -> CallServices:
     return CallServices(
-        stt=choose(STT_PROVIDERS, settings).build(settings, persona),
-        llm=choose(LLM_PROVIDERS, settings).build(settings, persona),
-        tts=choose(TTS_PROVIDERS, settings).build(settings, persona),
+        stt=choose(STT_PROVIDERS, settings).build(settings, agent),
+        llm=choose(LLM_PROVIDERS, settings).build(settings, agent),
+        tts=choose(TTS_PROVIDERS, settings).build(settings, agent),
     )

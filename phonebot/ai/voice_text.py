@@ -3,9 +3,9 @@
 Everything the LLM writes is spoken, so before TTS this strips what cannot be spoken —
 markdown, emojis and other pictographs, URLs, image references — and expands written
 abbreviations ("e.g." → "for example", "Dr. Lee" → "Doctor Lee", "&" → "and"). When something
-unspeakable is removed, a warning names the persona whose prompt let it through.
+unspeakable is removed, a warning names the agent whose prompt let it through.
 
-It plugs into Pipecat's text-filter hook: pass ``voice_text_filters(persona)`` as a TTS
+It plugs into Pipecat's text-filter hook: pass ``voice_text_filters(agent)`` as a TTS
 service's ``text_filters=``. The service calls the filter on each aggregated sentence (or on
 each token in token-streaming mode) just before synthesis; the LLM context keeps the text as
 written. Everything here works on one chunk at a time; the only state carried across chunks of a
@@ -188,18 +188,18 @@ class VoiceTextFilter(BaseTextFilter):
     before a name at a sentence start or after a lowercase word ("Saint"), "&" and "%".
     Ambiguous cases are left to the TTS.
 
-    The first removal of each kind in a reply is logged as a warning naming the persona.
+    The first removal of each kind in a reply is logged as a warning naming the agent.
     """
 
-    def __init__(self, persona: str, *, enabled: bool = True) -> None:
+    def __init__(self, agent: str, *, enabled: bool = True) -> None:
         """Create the filter.
 
         Args:
-            persona: Name of the persona whose speech this filters; named in the warnings.
+            agent: Name of the agent whose speech this filters; named in the warnings.
             enabled: Whether to filter at all (can be changed with ``update_settings``).
         """
         super().__init__()
-        self._persona = persona
+        self._agent = agent
         self._enabled = enabled
         self._strip_markdown = StripMarkdown(strip_urls=False)
         self._in_code_block = False
@@ -207,14 +207,14 @@ class VoiceTextFilter(BaseTextFilter):
         self._warned: set[str] = set()
 
     @property
-    def persona(self) -> str:
-        """Name of the persona named in the warnings."""
-        return self._persona
+    def agent(self) -> str:
+        """Name of the agent named in the warnings."""
+        return self._agent
 
     async def update_settings(self, settings: Mapping[str, Any]):
-        """Change ``persona`` or ``enabled`` at runtime; other keys are ignored."""
-        if "persona" in settings:
-            self._persona = str(settings["persona"])
+        """Change ``agent`` or ``enabled`` at runtime; other keys are ignored."""
+        if "agent" in settings:
+            self._agent = str(settings["agent"])
         if "enabled" in settings:
             self._enabled = bool(settings["enabled"])
 
@@ -248,7 +248,7 @@ class VoiceTextFilter(BaseTextFilter):
         text = _tidy_gaps(self._remove(_EMOJI, text, EMOJI))
         text = _expand_abbreviations(text)
         if text != original:
-            logger.trace(f"[{self._persona}] voice text: {original!r} -> {text!r}")
+            logger.trace(f"[{self._agent}] voice text: {original!r} -> {text!r}")
         return text
 
     # -- removal helpers --------------------------------------------------------------------------
@@ -258,7 +258,7 @@ class VoiceTextFilter(BaseTextFilter):
             return
         self._warned.add(kind)
         logger.warning(
-            f"Persona {self._persona!r} wrote unspeakable {kind}; removed it before TTS: "
+            f"Agent {self._agent!r} wrote unspeakable {kind}; removed it before TTS: "
             f"{_excerpt(text, start)!r}"
         )
 
@@ -414,6 +414,6 @@ def _and(match: re.Match[str]) -> str:
     return ("" if at_start else " ") + "and" + ("" if at_end else " ")
 
 
-def voice_text_filters(persona: str) -> list[BaseTextFilter]:
-    """The filters to pass as a TTS service's ``text_filters=`` for ``persona``'s speech."""
-    return [VoiceTextFilter(persona)]
+def voice_text_filters(agent: str) -> list[BaseTextFilter]:
+    """The filters to pass as a TTS service's ``text_filters=`` for ``agent``'s speech."""
+    return [VoiceTextFilter(agent)]

@@ -26,7 +26,7 @@ from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.llm_service import FunctionCallParams
 
-from phonebot.ai.personas import Persona, outcome_problems
+from phonebot.agents.agent import Agent, outcome_problems
 from phonebot.call.playout import PlayoutTracker
 from phonebot.call.tasks import CallTasks
 from phonebot.call.tools import END_CALL, OPT_OUT, RECORD_OUTCOME, TRANSFER_CALL
@@ -88,7 +88,7 @@ class CallControl:
         self,
         worker: PipelineWorker,
         context: LLMContext,
-        persona: Persona,
+        agent: Agent,
         settings: Settings,
         playout: PlayoutTracker,
         call: CallSession,
@@ -97,7 +97,7 @@ class CallControl:
     ):
         self._worker = worker
         self._context = context
-        self._persona = persona
+        self._agent = agent
         self._settings = settings
         self._playout = playout
         self._call = call
@@ -174,7 +174,7 @@ class CallControl:
 
     async def end_call_tool(self, params: FunctionCallParams) -> None:
         """The `end_call` function, for the LLM and the offline responder alike."""
-        goodbye = str(params.arguments.get("goodbye") or self._persona.goodbye)
+        goodbye = str(params.arguments.get("goodbye") or self._agent.goodbye)
         result = {"status": "ending call"}
         self._records.function_call(END_CALL, params.arguments, result)
         await params.result_callback(result, properties=FunctionCallResultProperties(run_llm=False))
@@ -183,10 +183,10 @@ class CallControl:
     # --- outcomes and opt-out --------------------------------------------------------
 
     async def record_outcome_tool(self, params: FunctionCallParams) -> None:
-        """The `record_outcome` function: check the fields against the persona's, store them
+        """The `record_outcome` function: check the fields against the agent's, store them
         on the call's record; the conversation goes on (the LLM answers the caller)."""
         fields = dict(params.arguments)
-        problems = outcome_problems(self._persona, fields)
+        problems = outcome_problems(self._agent, fields)
         if problems:
             result: dict = {"error": "; ".join(problems)}
         else:
@@ -206,7 +206,7 @@ class CallControl:
             logger.warning(f"Call {self._call.call_sid}: opt-out with no number to list")
         self._records.function_call(OPT_OUT, params.arguments, result)
         await params.result_callback(result, properties=FunctionCallResultProperties(run_llm=False))
-        self._tasks.spawn(self.end_call(self._persona.opt_out_confirmation, EndReason.OPTED_OUT))
+        self._tasks.spawn(self.end_call(self._agent.opt_out_confirmation, EndReason.OPTED_OUT))
 
     # --- transfer -----------------------------------------------------------------
 
@@ -261,7 +261,7 @@ class CallControl:
         if self._ending:
             return
         if self._unanswered_reprompts >= self._settings.max_reprompts:
-            await self.end_call(self._persona.goodbye, EndReason.SILENCE)
+            await self.end_call(self._agent.goodbye, EndReason.SILENCE)
             return
         self._unanswered_reprompts += 1
         prompt = last_question(self._context) or self._settings.reprompt_phrase

@@ -26,11 +26,14 @@ from pipecat.turns.user_start import BaseUserTurnStartStrategy
 from pipecat.turns.user_stop import BaseUserTurnStopStrategy
 from pipecat.workers.runner import WorkerRunner
 
-from phonebot.ai.personas import Persona, opening_line
+from phonebot.agents.agent import Agent, opening_line
 from phonebot.ai.providers import CallServices
+from phonebot.call.agent_tools import register_agent_tools
+from phonebot.call.analysis import PostCallAnalysis, post_call_analysis
 from phonebot.call.bot_speech import BotSpeechLog
 from phonebot.call.control import CallControl, EndReason
 from phonebot.call.deps import CallDeps
+from phonebot.call.knowledge_search import register_knowledge_search
 from phonebot.call.opener import CallOpener
 from phonebot.call.pipeline import call_pipeline
 from phonebot.call.playout import PlayoutTracker
@@ -44,22 +47,22 @@ from phonebot.records.recording import CallRecorder
 from phonebot.twilio.stream import CallSession, TwilioMarkSerializer
 
 
-def system_prompt(persona: Persona, session: CallSession) -> str:
-    """The persona's instructions plus how this call opens."""
-    opening = opening_line(persona, session.parameters)
+def system_prompt(agent: Agent, session: CallSession) -> str:
+    """The agent's instructions plus how this call opens."""
+    opening = opening_line(agent, session.parameters)
     if session.direction == "outbound":
         return (
-            f"{persona.system_prompt()} You placed this call and the callee has just "
+            f"{agent.system_prompt()} You placed this call and the callee has just "
             f"picked up. Your first reply must be exactly: {opening}"
         )
-    return f"{persona.system_prompt()} You have already greeted the caller with: {opening}"
+    return f"{agent.system_prompt()} You have already greeted the caller with: {opening}"
 
 
 class PhoneCall:
     """One verified call, from its pipeline's start to the record of how it ended.
 
-    `session` is the call as Twilio's stream announced it; `persona` and `settings` are
-    already the persona's; `recorder` is None unless the call is recorded; `deps` is what
+    `session` is the call as Twilio's stream announced it; `agent` and `settings` are
+    already the agent's; `recorder` is None unless the call is recorded; `deps` is what
     the call borrows from its app (phonebot.call.deps).
     """
 
@@ -68,7 +71,7 @@ class PhoneCall:
         transport: BaseTransport,
         session: CallSession,
         settings: Settings,
-        persona: Persona,
+        agent: Agent,
         services: CallServices,
         *,
         serializer: TwilioMarkSerializer | None = None,
@@ -78,7 +81,7 @@ class PhoneCall:
         self.transport = transport
         self.session = session
         self.settings = settings
-        self.persona = persona
+        self.agent = agent
         self.services = services
         self.serializer = serializer  # without it (another transport), no transfers
         self.recorder = recorder
@@ -87,8 +90,8 @@ class PhoneCall:
         self.bot_speech = BotSpeechLog(call_sid, settings)  # "Call … bot says: …"
         self.bot_speech.watch(services.llm)
         self.context = LLMContext(
-            messages=[{"role": "system", "content": system_prompt(persona, session)}],
-            tools=ToolsSchema(standard_tools=call_tools(settings, serializer, persona)),
+            messages=[{"role": "system", "content": system_prompt(agent, session)}],
+            tools=ToolsSchema(standard_tools=call_tools(settings, serializer, agent)),
         )
         # "Call … turn timing {…}" per turn, at DEBUG (INFO with LOG_TURN_TIMING)
         self.timeline = TurnTimeline(call_sid, "INFO" if settings.log_turn_timing else "DEBUG")
@@ -108,7 +111,7 @@ class PhoneCall:
         self.control = CallControl(
             self.worker,
             self.context,
-            persona,
+            agent,
             settings,
             self.playout,
             session,
@@ -124,7 +127,7 @@ class PhoneCall:
             self.control.end_call,
             self.deps.metrics,
         )
-        opening = opening_line(persona, session.parameters)
+        opening = opening_line(agent, session.parameters)
         self.opener = CallOpener(self.worker, opening, session.direction, settings)
         self.reply_latencies = ReplyLatencies(self.timeline.logged)  # for the transcript
         self._register_handlers()
@@ -136,6 +139,11 @@ class PhoneCall:
         llm.register_function(TRANSFER_CALL, control.transfer_call_tool)
         llm.register_function(OPT_OUT, control.opt_out_tool)
         llm.register_function(RECORD_OUTCOME, control.record_outcome_tool)
+        register_agent_tools(
+            llm, self.agent, self.session, self.worker, self.call_log,
+            self.settings.tools_webhook_secret,
+        )  # fmt: skip
+        register_knowledge_search(llm, self.agent.knowledge, self.call_log)
         user, assistant = self.user_aggregator, self.assistant_aggregator
         user.add_event_handler("on_user_turn_started", self.on_user_turn_started)
         user.add_event_handler("on_user_turn_idle", self.on_user_turn_idle)
@@ -158,10 +166,13 @@ class PhoneCall:
         try:
             await runner.run()
         finally:
-            self._finish()
+            analysis = self._finish()
+        if analysis is not None:  # no app to run it in the background: now, the call over
+            await analysis.run()
 
-    def _finish(self) -> None:
-        """Cancel the call's timers and tasks; log and record how it ended."""
+    def _finish(self) -> PostCallAnalysis | None:
+        """Cancel the call's timers and tasks; log and record how it ended; start its
+        post-call analysis in the app's jobs, or return it when there are none."""
         if self.deps.metrics is not None:
             self.deps.metrics.call_ended()
         if self.deps.calls is not None:
@@ -180,6 +191,15 @@ class PhoneCall:
             f"Call {call.call_sid} ended after {self.control.duration_s():.1f} s "
             f"({end_reason}): {call.direction}, parameters={call.loggable_parameters()}"
         )
+        analysis = post_call_analysis(
+            self.agent, self.settings, self.call_log, direction=call.direction,
+            messages=self.context.get_messages(), end_reason=end_reason,
+            duration_s=self.control.duration_s(),
+        )  # fmt: skip
+        if analysis is not None and self.deps.analyses is not None:
+            self.deps.analyses.submit(analysis)  # in the background: nothing waits for it
+            return None
+        return analysis
 
     async def end_idle(self) -> None:
         """No one spoke for the idle timeout: a stuck or abandoned stream (the watchdog in
@@ -194,16 +214,16 @@ class PhoneCall:
     # --- Pipecat's events -----------------------------------------------------------------
 
     async def on_client_connected(self, transport: BaseTransport, client: object) -> None:
-        call, persona = self.session, self.persona
+        call, agent = self.session, self.agent
         logger.info(
-            f"Call {call.call_sid} started: {call.direction}, persona={persona.name}, "
+            f"Call {call.call_sid} started: {call.direction}, agent={agent.name}@{agent.version}, "
             f"parameters={call.loggable_parameters()}"
         )
         self.call_log.started(
-            direction=call.direction, persona=persona.name, parameters=call.parameters
+            direction=call.direction, persona=agent.name, parameters=call.parameters
         )
         self.control.start_duration_limit()
-        self.screen.start(self.control, persona, converse=self.opener.start)
+        self.screen.start(self.control, agent, converse=self.opener.start)
 
     async def on_client_disconnected(self, transport: BaseTransport, client: object) -> None:
         self.control.note_end(EndReason.CALLER_HUNG_UP)

@@ -8,15 +8,17 @@ Cloud. `run_bot` builds and runs a call that has already been verified.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from fastapi import WebSocket
 from pipecat.transports.base_transport import BaseTransport
 
-from phonebot.ai.personas import select_persona
+from phonebot.agents.loader import load_agents
+from phonebot.agents.selection import AgentSet
 from phonebot.ai.providers import build_services
 from phonebot.call.deps import CallDeps
 from phonebot.call.phone_call import PhoneCall
-from phonebot.config import Settings, for_persona, get_settings
+from phonebot.config import Settings, for_agent, get_settings
 from phonebot.ops.metrics import INVALID_STREAM, STREAM
 from phonebot.records.recording_store import call_recorder
 from phonebot.twilio.stream import (
@@ -80,20 +82,29 @@ async def run_bot(
     borrows from its app (records, running calls, AMD verdicts, metrics); None: nothing.
     """
     deps = deps or CallDeps()
-    persona = select_persona(session.parameters)
-    settings = for_persona(settings or get_settings(), persona)
+    settings = settings or get_settings()
+    agent = call_agents(deps, settings).select(session.parameters)
+    settings = for_agent(settings, agent)
     # RECORD_CALLS: a stereo WAV of the call (phonebot.records.recording); announced.
     recorder = call_recorder(deps.records, session.call_sid, settings)
-    persona = persona.announcing_recording() if recorder else persona
-    services = build_services(settings, persona)
+    agent = agent.announcing_recording() if recorder else agent
+    services = build_services(settings, agent)
     call = PhoneCall(
         transport,
         session,
         settings,
-        persona,
+        agent,
         services,
         serializer=serializer,
         recorder=recorder,
         deps=deps,
     )
     await call.run()
+
+
+def call_agents(deps: CallDeps, settings: Settings) -> AgentSet:
+    """The agents in use: the app's (reloadable), else AGENTS_DIR read now (a test, or a
+    Pipecat Cloud session whose bot() was given none)."""
+    if deps.agents is not None:
+        return deps.agents.current
+    return load_agents(Path(settings.agents_dir), settings)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 
-from phonebot.ai.personas import Persona
+from phonebot.agents.agent import Agent
+from phonebot.agents.knowledge import SEARCH_KNOWLEDGE_TOOL
+from phonebot.agents.tools import tool_schema
 from phonebot.config import Settings
 from phonebot.twilio.stream import TwilioMarkSerializer
 
@@ -47,13 +49,13 @@ OPT_OUT_TOOL = FunctionSchema(
 )
 
 
-def record_outcome_tool(persona: Persona) -> FunctionSchema | None:
-    """`record_outcome` with one property per outcome field of the persona (allowed values
-    as an enum), or None when the persona records no outcomes."""
-    if not persona.outcome_fields:
+def record_outcome_tool(agent: Agent) -> FunctionSchema | None:
+    """`record_outcome` with one property per outcome field of the agent (allowed values
+    as an enum), or None when the agent records no outcomes."""
+    if not agent.outcome_fields:
         return None
     properties = {}
-    for spec in persona.outcome_fields:
+    for spec in agent.outcome_fields:
         prop: dict = {"type": "string", "description": spec.description}
         if spec.values:
             prop["enum"] = list(spec.values)
@@ -70,11 +72,19 @@ def record_outcome_tool(persona: Persona) -> FunctionSchema | None:
 
 
 def call_tools(
-    settings: Settings, serializer: TwilioMarkSerializer | None, persona: Persona | None = None
+    settings: Settings, serializer: TwilioMarkSerializer | None, agent: Agent | None = None
 ) -> list[FunctionSchema]:
     """The functions the LLM may call: hang up and opt out always; transfer when there is a
-    target; record_outcome when the persona has outcome fields."""
+    target; record_outcome when the agent has outcome fields; the agent file's own tools;
+    search_knowledge when its knowledge is too big for the prompt."""
     can_transfer = bool(settings.transfer_target) and serializer
     tools = [END_CALL_TOOL, TRANSFER_TOOL] if can_transfer else [END_CALL_TOOL]
-    outcome_tool = record_outcome_tool(persona) if persona is not None else None
-    return [*tools, OPT_OUT_TOOL, *([outcome_tool] if outcome_tool else [])]
+    tools.append(OPT_OUT_TOOL)
+    if agent is None:
+        return tools
+    if (outcome_tool := record_outcome_tool(agent)) is not None:
+        tools.append(outcome_tool)
+    tools += [tool_schema(spec, agent.python_tools.get(spec.name)) for spec in agent.tools]
+    if agent.knowledge is not None and agent.knowledge.searched():
+        tools.append(SEARCH_KNOWLEDGE_TOOL)
+    return tools

@@ -9,7 +9,7 @@ so the bot knows to wait for that verdict before saying anything.
 While the verdict is pending the bot must neither open nor answer: a machine's greeting
 would otherwise be taken for the callee's "Hello?" and the pitch spoken over it, and would
 barge in on the message the bot leaves. `AmdGate` mutes the callee until a human is
-confirmed. Then, on a machine, the bot leaves the persona's `voicemail` line and hangs up;
+confirmed. Then, on a machine, the bot leaves the agent's `voicemail` line and hangs up;
 on a human (or no clear verdict) it opens at once: Twilio decided "human" because the
 callee has already spoken, so waiting for another "Hello?" would only add silence.
 
@@ -35,7 +35,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from phonebot.ai.personas import Persona, opening_line
+from phonebot.agents.agent import Agent, opening_line
 from phonebot.twilio.amd import AMD_PARAMETER, AMD_REQUESTED, MACHINE_ANSWERS
 
 if TYPE_CHECKING:  # only their types: the bot hands us its CallControl and verdicts
@@ -127,25 +127,25 @@ class AnsweringMachineScreen:
         self._task: asyncio.Task | None = None
 
     def start(
-        self, control: CallControl, persona: Persona, converse: Callable[[], Awaitable[None]]
+        self, control: CallControl, agent: Agent, converse: Callable[[], Awaitable[None]]
     ) -> None:
         """Screen the call in the background; `converse` opens a call that isn't screened."""
-        self._task = asyncio.create_task(self._run(control, persona, converse))
+        self._task = asyncio.create_task(self._run(control, agent, converse))
 
     def stop(self) -> None:
         if self._task:
             self._task.cancel()
 
     async def _run(
-        self, control: CallControl, persona: Persona, converse: Callable[[], Awaitable[None]]
+        self, control: CallControl, agent: Agent, converse: Callable[[], Awaitable[None]]
     ) -> None:
         try:
-            await self.screen(control, persona, converse)
+            await self.screen(control, agent, converse)
         except Exception:  # a background task's failure would otherwise go unseen
             logger.exception(f"Call {self.call_sid}: answering-machine screening failed")
 
     async def screen(
-        self, control: CallControl, persona: Persona, converse: Callable[[], Awaitable[None]]
+        self, control: CallControl, agent: Agent, converse: Callable[[], Awaitable[None]]
     ) -> str:
         """Wait for the verdict and act on it; returns what was done, as logged."""
         if not self.requested:
@@ -160,13 +160,13 @@ class AnsweringMachineScreen:
         outcome = self._outcome(self.answered_by)
         logger.info(f"Call {self.call_sid} voicemail: {verdict} -> {outcome}")
         if outcome == "left message":
-            await control.end_call(persona.voicemail, VOICEMAIL_END_REASON)
+            await control.end_call(agent.voicemail, VOICEMAIL_END_REASON)
         elif outcome == "hung up":
             control.note_end(FAX_END_REASON)
             await self.gate.end_pipeline(FAX_END_REASON)
         else:
             self.gate.unmute()
-            await self.gate.speak(opening_line(persona, self._parameters))
+            await self.gate.speak(opening_line(agent, self._parameters))
         return outcome
 
     @staticmethod

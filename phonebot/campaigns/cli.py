@@ -1,7 +1,7 @@
 """`python -m phonebot.campaigns`: campaigns from a terminal, through the server's API.
 
     python -m phonebot.campaigns start contacts.csv --param campaign_id=summer_sale \\
-        --window 09:00-20:00 --max-concurrent 5
+        --window 09:00-20:00 --max-concurrent 5 [--agent summer_sale]
     python -m phonebot.campaigns list
     python -m phonebot.campaigns status cmp_0123…      [--json]
     python -m phonebot.campaigns pause|resume|cancel cmp_0123…
@@ -109,6 +109,8 @@ def _start_parser(start: argparse.ArgumentParser) -> None:
     start.add_argument("--name", help="default: the file's name")
     start.add_argument("--param", action="append", type=parse_param, default=[],
                        metavar="NAME=VALUE", help="a stream parameter for every call")
+    start.add_argument("--agent", metavar="NAME", help="the agent that talks on every call "
+                       "(its file's name; python -m phonebot.agents check lists them)")
     start.add_argument("--window", type=_window, default=("09:00", "20:00"),
                        metavar="HH:MM-HH:MM", help="local time of each contact")
     start.add_argument("--days", type=_days, default=list(DAYS), help="e.g. mon,tue,wed")
@@ -129,6 +131,7 @@ def campaign_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "name": args.name or args.contacts.stem,
         "parameters": dict(args.param),
+        "agent": args.agent,
         "window": {"start": args.window[0], "end": args.window[1], "days": args.days},
         "max_concurrent": args.max_concurrent,
         "calls_per_minute": args.calls_per_minute,
@@ -236,7 +239,9 @@ def run(client: httpx.Client, args: argparse.Namespace, out: TextIO) -> None:
 
 def describe(detail: CampaignDetail) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in detail.counts.items())
-    lines = [f"{detail.id}  {detail.name}: {detail.status}  ({counts}; {detail.total} contacts)"]
+    agent = f"  agent {detail.agent}" if detail.agent else ""
+    lines = [f"{detail.id}  {detail.name}: {detail.status}  ({counts}; {detail.total} contacts)"
+             f"{agent}"]
     for c in detail.contacts:
         outcome = f"  {c.outcome}" if c.outcome else ""
         fields = f"  {json.dumps(c.outcomes)}" if c.outcomes else ""

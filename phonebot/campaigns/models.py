@@ -5,10 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
+from phonebot.agents.selection import AGENT_PARAMETER
 from phonebot.campaigns.windows import DAYS, parse_hhmm
 from phonebot.phone_numbers import E164
+from phonebot.twilio.dialout import one_agent
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 Outcome = Literal["busy", "no-answer", "failed", "voicemail"]
@@ -82,6 +92,11 @@ class CampaignIn(BaseModel):
     parameters: dict[str, str] = Field(
         default_factory=dict, description="Stream parameters for every call, e.g. campaign_id"
     )
+    agent: str | None = Field(
+        None, min_length=1, max_length=64,
+        description="The agent that talks on every call (an agent file's name; GET /agents), "
+        "whatever the parameters would pick; kept as the parameter `agent`",
+    )  # fmt: skip
     contacts: list[ContactIn] = Field(min_length=1)
     window: WindowIn = Field(default_factory=WindowIn)
     max_concurrent: int = Field(5, ge=1, le=1000)
@@ -103,10 +118,23 @@ class CampaignIn(BaseModel):
             )
         return value
 
+    @field_validator("agent")
+    @classmethod
+    def _one_agent(cls, agent: str | None, info: ValidationInfo) -> str | None:
+        return one_agent(agent, info.data.get("parameters", {}))
+
     @model_validator(mode="after")
     def _period(self) -> CampaignIn:
         if self.start_at and self.end_at and self.end_at <= self.start_at:
             raise ValueError("end_at must be after start_at")
+        return self
+
+    @model_validator(mode="after")
+    def _agent_is_a_parameter(self) -> CampaignIn:
+        """The named agent travels with every call as its `agent` parameter (the campaign's
+        parameters are stored and dialed as they are: no column of its own)."""
+        if self.agent is not None:
+            self.parameters = {**self.parameters, AGENT_PARAMETER: self.agent}
         return self
 
 
@@ -160,6 +188,11 @@ class CampaignDetail(CampaignSummary):
     end_at: datetime | None
     duplicates: list[dict[str, Any]]
     contacts: list[ContactOut]
+
+    @computed_field(description="The agent named for every call (its `agent` parameter)")
+    @property
+    def agent(self) -> str | None:
+        return self.parameters.get(AGENT_PARAMETER)
 
 
 class CampaignList(BaseModel):

@@ -21,6 +21,23 @@ that service; `DELETE /_emulator/faults` clears them; `GET /_emulator/requests` 
 requests per service; `PUT /_emulator/transcript` {"text": ...} sets what STT "hears".
 An openai client with default options retries 5xx and timeouts twice: a fault meant to
 reach the caller of such a client needs `times` = 1 + its retries.
+
+Scripted LLM replies, so a test can drive the bot's function calls end to end:
+- `PUT /_emulator/replies` {"replies": [{"text": "..."} | {"function": "name",
+  "arguments": {...}}, ...]} appends to a first-in first-out queue; each answered
+  `POST /v1/chat/completions` pops one (a request failed by a fault pops none). A function
+  reply is sent the way OpenAI sends a tool call: streamed, a first `delta.tool_calls`
+  chunk with index/id/type/function.name and empty arguments, then the arguments in
+  pieces, then finish_reason "tool_calls" (usage chunk if asked, `[DONE]`); not streamed,
+  `message.tool_calls` with finish_reason "tool_calls". Pipecat's OpenAILLMService then
+  runs the function registered under that name and asks again with its result.
+  `DELETE /_emulator/replies` empties the queue; both answer {"replies": [what is queued]}.
+- With the queue empty the answer is the echo above, except after a tool result (the last
+  message has role "tool", or only assistant text such as a spoken filler follows it):
+  "Here is what I found: <that message's content, whitespace collapsed, first 200
+  characters>." so a test can hear the tool's result spoken.
+- `GET /_emulator/chat`: the last 20 chat request bodies as received (messages, tools,
+  ...), oldest first, so a test can check what the LLM was given.
 """
 
 from __future__ import annotations
@@ -32,13 +49,14 @@ import json
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from phonebot.emulator.ai_speech import speech_master, speech_pcm
 from phonebot.emulator.loopback import LoopbackServer
@@ -51,6 +69,10 @@ DEFAULT_TRANSCRIPT = "I would like to know your opening hours please"
 ANSWER = "We are open from nine to five, Monday to Friday. Is there anything else I can help with?"
 GREETING = "Hello, thanks for calling. How can I help you today?"
 MAX_ECHO_CHARS = 120
+MAX_TOOL_ECHO_CHARS = 200
+TOOL_ECHO_PREFIX = "Here is what I found: "
+CHAT_HISTORY = 20  # chat request bodies kept for GET /_emulator/chat
+ARGUMENT_PIECE_CHARS = 16  # streamed tool-call arguments come in pieces, like OpenAI's
 SPEECH_CHUNK_BYTES = 9600  # 200 ms per streamed chunk
 MAX_HANG_S = 300.0
 
@@ -71,8 +93,24 @@ def _text_of(content: object) -> str:
     return content if isinstance(content, str) else ""
 
 
+def _tool_result_last(messages: list) -> dict | None:
+    """The tool message that ends `messages`, looking past assistant text said since (a
+    filler the bot spoke while the tool ran: Pipecat adds it after the tool's result)."""
+    for message in reversed(messages):
+        if not isinstance(message, dict):
+            return None
+        if message.get("role") == "assistant" and not message.get("tool_calls"):
+            continue
+        return message if message.get("role") == "tool" else None
+    return None
+
+
 def reply_for(messages: list) -> str:
-    """The deterministic answer: echo the last user message, then the fixed answer."""
+    """The deterministic answer: echo the last user message, then the fixed answer; right
+    after a tool result, that result (so a test hears what the tool answered)."""
+    if (tool := _tool_result_last(messages)) is not None:
+        found = " ".join(_text_of(tool.get("content")).split())[:MAX_TOOL_ECHO_CHARS]
+        return f"{TOOL_ECHO_PREFIX}{found}."
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
             said = " ".join(_text_of(message.get("content")).split())[:MAX_ECHO_CHARS]
@@ -103,26 +141,80 @@ def _head(body: dict, kind: str) -> dict:
             "system_fingerprint": None}  # fmt: skip
 
 
-def sse_events(body: dict, reply: str) -> list[str]:
-    """OpenAI's chunk sequence: role, content pieces, finish, optional usage, [DONE]."""
+def _stream(body: dict, deltas: list[dict], finish: str, completion: str) -> list[str]:
+    """OpenAI's chunk sequence: `deltas`, the finish chunk, optional usage, [DONE]."""
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     base = _head(body, "chat.completion.chunk")
     usage = {"usage": None} if include_usage else {}
-    words = re.findall(r"\S+\s*", reply)
-    pieces = ["".join(words[i : i + 5]) for i in range(0, len(words), 5)]  # a few chunks
-    events = [_chunk(base, {"role": "assistant", "content": ""}, **usage)]
-    events += [_chunk(base, {"content": piece}, **usage) for piece in pieces]
-    events.append(_chunk(base, {}, "stop", **usage))
+    events = [_chunk(base, delta, **usage) for delta in deltas]
+    events.append(_chunk(base, {}, finish, **usage))
     if include_usage:
-        events.append(_chunk(base, None, usage=_usage(body.get("messages", []), reply)))
+        events.append(_chunk(base, None, usage=_usage(body.get("messages", []), completion)))
     return [*events, "data: [DONE]\n\n"]
 
 
-def _completion(body: dict, reply: str) -> dict:
-    message = {"role": "assistant", "content": reply, "refusal": None}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
-    usage = _usage(body.get("messages", []), reply)
+def sse_events(body: dict, reply: str) -> list[str]:
+    """A text answer streamed: role, content pieces, finish, optional usage, [DONE]."""
+    words = re.findall(r"\S+\s*", reply)
+    pieces = ["".join(words[i : i + 5]) for i in range(0, len(words), 5)]  # a few chunks
+    deltas = [{"role": "assistant", "content": ""}, *({"content": p} for p in pieces)]
+    return _stream(body, deltas, "stop", reply)
+
+
+def tool_call_events(body: dict, call: ToolCall) -> list[str]:
+    """A function call streamed the way OpenAI does it: the first `delta.tool_calls` chunk
+    names the function (index, id, type, empty arguments), the next ones carry the JSON
+    arguments in pieces, and finish_reason is "tool_calls"
+    (https://platform.openai.com/docs/guides/function-calling#streaming)."""
+    named = {"index": 0, "id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": ""}}  # fmt: skip
+    text, step = call.arguments, ARGUMENT_PIECE_CHARS
+    pieces = [text[i : i + step] for i in range(0, len(text), step)]
+    deltas = [{"role": "assistant", "content": None, "tool_calls": [named]}]
+    deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in pieces]
+    return _stream(body, deltas, "tool_calls", text)
+
+
+def _completion(body: dict, reply: str | ToolCall) -> dict:
+    """One JSON body: the answer's text, or its function call in `message.tool_calls`."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply, "refusal": None}
+    finish, completion = "stop", reply
+    if isinstance(reply, ToolCall):
+        function = {"name": reply.name, "arguments": reply.arguments}
+        message["content"], finish, completion = None, "tool_calls", reply.arguments
+        message["tool_calls"] = [{"id": reply.id, "type": "function", "function": function}]
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+    usage = _usage(body.get("messages", []), completion)
     return {**_head(body, "chat.completion"), "choices": [choice], "usage": usage}
+
+
+class ScriptedReply(BaseModel):
+    """One queued LLM answer: a text, or a call of `function` with `arguments`."""
+
+    text: str | None = Field(default=None, max_length=10_000)
+    function: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _text_or_function(self) -> ScriptedReply:
+        if (self.text is None) == (self.function is None):
+            raise ValueError("give either text or function")
+        return self
+
+    def shown(self) -> dict:
+        """As the control API shows it (what was PUT)."""
+        if self.function is None:
+            return {"text": self.text}
+        return {"function": self.function, "arguments": self.arguments}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the LLM answers with: OpenAI's id, the name, the JSON arguments."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass
@@ -135,6 +227,27 @@ class AIApiControls:
     closing: bool = False
     hanging: int = 0  # `timeout` requests still held open
     base_url: str | None = None
+    replies: deque[ScriptedReply] = field(default_factory=deque)
+    chats: deque[dict] = field(default_factory=lambda: deque(maxlen=CHAT_HISTORY))
+    tool_calls: int = 0  # numbers the tool-call ids
+
+    def script(self, replies: list[ScriptedReply]) -> None:
+        """Queue `replies` after those already waiting; each chat completion takes one."""
+        self.replies.extend(replies)
+
+    def scripted(self) -> list[dict]:
+        return [reply.shown() for reply in self.replies]
+
+    def answer(self, messages: list) -> str | ToolCall:
+        """The next scripted reply if one waits, else the deterministic one."""
+        if not self.replies:
+            return reply_for(messages)
+        reply = self.replies.popleft()
+        if reply.function is None:
+            return str(reply.text)
+        self.tool_calls += 1
+        arguments = json.dumps(reply.arguments, separators=(",", ":"))
+        return ToolCall(f"call_emu{self.tool_calls}", reply.function, arguments)
 
     def inject_fault(self, service: Service, kind: FaultKind, times: int = 1) -> None:
         """Fail the next `times` requests to `service` with `kind` (queued after others)."""
@@ -213,10 +326,16 @@ async def chat_completions(request: Request) -> Response:
     payload = _json_object(body)
     if not isinstance(payload.get("messages"), list):
         return _error(400, "messages: expected a list of messages", "messages")
-    reply = reply_for(payload["messages"])
+    controls: AIApiControls = request.app.state.controls
+    controls.chats.append(payload)
+    reply = controls.answer(payload["messages"])
     if not payload.get("stream"):
         return JSONResponse(_completion(payload, reply))
-    return StreamingResponse(_send(sse_events(payload, reply)), media_type="text/event-stream")
+    if isinstance(reply, ToolCall):
+        events = tool_call_events(payload, reply)
+    else:
+        events = sse_events(payload, reply)
+    return StreamingResponse(_send(events), media_type="text/event-stream")
 
 
 async def transcriptions(request: Request) -> Response:
@@ -262,6 +381,10 @@ class TranscriptRequest(BaseModel):
     text: str = Field(min_length=1, max_length=2000)
 
 
+class RepliesRequest(BaseModel):
+    replies: list[ScriptedReply] = Field(max_length=1000)
+
+
 def create_ai_app(transcript: str = DEFAULT_TRANSCRIPT) -> FastAPI:
     """A fresh emulator app; its state (`app.state.controls`) belongs to it alone."""
     logging.getLogger("uvicorn.error").addFilter(_hide_abrupt_close)
@@ -290,6 +413,20 @@ def create_ai_app(transcript: str = DEFAULT_TRANSCRIPT) -> FastAPI:
     async def set_transcript(body: TranscriptRequest) -> dict:
         controls.transcript = body.text
         return {"text": controls.transcript}
+
+    @app.put("/_emulator/replies")
+    async def add_replies(body: RepliesRequest) -> dict:
+        controls.script(body.replies)
+        return {"replies": controls.scripted()}
+
+    @app.delete("/_emulator/replies")
+    async def clear_replies() -> dict:
+        controls.replies.clear()
+        return {"replies": []}
+
+    @app.get("/_emulator/chat")
+    async def recent_chats() -> list[dict]:
+        return list(controls.chats)
 
     return app
 

@@ -8,8 +8,8 @@ digit, so a 10-number list ending 0-9 shows every behaviour).
 
 A callee who answers speaks its lines with the offline TTS into the media stream, each
 after the bot has finished its turn, like `MediaStreamCaller` does for `phonebot.emulator.client`;
-the lines are among the offline STT's phrases for campaign personas
-(`phonebot.ai.personas.OPT_OUT_PHRASES`, the summer sale's `caller_phrases`), so the offline
+the lines are among the offline STT's phrases for campaign agents
+(`phonebot.agents.agent.OPT_OUT_PHRASES`, the summer sale's `caller_phrases`), so the offline
 bot understands them.
 """
 

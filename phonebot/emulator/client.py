@@ -256,9 +256,16 @@ def _bot_vocabulary(offline: bool) -> tuple[str, ...] | None:
     """Every line the offline responder can say; None (the general model) for a real LLM."""
     if not offline:
         return None
+    from phonebot.agents.loader import AgentFileError, load_agents
     from phonebot.ai.offline.responder import offline_bot_phrases
+    from phonebot.config import get_settings
 
-    return tuple(offline_bot_phrases())
+    settings = get_settings()  # the server's AGENTS_DIR, if this terminal has it
+    try:
+        agents = load_agents(Path(settings.agents_dir), settings).agents
+    except AgentFileError:
+        agents = ()  # the fixed lines only; the bot's own lines may be heard less well
+    return tuple(offline_bot_phrases(agents))
 
 
 def _worker_start(offline: bool) -> None:

@@ -71,6 +71,7 @@ def secret_values(settings: Settings) -> list[str]:
         settings.dialout_api_key,
         settings.admin_api_key,
         settings.events_webhook_secret,
+        settings.tools_webhook_secret,
         settings.metrics_token,
         settings.openai_api_key,
         settings.deepgram_api_key,

@@ -35,6 +35,9 @@ class CallLog:
         # line's `at_s` is its turn's start relative to this.
         self._started_at: datetime | None = None
         self._started_mono = time.monotonic()
+        # What the bot recorded (`record_outcome`), kept here too: the post-call analysis
+        # reads it once the call is over (phonebot.call.analysis), records on or off.
+        self.outcomes: dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
@@ -70,6 +73,7 @@ class CallLog:
 
     def outcome(self, fields: Mapping[str, str]) -> None:
         """Outcome fields the bot recorded (`record_outcome`), merged into the record's."""
+        self.outcomes.update({str(k): str(v) for k, v in fields.items()})
         if self.writer is not None:
             self.writer.outcome(self.call_sid, dict(fields))
 
@@ -91,6 +95,12 @@ class CallLog:
             duration_s=round(time.monotonic() - self._started_mono, 3),
             provider_errors=errors,
         )
+
+    def analyzed(self, agent: str, analysis: Mapping[str, Any]) -> None:
+        """The post-call analysis (phonebot.call.analysis): stored on the record, and sent
+        as a `call.analyzed` event."""
+        if self.writer is not None:
+            self.writer.call_analyzed(self.call_sid, agent=agent, analysis=dict(analysis))
 
     # --- the transcript ------------------------------------------------------------------
     def caller_turn(self, text: str | None, started: str | None = None) -> None:
@@ -136,10 +146,26 @@ class CallLog:
             interrupted=interrupted,
         )
 
-    def function_call(self, name: str, arguments: Mapping[str, Any], result: Any) -> None:
-        if self.writer is not None:
-            data = {"name": name, "arguments": dict(arguments), "result": result}
-            self.writer.transcript(self.call_sid, "function", name, data=data)
+    def function_call(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        result: Any,
+        *,
+        error: str | None = None,
+        duration_s: float | None = None,
+    ) -> None:
+        """A function the LLM called: its arguments and what it was given back. An agent's
+        own tools (phonebot.call.agent_tools) also say why they failed (`error`, e.g.
+        "HTTP 503"; `result` is then what the LLM was told) and how long they took."""
+        if self.writer is None:
+            return
+        data = {"name": name, "arguments": dict(arguments), "result": result}
+        if error is not None:
+            data["error"] = error
+        if duration_s is not None:
+            data["duration_s"] = duration_s
+        self.writer.transcript(self.call_sid, "function", name, data=data)
 
     def reprompt(self, text: str) -> None:
         if self.writer is not None:

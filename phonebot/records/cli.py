@@ -44,6 +44,14 @@ def parse_when(text: str) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
+def parse_bool(text: str) -> bool:
+    """true/false (also yes/no, 1/0), as the API's ?success= takes them."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if text.strip().lower() not in value:
+        raise argparse.ArgumentTypeError(f"not true or false: {text!r}")
+    return value[text.strip().lower()]
+
+
 def database_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """The parser of a terminal tool on the records database (`python -m phonebot.records`;
     the campaigns' tool goes through the server's API instead): its docstring as help, and
@@ -96,6 +104,9 @@ def _filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--end-reason")
     parser.add_argument("--status", help="Twilio's final status, e.g. busy")
     parser.add_argument("--number", help="the caller's or the called number")
+    parser.add_argument(
+        "--success", type=parse_bool, help="true or false: the post-call analysis's judgement"
+    )
     parser.add_argument("--since", type=parse_when, help="ISO date or date-time (UTC)")
     parser.add_argument("--until", type=parse_when, help="ISO date or date-time (UTC)")
 
@@ -104,7 +115,7 @@ def _where(args: argparse.Namespace) -> CallFilter:
     return CallFilter(
         direction=args.direction, persona=args.persona, campaign_id=args.campaign_id,
         end_reason=args.end_reason, status=args.status, number=args.number,
-        since=args.since, until=args.until,
+        success=args.success, since=args.since, until=args.until,
     )
 
 
@@ -139,23 +150,39 @@ def print_list(calls: Sequence[CallSummary], out: TextIO) -> None:
     for call in calls:
         outcome = call.end_reason or call.twilio_status or "in progress"
         duration = f"{call.duration_s:6.1f}s" if call.duration_s is not None else "      -"
+        judged = "" if call.success is None else "  success" if call.success else "  no success"
         out.write(
             f"{call.created_at:%Y-%m-%d %H:%M:%S}  {call.call_sid}  {call.direction or '-':8}"
             f"  {call.from_ or '-'} → {call.to or '-'}  {call.persona or '-'}  {duration}"
-            f"  {outcome}\n"
+            f"  {outcome}{judged}\n"
         )
 
 
 def print_call(call: CallDetail, out: TextIO) -> None:
     facts = as_json(call)
     facts.pop("transcript")
+    analysis = facts.pop("analysis")
     for name, value in facts.items():
         if value not in (None, {}, False):
             out.write(f"{name:22} {value}\n")
+    if analysis is not None:
+        print_analysis(analysis, out)
     out.write("transcript:\n")
     for entry in call.transcript:
         at = f"[{entry.at_s:7.2f}s]" if entry.at_s is not None else "[       ]"
         out.write(f"  {at} {describe(entry)}\n")
+
+
+def print_analysis(analysis: dict, out: TextIO) -> None:
+    """The post-call analysis: how it was made, the summary, success and fields."""
+    how = analysis["method"] + (f" ({analysis['error']})" if analysis.get("error") else "")
+    out.write(f"analysis:              {how}\n")
+    if analysis.get("summary"):
+        out.write(f"  summary              {analysis['summary']}\n")
+    if (success := analysis.get("success")) is not None:
+        out.write(f"  success              {success['value']}: {success['reason']}\n")
+    for name, value in (analysis.get("fields") or {}).items():
+        out.write(f"  {name:20} {value}\n")
 
 
 def describe(entry) -> str:
@@ -189,7 +216,7 @@ async def export(store: CallStore, where: CallFilter, fmt: str, out: TextIO) -> 
         if writer is None:
             out.write(json.dumps(row) + "\n")
             continue
-        for name in ("parameters", "provider_errors"):
+        for name in ("parameters", "provider_errors", "analysis"):
             row[name] = json.dumps(row[name]) if row[name] is not None else ""
         writer.writerow(row)
 

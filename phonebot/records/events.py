@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import random
 import time
@@ -34,9 +32,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from phonebot import __version__
 from phonebot.records.schema import EventDelivery, utcnow
 
-SIGNATURE_HEADER = "X-Phonebot-Signature"
+# The signing scheme is shared with the agents' HTTP tools; its names stay importable here.
+from phonebot.signing import SIGNATURE_HEADER, signature_header, verify_signature  # noqa: F401
+
 EVENT_TYPES = (
     "call.started", "call.ended", "call.failed",
+    # The post-call analysis of a call whose agent asks for one (phonebot.call.analysis).
+    "call.analyzed",
     # Outbound campaigns (phonebot.campaigns): a contact reached its last state; a campaign
     # has no contact left to call.
     "contact.finished", "campaign.completed",
@@ -72,38 +74,6 @@ def encode(event: dict) -> bytes:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def signature_header(secret: str, body: bytes, timestamp: int) -> str:
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={mac.hexdigest()}"
-
-
-# --- For receivers: copy this function (standard library only) ---------------------------
-def verify_signature(
-    secret: str, header: str, body: bytes, tolerance_s: float = 300, now: float | None = None
-) -> bool:
-    """True when `header` (X-Phonebot-Signature) signs `body` (the raw request bytes) with
-    `secret`, at a time within `tolerance_s` of now. Any v1 value may match (several appear
-    while a secret is being rotated)."""
-    import hashlib
-    import hmac
-    import time
-
-    try:
-        parts = [item.split("=", 1) for item in header.split(",")]
-        timestamp = int(next(value for key, value in parts if key.strip() == "t"))
-        signatures = [value.strip() for key, value in parts if key.strip() == "v1"]
-    except (ValueError, StopIteration):
-        return False
-    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
-        return False
-    expected = hmac.new(
-        secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256
-    ).hexdigest()
-    # Bytes: a non-ASCII signature is a mismatch, where a str compare_digest would raise.
-    return any(
-        hmac.compare_digest(expected.encode(), signature.encode()) for signature in signatures
-    )
-# ------------------------------------------------------------------------------------------
 
 
 def backoff_s(attempts: int, rng: random.Random, base_s: float, cap_s: float) -> float:

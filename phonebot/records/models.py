@@ -35,6 +35,32 @@ class TranscriptEntryOut(BaseModel):
     )
 
 
+class SuccessOut(BaseModel):
+    value: bool | None = Field(
+        None, description="Whether the call met the agent's criterion; null: not judged"
+    )
+    reason: str = ""
+
+
+class CallAnalysisOut(BaseModel):
+    """The post-call analysis (phonebot.agents.analysis), for agents that ask for one."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: Literal["llm", "extractive"] = Field(
+        description="llm: the LLM's; extractive: from the transcript and outcomes alone"
+    )
+    summary: str | None = None
+    success: SuccessOut | None = Field(None, description="null: the agent states no criterion")
+    fields: dict[str, str | None] = Field(
+        default_factory=dict, description="The agent's analysis fields; null: not found"
+    )
+    error: str | None = Field(
+        None, description="Why the LLM's analysis was replaced by the extractive one"
+    )
+    attempts: int = Field(0, description="LLM requests made (0: none)")
+
+
 class CallSummary(BaseModel):
     """One row of the call log."""
 
@@ -65,6 +91,9 @@ class CallSummary(BaseModel):
         None, description='What the bot recorded (record_outcome), e.g. {"interested": "yes"}'
     )
     has_recording: bool = False
+    success: bool | None = Field(
+        None, description="The post-call analysis's success judgement; null: none yet, or none"
+    )
 
 
 class CallDetail(CallSummary):
@@ -72,6 +101,9 @@ class CallDetail(CallSummary):
 
     parameters: dict[str, str] | None = Field(None, description="Without the stream token")
     provider_errors: dict[str, int] | None = None
+    analysis: CallAnalysisOut | None = Field(
+        None, description="The post-call analysis; null until it is done, or for agents without"
+    )
     transcript: list[TranscriptEntryOut] = []
 
 
@@ -96,6 +128,7 @@ def detail(row: CallRecord, entries: Sequence[TranscriptEntry]) -> CallDetail:
         **base,
         parameters=row.parameters,
         provider_errors=row.provider_errors,
+        analysis=row.analysis,
         transcript=[TranscriptEntryOut.model_validate(e) for e in entries],
     )
 

@@ -58,6 +58,10 @@ class CallRecord(Base):
     # Outcome fields the bot recorded during the call (record_outcome), e.g.
     # {"interested": "yes", "callback_at": "tomorrow 10:00"}.
     outcomes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The post-call analysis (phonebot.agents.analysis: summary, success, fields, method),
+    # and its success judgement on its own for the log's filter (None: not judged).
+    analysis: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    success: Mapped[bool | None] = mapped_column(Boolean)
 
     transcript: Mapped[list[TranscriptEntry]] = relationship(
         back_populates="call",
@@ -71,6 +75,7 @@ class CallRecord(Base):
         Index("ix_calls_campaign_id", "campaign_id"),
         Index("ix_calls_from_number", "from_number"),
         Index("ix_calls_to_number", "to_number"),
+        Index("ix_calls_success", "success"),
     )
 
 

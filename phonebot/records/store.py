@@ -33,6 +33,7 @@ class CallFilter:
     end_reason: str | None = None
     status: str | None = None  # Twilio's final CallStatus
     number: str | None = None  # the caller's or the called number
+    success: bool | None = None  # the post-call analysis's judgement
     since: datetime | None = None  # created_at >= since
     until: datetime | None = None  # created_at < until
 
@@ -43,6 +44,8 @@ class CallFilter:
             CallRecord.campaign_id: self.campaign_id,
             CallRecord.end_reason: self.end_reason,
             CallRecord.twilio_status: self.status,
+            CallRecord.success: self.success,
+
         }
         for column, value in exact.items():
             if value is not None:

@@ -41,6 +41,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from phonebot.agents.analysis import success_value
 from phonebot.dnc.schema import DoNotCall
 from phonebot.dnc.store import opt_out_insert
 from phonebot.records.callbacks import (
@@ -91,7 +92,8 @@ LINGER_S = 0.25
 
 @dataclass(frozen=True)
 class _Op:
-    kind: str  # "update", "entry", "start", "end", "status", "outcome", "opt_out"
+    # "update", "entry", "start", "end", "status", "outcome", "opt_out", "analysis"
+    kind: str
     call_sid: str
     fields: dict[str, Any]
 
@@ -286,6 +288,11 @@ class RecordWriter:
         (a later value for a field replaces the earlier one)."""
         self._put(_Op("outcome", call_sid, {str(k): str(v) for k, v in fields.items()}))
 
+    def call_analyzed(self, call_sid: str, *, agent: str, analysis: dict[str, Any]) -> None:
+        """The call's post-call analysis (phonebot.call.analysis): stored in `analysis`,
+        its success in `success` (the log's filter), and sent as `call.analyzed`."""
+        self._put(_Op("analysis", call_sid, {"agent": agent, "analysis": analysis}))
+
     def opt_out(self, call_sid: str, number: str | None) -> None:
         """The callee asked not to be called again: add `number` to `do_not_call` (kept if
         already there) and mark the record's end reason, in one transaction."""
@@ -458,6 +465,8 @@ class RecordWriter:
             return False
         if op.kind == "status":
             return await self._status(session, row, dict(op.fields))
+        if op.kind == "analysis":
+            return await self._analyzed(session, row, op.fields["agent"], op.fields["analysis"])
         return await self._update_record(session, row, op)
 
     @staticmethod
@@ -532,6 +541,19 @@ class RecordWriter:
         if _close_unconnected(row):
             return await self._stage(session, "call.failed", row)
         return False
+
+    async def _analyzed(
+        self, session: AsyncSession, row: CallRecord, agent: str, analysis: dict[str, Any]
+    ) -> bool:
+        """Store the analysis and stage `call.analyzed` {call_sid, agent, analysis} in the
+        same transaction; True when it staged the event."""
+        row.analysis = analysis
+        row.success = success_value(analysis)
+        if self._events is None:
+            return False
+        data = {"call_sid": row.call_sid, "agent": agent, "analysis": analysis}
+        self._events.stage(session, "call.analyzed", data)
+        return True
 
     async def _stage(self, session: AsyncSession, event_type: str, row: CallRecord) -> bool:
         """Stage the event in this transaction: it exists exactly when the record does."""

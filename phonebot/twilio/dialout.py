@@ -13,6 +13,10 @@ With `machine_detection`, Twilio also listens for an answering machine and POSTs
 verdict to `/amd` (see `phonebot.call.voicemail`); the `/outbound` URL then carries `amd=1`,
 set here after the caller's parameters are validated, so the bot waits for that verdict.
 
+A dial may name its agent (`"agent": "sales"`, `--agent sales`): it travels as the call's
+`agent` parameter, which picks the agent outright (phonebot.agents.selection), and is
+checked against the agents in use first (`check_agent_named`: 422 naming `agent`).
+
 Every call also carries `StatusCallback=<PUBLIC_URL>/status`: Twilio POSTs (signed) the
 call's progress there, and its final CallStatus, so a dial-out that is busy, unanswered,
 failed or canceled, and never reaches `/outbound`, still gets a record (`StatusCallback`
@@ -26,8 +30,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from phonebot.agents.selection import AGENT_PARAMETER, AgentSet
 from phonebot.config import Settings
 from phonebot.phone_numbers import E164
 from phonebot.records.limits import check_call_parameters, check_fits
@@ -59,12 +64,47 @@ class DialoutRequest(BaseModel):
         description="Twilio answering-machine detection: leave the campaign's voicemail "
         "message on a machine, talk to a human",
     )
+    agent: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="The agent that talks (an agent file's name; GET /agents), whatever the "
+        "parameters would pick; sent as the parameter `agent`",
+    )  # fmt: skip
+
+    @field_validator("agent")
+    @classmethod
+    def _one_agent(cls, agent: str | None, info: ValidationInfo) -> str | None:
+        return one_agent(agent, info.data.get("parameters", {}))
+
+    def call_parameters(self) -> dict[str, str]:
+        """The parameters the call carries: the caller's, and the agent it names."""
+        if self.agent is None:
+            return dict(self.parameters)
+        return {**self.parameters, AGENT_PARAMETER: self.agent}
 
 
 class DialoutResponse(BaseModel):
     call_sid: str
     status: str
     to: str
+
+
+def one_agent(agent: str | None, parameters: Mapping[str, str]) -> str | None:
+    """A body's `agent`, unless its parameters name another (ValueError: say one)."""
+    named = parameters.get(AGENT_PARAMETER)
+    if agent is not None and named is not None and named != agent:
+        raise ValueError(f"parameters.{AGENT_PARAMETER} names another agent ({named!r})")
+    return agent
+
+
+def check_agent_named(
+    parameters: Mapping[str, str], agents: AgentSet, *, field: str = AGENT_PARAMETER
+) -> None:
+    """ParameterError (naming `field`) when the parameters name an agent not in use: the call
+    would otherwise fall back to the agent its other parameters pick, saying nothing."""
+    name = parameters.get(AGENT_PARAMETER)
+    if name is not None and agents.by_name(name) is None:
+        known = ", ".join(agent.name for agent in agents.agents)
+        raise ParameterError(field, f"no agent named {name!r} (the agents: {known})")
 
 
 def validate_dial_parameters(
@@ -89,7 +129,7 @@ async def place_call(request: DialoutRequest, settings: Settings, base_url: str)
     """
     if (refused := check_destination(request.to, settings)) is not None:
         raise refused  # toll-fraud guard: country, premium-rate, short numbers
-    parameters = validate_dial_parameters(request.parameters, settings)
+    parameters = validate_dial_parameters(request.call_parameters(), settings)
     from_number = request.from_ or settings.twilio_phone_number
     if not from_number:
         raise ParameterError("from", "not given and TWILIO_PHONE_NUMBER is not set")

@@ -8,6 +8,9 @@
     POST /status    Twilio's status callbacks for a dial-out call (signed) (web/callbacks.py)
     GET  /calls     the call records (Bearer ADMIN_API_KEY; phonebot.web.calls_api)
     GET  /calls/ui  the calls web page (login with ADMIN_API_KEY; phonebot.web.calls_ui)
+    GET  /agents    the agents in use (Bearer ADMIN_API_KEY; phonebot.web.agents_api), and
+                    their page /calls/ui/agents (phonebot.web.agents_ui)
+    POST /agents/reload  read AGENTS_DIR again (Bearer ADMIN_API_KEY; SIGHUP does it too)
     /campaigns, /dnc  outbound campaigns and the do-not-call list (Bearer ADMIN_API_KEY;
                     phonebot.campaigns, whose scheduler runs in the lifespan)
     GET  /health    providers in use, version, calls, records, shared state, draining
@@ -31,6 +34,8 @@ from phonebot.config import Settings
 from phonebot.records import Records
 from phonebot.state import SharedState
 from phonebot.web import callbacks, dialout, health, media, metrics, webhooks
+from phonebot.web.agents_api import router as agents_router
+from phonebot.web.agents_ui import router as agents_ui_router
 from phonebot.web.calls_api import router as records_router
 from phonebot.web.calls_ui import router as records_ui_router
 from phonebot.web.campaigns import EXCEPTION_HANDLERS as CAMPAIGN_ERRORS
@@ -41,12 +46,14 @@ from phonebot.web.lifespan import lifespan
 from phonebot.web.safety import require_safe_configuration
 from phonebot.web.services import AppServices
 
-# In this order: the campaigns' pages before the records' pages, whose
-# /calls/ui/{call_sid} would take /calls/ui/campaigns; the records' pages before the
-# records API, whose /calls/{call_sid} would take /calls/ui.
+# In this order: the campaigns' and agents' pages before the records' pages, whose
+# /calls/ui/{call_sid} would take /calls/ui/campaigns and /calls/ui/agents; the records'
+# pages before the records API, whose /calls/{call_sid} would take /calls/ui.
 ROUTERS = (
     metrics.router,
     *CAMPAIGN_ROUTERS,
+    agents_ui_router,
+    agents_router,
     records_ui_router,
     records_router,
     webhooks.router,

@@ -55,6 +55,9 @@ async def list_calls(
         None, alias="status", description="Twilio's final status, e.g. completed, busy"
     ),
     number: str | None = Query(None, description="The caller's or the called number, E.164"),
+    success: bool | None = Query(
+        None, description="The post-call analysis's judgement: true or false"
+    ),
     since: datetime | None = Query(None, description="Calls created at or after (ISO 8601)"),
     until: datetime | None = Query(None, description="Calls created before (ISO 8601)"),
     limit: int = Query(50, ge=1, le=MAX_PAGE),
@@ -70,6 +73,7 @@ async def list_calls(
         end_reason=end_reason,
         status=status_,
         number=number,
+        success=success,
         since=since,
         until=until,
     )
@@ -81,7 +85,7 @@ async def list_calls(
 
 @router.get("/{call_sid}", response_model=CallDetail, responses=NOT_FOUND)
 async def get_call(call_sid: str, store: Store) -> CallDetail:
-    """One call with its transcript in order."""
+    """One call with its transcript in order, and its post-call analysis once done."""
     found = await store.get(call_sid)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no record of call {call_sid}")

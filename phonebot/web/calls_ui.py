@@ -102,6 +102,13 @@ templates = Jinja2Templates(env=_environment())
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 
+def page_templates(folder: Path) -> Jinja2Templates:
+    """Templates for another page next to the call log (campaigns, agents): `folder`'s
+    first, then these, with this page's environment (filters, autoescape, layout)."""
+    loader = jinja2.ChoiceLoader([jinja2.FileSystemLoader(folder), templates.env.loader])
+    return Jinja2Templates(env=templates.env.overlay(loader=loader))
+
+
 class LogQuery(BaseModel):
     """The page's filters: the query string of `GET /calls`, validated the same way."""
 
@@ -113,6 +120,7 @@ class LogQuery(BaseModel):
     end_reason: str | None = None
     status: str | None = None
     number: str | None = None
+    success: bool | None = None
     since: datetime | None = None
     until: datetime | None = None
     limit: int = Field(50, ge=1, le=MAX_PAGE)
@@ -126,6 +134,7 @@ class LogQuery(BaseModel):
             end_reason=self.end_reason,
             status=self.status,
             number=self.number,
+            success=self.success,
             since=self.since,
             until=self.until,
         )
@@ -172,6 +181,8 @@ def _next_link(query: LogQuery, next_cursor: str | None) -> str | None:
     params = query.model_dump(mode="json", exclude_none=True, exclude={"cursor"})
     if params.get("limit") == 50:
         del params["limit"]
+    if "success" in params:  # as the form sends it ("true"), so the next page keeps it
+        params["success"] = str(params["success"]).lower()
     return f"{PREFIX}?{urlencode({**params, 'cursor': next_cursor})}"
 
 

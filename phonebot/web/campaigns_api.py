@@ -28,7 +28,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
 
-from phonebot.campaigns.contacts import ContactErrors, prepare, read_csv
+from phonebot.agents.selection import AgentSet
+from phonebot.campaigns.contacts import MAX_ERRORS, ContactErrors, prepare, problem, read_csv
 from phonebot.campaigns.models import (
     CampaignCreated,
     CampaignDetail,
@@ -39,8 +40,10 @@ from phonebot.campaigns.models import (
 from phonebot.campaigns.service import Campaigns
 from phonebot.campaigns.store import RESULT_COLUMNS, BadTransition, CampaignNotFound
 from phonebot.csv_cells import SafeDictWriter
+from phonebot.twilio.dialout import check_agent_named
+from phonebot.twilio.twiml import ParameterError
 from phonebot.web.auth import check_admin_key, require_admin_key
-from phonebot.web.services import get_campaigns
+from phonebot.web.services import Services, get_campaigns
 
 NOT_FOUND = {404: {"description": "No such campaign"}}
 CSV_UPLOAD = {
@@ -152,9 +155,14 @@ router = APIRouter(
     response_model=CampaignCreated,
     openapi_extra={"requestBody": {"content": CSV_UPLOAD}},
 )
-async def create_campaign(body: CampaignIn, campaigns: Service) -> CampaignCreated:
+async def create_campaign(
+    body: CampaignIn, campaigns: Service, services: Services
+) -> CampaignCreated:
     """Create a campaign; it starts at start_at (now when not given). 422 names the field
-    and row of every bad contact; duplicate numbers are merged and listed."""
+    and row of every bad contact, and an `agent` that is not one of the agents in use;
+    duplicate numbers are merged and listed."""
+    if unknown := unknown_agents(body, services.agents.current):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, unknown)
     try:  # phonenumbers on 10,000 rows is seconds of CPU: not on the event loop
         prepared = await asyncio.to_thread(prepare, body, campaigns.settings)
     except ContactErrors as error:
@@ -164,6 +172,25 @@ async def create_campaign(body: CampaignIn, campaigns: Service) -> CampaignCreat
         id=campaign.id, status=campaign.status, contacts=len(prepared.contacts),
         duplicates=prepared.duplicates,
     )
+
+
+def unknown_agents(body: CampaignIn, agents: AgentSet) -> list[dict[str, Any]]:
+    """The campaign's named agent (`agent`, or `parameters.agent`) and every contact's
+    (an `agent` column) that is not in use, FastAPI-shaped: a call would otherwise fall
+    back to the agent its parameters pick, and nobody would be told."""
+    campaign_loc = ["body", "agent"] if body.agent is not None else ["body", "parameters", "agent"]
+    named = [(campaign_loc, body.parameters, None)] + [
+        (["body", "contacts", index, "parameters", "agent"], contact.parameters, index + 1)
+        for index, contact in enumerate(body.contacts)
+    ]
+    errors = []
+    for loc, parameters, row in named:
+        try:
+            check_agent_named(parameters, agents)
+        except ParameterError as error:
+            message = f"row {row}: {error.message}" if row else error.message
+            errors.append(problem(loc, message, row))
+    return errors[:MAX_ERRORS]
 
 
 @router.get("", response_model=CampaignList)

@@ -10,10 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import jinja2
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.responses import HTMLResponse, RedirectResponse
-from fastapi.templating import Jinja2Templates
 
 from phonebot.campaigns.service import Campaigns
 from phonebot.campaigns.store import BadTransition, CampaignNotFound
@@ -24,14 +22,7 @@ from phonebot.web.sessions import COOKIE, csrf_valid
 
 PAGES = Path(__file__).parent / "templates" / "campaigns"
 PREFIX = f"{records_ui.PREFIX}/campaigns"
-# The calls page's environment (filters, autoescape), our templates first.
-templates = Jinja2Templates(
-    env=records_ui.templates.env.overlay(
-        loader=jinja2.ChoiceLoader(
-            [jinja2.FileSystemLoader(PAGES), records_ui.templates.env.loader]
-        )
-    )
-)
+templates = records_ui.page_templates(PAGES)
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 Service = Annotated[Campaigns, Depends(get_campaigns)]
 

@@ -2,7 +2,8 @@
 
 The dial-out itself (checks, Twilio's REST call) is `phonebot.twilio.dialout.place_call`;
 this route adds what only the server knows: its rate limit and key, its call cap and
-drain, the do-not-call list, and the call's record from the moment Twilio accepts it.
+drain, the agents in use (a named agent must be one: 422 naming `agent`), the do-not-call
+list, and the call's record from the moment Twilio accepts it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 
 from phonebot.ops.metrics import DIALOUT, DRAINING, RATE_LIMITED
-from phonebot.twilio.dialout import DialoutRequest, DialoutResponse, place_call
+from phonebot.twilio.dialout import (
+    DialoutRequest,
+    DialoutResponse,
+    check_agent_named,
+    place_call,
+)
 from phonebot.twilio.signatures import external_base_url
 from phonebot.web.auth import require_dialout_key
 from phonebot.web.guards import limit_dialout_rate
@@ -44,6 +50,8 @@ async def dialout(body: DialoutRequest, request: Request, services: Services) ->
     if refusal := await admission.refusal():  # 503 if the shared state is down
         services.metrics.call_refused(refusal, DIALOUT)
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, refusal)
+    field = "agent" if body.agent is not None else "parameters.agent"
+    check_agent_named(body.call_parameters(), services.agents.current, field=field)
     if services.campaigns is not None:
         await services.campaigns.dnc.check(body.to)  # the do-not-call list: 403 naming it
     settings = services.settings
@@ -53,6 +61,6 @@ async def dialout(body: DialoutRequest, request: Request, services: Services) ->
         placed.call_sid,
         to=placed.to,
         from_number=body.from_ or settings.twilio_phone_number,
-        parameters=body.parameters,
+        parameters=body.call_parameters(),
     )
     return placed

@@ -2,8 +2,9 @@
 
 Start: the models and thread pools (so the first caller doesn't pay for them), the
 records (migrations), the event-loop lag monitor and the campaign scheduler. Stop, once
-the calls have drained (`phonebot.web.shutdown` runs before the lifespan ends): the same,
-backwards, writing the calls' last queued records.
+the calls have drained (`phonebot.web.shutdown` runs before the lifespan ends): their
+post-call analyses (a bounded wait), then the same, backwards, writing the calls' last
+queued records.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from phonebot.ai.providers import ProviderChoice, chosen_providers
 from phonebot.ops.diagnostics import resource_usage_log
 from phonebot.ops.threads import start_every_thread, started_default_executor
 from phonebot.twilio.signatures import checks_webhook_signatures
+from phonebot.web.agents_api import reload_on_sighup
 from phonebot.web.services import AppServices, app_services
 
 
@@ -38,11 +40,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if services.campaigns is not None:  # the scheduler, after the migrations
         await services.campaigns.start(services.admission)
     try:
-        # LOG_RESOURCE_USAGE: RSS, fds, threads, tasks on a timer and on SIGUSR1 (soak)
-        async with resource_usage_log(services.settings):
+        # LOG_RESOURCE_USAGE: RSS, fds, threads, tasks on a timer and on SIGUSR1 (soak);
+        # SIGHUP reloads the agent files.
+        async with resource_usage_log(services.settings), reload_on_sighup(services.agents):
             yield
     finally:
-        # Calls have drained by now: their last writes are queued, and are written here.
+        # Calls have drained by now: their analyses get a bounded wait (one cut short stores
+        # its extractive analysis), then their last writes are queued, and written here.
+        await services.analyses.drain()
         await services.metrics.stop_loop_lag()
         if services.campaigns is not None:
             await services.campaigns.stop()

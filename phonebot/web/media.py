@@ -3,7 +3,7 @@
 A stream runs its call only once admitted: its single-use stream token verified, a slot
 free, the server not draining (`phonebot.state.StreamGate`). The call gets what it needs
 from the app's services: the record writer, the running calls (for the drain), the AMD
-verdicts and the metrics.
+verdicts, the metrics, and the jobs its post-call analysis runs in after it.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ async def media_stream(websocket: WebSocket, services: Services) -> None:
         records = services.records
         writer = records.writer if records.enabled else None  # None: no per-call record work
         deps = CallDeps(
+            agents=services.agents,
             records=writer,
             calls=services.calls,
             verdicts=services.amd_verdicts,
             metrics=services.metrics,
+            analyses=services.analyses,
         )
         await serve_call(websocket, services.settings, admit=gate, deps=deps)
     finally:

@@ -74,6 +74,7 @@ MIN_SECRET_LENGTH = 16
 CHOSEN_SECRETS = (
     "admin_api_key", "dialout_api_key", "metrics_token", "stream_secret",
     "events_webhook_secret",
+    "tools_webhook_secret",
 )  # fmt: skip
 
 

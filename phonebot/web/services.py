@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, HTTPException, status
 from starlette.requests import HTTPConnection
 
+from phonebot.agents.registry import AgentRegistry
+from phonebot.call.analysis import AnalysisJobs
 from phonebot.config import Settings
 from phonebot.ops.metrics import Metrics
 from phonebot.records.service import Records
@@ -59,8 +61,11 @@ class AppServices:
     amd_verdicts: AmdVerdicts
     auth_lockout: AuthLockout  # failed key checks per client (phonebot.web.guards)
     records: Records  # started in the lifespan
+    agents: AgentRegistry  # AGENTS_DIR, reloaded on SIGHUP and POST /agents/reload
     campaigns: Campaigns | None = None
     calls: ActiveCalls = field(default_factory=ActiveCalls)  # this process's calls, to drain
+    # Post-call analyses running after their calls (phonebot.call.analysis), drained last.
+    analyses: AnalysisJobs = field(default_factory=AnalysisJobs)
     rejections: RejectionLog = field(default_factory=RejectionLog)
     metrics: Metrics = field(default_factory=Metrics)  # GET /metrics; passed to each call
     active_streams: int = 0  # open /ws connections of this process, verified or not
@@ -77,7 +82,8 @@ class AppServices:
         **given: Any,
     ) -> AppServices:
         """The services for `settings`: `shared` replaces the backend they pick, `records`
-        the `Records(settings)` made here; `given` replaces any other field (a test's fake)."""
+        the `Records(settings)` made here; `given` replaces any other field (a test's fake).
+        Raises AgentFileError when the agent files can't be used."""
         state = build_app_state(settings, shared, clock)
         services = cls(
             settings=settings,
@@ -88,6 +94,7 @@ class AppServices:
             amd_verdicts=state.amd_verdicts,
             auth_lockout=state.auth_lockout,
             records=records if records is not None else Records(settings),
+            agents=given.pop("agents", None) or AgentRegistry(settings),
             campaigns=campaigns,
         )
         services = replace(services, **given)

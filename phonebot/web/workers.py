@@ -20,6 +20,10 @@ Signals and exit status (the parent is what Docker or Kubernetes signals):
   signal is forwarded too (the workers exit at once). Workers run in their own session, so
   Ctrl-C in a terminal reaches them only through the parent (else each would get it twice,
   and a second signal means "exit now"); they get SIGTERM if the parent itself dies.
+- SIGHUP to the parent is forwarded to every worker, each of which reloads its agents
+  (phonebot.web.agents_api); nothing stops. A worker asked to reload by `POST
+  /agents/reload` sends SIGHUP to the parent (`ask_supervisor_to_reload`), so a request
+  that reached one worker reloads them all.
 - Exit status: 0 every worker drained and exited 0; 1 a worker was cut off (second
   signal, killed after `supervisor_deadline_s`, or exited non-zero while stopping);
   2 configuration refused (a worker exited 2 at startup: nothing is restarted);
@@ -74,6 +78,10 @@ LISTEN_BACKLOG = 2048
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # prometheus-client's multiprocess mode: every worker writes its series there.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Forwarded to every worker without stopping anything: reload the agent files.
+RELOAD_SIGNAL = signal.SIGHUP
+# The supervisor's pid, in its workers' environment: whom `ask_supervisor_to_reload` signals.
+SUPERVISOR_PID_ENV = "PHONEBOT_SUPERVISOR_PID"
 
 
 def worker_exit_deadline_s(settings: Settings) -> float:
@@ -118,6 +126,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _prepare_worker() -> None:
+    """In the worker before exec: die with the parent, and start with SIGHUP ignored (kept
+    across exec) until its app reloads on it; a reload forwarded while a worker is still
+    importing would otherwise kill it."""
+    _die_with_parent()
+    signal.signal(RELOAD_SIGNAL, signal.SIG_IGN)
+
+
 @dataclass
 class Worker:
     index: int
@@ -160,11 +176,13 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until every worker has exited; returns the exit status (module doc)."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
+        handled = (*HANDLED_SIGNALS, RELOAD_SIGNAL)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
         try:
             with shared_metrics_dir(self.env.get(MULTIPROC_ENV)) as folder:
                 self.metrics_dir = folder
                 self.env[MULTIPROC_ENV] = str(folder)
+                self.env[SUPERVISOR_PID_ENV] = str(os.getpid())
                 for index in range(1, self.count + 1):
                     self._start(index)
                 logger.info(f"Supervisor (pid {os.getpid()}): {self.count} workers started")
@@ -187,7 +205,7 @@ class Supervisor:
         argv = [*self.command, "--listen-fd", str(fd), "--worker-index", str(index)]
         process = subprocess.Popen(
             argv, env=self.env, pass_fds=(fd,), start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_prepare_worker,
         )  # fmt: skip
         self.workers[index] = Worker(index, process)
         logger.info(f"Worker {index}/{self.count} started (pid {process.pid})")
@@ -196,6 +214,9 @@ class Supervisor:
         while self.signals:
             sig = self.signals.pop(0)
             name = signal.Signals(sig).name
+            if sig == RELOAD_SIGNAL:
+                self._forward_reload()
+                continue
             if self.stopping_since is None:
                 logger.info(f"{name}: draining {len(self.workers)} worker(s); none restarted")
                 self.stopping_since = time.monotonic()
@@ -203,6 +224,15 @@ class Supervisor:
                 logger.warning(f"{name} again: workers exit now, cutting off their calls")
                 self.forced = True
             self._forward(sig)
+
+    def _forward_reload(self) -> None:
+        """SIGHUP to every worker: each reloads its agents and logs the result. Not while
+        stopping: a draining worker starts no new call, so new files are of no use to it."""
+        if self.stopping_since is not None:
+            logger.warning("SIGHUP while the workers stop: not forwarded")
+            return
+        logger.info(f"SIGHUP: {len(self.workers)} worker(s) reload their agents")
+        self._forward(RELOAD_SIGNAL)
 
     def _forward(self, sig: int) -> None:
         for worker in self.workers.values():
@@ -317,3 +347,22 @@ def run_workers(settings: Settings, count: int, server_script: Path) -> int:
     # checks and metrics mode as the parent (`--workers N` may have set it on the command line).
     env = {**os.environ, "WORKERS": str(count)}
     return Supervisor(command, count, sock, supervisor_deadline_s(settings), env=env).run()
+
+
+def ask_supervisor_to_reload() -> bool:
+    """In a worker of `server.py --workers N`: SIGHUP to the supervisor, which forwards it
+    to every worker (each reloads its agents); False in a one-process server.
+
+    Only the process that started this one, and said so in SUPERVISOR_PID_ENV, is
+    signalled: never a pid that merely appears in an inherited environment.
+    """
+    parent = os.getppid()
+    if os.environ.get(SUPERVISOR_PID_ENV) != str(parent):
+        return False
+    try:
+        os.kill(parent, RELOAD_SIGNAL)
+    except OSError as error:
+        logger.warning(f"Could not ask the supervisor (pid {parent}) to reload: {error}")
+        return False
+    logger.info(f"Asked the supervisor (pid {parent}) to reload every worker's agents")
+    return True

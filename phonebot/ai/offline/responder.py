@@ -1,17 +1,20 @@
 """The offline responder: sits where the LLM sits when no LLM is configured.
 
 It reads the same `LLMContext` the LLM would, so the pipeline is identical in both modes.
-It opens with the persona's greeting, answers from the persona's keyword table, and
-otherwise says plainly that it is running offline and takes a message. It never pretends
-to be an AI model. After a goodbye it ends the call the way the LLM does: by calling the
-`end_call` function (see `phonebot.call.control`). The same function-call path records a
-campaign's outcomes (`record_outcome`, from the persona's keyword rules) and honours a
-callee who asks not to be called again (`opt_out`), so a campaign works with no keys.
+It opens with the agent's greeting, answers from the agent's keyword table, then from the
+agent's knowledge (a sentence or two of the passage that holds most of what was asked:
+`KnowledgeBase.best_match`), and otherwise says plainly that it is running offline and
+takes a message. It never pretends to be an AI model. After a goodbye it ends the call
+the way the LLM does: by calling the `end_call` function (see `phonebot.call.control`).
+The same function-call path records a campaign's outcomes (`record_outcome`, from the
+agent's keyword rules) and honours a callee who asks not to be called again (`opt_out`),
+so a campaign works with no keys.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
 from pipecat.frames.frames import (
@@ -27,14 +30,7 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
 
-from phonebot.ai.personas import (
-    CAMPAIGNS,
-    DIALIN_PERSONAS,
-    OUTBOUND_DEFAULT,
-    Persona,
-    keyword_answer,
-    outcome_rule,
-)
+from phonebot.agents.agent import Agent, keyword_answer, outcome_rule
 from phonebot.twilio.keypad import pressed_digits, spoken_digits
 
 OFFLINE_FALLBACK = (
@@ -70,13 +66,13 @@ def _said_goodbye(utterance: str) -> bool:
 class OfflineResponder(LLMService):
     """A scripted, keyword-driven stand-in for the LLM."""
 
-    def __init__(self, *, persona: Persona, **kwargs):
+    def __init__(self, *, agent: Agent, **kwargs):
         # Pipecat checks that every LLM setting is initialised; none applies to a script.
         unused = {f.name: None for f in fields(LLMSettings) if f.name != "extra"}
         unused["model"] = "offline-responder"
         unused["use_provider_thinking_default"] = False
         super().__init__(settings=LLMSettings(**unused), **kwargs)
-        self._persona = persona
+        self._agent = agent
 
     def reply_to(self, context: LLMContext) -> Reply:
         """What to say to the current context, or which function to call instead."""
@@ -88,21 +84,28 @@ class OfflineResponder(LLMService):
         if _wants_opt_out(last):  # even before our opening: "who's this? stop calling me"
             return Reply("", "opt_out", {})
         if not any(_message_role(m) == "assistant" for m in messages):
-            return Reply(f"{self._persona.greeting} {self._persona.question}")
-        if (rule := outcome_rule(self._persona, last)) is not None:
+            return Reply(f"{self._agent.greeting} {self._agent.question}")
+        if (rule := outcome_rule(self._agent, last)) is not None:
             # Recorded first; the function's result brings us back to answer (below).
             return Reply("", "record_outcome", dict(rule.fields))
         if _said_goodbye(last):
-            return Reply("", "end_call", {"goodbye": self._persona.goodbye})
+            return Reply("", "end_call", {"goodbye": self._agent.goodbye})
         digits = pressed_digits(last)
         if digits is not None:
-            action = self._persona.keypad.get(digits.rstrip("#"))
+            action = self._agent.keypad.get(digits.rstrip("#"))
             if action:
                 return Reply("", f"{action}_call", {})
             return Reply(f"You pressed {spoken_digits(digits)}.")
-        if keyword_answer(self._persona, last) is None and _wants_a_person(last):
+        if keyword_answer(self._agent, last) is None and _wants_a_person(last):
             return Reply("", "transfer_call", {})
-        return Reply(keyword_answer(self._persona, last) or OFFLINE_FALLBACK)
+        return Reply(keyword_answer(self._agent, last) or self._known_answer(last))
+
+    def _known_answer(self, utterance: str) -> str:
+        """A sentence or two of the agent's best passage for what was said, when one holds
+        most of it; otherwise the plain offline line (better than a confident non-answer)."""
+        knowledge = self._agent.knowledge
+        passage = knowledge.best_match(utterance) if knowledge is not None else None
+        return passage.phone_answer() if passage is not None else OFFLINE_FALLBACK
 
     def _after_function(self, name: str | None, last: str) -> Reply:
         """A function's result asks the LLM to go on: after `record_outcome`, answer what
@@ -110,10 +113,10 @@ class OfflineResponder(LLMService):
         of retrying."""
         if name == "record_outcome":
             if _said_goodbye(last):
-                return Reply("", "end_call", {"goodbye": self._persona.goodbye})
-            rule = outcome_rule(self._persona, last)
+                return Reply("", "end_call", {"goodbye": self._agent.goodbye})
+            rule = outcome_rule(self._agent, last)
             answer = rule.answer if rule else None
-            return Reply(answer or keyword_answer(self._persona, last) or NOTED)
+            return Reply(answer or keyword_answer(self._agent, last) or NOTED)
         return Reply(NO_TRANSFER)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
@@ -176,14 +179,11 @@ def _message_role(message) -> str:
     return message.get("role", "") if isinstance(message, dict) else ""
 
 
-def offline_bot_phrases() -> list[str]:
-    """Every line the offline bot can say, for transcribing it reliably (emulator, tests)."""
+def offline_bot_phrases(agents: Iterable[Agent]) -> list[str]:
+    """Every line the offline bot can say with these agents, for transcribing it reliably
+    (emulator, tests)."""
     lines = [OFFLINE_FALLBACK, NOTED, "You pressed 1 2 3 4 5 6 7 8 9 0 star pound."]
-    for persona in (*DIALIN_PERSONAS.values(), *CAMPAIGNS.values(), OUTBOUND_DEFAULT):
-        lines += [persona.greeting, persona.question, persona.goodbye]
-        lines += [persona.opt_out_confirmation]
-        lines += [rule.answer for rule in persona.outcome_rules if rule.answer]
-        lines += [persona.recording_notice] if persona.recording_notice else []
-        lines += [entry.answer for entry in persona.answers]
+    for agent in agents:
+        lines += agent.spoken_lines()
     lines.append("I see you're calling from the number ending in")
     return lines

@@ -3,7 +3,7 @@
 Why pocketsphinx: its wheel ships an acoustic model, a 134k-word dictionary and a general
 language model, so recognition works with no API key and no download. It is far less accurate
 than cloud STT on open speech, but restricted to a small vocabulary (the phrases a test expects
-the bot to say, or a persona's keywords) it is reliable enough to assert on.
+the bot to say, or an agent's keywords) it is reliable enough to assert on.
 
 Phone audio is 8 kHz. The bundled acoustic model was trained on 16 kHz audio with a mel
 filterbank reaching 6800 Hz; running pocketsphinx at 8 kHz needs a filterbank that stops below
@@ -77,7 +77,7 @@ warnings.filterwarnings(
 # Back-off mass of the per-vocabulary LM. Lower keeps decoding closer to the given phrases;
 # 0.2 measured best on TTS->phone audio (0.5, the pocketsphinx default, lost ~10 points).
 _VOCAB_DISCOUNT_MASS = 0.2
-# Building a decoder costs 0.1-0.5 s and a few MB; a handful covers every persona in a process.
+# Building a decoder costs 0.1-0.5 s and a few MB; a handful covers every agent in a process.
 _MAX_CACHED_DECODERS = 8
 # Silence kept around speech, and what counts as silence (see squeeze_silence): 0.1-0.2 s
 # measured best, 0.5 s already cost 5-20 points of word accuracy.
@@ -471,7 +471,7 @@ class OfflineSTTService(SegmentedSTTService):
         """Create the service.
 
         Args:
-            vocabulary: Optional phrases to restrict recognition to (e.g. a persona's keywords
+            vocabulary: Optional phrases to restrict recognition to (e.g. an agent's keywords
                 and expected answers). None uses the general English model.
             settings: Standard Pipecat STT settings; only ``language`` English is meaningful.
             **kwargs: Passed to ``SegmentedSTTService`` (e.g. ``sample_rate``).
