@@ -83,8 +83,9 @@ def conversation(messages: Iterable[Any]) -> tuple[dict[str, Any], ...]:
     )
 
 
-def _text(content: Any) -> str:
-    """A message's text: a string, or the text parts of a multi-part content list."""
+def message_text(content: Any) -> str:
+    """An LLM context message's text: a string, or the text parts of a multi-part content
+    list, whitespace collapsed (the analysis and the offline responder read turns alike)."""
     if isinstance(content, list):
         content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
     return " ".join(content.split()) if isinstance(content, str) else ""
@@ -94,7 +95,7 @@ def transcript_lines(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     """One line per turn: "Caller: …", "Agent: …", "Agent called f({…})", "Result: …"."""
     lines = []
     for message in messages:
-        role, text = message.get("role"), _text(message.get("content"))
+        role, text = message.get("role"), message_text(message.get("content"))
         if role == "user" and text:
             lines.append(f"Caller: {text}")
         elif role == "assistant":
@@ -123,7 +124,7 @@ def transcript_text(
 
 def first_caller_turn(messages: Iterable[Mapping[str, Any]]) -> str | None:
     for message in messages:
-        if message.get("role") == "user" and (text := _text(message.get("content"))):
+        if message.get("role") == "user" and (text := message_text(message.get("content"))):
             return text
     return None
 

@@ -31,6 +31,7 @@ from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
 
 from phonebot.agents.agent import Agent, keyword_answer, outcome_rule
+from phonebot.agents.analysis import message_text
 from phonebot.twilio.keypad import pressed_digits, spoken_digits
 
 OFFLINE_FALLBACK = (
@@ -49,13 +50,6 @@ OPT_OUT_WORDS = (
     "unsubscribe",
 )
 NOTED = "Thank you, I've noted that."
-
-
-def _text_of(message) -> str:
-    content = message.get("content", "") if isinstance(message, dict) else ""
-    if isinstance(content, list):
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return str(content or "")
 
 
 def _said_goodbye(utterance: str) -> bool:
@@ -77,7 +71,9 @@ class OfflineResponder(LLMService):
     def reply_to(self, context: LLMContext) -> Reply:
         """What to say to the current context, or which function to call instead."""
         messages = context.get_messages()
-        user_turns = [_text_of(m) for m in messages if _message_role(m) == "user"]
+        user_turns = [
+            message_text(m.get("content")) for m in messages if _message_role(m) == "user"
+        ]
         last = user_turns[-1] if user_turns else ""
         if messages and _message_role(messages[-1]) == "tool":
             return self._after_function(_function_of(messages, messages[-1]), last)
