@@ -22,8 +22,8 @@ so a disturbance on a shared machine lands on both, not on one series' whole ste
 - baseline-instant: `bench/baseline_server.py`, Pipecat's Twilio example shape (Silero VAD
   and Pipecat's default turn strategy, i.e. Smart Turn v3 too), on the same instant
   services (ours / baseline ratios are printed);
-- ours-offline (`--mode both` or `offline`): `server.py` with no keys (pocketsphinx,
-  keyword responder, espeak-ng).
+- ours-offline (`--mode both` or `offline`): `server.py` with no keys (Whisper tiny.en,
+  keyword responder, Piper's joe voice).
 
 The stop rule (`load_stats.StopRule`, printed at the start and saved in the JSON) reads the
 median, the share of turns over 1.5 s, failed or dropped calls and underrun, pooled over

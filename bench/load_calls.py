@@ -39,8 +39,8 @@ from phonebot.emulator import (
 from phonebot.emulator.media_stream import speech_frames
 
 AUDIO_DIR = Path(__file__).resolve().parent / "audio"
-# What the caller says. In the support persona's offline vocabulary, so the offline mode
-# hears real phrases; none of them is "goodbye" (that would let the bot end the call).
+# What the caller says: ordinary support phrases, so the offline mode hears real speech;
+# none of them is "goodbye" (that would let the bot end the call).
 PHRASES = {
     "order": "my order has not arrived",
     "hours": "what are your opening hours",

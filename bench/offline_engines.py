@@ -1,18 +1,30 @@
-"""Benchmark the offline speech engines over a simulated phone line.
+"""Benchmark the offline speech engines on neural-voice phone audio.
 
-Speaks a fixed set of phone-call phrases with espeak-ng, sends them through the phone path
-(8 kHz, G.711 mu-law round trip) and transcribes them with pocketsphinx, reporting word accuracy
-(1 - WER) and real-time factors. It also decodes with a native 8 kHz front end, the rejected
-alternative to upsampling, so the choice made in ``phonebot/ai/offline/stt.py`` stays checkable.
+Twenty ordinary caller sentences, spoken by Piper's "joe" (noise off, so every run hears the
+same audio), go through the phone path (8 kHz, G.711 mu-law round trip: ``phone_channel``) and
+are transcribed by Whisper tiny.en exactly as the server does it (``phonebot.ai.offline.stt``):
+word accuracy per sentence and overall (both sides through ``normalize_transcript``), CPU and
+wall time per utterance with the process pinned to one core, and the model's load time. Next
+to the server's choices, the alternatives they were measured against: greedy search (beam 1), and
+the encoder's window cut from Whisper's 30 s to 15 s (2.5x cheaper; on short replies it hears
+worse: see ``phonebot/ai/offline/whisper.py``). Then turns with no speech in them (what is
+heard, and its CPU), and the offline voice (``bench/offline_tts.py``): time to first audio and
+CPU per second of speech for a three-sentence reply.
 
-Run: ``.venv/bin/python bench/offline_engines.py`` (about 30 s on one core).
+Run: ``.venv/bin/python bench/offline_engines.py`` (about a minute); ``--model DIR`` adds a
+row for a faster-whisper model directory of your own (what ``OFFLINE_STT_MODEL`` takes);
+``-v`` logs every transcript. Prints Markdown.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
+import platform
+import shlex
+import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,40 +32,90 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+from load_markdown import cpu_model, package_version  # noqa: E402
 from loguru import logger  # noqa: E402
-from pocketsphinx import Decoder, get_model_path  # noqa: E402
+from offline_tts import measure_espeak, measure_piper  # noqa: E402
+from offline_tts import table as tts_table  # noqa: E402
 
-from phonebot.ai.offline import stt  # noqa: E402
+from phonebot.ai.offline import piper_voice, whisper  # noqa: E402
 from phonebot.ai.offline.channel import PHONE_SAMPLE_RATE, phone_channel  # noqa: E402
-from phonebot.ai.offline.espeak import synthesize  # noqa: E402
+from phonebot.ai.offline.piper_voice import file_sha256  # noqa: E402
+from phonebot.ai.offline.stt import hint_options, normalize_transcript, to_model_audio  # noqa: E402
 
-PHRASES = [
-    "I'd like to book an appointment",
-    "What are your opening hours?",
-    "Yes, please.",
-    "I want to speak to a person",
-    "My order has not arrived",
-    "My phone number is 5 5 5 1 2 3 4",
-    "Can you call me back tomorrow morning?",
-    "No thank you, that's all",
-    "I need to cancel my reservation",
-    "How much does it cost?",
-    "The order number is 4 7 2 9",
-    "Please send me an email",
-    "Is there anyone available right now?",
-    "I'd like a table for 2 at 7",
-    "Thank you, goodbye",
+# The shipped agents' `hints`, as the server's STT passes them (phonebot.ai.offline.stt).
+HINTS = ["Acme Outdoor"]
+HINTED = hint_options(HINTS)
+SENTENCES = [
+    "Hi, I'd like to book a table for two tomorrow evening.",
+    "Could somebody call me back tomorrow afternoon after two o'clock?",
+    "My order number is 4 5 6 7 and it still hasn't arrived.",
+    "What are your opening hours on Saturday?",
+    "I want to speak to a real person, please.",
+    "Can I change the delivery address on my order?",
+    "Yes, that works for me.",
+    "No thanks, that's all I needed.",
+    "How much does the monthly plan cost?",
+    "I was charged twice for the same order last week.",
+    "Please cancel my appointment on Friday morning.",
+    "Do you deliver to the north side of the city?",
+    "My name is Sarah Johnson and my phone number ends in 3 4 1 2.",
+    "I'm calling about the invoice you sent me yesterday.",
+    "Is there a parking lot near your office?",
+    "Can you send me a confirmation by email?",
+    "The package arrived damaged and I would like a refund.",
+    "I'd like to move my booking to next Tuesday at ten.",
+    "Sorry, could you repeat that more slowly?",
+    "Thank you very much, goodbye.",
 ]
+# Short replies: where a shorter encoder window heard worse (whisper.py's docstring).
+REPLIES = [
+    "Yes.",
+    "No.",
+    "Yes please.",
+    "Who is this?",
+    "Please stop calling me.",
+    "Remove me from your list.",
+    "How long does delivery take?",
+    "Wait, I have a question.",
+    "I want a refund.",
+    "Hang on a second.",
+    "Okay, thanks.",
+    "Goodbye.",
+]
+NOISE_SECONDS = 2.0
 
 
-@dataclass
-class Result:
-    """One benchmark row."""
+@dataclass(frozen=True)
+class Heard:
+    """One utterance decoded: the text, its word accuracy and its cost in seconds."""
+
+    text: str
+    accuracy: float
+    cpu_s: float
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class SttRow:
+    """One recogniser over one list of utterances."""
 
     name: str
-    accuracy: float | None
-    rtf: float
-    setup_s: float = 0.0
+    heard: list[Heard]
+    corpus_accuracy: float
+    load_s: float
+
+    @property
+    def mean_accuracy(self) -> float:
+        return statistics.mean(h.accuracy for h in self.heard)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """What was said, and how it sounded on the phone line."""
+
+    texts: list[str]
+    audio: list[bytes]
 
 
 def word_errors(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
@@ -67,118 +129,216 @@ def word_errors(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
     return row[-1]
 
 
-def accuracy(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus word accuracy, 1 - WER, on normalised text."""
-    errors = total = 0
-    for ref, hyp in zip(references, hypotheses, strict=True):
-        ref_words = stt.normalize_transcript(ref).split()
-        errors += word_errors(ref_words, stt.normalize_transcript(hyp).split())
-        total += len(ref_words)
-    return 1.0 - errors / total
+def spoken(texts: list[str]) -> Corpus:
+    """Every text in joe's voice (noise off), through the phone channel."""
+    audio = [
+        phone_channel(piper_voice.synthesize_at(t, PHONE_SAMPLE_RATE, deterministic=True), 8000)
+        for t in texts
+    ]
+    return Corpus(texts, audio)
 
 
-def synthesize_all() -> tuple[list[bytes], Result]:
-    """Speak every phrase and pass it through the phone channel."""
-    phone_audio, spent, seconds = [], 0.0, 0.0
-    for phrase in PHRASES:
-        start = time.perf_counter()
-        pcm, rate = synthesize(phrase)
-        spent += time.perf_counter() - start
-        seconds += len(pcm) / 2 / rate
-        phone_audio.append(phone_channel(pcm, rate))
-    return phone_audio, Result("TTS espeak-ng (22.05 kHz)", None, spent / seconds)
+def decode_all(
+    name: str, corpus: Corpus, decode: Callable[[np.ndarray], str], load_s: float
+) -> SttRow:
+    """Decode every utterance once (after one warm-up decode), timing each."""
+    decode(to_model_audio(corpus.audio[0], PHONE_SAMPLE_RATE))
+    heard, errors, words = [], 0, 0
+    for sentence, pcm in zip(corpus.texts, corpus.audio, strict=True):
+        wall, cpu = time.perf_counter(), time.process_time()
+        text = decode(to_model_audio(pcm, PHONE_SAMPLE_RATE))
+        cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - wall
+        reference = normalize_transcript(sentence).split()
+        wrong = word_errors(reference, normalize_transcript(text).split())
+        errors, words = errors + wrong, words + len(reference)
+        heard.append(Heard(text, max(0.0, 1 - wrong / len(reference)), cpu_s, wall_s))
+        logger.debug(f"{name}: {sentence!r} -> {text!r}")
+    return SttRow(name, heard, 1 - errors / words, load_s)
 
 
-def run_stt(
-    name: str, audio: list[bytes], decode: Callable[[bytes], str], setup_s: float
-) -> Result:
-    """Decode every clip, timing only the decoding."""
-    start = time.perf_counter()
-    hypotheses = [decode(clip) for clip in audio]
-    spent = time.perf_counter() - start
-    seconds = sum(len(clip) for clip in audio) / 2 / PHONE_SAMPLE_RATE
-    for ref, hyp in zip(PHRASES, hypotheses, strict=True):
-        logger.debug(f"{name}: {stt.normalize_transcript(ref)!r} -> {hyp!r}")
-    return Result(name, accuracy(PHRASES, hypotheses), spent / seconds, setup_s)
-
-
-def timed(build: Callable[[], object]) -> tuple[object, float]:
-    """Call ``build`` and return its result and duration."""
-    start = time.perf_counter()
+def timed_load(build: Callable[[], object]) -> tuple[object, float]:
+    started = time.perf_counter()
     value = build()
-    return value, time.perf_counter() - start
+    return value, time.perf_counter() - started
 
 
-def native_8k_decoder(directory: Path) -> Decoder:
-    """General decoder whose front end runs at 8 kHz (the strategy stt.py rejects).
+def windowed_model(frames: int) -> object:
+    """tiny.en whose encoder reads ``frames`` 10 ms frames instead of 3000 (30 s).
 
-    The model's feat.params pins a 6800 Hz filterbank, which 8 kHz audio cannot have, so the
-    model is linked into a scratch directory with the filterbank capped below Nyquist.
+    faster-whisper pads a turn's features with zeros to 3000 frames before ``encode``; this
+    cuts them to ``frames`` (the turn's own length plus 1 s when that is longer).
     """
-    source = Path(get_model_path("en-us/en-us"))
-    for item in source.iterdir():
-        if item.name != "feat.params":
-            os.symlink(item, directory / item.name)
-    params = (source / "feat.params").read_text().replace("-upperf 6800", "-upperf 3800")
-    (directory / "feat.params").write_text(params)
-    return Decoder(hmm=str(directory), samprate=PHONE_SAMPLE_RATE, nfft=256, loglevel="FATAL")
+    from faster_whisper import WhisperModel
+
+    class Windowed(WhisperModel):
+        def encode(self, features: np.ndarray) -> object:
+            if features.ndim == 2:
+                voiced = np.flatnonzero(np.any(features != 0, axis=0))
+                speech = int(voiced[-1]) + 1 if voiced.size else 0
+                keep = min(features.shape[-1], max(frames, speech + 100))
+                features = features[:, : keep + keep % 2]
+            return super().encode(features)
+
+    directory = str(whisper.packaged_model().directory)
+    return Windowed(directory, compute_type="int8", cpu_threads=1)
 
 
-def decode_with(decoder: Decoder) -> Callable[[bytes], str]:
-    """A one-shot decode function over a raw pocketsphinx decoder."""
-
-    def decode(pcm: bytes) -> str:
-        decoder.start_utt()
-        # Same silence handling as stt.transcribe, so only the front end differs.
-        decoder.process_raw(stt.squeeze_silence(pcm, PHONE_SAMPLE_RATE), full_utt=True)
-        decoder.end_utt()
-        hyp = decoder.hyp()
-        return hyp.hypstr if hyp is not None else ""
-
-    return decode
-
-
-def benchmark() -> list[Result]:
-    """All rows, in display order."""
-    audio, tts_row = synthesize_all()
-    _, general_setup = timed(lambda: stt.warm_up(None))
-    _, vocab_setup = timed(lambda: stt.warm_up(PHRASES))
-    rows = [
-        tts_row,
-        run_stt(
-            "STT general, 8k->16k upsample",
-            audio,
-            lambda pcm: stt.transcribe(pcm, PHONE_SAMPLE_RATE),
-            general_setup,
+def stt_rows(
+    corpora: list[Corpus], server: object, load_s: float, own_model: str | None
+) -> list[list[SttRow]]:
+    """For each recogniser, its rows over ``corpora``: the server's (``server``, loaded in
+    ``load_s``), then the alternatives it was chosen over, then ``own_model`` if given."""
+    windowed, windowed_load_s = timed_load(lambda: windowed_model(1500))
+    recognisers = [
+        ("tiny.en, beam 5 (the server's)", lambda a: whisper.recognise(server, a), load_s),
+        (
+            f"tiny.en, beam 5, hints {HINTS} (the shipped agents')",
+            lambda a: whisper.recognise(server, a, **HINTED),
+            load_s,
         ),
-        run_stt(
-            "STT vocabulary, 8k->16k upsample",
-            audio,
-            lambda pcm: stt.transcribe(pcm, PHONE_SAMPLE_RATE, vocabulary=PHRASES),
-            vocab_setup,
+        ("tiny.en, beam 1", lambda a: whisper.recognise(server, a, beam_size=1), load_s),
+        (
+            "tiny.en, beam 5, encoder window cut to 15 s",
+            lambda a: whisper.recognise(windowed, a),
+            windowed_load_s,
         ),
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        decoder, setup = timed(lambda: native_8k_decoder(Path(tmp)))
-        rows.append(run_stt("STT general, native 8k front end", audio, decode_with(decoder), setup))
+    if own_model:
+        own, own_load_s = timed_load(
+            lambda: whisper.load_model(whisper.model_files(own_model), workers=1)
+        )
+        label = f"{Path(own_model).name}, beam 5"
+        recognisers.append((label, lambda a: whisper.recognise(own, a), own_load_s))
+    return [
+        [decode_all(name, corpus, decode, load) for corpus in corpora]
+        for name, decode, load in recognisers
+    ]
+
+
+def speech_shaped_noise(text: str, seed: int) -> np.ndarray:
+    """A sentence's spectrum with random phases: speech's loudness and colour, no words (what
+    makes Whisper write "Thank you." without the no-speech check)."""
+    pcm = piper_voice.synthesize_at(text, PHONE_SAMPLE_RATE, deterministic=True)
+    spectrum = np.abs(np.fft.rfft(np.frombuffer(pcm, dtype=np.int16)))
+    phases = np.exp(2j * np.pi * np.random.default_rng(seed).random(spectrum.size))
+    return np.fft.irfft(spectrum * phases, n=len(pcm) // 2)
+
+
+def noise_rows(model: object, **options: object) -> list[tuple[str, str, float]]:
+    """(noise, what the server's recogniser hears, CPU s) for turns with no speech in them;
+    ``options``: decoding options on top of the server's (the agents' hints)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(NOISE_SECONDS * PHONE_SAMPLE_RATE)) / PHONE_SAMPLE_RATE
+    sources = {
+        "silence": np.zeros_like(t),
+        "hiss (-40 dBFS)": rng.normal(0, 300, t.size),
+        "mains hum (60 + 120 Hz)": 800 * np.sin(2 * np.pi * 60 * t)
+        + 400 * np.sin(2 * np.pi * 120 * t),
+        "dial tone (350 + 440 Hz)": 1500 * np.sin(2 * np.pi * 350 * t)
+        + 1500 * np.sin(2 * np.pi * 440 * t),
+        "speech-shaped noise": speech_shaped_noise(SENTENCES[3], seed=0),
+    }
+    rows = []
+    for name, samples in sources.items():
+        pcm = phone_channel(np.clip(samples, -32768, 32767).astype(np.int16).tobytes(), 8000)
+        cpu = time.process_time()
+        text = whisper.recognise(model, to_model_audio(pcm, PHONE_SAMPLE_RATE), **options)
+        rows.append((name, text, time.process_time() - cpu))
     return rows
 
 
-def print_table(rows: list[Result]) -> None:
-    """Compact fixed-width table."""
-    print(f"{'engine / mode':<36} {'word acc':>8} {'RTF':>7} {'setup s':>8}")
-    print("-" * 62)
-    for row in rows:
-        acc = f"{row.accuracy:.1%}" if row.accuracy is not None else "-"
-        print(f"{row.name:<36} {acc:>8} {row.rtf:>7.3f} {row.setup_s:>8.2f}")
-    print(f"\n{len(PHRASES)} phrases; RTF = processing s per s of audio (lower is faster)")
+def stt_table(rows: list[list[SttRow]]) -> str:
+    lines = [
+        f"| recogniser | {len(SENTENCES)} sentences: word accuracy | mean per sentence "
+        f"| worst | {len(REPLIES)} short replies: word accuracy | CPU per utterance "
+        "| wall per utterance | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for sentences, replies in rows:
+        heard = sentences.heard + replies.heard
+        cpu = statistics.mean(h.cpu_s for h in heard)
+        wall = statistics.mean(h.wall_s for h in heard)
+        worst = min(h.accuracy for h in sentences.heard)
+        lines.append(
+            f"| {sentences.name} | {sentences.corpus_accuracy:.1%} "
+            f"| {sentences.mean_accuracy:.1%} | {worst:.0%} | {replies.corpus_accuracy:.1%} "
+            f"| {cpu:.3f} s | {wall:.3f} s | {sentences.load_s:.2f} s |"
+        )
+    return "\n".join(lines)
 
 
-def main() -> None:
-    """Run the benchmark; ``-v`` logs every transcript."""
+def sentence_table(row: SttRow, texts: list[str]) -> str:
+    lines = ["| # | said | heard | accuracy | CPU |", "|---:|---|---|---:|---:|"]
+    for i, (said, heard) in enumerate(zip(texts, row.heard, strict=True), 1):
+        lines.append(
+            f"| {i} | {said} | {heard.text} | {heard.accuracy:.0%} | {heard.cpu_s:.3f} s |"
+        )
+    return "\n".join(lines)
+
+
+def noise_table(
+    rows: list[tuple[str, str, float]], hinted: list[tuple[str, str, float]]
+) -> str:
+    lines = [
+        f"| a turn of ~2 s of | heard | CPU | heard with hints {HINTS} |",
+        "|---|---|---:|---|",
+    ]
+    lines += [
+        f"| {name} | {text!r} | {cpu:.3f} s | {with_hints!r} |"
+        for (name, text, cpu), (_, with_hints, _) in zip(rows, hinted, strict=True)
+    ]
+    return "\n".join(lines)
+
+
+def pin_to_one_core() -> int:
+    """Run every thread on one CPU, so wall time is one core's time.
+
+    ``sched_setaffinity(0, ...)`` pins only the calling thread on Linux; the threads the
+    imports already started are pinned one by one, and later ones inherit it.
+    """
+    core = min(os.sched_getaffinity(0))
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # the thread has ended since
+            os.sched_setaffinity(int(task.name), {core})
+    return core
+
+
+def header(argv: Sequence[str], core: int) -> str:
+    command = shlex.join([".venv/bin/python", "bench/offline_engines.py", *argv])
+    return "\n".join(
+        [
+            f"`{command}`: {cpu_model()} ({os.cpu_count()} cores, pinned to CPU {core}), "
+            f"{platform.platform()}, Python {platform.python_version()}, faster-whisper "
+            f"{package_version('faster-whisper')}, ctranslate2 {package_version('ctranslate2')}, "
+            f"piper-tts {package_version('piper-tts')}; load average "
+            f"{os.getloadavg()[0]:.2f} at the start.",
+            "",
+            f"Caller speech: Piper {piper_voice.VOICE_NAME} (noise off), 8 kHz mu-law, "
+            "resampled to 16 kHz for Whisper (int8, one thread).",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="also a faster-whisper model directory of your own")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every transcript")
+    args = parser.parse_args(argv)
     logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if "-v" in sys.argv else "WARNING")
-    print_table(benchmark())
+    logger.add(sys.stderr, level="DEBUG" if args.verbose else "WARNING")
+    core = pin_to_one_core()
+    print(header(sys.argv[1:] if argv is None else argv, core), "\n")
+    hash_s = timed_load(lambda: file_sha256(whisper.packaged_model().weights))[1]
+    server, load_s = timed_load(lambda: whisper.load_model(whisper.packaged_model(), workers=1))
+    rows = stt_rows([spoken(SENTENCES), spoken(REPLIES)], server, load_s, args.model)
+    print(stt_table(rows), "\n")
+    print(f"The server's load includes the SHA-256 check of model.bin ({hash_s:.2f} s).\n")
+    print("The server's recogniser, sentence by sentence:\n")
+    print(sentence_table(rows[0][0], SENTENCES), "\n")
+    print(noise_table(noise_rows(server), noise_rows(server, **HINTED)), "\n")
+    print("Offline voice, a three-sentence reply at 8 kHz (bench/offline_tts.py):\n")
+    print(tts_table([measure_piper(), measure_espeak()]))
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

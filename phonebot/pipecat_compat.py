@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # Only for types: importing this module must stay cheap.
     from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
     from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
     from pipecat.audio.vad.vad_analyzer import VADAnalyzer
+    from pipecat.processors.aggregators.dtmf_aggregator import DTMFAggregator
     from pipecat.serializers.twilio import TwilioFrameSerializer
     from pipecat.services.stt_service import STTService
     from pipecat.services.tts_service import TTSService
@@ -164,6 +165,20 @@ def init_smart_turn_state(
     """What `LocalSmartTurnAnalyzerV3.__init__` sets after `BaseSmartTurn.__init__`."""
     analyzer._log_data = log_data
     analyzer._session = session
+
+
+# -------------------------------------------------------------------------- keypad
+
+
+def keypad_entry(aggregator: DTMFAggregator) -> str:
+    """The keys of the entry the aggregator is collecting ("" between entries)."""
+    return aggregator._aggregation
+
+
+async def end_keypad_entry(aggregator: DTMFAggregator) -> None:
+    """Hand the entry on now, as `#` would (phonebot.twilio.keypad: a declared key is
+    answered at once; Pipecat ends an entry only on `#`, its timeout or the call's end)."""
+    await aggregator._flush_aggregation()
 
 
 # -------------------------------------------------------------------------- services

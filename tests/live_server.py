@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 
 from phonebot.call.bot_speech import bot_lines
+from phonebot.emulator import TwilioRestEmulator
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 90
@@ -134,6 +136,14 @@ class LiveServer:
                 self._process.wait()
         self._reader.join(timeout=5)
 
+
+
+def twilio_for(server: LiveServer, rest_port: int) -> TwilioRestEmulator:
+    """Twilio's REST side for `server`, on `rest_port` (one emulator at a time holds it)."""
+    return TwilioRestEmulator(
+        account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, port=rest_port,
+        local_server_url=server.base_url,
+    )  # fmt: skip
 
 
 def refused_start(env: dict[str, str], workdir: Path) -> str:

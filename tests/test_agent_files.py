@@ -118,6 +118,7 @@ def test_a_good_file_loads_with_a_version_that_follows_its_content(tmp_path: Pat
         (GOOD + "settings:\n  silence_timeout_s: -1\n", 6, "settings.silence_timeout_s"),
         (GOOD + "language: klingon\n", 5, "language"),
         (GOOD + "keypad:\n  '0': dance\n", 6, "keypad.0"),
+        (GOOD + "keypad:\n  '0': transfer\nmenu:\n  '0': sales\n", 8, "menu"),
         (GOOD + "greting: Hi\n", 5, "greting"),
         (GOOD + "tools:\n  - name: end_call\n    description: d\n    url: https://x.test/\n"
          "    parameters: {type: object}\n", 6, "tools.0.name"),

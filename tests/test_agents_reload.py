@@ -42,7 +42,7 @@ from phonebot.emulator import (
 from phonebot.web.app import create_app
 from phonebot.web.workers import EXIT_OK, Supervisor, listening_socket
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings, shipped_agents
-from tests.live_server import ROOT, LiveServer, free_port
+from tests.live_server import ROOT, LiveServer, free_port, twilio_for
 from tests.test_calls import CALLER, OUR_NUMBER, say, server_env
 from tests.test_campaigns_emulator import noon_zone
 
@@ -285,11 +285,7 @@ def agents(live: LiveServer, live_agents: Path) -> Path:
 
 @pytest.fixture
 async def twilio(live: LiveServer, rest_port: int) -> AsyncIterator[TwilioRestEmulator]:
-    emulator = TwilioRestEmulator(
-        account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, port=rest_port,
-        local_server_url=live.base_url,
-    )  # fmt: skip
-    async with emulator:
+    async with twilio_for(live, rest_port) as emulator:
         yield emulator
 
 

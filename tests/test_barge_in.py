@@ -2,7 +2,7 @@
 
 The transport tests drive Pipecat's websocket output (ours and Pipecat's own, for
 contrast) over a fake websocket and read what would reach Twilio, message by message.
-The call test runs the real server with the emulator playing Twilio.
+The call tests run the real server with the emulator playing Twilio.
 """
 
 from __future__ import annotations
@@ -36,11 +36,19 @@ from starlette.websockets import WebSocketState
 
 from phonebot.audio import ulaw_decode
 from phonebot.call.barge_in import vad_params
-from phonebot.emulator import Hangup, Pause, Speak, WaitForBot
+from phonebot.emulator import Hangup, MediaStreamCaller, Pause, Speak, WaitForBot, dial_in
 from phonebot.emulator.timeline import LateMediaWatch, Segment, onset_before
 from phonebot.twilio.transport import BargeInOutputTransport, ClearGate, barge_in_transport
-from tests.conftest import make_settings
-from tests.test_calls import call_in, rest_port, server, twilio  # noqa: F401 (fixtures)
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, make_settings
+from tests.test_calls import (  # noqa: F401 (rest_port, server, twilio: fixtures)
+    CALLER,
+    OUR_NUMBER,
+    call_in,
+    rest_port,
+    say,
+    server,
+    twilio,
+)
 
 RATE = 8000
 CHUNK = RATE // 10  # the transport's 100 ms chunk (phonebot.twilio.transport)
@@ -184,6 +192,31 @@ async def test_nothing_of_the_interrupted_reply_follows_the_clear() -> None:
     assert wire.count("-") == 3, wire  # which was not held back
 
 
+async def test_a_reply_made_before_the_barge_in_that_reaches_the_output_after_it_is_dropped():
+    """The TTS had made the next reply's start and audio before the caller cut in, but they
+    were still on their way (a processor's queue) when the `clear` went out: new to the
+    output, they are still the interrupted bot talking, not its next turn."""
+    socket = FakeTwilioSocket()
+    output = holding_output(BargeInOutputTransport, socket)
+
+    async def steps(worker: PipelineWorker) -> None:
+        await worker.queue_frames(reply("greeting", 3000, 1.0))
+        await asyncio.wait_for(output.in_hand.wait(), 5)
+        in_flight = [*reply("next", 3000, 0.3), TTSStoppedFrame("next")]  # made first ...
+        await worker.queue_frame(InterruptionFrame())
+        await asyncio.sleep(0.3)
+        await worker.queue_frames(in_flight)  # ... arriving after the clear
+        await asyncio.sleep(0.3)
+        await worker.queue_frames([*reply("answer", -3000, 0.3), TTSStoppedFrame("answer")])
+        await asyncio.sleep(0.8)
+
+    await drive(output, steps)
+    wire = socket.wire()
+    clear = wire.index("clear")
+    assert set(wire[clear + 1 :]) == {"-"}, wire  # after the clear: only the answer
+    assert wire.count("-") == 3, wire
+
+
 async def test_pipecats_own_output_sends_the_interrupted_reply_after_the_clear() -> None:
     """Why BargeInOutputTransport exists: the same barge-in on Pipecat 1.14's output."""
     socket = FakeTwilioSocket()
@@ -196,12 +229,14 @@ async def test_pipecats_own_output_sends_the_interrupted_reply_after_the_clear()
 def test_the_gate_lets_uninterruptible_audio_through_and_reopens_for_a_new_reply() -> None:
     gate = ClearGate()
     assert gate.admit(TTSStartedFrame(context_id="a")) == (True, False)
-    gate.interrupted()
+    made_before = OutputAudioRawFrame(bytes(2), RATE, 1)  # of no context: still the old reply
+    gate.interrupted(InterruptionFrame().id)
     chunk = OutputAudioRawFrame(bytes(2 * CHUNK), RATE, 1)
     assert not gate.may_send(chunk)
     chunk.interruptible = False  # e.g. a goodbye Pipecat must not cut: still sent
     assert gate.may_send(chunk)
     assert gate.admit(TTSAudioRawFrame(bytes(2), RATE, 1, context_id="a")) == (False, False)
+    assert gate.admit(made_before) == (False, False)
     fresh = TTSAudioRawFrame(bytes(2), RATE, 1, context_id="b")
     assert gate.admit(fresh) == (True, True)  # queue the resume marker ahead of it
     assert gate.admit(fresh) == (True, False)  # once
@@ -247,3 +282,49 @@ async def test_line_hiss_and_a_cough_do_not_cut_the_bot_off(server, twilio) -> N
     cough = next(e.t for e in result.events_of("caller_speech")) + 1.0
     heard = result.bot_audio[int((cough + 0.2) * RATE) : int((cough + 1.7) * RATE)]
     assert np.sqrt(np.mean(heard.astype(np.float64) ** 2)) > 300, "the bot stopped talking"
+
+
+class MediaClock(MediaStreamCaller):
+    """The emulator's caller, noting when each bot `media` message arrives (its own record
+    only counts the media that trail a `clear` without a pause, `ClearRecord.late_media`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.media_at: list[float] = []
+
+    def _on_media(self, data: dict) -> None:
+        self.media_at.append(self.now)
+        super()._on_media(data)
+
+
+async def test_no_bot_media_follows_a_clear_until_the_bots_next_turn(server, twilio):  # noqa: F811
+    """The caller talks over the greeting, then again just as the answer starts: after each
+    `clear`, not one bot message until the caller has finished and the bot answers."""
+    dial = await dial_in(
+        f"{server.base_url}/", auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID,
+        from_=CALLER, to=OUR_NUMBER,
+    )  # fmt: skip
+    caller = MediaClock(
+        dial.stream_url, parameters=dial.parameters, call_sid=dial.call_sid,
+        account_sid=dial.account_sid, after_stream=dial.after_stream,
+    )  # fmt: skip
+    twilio.register_call(dial.call_sid, to=OUR_NUMBER, from_=CALLER, caller=caller)
+    script = [
+        WaitForBot(until="speech"),
+        Pause(0.5),
+        say("hello there"),
+        WaitForBot(until="speech", timeout=20),
+        Pause(0.2),
+        say("sorry, what are your opening hours"),
+        WaitForBot(timeout=20),
+        Hangup(),
+    ]
+    result = await caller.run(script)
+
+    barge_ins = [c for c in result.clears if c.caller_onset is not None and c.dropped > 0]
+    assert len(barge_ins) == 2, result.clears  # both times the bot was cut off
+    for clear in barge_ins:
+        said_end = next(end for start, end in result.caller_segments if start <= clear.t < end)
+        answer_at = min(t for t in caller.media_at if t > clear.t)
+        assert answer_at > said_end, f"bot media {answer_at - clear.t:.2f} s after {clear}"
+    assert len(result.bot_utterances) >= 3  # and the bot did answer each time

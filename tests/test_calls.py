@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from phonebot.agents.agent import opening_line
-from phonebot.ai.offline.espeak import synthesize_at
 from phonebot.emulator import (
     CallResult,
     Dtmf,
@@ -33,6 +32,7 @@ from phonebot.emulator import (
     WaitForBot,
     dial_in,
 )
+from phonebot.emulator.caller_voice import caller_pcm
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, shipped_agent
 from tests.live_server import LiveServer, free_port
 
@@ -77,7 +77,8 @@ async def twilio(server: LiveServer, rest_port: int) -> AsyncIterator[TwilioRest
 
 
 def say(text: str) -> Speak:
-    return Speak(synthesize_at(text, 8000), 8000, text)
+    """The caller says `text` in the emulator's caller voice (Piper's joe, deterministic)."""
+    return Speak(caller_pcm(text, 8000), 8000, text)
 
 
 def dialin_opening(persona: str) -> str:

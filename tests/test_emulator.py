@@ -43,6 +43,7 @@ from phonebot.emulator import (
     TwiMLError,
     Utterance,
     WaitForBot,
+    WaitForHangup,
     WebhookHTTPError,
     compute_signature,
     dial_in,
@@ -297,7 +298,10 @@ def test_the_bot_hanging_up_during_the_last_wait_is_not_an_error() -> None:
     assert not bot_hung_up_at_the_end(closed, script)  # mid-script: the call was cut short
     result.events.append(CallEvent(3.0, "wait"))
     assert bot_hung_up_at_the_end(closed, script)
+    # --expect-hangup after the last wait: the hang-up it expects came during that wait.
+    assert bot_hung_up_at_the_end(closed, [*script, WaitForHangup()])
     assert not bot_hung_up_at_the_end(closed, [*script, Pause(1)])
+    assert not bot_hung_up_at_the_end(closed, [*script, Pause(1), WaitForHangup()])
     assert not bot_hung_up_at_the_end(NoBotAudioError("silent", result), script)
 
 

@@ -15,8 +15,10 @@ import gc
 import os
 import re
 import sys
+import threading
 import tracemalloc
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
@@ -24,6 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 from loguru import logger
 
+from phonebot.ai.offline import piper_voice, whisper
 from phonebot.emulator import Hangup, WaitForBot, dial_in
 from phonebot.twilio.stream_guard import MAX_MEDIA_MESSAGE_BYTES
 from phonebot.web.app import create_app
@@ -138,10 +141,30 @@ async def settled(server: InProcessServer, baseline: set[asyncio.Task] | None = 
         counts = [*counts[-9:], len(asyncio.all_tasks())]
         if app_services(server.app).active_streams == 0:
             if baseline is not None and not leftover_tasks(baseline):
+                await engines_idle()
                 return
             if baseline is None and len(counts) == 10 and len(set(counts)) == 1:
                 return
         await asyncio.sleep(0.1)
+
+
+def drain(executor: ThreadPoolExecutor, threads: int) -> None:
+    """Block until every thread of `executor` is idle at once, so no work submitted before
+    is still running. A sentence being rendered or a turn being decoded when its call hung
+    up finishes (a thread can't be stopped) and holds that call's pipeline until then:
+    not a leak, but it must not be measured as one."""
+    barrier = threading.Barrier(threads + 1)
+    for _ in range(threads):
+        executor.submit(barrier.wait, 30)
+    barrier.wait(30)
+
+
+async def engines_idle() -> None:
+    """The offline engines' threads have finished every render and decode."""
+    await asyncio.to_thread(
+        drain, piper_voice.synthesis_executor(), piper_voice.SYNTHESIS_THREADS
+    )
+    await asyncio.to_thread(drain, whisper.decode_executor(), whisper.DECODE_THREADS)
 
 
 def rss_bytes() -> int:

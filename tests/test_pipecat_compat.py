@@ -30,6 +30,7 @@ from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnal
 from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADState
 from pipecat.frames.frames import EndFrame
+from pipecat.processors.aggregators.dtmf_aggregator import DTMFAggregator
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.services.tts_service import TTSService
 from pipecat.utils.text.base_text_filter import BaseTextFilter
@@ -136,6 +137,17 @@ def test_the_shared_smart_turn_sets_up_exactly_what_pipecat_s_constructor_does()
         shared._executor is None
         and shared._model_executor is SharedSmartTurnAnalyzer()._model_executor
     )
+
+
+# ---------------------------------------------------------------------------- keypad
+
+
+async def test_the_keypad_aggregator_s_entry_and_flush_are_still_there():
+    aggregator = DTMFAggregator()
+    assert compat.keypad_entry(aggregator) == ""
+    flush = DTMFAggregator._flush_aggregation
+    assert inspect.iscoroutinefunction(flush)
+    assert list(inspect.signature(flush).parameters) == ["self"]
 
 
 # -------------------------------------------------------------------------- services

@@ -37,6 +37,9 @@ def database(tmp_path: Path) -> str:
                                                     "arguments": {"id": 7}, "result": "late"})
         writer.transcript("CAin", "bot", "It is running late", reply_latency_s=0.9,
                           interrupted=True)
+        writer.transcript("CAin", "bot", "Your parcel left our depot on Monday.",
+                          interrupted=True,
+                          data={"heard_s": 1.3, "heard_text": "Your parcel left", "spoken_s": 2.6})
         writer.call_ended("CAin", end_reason="caller hung up")
         writer.dialout_status("CAbusy", "busy", to_number="+15550002", campaign_id="spring")
         await records.stop()
@@ -72,6 +75,8 @@ def test_show_prints_the_conversation(database, capsys):
         "caller pressed 1",
         'bot called lookup_order({"id": 7}) → "late"',
         "bot: It is running late  (0.90s)  [interrupted]",
+        "bot: Your parcel left our depot on Monday."
+        '  [interrupted after 1.3s: heard "Your parcel left"]',
     ]
     assert run(capsys, "--database-url", database, "show", "CAnope")[0] == 1
 
@@ -89,7 +94,7 @@ def test_export_csv_and_jsonl(database, capsys, tmp_path):
     code, _ = run(capsys, "--database-url", database, "export", "--format", "jsonl",
                   "--direction", "inbound", "--output", str(target))
     (call,) = [json.loads(line) for line in target.read_text().splitlines()]
-    assert call["call_sid"] == "CAin" and len(call["transcript"]) == 5
+    assert call["call_sid"] == "CAin" and len(call["transcript"]) == 6
 
     code, out = run(capsys, "--database-url", database, "export", "--since", "2999-01-01")
     assert code == 0 and out == ""

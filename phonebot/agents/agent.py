@@ -8,6 +8,7 @@ answers and outcome rules, and the check of recorded outcomes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -15,6 +16,9 @@ from phonebot.agents.knowledge import KnowledgeBase
 from phonebot.agents.spec import AnalysisSpec, ToolSpec
 from phonebot.agents.tools import PythonTool
 from phonebot.twilio.caller_id import presented_caller_id
+
+# What said_any reads as a space: everything but letters, digits and apostrophes.
+_PUNCTUATION = re.compile(r"[^\w\s']")
 
 PHONE_STYLE = (
     "You are talking on a phone line: everything you write is spoken aloud. "
@@ -26,32 +30,6 @@ TOOL_FAILURE_STYLE = (
     "that right now, and carry on helping."
 )
 
-# Said on any call; with the agent's own phrases they make the offline STT's vocabulary.
-COMMON_CALLER_PHRASES = (
-    "hello",
-    "hello who is this",
-    "yes",
-    "yes please",
-    "no",
-    "no thank you",
-    "okay",
-    "thank you",
-    "thanks that's all goodbye",
-    "goodbye",
-    "bye",
-    "wait I have a question",
-    "can I speak to a person",
-    "what are your opening hours",
-    "sorry can you say that again",
-)
-# How callees ask not to be called again (in every outbound agent's offline vocabulary;
-# the offline responder's opt-out keywords are in phonebot.ai.offline.responder).
-OPT_OUT_PHRASES = (
-    "please stop calling me",
-    "remove me from your list",
-    "please stop calling me remove me from your list",
-    "don't call me again",
-)
 DEFAULT_VOICEMAIL = "Hi, sorry we missed you. We'll try again soon. Goodbye!"
 DEFAULT_OPT_OUT_CONFIRMATION = (
     "I'm sorry to have bothered you. I've taken your number off our list, so you won't "
@@ -104,13 +82,15 @@ class Agent:
     question: str = ""
     answers: tuple[KeywordAnswer, ...] = field(default_factory=tuple)
     goodbye: str = "Thanks for calling. Goodbye!"
-    # What callers typically say to this agent; the offline STT listens for these words.
-    caller_phrases: tuple[str, ...] = field(default_factory=tuple)
+    # Names and words the speech recogniser should expect (a bias, not a limit).
+    hints: tuple[str, ...] = ()
     # Settings this agent changes for its calls, by setting name, e.g.
     # {"tts_voice": "en-gb", "transfer_target": "+15551230000", "silence_timeout_s": 6}.
     overrides: dict[str, object] = field(default_factory=dict)
     # Keypad shortcuts: digit -> action the bot takes at once ("transfer", "end").
     keypad: dict[str, str] = field(default_factory=dict)
+    # Keypad menu: key -> the choice it stands for, in words; answered at once.
+    menu: dict[str, str] = field(default_factory=dict)
     # Left on an answering machine when dial-out asked for machine detection.
     voicemail: str = DEFAULT_VOICEMAIL
     # What a call with this agent finds out (`record_outcome`), stored on the call's
@@ -144,27 +124,13 @@ class Agent:
         shortcuts = "".join(
             f" If the caller presses {digit}, call the {action}_call function."
             for digit, action in self.keypad.items()
+        ) + "".join(
+            f" If the caller presses {digit}, they chose {choice}: answer that."
+            for digit, choice in self.menu.items()
         )
         failures = TOOL_FAILURE_STYLE if self.tools else ""
         known = self.knowledge.prompt_section() if self.knowledge is not None else ""
         return f"{self.instructions} {PHONE_STYLE}{shortcuts}{failures}{known}"
-
-    def offline_vocabulary(self) -> tuple[str, ...]:
-        """The phrases the offline recogniser is limited to on a call with this agent."""
-        keywords = tuple(k for entry in self.answers for k in entry.keywords)
-        questions = self.knowledge.questions() if self.knowledge is not None else ()
-        return COMMON_CALLER_PHRASES + self.caller_phrases + keywords + questions
-
-    def spoken_lines(self) -> list[str]:
-        """Every fixed line this agent can say (the offline phrases the emulator hears),
-        its knowledge's offline answers included."""
-        lines = [self.greeting, self.question, self.goodbye, self.opt_out_confirmation]
-        lines += [rule.answer for rule in self.outcome_rules if rule.answer]
-        lines += [self.recording_notice] if self.recording_notice else []
-        lines += [entry.answer for entry in self.answers]
-        lines += [tool.filler for tool in self.tools if tool.filler]
-        lines += self.knowledge.phone_answers() if self.knowledge is not None else []
-        return [line for line in lines if line]
 
 
 def spoken_number_ending(number: str, digits: int = 4) -> str:
@@ -222,7 +188,11 @@ def outcome_problems(agent: Agent, fields: Mapping[str, object]) -> list[str]:
 
 
 def said_any(keywords: tuple[str, ...], utterance: str) -> bool:
-    """Whether the utterance holds one of the keywords: a whole word, or a phrase."""
-    words = set(utterance.lower().replace("'", " ").replace(",", " ").split())
-    text = f" {' '.join(utterance.lower().replace(',', ' ').split())} "
+    """Whether the utterance holds one of the keywords: a whole word, or a phrase.
+
+    Punctuation is not part of a word: recognisers write "Yes." and "your hours?".
+    """
+    spoken = _PUNCTUATION.sub(" ", utterance.lower().replace("\u2019", "'"))
+    words = set(spoken.replace("'", " ").split())
+    text = f" {' '.join(spoken.split())} "
     return any((" " in k and f" {k} " in text) or k in words for k in keywords)

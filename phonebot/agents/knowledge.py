@@ -148,11 +148,6 @@ class KnowledgeBase:
                 return self.passages[rowid]
         return None
 
-    def phone_answers(self) -> list[str]:
-        """Every answer `best_match` can lead the offline bot to say (what it may be heard
-        saying: the emulator's and tests' transcription vocabulary)."""
-        return [p.phone_answer() for p in self.passages if p.text]
-
     def _ranked(self, terms: list[str], limit: int) -> list[int]:
         """Row ids of the passages holding any of `terms`, best BM25 first."""
         if not terms:
@@ -190,12 +185,6 @@ class KnowledgeBase:
             return ""
         body = " ".join(f"{p.heading}: {p.text}" if p.heading else p.text for p in self.passages)
         return f" What you know (answer from it; say so when it does not cover a question): {body}"
-
-    def questions(self) -> tuple[str, ...]:
-        """Headings phrased as questions, as callers would say them (offline vocabulary)."""
-        spoken = (re.sub(r"[^\w' ]+", " ", p.heading).lower() for p in self.passages)
-        return tuple(" ".join(q.split()) for q, p in zip(spoken, self.passages, strict=True)
-                     if p.heading.rstrip().endswith("?"))  # fmt: skip
 
 
 def search_terms(query: str) -> list[str]:

@@ -20,7 +20,6 @@ import yaml
 from pydantic import ValidationError
 
 from phonebot.agents.agent import (
-    OPT_OUT_PHRASES,
     Agent,
     KeywordAnswer,
     OutcomeField,
@@ -124,6 +123,20 @@ def load_agent_file(path: Path, settings: Settings) -> Agent:
     return replace(agent, python_tools=python_tools)
 
 
+def agent_hints(directory: Path) -> tuple[str, ...]:
+    """Every agent's `hints` in `directory`, for a listener that does not know which agent
+    answers (the emulator hearing the bot). Best effort: a file that does not load adds
+    nothing here, and the server names its problems when it loads the set."""
+    hints: dict[str, None] = {}  # in order, once each
+    for path in agent_files(directory) if directory.is_dir() else []:
+        try:
+            spec = AgentSpec.model_validate(parse_yaml(path.read_text("utf-8"))[1])
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValidationError):
+            continue
+        hints.update(dict.fromkeys(spec.hints))
+    return tuple(hints)
+
+
 def parse_yaml(text: str) -> tuple[yaml.Node | None, Any]:
     """The document's node tree (its marks give problems their lines) and its data, from
     one parse, with libyaml's safe loader when PyYAML was built with it (~10x faster)."""
@@ -139,7 +152,6 @@ def agent_from_spec(
     spec: AgentSpec, knowledge: KnowledgeBase | None = None, *, version: str = "", source: str = ""
 ) -> Agent:
     """The runtime `Agent` of a validated file."""
-    outbound = spec.match.get("direction") == "outbound" or "campaign_id" in spec.match
     optional = {
         "goodbye": spec.goodbye,
         "voicemail": spec.voicemail_message,
@@ -151,9 +163,10 @@ def agent_from_spec(
         greeting=spec.greeting,
         question=spec.question,
         answers=tuple(KeywordAnswer(a.keywords, a.answer) for a in spec.offline.answers),
-        caller_phrases=spec.offline.caller_phrases + (OPT_OUT_PHRASES if outbound else ()),
+        hints=spec.hints,
         overrides=setting_overrides(spec),
         keypad=dict(spec.keypad),
+        menu=dict(spec.menu),
         outcome_fields=tuple(
             OutcomeField(f.name, f.description, f.values) for f in spec.outcome_fields
         ),  # fmt: skip

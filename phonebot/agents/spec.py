@@ -8,7 +8,7 @@ the server at start with the file, the line and the field, never halfway through
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
@@ -108,12 +108,10 @@ class OutcomeRuleSpec(_Strict):
 
 
 class OfflineSpec(_Strict):
-    """What the offline responder (no LLM key) knows: keyword answers, outcome rules, and
-    the phrases callers say to this agent (the offline recogniser's vocabulary)."""
+    """What the offline responder (no LLM key) knows: keyword answers and outcome rules."""
 
     answers: tuple[KeywordAnswerSpec, ...] = ()
     outcome_rules: tuple[OutcomeRuleSpec, ...] = ()
-    caller_phrases: tuple[str, ...] = ()
 
 
 class AnalysisSpec(_Strict):
@@ -148,6 +146,12 @@ class AgentSpec(_Strict):
     goodbye: str | None = None  # None: Agent's default
     voice: str | None = None
     language: str | None = None
+    # Names and words the speech recogniser should expect ("Acme Outdoor", product names),
+    # like the `hints` of Twilio's <Gather>: Whisper's hotwords offline, Deepgram's
+    # keyterms, OpenAI's transcription prompt. A bias, not a limit.
+    hints: tuple[Annotated[str, Field(min_length=1, max_length=100)], ...] = Field(
+        default=(), max_length=50
+    )
     # Server settings this agent changes for its calls, by name (docs/settings.md).
     settings: dict[str, Any] = Field(default_factory=dict)
     transfer_target: str | None = None
@@ -155,19 +159,31 @@ class AgentSpec(_Strict):
     recording_notice: str | None = None
     opt_out_confirmation: str | None = None
     keypad: dict[str, Literal["transfer", "end"]] = Field(default_factory=dict)
+    # Keypad menu: key -> the choice, in words ("opening hours"); answered at once.
+    menu: dict[str, str] = Field(default_factory=dict)
     tools: tuple[ToolSpec, ...] = ()
     knowledge: tuple[str, ...] = ()
     outcome_fields: tuple[OutcomeFieldSpec, ...] = ()
     analysis: AnalysisSpec | None = None
     offline: OfflineSpec = Field(default_factory=OfflineSpec)
 
-    @field_validator("keypad")
+    @field_validator("keypad", "menu")
     @classmethod
     def _keys(cls, keypad: dict[str, str]) -> dict[str, str]:
         bad = [key for key in keypad if not re.fullmatch(r"[0-9*#]{1,8}", key)]
         if bad:
             raise ValueError(f"keypad keys must be digits, * or # (not {bad})")
         return keypad
+
+    @field_validator("menu")
+    @classmethod
+    def _menu_apart_from_keypad(cls, menu: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        """A key is a shortcut (`keypad`) or a menu choice, not both: the offline bot would
+        answer the choice while an LLM is told to do both."""
+        both = sorted(set(menu) & set(info.data.get("keypad") or {}))
+        if both:
+            raise ValueError(f"keys {both} are also in keypad: declare each key once")
+        return menu
 
     @field_validator("match")
     @classmethod

@@ -68,9 +68,11 @@ def _has_openai_key(settings: Settings) -> bool:
 def _deepgram_stt(settings: Settings, agent: Agent) -> FrameProcessor:
     from pipecat.services.deepgram.stt import DeepgramSTTService
 
+    # The agent's hints as keyterms (Deepgram's nova-3 boost for names and product words).
+    hints = {"keyterm": list(agent.hints)} if agent.hints else {}
     return DeepgramSTTService(
         api_key=_secret(settings.deepgram_api_key),
-        settings=DeepgramSTTService.Settings(language=call_voice(settings).language),
+        settings=DeepgramSTTService.Settings(language=call_voice(settings).language, **hints),
     )
 
 
@@ -81,7 +83,10 @@ def _openai_stt(settings: Settings, agent: Agent) -> FrameProcessor:
         api_key=_secret(settings.openai_api_key),
         base_url=settings.openai_stt_base_url,
         settings=OpenAISTTService.Settings(
-            model=settings.openai_stt_model, language=call_voice(settings).language
+            model=settings.openai_stt_model,
+            language=call_voice(settings).language,
+            # The agent's hints as the transcription prompt (OpenAI's way to spell names).
+            prompt=", ".join(agent.hints) or None,
         ),
     )
     return _fail_fast(service, settings.speech_timeout_s)
@@ -90,9 +95,9 @@ def _openai_stt(settings: Settings, agent: Agent) -> FrameProcessor:
 def _offline_stt(settings: Settings, agent: Agent) -> FrameProcessor:
     from phonebot.ai.offline.stt import OfflineSTTService
 
-    # Pocketsphinx on 8 kHz phone audio is only usable when limited to the words a caller
-    # is likely to say to this agent (see README, "offline engines"). English only.
-    return OfflineSTTService(vocabulary=agent.offline_vocabulary())
+    # Whisper (packaged tiny.en, or OFFLINE_STT_MODEL): open English speech, biased
+    # towards the agent's hints.
+    return OfflineSTTService(model=settings.offline_stt_model, hints=agent.hints)
 
 
 def _openai_llm(settings: Settings, agent: Agent) -> FrameProcessor:
@@ -145,8 +150,14 @@ def _openai_tts(settings: Settings, agent: Agent) -> FrameProcessor:
 def _offline_tts(settings: Settings, agent: Agent) -> FrameProcessor:
     from phonebot.ai.offline.tts import OfflineTTSService
 
+    # Piper's joe for English, espeak-ng otherwise or when OFFLINE_TTS=espeak (see the module).
     voice = call_voice(settings)
-    return OfflineTTSService(voice=voice.voice, language=voice.language, **_tts_extras(agent))
+    return OfflineTTSService(
+        voice=voice.voice,
+        language=voice.language,
+        engine=settings.offline_tts,
+        **_tts_extras(agent),
+    )
 
 
 @dataclass(frozen=True)

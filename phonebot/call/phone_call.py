@@ -36,7 +36,7 @@ from phonebot.call.deps import CallDeps
 from phonebot.call.knowledge_search import register_knowledge_search
 from phonebot.call.opener import CallOpener
 from phonebot.call.pipeline import call_pipeline
-from phonebot.call.playout import PlayoutTracker
+from phonebot.call.playout import HeardTurns, PlayoutTracker
 from phonebot.call.provider_faults import LLM, STT, TTS, ApologyPlayer, ProviderFaults
 from phonebot.call.tools import END_CALL, OPT_OUT, RECORD_OUTCOME, TRANSFER_CALL, call_tools
 from phonebot.call.turns import TurnTimeline, TurnTimer, user_turn_params
@@ -100,6 +100,8 @@ class PhoneCall:
         )
         self.user_aggregator: LLMUserAggregator = aggregators.user()
         self.assistant_aggregator: LLMAssistantAggregator = aggregators.assistant()
+        # What the caller heard of each bot turn, from the Twilio output's playout ledger.
+        self.heard_turns = HeardTurns(getattr(transport.output(), "ledger", None))
         # Pipecat's idle timeout is replaced by this cheaper watchdog (phonebot.call.watchdog).
         self.playout = PlayoutTracker(settings.pipeline_idle_timeout_s, on_idle=self.end_idle)
         self.apology_player = ApologyPlayer()  # speaks for a broken TTS
@@ -149,6 +151,7 @@ class PhoneCall:
         user.add_event_handler("on_user_turn_idle", self.on_user_turn_idle)
         user.add_event_handler("on_user_turn_stopped", self.on_user_turn_stopped)
         assistant.add_event_handler("on_assistant_turn_stopped", self.on_assistant_turn_stopped)
+        self.heard_turns.watch(assistant)
         self.transport.add_event_handler("on_client_connected", self.on_client_connected)
         self.transport.add_event_handler("on_client_disconnected", self.on_client_disconnected)
         self.worker.add_event_handler("on_pipeline_error", self.on_pipeline_error)
@@ -251,13 +254,15 @@ class PhoneCall:
     async def on_assistant_turn_stopped(
         self, aggregator: LLMAssistantAggregator, message: AssistantTurnStoppedMessage
     ) -> None:
-        """The bot's side of the transcript, with how long the caller waited for it."""
+        """The bot's side of the transcript, with how long the caller waited for it and,
+        for a turn cut off by the caller or a hang-up, its whole text and what was heard."""
         latency_s = self.reply_latencies.next()
         self.call_log.bot_turn(
             message.content,
             interrupted=message.interrupted,
             started=message.timestamp,
             reply_latency_s=latency_s,
+            heard=self.heard_turns.turn_stopped(message.interrupted),
         )
         if self.deps.metrics is not None and latency_s is not None:
             self.deps.metrics.observe_reply_latency(latency_s)

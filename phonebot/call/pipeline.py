@@ -32,7 +32,7 @@ def call_pipeline(call: PhoneCall) -> PipelineWorker:
             call.playout,  # playback marks and the idle watchdog
             call.screen.gate,  # answering-machine screening (dial-outs that ask for it)
             services.stt,
-            keypad_aggregator(),
+            keypad_aggregator([*call.agent.keypad, *call.agent.menu]),  # declared: at once
             call.user_aggregator,
             InputAudioStop(),  # nothing after the user aggregator listens to the caller
             services.llm,

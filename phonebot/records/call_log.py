@@ -7,12 +7,19 @@ and from call control (function calls, re-prompts, the transfer). Every method o
 an operation on the app's `RecordWriter` queue and returns: nothing here waits for the
 database. Without a writer (records off, e.g. on Pipecat Cloud without a shared
 DATABASE_URL) every method does nothing, so callers never check.
+
+A bot turn's line says what the caller heard of it (`HeardSpeech`), which is known only
+once its audio has played or been cut off: Pipecat reports a turn when its audio has been
+*sent*, before Twilio has played what it still buffers, and a caller who cuts in then
+cuts off a turn Pipecat has already reported whole. Such a line waits here and is written
+before the next line of the call, or at its end, so lines stay in order.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +30,46 @@ from phonebot.twilio.keypad import KEYPAD_PREFIX
 # The `<Parameter>`s that are record columns of their own, not only in `parameters`.
 CAMPAIGN_PARAMETER = "campaign_id"
 CUSTOMER_PARAMETER = "customer_id"
+
+
+@dataclass(frozen=True)
+class HeardSpeech:
+    """What a bot turn said and what of it the caller heard (phonebot.call.playout measures
+    it on the playout clock of phonebot.twilio.transport).
+
+    `text` is everything the bot started to say in the turn (all the text its TTS was
+    given), `heard_text` the words of it that fit in the `heard_s` seconds of its audio
+    Twilio played (always a prefix of `text`), `spoken_s` how long all of its audio lasts.
+    `cut`: the caller (a barge-in's `clear`) or a hang-up stopped it before it had all
+    played. `settled`: it has all played or been cut, so this will not change.
+    """
+
+    text: str
+    heard_text: str
+    heard_s: float
+    spoken_s: float
+    cut: bool
+    settled: bool = True
+
+    def data(self) -> dict[str, Any]:
+        """The entry's `data` for a cut bot turn (its fields are described with
+        `phonebot.records.models.TranscriptEntryOut.data`)."""
+        return {"heard_s": self.heard_s, "heard_text": self.heard_text, "spoken_s": self.spoken_s}
+
+
+# How a bot turn tells what of it was heard, asked when its line is written.
+Heard = Callable[[], HeardSpeech | None]
+
+
+@dataclass
+class _BotLine:
+    """A bot turn whose audio was still playing when Pipecat reported it."""
+
+    text: str | None
+    interrupted: bool
+    at_s: float | None
+    reply_latency_s: float | None
+    heard: Heard
 
 
 class CallLog:
@@ -38,6 +85,7 @@ class CallLog:
         # What the bot recorded (`record_outcome`), kept here too: the post-call analysis
         # reads it once the call is over (phonebot.call.analysis), records on or off.
         self.outcomes: dict[str, str] = {}
+        self._playing: _BotLine | None = None  # written before the next line
 
     @property
     def enabled(self) -> bool:
@@ -88,6 +136,7 @@ class CallLog:
         bot turns' latencies) reply latency p50/p95."""
         if self.writer is None:
             return
+        self._write_playing()
         errors = dict(provider_errors) if provider_errors else None
         self.writer.call_ended(
             self.call_sid,
@@ -108,6 +157,7 @@ class CallLog:
         DTMF aggregator's "The caller pressed 42#") become keypad lines of their own."""
         if self.writer is None or not text or not text.strip():
             return
+        self._write_playing()
         speech, _, digits = text.partition(KEYPAD_PREFIX)
         at_s = self._at_s(started)
         if speech.strip():
@@ -125,25 +175,54 @@ class CallLog:
         interrupted: bool = False,
         started: str | None = None,
         reply_latency_s: float | None = None,
+        heard: Heard | None = None,
     ) -> None:
         """A bot turn as Pipecat's assistant aggregator finalised it: what was spoken and
         how long the caller waited for it.
 
-        When the caller cut in (`interrupted`), Pipecat's text is the sentences played in
-        full before that: a TTS without word timings hands over a sentence's text once its
-        audio has played. Cut off during its first sentence, the turn has no text and is
-        still recorded (text None), since the caller did hear the bot start.
+        Pipecat's `text` for a turn the caller cut in on (`interrupted`), or a hang-up cut
+        off, is only what had been played: the words so far with a TTS that times its
+        words, the sentences whose audio had all been sent with one that does not. With `heard`
+        (phonebot.call.playout) the line instead has the turn's whole text, says whether it
+        was cut off before it had all played, and for a cut turn its `data` says what was
+        heard (`HeardSpeech.data`); it is written once that is known. Without it, a turn cut
+        off during its first sentence is still recorded (text None), since the caller did
+        hear the bot start.
         """
-        spoken = (text or "").strip()
-        if self.writer is None or not (spoken or interrupted):
+        if self.writer is None:
+            return
+        self._write_playing()
+        line = _BotLine(text, interrupted, self._at_s(started), reply_latency_s, heard or _nothing)
+        speech = line.heard()
+        if speech is not None and not speech.settled:
+            self._playing = line  # still playing: written before the next line, or at the end
+            return
+        self._write_bot(line, speech)
+
+    def _write_playing(self) -> None:
+        """Write the bot turn that was still playing, with what of it was heard by now."""
+        line, self._playing = self._playing, None
+        if line is not None:
+            self._write_bot(line, line.heard())
+
+    def _write_bot(self, line: _BotLine, speech: HeardSpeech | None) -> None:
+        assert self.writer is not None
+        text, interrupted, data = (line.text or "").strip(), line.interrupted, None
+        if speech is not None:
+            if interrupted or not text:
+                text = speech.text or text
+            interrupted = speech.cut
+            data = speech.data() if speech.cut else None
+        if not (text or interrupted):
             return
         self.writer.transcript(
             self.call_sid,
             "bot",
-            spoken or None,
-            at_s=self._at_s(started),
-            reply_latency_s=reply_latency_s,
+            text or None,
+            at_s=line.at_s,
+            reply_latency_s=line.reply_latency_s,
             interrupted=interrupted,
+            data=data,
         )
 
     def function_call(
@@ -160,6 +239,7 @@ class CallLog:
         "HTTP 503"; `result` is then what the LLM was told) and how long they took."""
         if self.writer is None:
             return
+        self._write_playing()
         data = {"name": name, "arguments": dict(arguments), "result": result}
         if error is not None:
             data["error"] = error
@@ -169,6 +249,7 @@ class CallLog:
 
     def reprompt(self, text: str) -> None:
         if self.writer is not None:
+            self._write_playing()
             self.writer.transcript(self.call_sid, "reprompt", text)
 
     def _at_s(self, iso_time: str | None) -> float | None:
@@ -181,6 +262,10 @@ class CallLog:
         except ValueError:
             return None
         return max(0.0, (moment - self._started_at).total_seconds())
+
+
+def _nothing() -> HeardSpeech | None:
+    return None
 
 
 class ReplyLatencies:

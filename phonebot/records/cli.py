@@ -195,15 +195,23 @@ def describe(entry) -> str:
             f"bot called {data.get('name')}({json.dumps(data.get('arguments'))})"
             f" → {json.dumps(data.get('result'))}"
         )
-    # A bot turn cut off before one sentence was played in full has no text.
+    # Records from before cut-off turns kept their text may hold a bot turn with none.
     line = f"{entry.speaker}: {entry.text if entry.text is not None else '…'}"
     if entry.kind == "reprompt":
         line += "  (re-prompt)"
     if entry.reply_latency_s is not None:
         line += f"  ({entry.reply_latency_s:.2f}s)"
     if entry.interrupted:
-        line += "  [interrupted]"
+        line += _cut_off(entry.data or {})
     return line
+
+
+def _cut_off(data: dict) -> str:
+    """The mark of a cut-off bot turn, with what the caller heard of it when known."""
+    if "heard_s" not in data:
+        return "  [interrupted]"
+    heard = data.get("heard_text") or ""
+    return f'  [interrupted after {data["heard_s"]:.1f}s: heard "{heard}"]'
 
 
 async def export(store: CallStore, where: CallFilter, fmt: str, out: TextIO) -> None:

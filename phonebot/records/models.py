@@ -24,14 +24,24 @@ class TranscriptEntryOut(BaseModel):
     seq: int = Field(description="Order within the call, from 0")
     kind: EntryKind
     speaker: Literal["caller", "bot"] | None = None
-    text: str | None = None
+    text: str | None = Field(
+        None, description="Bot turns: everything the bot started to say, heard or not"
+    )
     at_s: float | None = Field(None, description="Seconds from the start of the call")
     reply_latency_s: float | None = Field(
         None, description="Bot turns: seconds from the caller's end of turn to the reply"
     )
-    interrupted: bool = Field(False, description="Bot speech cut off by the caller")
+    interrupted: bool = Field(
+        False, description="Bot speech cut off by the caller (barge-in) or by the hang-up"
+    )
     data: dict[str, Any] | None = Field(
-        None, description='Function calls: {"name", "arguments", "result"}'
+        None,
+        description=(
+            'Function calls: {"name", "arguments", "result"}; keypad: {"digits"}; '
+            'interrupted bot turns: {"heard_s": seconds of its audio the caller heard, '
+            '"heard_text": the words of text that fit in them (a prefix of text), '
+            '"spoken_s": seconds all of its audio lasts}'
+        ),
     )
 
 

@@ -34,7 +34,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     providers = chosen_providers(services.settings)
     log_configuration(services, providers)
     offline_stt = providers.stt == "offline"
-    await warm_up_models(offline_stt)
+    await warm_up_models(offline_stt, services.settings.offline_stt_model)
+    if providers.tts == "offline":
+        await warm_up_offline_voice(services)
     await services.records.start()
     services.metrics.start_loop_lag()
     if services.campaigns is not None:  # the scheduler, after the migrations
@@ -54,7 +56,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.records.stop()
         await services.admission.close()
         await services.shared.close()
-        stop_models(offline_stt)
 
 
 def log_configuration(services: AppServices, providers: ProviderChoice) -> None:
@@ -71,9 +72,9 @@ def log_configuration(services: AppServices, providers: ProviderChoice) -> None:
     logger.info(f"Shared state: {services.shared.describe()}")
 
 
-async def warm_up_models(offline_stt: bool) -> None:
-    """Start the thread pools, and load the shared VAD / Smart Turn sessions (and offline
-    STT workers), before the first call.
+async def warm_up_models(offline_stt: bool, offline_stt_model: str | None = None) -> None:
+    """Start the thread pools, and load the shared VAD / Smart Turn sessions (and the
+    offline STT's Whisper model, checked), before the first call.
 
     Otherwise the first caller pays for it, and the load runs on the event loop that
     every other call's audio pacing shares.
@@ -84,17 +85,19 @@ async def warm_up_models(offline_stt: bool) -> None:
     start_every_thread(smart_turn_executor(), SMART_TURN_THREADS)
     await asyncio.to_thread(load_shared_models)
     if offline_stt:
-        # Imported only then, as `phonebot.ai.providers` does: pocketsphinx and its model
-        # are for offline mode alone.
+        # Imported only then, as `phonebot.ai.providers` does: faster-whisper and its model
+        # are for offline mode alone. A model.bin that fails its SHA-256 check raises here.
         from phonebot.ai.offline.stt import start_decoder_pool
 
-        await start_decoder_pool()
+        await start_decoder_pool(offline_stt_model)
 
 
-def stop_models(offline_stt: bool) -> None:
-    """End the offline STT workers at once: the calls have drained, and waiting for them
-    (the stdlib's exit hook does) held the exit ~10 s when one was still starting."""
-    if offline_stt:
-        from phonebot.ai.offline.stt import shutdown_decoder_pool  # as in `warm_up_models`
+async def warm_up_offline_voice(services: AppServices) -> None:
+    """Load the offline TTS voice now (Piper: ~1.5 s, ~175 MB once used, once per process).
 
-        shutdown_decoder_pool(wait=False)
+    A Piper voice file that fails its SHA-256 check raises here, so the server does not
+    start on a voice nobody reviewed; missing Piper packages only fall back to espeak-ng.
+    """
+    from phonebot.ai.offline.tts import load_offline_voice  # offline mode only, as above
+
+    await asyncio.to_thread(load_offline_voice, services.settings)

@@ -30,7 +30,7 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
 
-from phonebot.agents.agent import Agent, keyword_answer, outcome_rule
+from phonebot.agents.agent import Agent, keyword_answer, outcome_rule, said_any
 from phonebot.agents.analysis import message_text
 from phonebot.twilio.keypad import pressed_digits, spoken_digits
 
@@ -87,7 +87,9 @@ class OfflineResponder(LLMService):
         if _said_goodbye(last):
             return Reply("", "end_call", {"goodbye": self._agent.goodbye})
         digits = pressed_digits(last)
-        if digits is not None:
+        if digits is not None and digits.rstrip("#") in self._agent.menu:
+            last = self._agent.menu[digits.rstrip("#")]  # answered like the choice, said
+        elif digits is not None:
             action = self._agent.keypad.get(digits.rstrip("#"))
             if action:
                 return Reply("", f"{action}_call", {})
@@ -149,8 +151,7 @@ class Reply:
 
 
 def _wants_a_person(utterance: str) -> bool:
-    words = set(utterance.lower().split())
-    return bool(words & {"person", "human", "agent", "representative", "operator"})
+    return said_any(("person", "human", "agent", "representative", "operator"), utterance)
 
 
 def _wants_opt_out(utterance: str) -> bool:
