@@ -41,7 +41,12 @@ from offline_tts import table as tts_table  # noqa: E402
 from phonebot.ai.offline import piper_voice, whisper  # noqa: E402
 from phonebot.ai.offline.channel import PHONE_SAMPLE_RATE, phone_channel  # noqa: E402
 from phonebot.ai.offline.piper_voice import file_sha256  # noqa: E402
-from phonebot.ai.offline.stt import hint_options, normalize_transcript, to_model_audio  # noqa: E402
+from phonebot.ai.offline.stt import (  # noqa: E402
+    hint_options,
+    normalize_transcript,
+    to_model_audio,
+    word_errors,
+)
 
 # The shipped agents' `hints`, as the server's STT passes them (phonebot.ai.offline.stt).
 HINTS = ["Acme Outdoor"]
@@ -116,17 +121,6 @@ class Corpus:
 
     texts: list[str]
     audio: list[bytes]
-
-
-def word_errors(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
-    """Levenshtein distance over words (substitutions + deletions + insertions)."""
-    row = list(range(len(hypothesis) + 1))
-    for i, ref_word in enumerate(reference, 1):
-        diagonal, row[0] = row[0], i
-        for j, hyp_word in enumerate(hypothesis, 1):
-            cost = min(row[j] + 1, row[j - 1] + 1, diagonal + (ref_word != hyp_word))
-            diagonal, row[j] = row[j], cost
-    return row[-1]
 
 
 def spoken(texts: list[str]) -> Corpus:

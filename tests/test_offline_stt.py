@@ -34,7 +34,12 @@ from pipecat.tests.utils import run_test
 from phonebot.ai.offline import piper_voice, stt, whisper
 from phonebot.ai.offline.channel import phone_channel
 from phonebot.ai.offline.responder import OFFLINE_FALLBACK, OfflineResponder, Reply
-from phonebot.ai.offline.stt import OfflineSTTService, normalize_transcript, transcribe
+from phonebot.ai.offline.stt import (
+    OfflineSTTService,
+    normalize_transcript,
+    transcribe,
+    word_errors,
+)
 from phonebot.ai.offline.whisper import TINY_EN_SHA256, ModelFileError, WhisperFiles
 from phonebot.ai.providers import build_services
 from phonebot.emulator.client import load_transcriber
@@ -69,16 +74,17 @@ def noise(kind: str, seconds: float = 2.0) -> bytes:
     return phone_channel(samples.astype(np.int16).tobytes(), RATE)
 
 
+def test_word_errors_count_substitutions_deletions_and_insertions() -> None:
+    said = ["a", "b", "c"]
+    assert word_errors(said, ["a", "b", "c"]) == 0
+    assert word_errors(said, ["a", "x", "c", "d"]) == 2  # one swapped, one added
+    assert word_errors(said, []) == 3
+
+
 def word_accuracy(said: str, heard: str) -> float:
     """1 - word error rate, both sides normalised."""
     ref, hyp = normalize_transcript(said).split(), normalize_transcript(heard).split()
-    row = list(range(len(hyp) + 1))
-    for i, ref_word in enumerate(ref, 1):
-        diagonal, row[0] = row[0], i
-        for j, hyp_word in enumerate(hyp, 1):
-            cost = min(row[j] + 1, row[j - 1] + 1, diagonal + (ref_word != hyp_word))
-            diagonal, row[j] = row[j], cost
-    return 1 - row[-1] / len(ref)
+    return 1 - word_errors(ref, hyp) / len(ref)
 
 
 def turn(pcm: bytes) -> list[Frame]:

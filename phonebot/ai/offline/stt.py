@@ -56,6 +56,7 @@ __all__ = [
     "to_model_audio",
     "transcribe",
     "transcribe_in_thread",
+    "word_errors",
     "warm_up",
 ]
 
@@ -222,6 +223,18 @@ def normalize_transcript(text: str) -> str:
         text = text.replace(symbol, f" {_SPELLINGS[symbol]} ")
     tokens = [t for token in _TOKEN.findall(text) for t in _spell_ordinal(token)]
     return " ".join(_numbers_as_digits([_SPELLINGS.get(t, t) for t in tokens]))
+
+
+def word_errors(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
+    """Levenshtein distance over words (substitutions + deletions + insertions): the
+    numerator of the word error rate the benchmark and the tests report."""
+    row = list(range(len(hypothesis) + 1))
+    for i, ref_word in enumerate(reference, 1):
+        diagonal, row[0] = row[0], i
+        for j, hyp_word in enumerate(hypothesis, 1):
+            cost = min(row[j] + 1, row[j - 1] + 1, diagonal + (ref_word != hyp_word))
+            diagonal, row[j] = row[j], cost
+    return row[-1]
 
 
 # ------------------------------------------------------------------ recognition
