@@ -19,11 +19,15 @@ instant AI API in the benchmark), so the benchmark compares the servers, not pro
 Auto hang-up is off (there is no Twilio account to call; our server does the same).
 
 Run: `PORT=8001 OPENAI_API_KEY=test OPENAI_BASE_URL=http://127.0.0.1:8100/v1 \
-python bench/baseline_server.py`
+python bench/baseline_server.py`; `WORKERS=K` runs K uvicorn worker processes (uvicorn's
+own `workers`, each importing this module as `bench.baseline_server`), as a Pipecat
+deployment on one machine would use its cores.
 """
 
 import os
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket
@@ -53,7 +57,21 @@ SYSTEM = (
     "so don't include special characters in your answers. Keep your answers short."
 )
 
-app = FastAPI()
+
+def quiet_logs() -> None:
+    """Pipecat logs every frame event at DEBUG; the benchmark runs both servers at WARNING."""
+    logger.remove()
+    logger.add(sys.stderr, level=os.getenv("LOG_LEVEL", "WARNING"))
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    """Every process serving the app (each uvicorn worker too) sets its own log level."""
+    quiet_logs()
+    yield
+
+
+app = FastAPI(lifespan=lifespan)
 
 
 @app.post("/")
@@ -154,7 +172,9 @@ async def run_bot(transport: FastAPIWebsocketTransport) -> None:
 
 
 if __name__ == "__main__":
-    # Pipecat logs every frame event at DEBUG; the benchmark runs both servers at WARNING.
-    logger.remove()
-    logger.add(sys.stderr, level=os.getenv("LOG_LEVEL", "WARNING"))
-    uvicorn.run(app, host="127.0.0.1", port=int(os.getenv("PORT", "8001")), log_level="warning")
+    quiet_logs()
+    workers = int(os.getenv("WORKERS", "1"))
+    # uvicorn starts several workers only from an import string (PYTHONPATH: the repo root).
+    target = "bench.baseline_server:app" if workers > 1 else app
+    port = int(os.getenv("PORT", "8001"))
+    uvicorn.run(target, host="127.0.0.1", port=port, log_level="warning", workers=workers)

@@ -1,10 +1,12 @@
-"""The load generator: N emulated dial-in calls, each a short realistic conversation.
+"""The load generator: emulated dial-in calls, each a realistic conversation.
 
 Every call rings the server's voice webhook (`dial_in`) and plays a script through
-`MediaStreamCaller`: wait for the greeting, speak, wait for the answer, then one of three
-endings (plain question, DTMF keys then a question, or a barge-in over the bot's answer)
-and hang up while the bot is talking. Caller speech is WAV files made once with the
-project's offline TTS (`bench/audio/`).
+`MediaStreamCaller`. A burst's calls (`burst_plan`) are short conversations: wait for the
+greeting, speak, wait for the answer, then one of three endings (plain question, DTMF keys
+then a question, or a barge-in over the bot's answer) and hang up while the bot is
+talking. A steady run's calls (`steady_script`) last as long as planned, with a caller turn
+every 6–10 s. Caller speech is WAV files made once with the project's espeak voice
+(`bench/audio/`).
 
 Calls are split across worker processes (`run_calls`), each with its own event loop, so
 the callers never compete with the measurement loop, and each reports a small picklable
@@ -15,9 +17,11 @@ lagging caller would make the server look slow, so the lag is reported next to t
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 import wave
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -48,7 +52,10 @@ PHRASES = {
 }
 KINDS = ("plain", "dtmf", "plain", "barge")  # call i plays KINDS[i % 4]
 REPLY_TIMEOUT_S = 15.0  # no bot audio this long after the caller's turn: the call failed
-CALL_TIMEOUT_S = 120.0
+CALL_TIMEOUT_S = 120.0  # a scripted (burst) call; a planned one gets its length + this
+BURST_S = 1.0  # a burst's N calls all start within one second
+TURN_MIN_S, TURN_MAX_S = 6.0, 10.0  # a steady call's caller turns: one every 6-10 s
+FIRST_TURN_S = (0.5, 2.0)  # after the greeting, the caller answers within this
 NO_REPLY = "no reply to the caller's speech"  # a call whose every bot turn has no latency
 LAG_INTERVAL_S = 0.05
 
@@ -118,7 +125,77 @@ def conversation(kind: str, audio: dict[str, Speak]) -> list[Step]:
     return [*steps, Pause(2.0), Hangup()]
 
 
+class TurnPacer:
+    """Keeps a caller's turns `period` seconds apart from start to start, however long the
+    bot took to answer: the pause after a reply is what is left of the period (none if the
+    reply ran over). `clock` is the call's own clock (`MediaStreamCaller.now`)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.turn_start: float | None = None
+
+    def rest(self, period: float) -> float:
+        """Seconds to stay quiet now so the next turn starts `period` after this one did."""
+        now = self.clock()
+        start = now if self.turn_start is None else self.turn_start
+        seconds = max(0.0, start + period - now)
+        self.turn_start = now + seconds
+        return seconds
+
+
+class RestOfTurn(Pause):
+    """A `Pause` whose length is decided when the caller reaches it (`TurnPacer.rest`):
+    the emulator reads `seconds` as the step starts, so the pause fills the turn's period."""
+
+    def __init__(self, pacer: TurnPacer, period: float) -> None:  # noqa: D107
+        object.__setattr__(self, "pacer", pacer)
+        object.__setattr__(self, "period", period)
+        object.__setattr__(self, "_seconds", None)
+
+    @property
+    def seconds(self) -> float:  # type: ignore[override]
+        if self._seconds is None:
+            object.__setattr__(self, "_seconds", self.pacer.rest(self.period))
+        return self._seconds
+
+    def __repr__(self) -> str:
+        return f"RestOfTurn(period={self.period:.2f})"
+
+
+def steady_script(
+    length_s: float, rng: random.Random, pacer: TurnPacer, audio: dict[str, Speak]
+) -> list[Step]:
+    """A steady run's call: the greeting, then a turn every 6–10 s (a phrase, the whole
+    reply, the rest of the period quiet) until `length_s`, where the caller is cut off by
+    the call's `max_duration` (the script itself is long enough never to end first)."""
+    steps: list[Step] = [wait_reply(), RestOfTurn(pacer, rng.uniform(*FIRST_TURN_S))]
+    for _ in range(math.ceil(length_s / TURN_MIN_S) + 1):
+        phrase = audio[rng.choice(("order", "hours"))]
+        steps += [phrase, wait_reply(), RestOfTurn(pacer, rng.uniform(TURN_MIN_S, TURN_MAX_S))]
+    return [*steps, Hangup()]
+
+
 # ------------------------------------------------------------------ one call
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """One call of a run: when it rings (seconds after the run's start), how long it stays
+    up (None: until its scripted conversation ends), which script it plays (`conversation`'s
+    kinds, or "steady" for `steady_script`)."""
+
+    index: int
+    start_s: float
+    length_s: float | None
+    kind: str
+    seeded: bool = False  # part of a steady run's initial population (load_patterns)
+
+
+def burst_plan(n: int, within_s: float = BURST_S) -> list[PlannedCall]:
+    """N scripted conversations starting evenly within `within_s`, call i playing
+    KINDS[i % 4]: what a campaign dialling ten calls a second sends at once."""
+    step = within_s / n if n > 1 else 0.0
+    return [PlannedCall(i, i * step, None, KINDS[i % len(KINDS)]) for i in range(n)]
 
 
 @dataclass
@@ -129,6 +206,13 @@ class CallSummary:
     kind: str
     speech_latencies: list[float] = field(default_factory=list)
     key_latencies: list[float] = field(default_factory=list)
+    # When each reply's bot audio started (call clock, seconds since `start`), in step with
+    # the latencies above; `started_at` is the call's t = 0 on the wall clock (None: the
+    # stream never started). A steady run keeps only what fell in its window (load_patterns).
+    speech_at: list[float] = field(default_factory=list)
+    key_at: list[float] = field(default_factory=list)
+    started_at: float | None = None
+    greeting: float | None = None  # stream `start` -> first bot audio (seconds)
     duration: float = 0.0
     bot_audio: float = 0.0
     bot_underrun: float = 0.0
@@ -141,8 +225,11 @@ class CallSummary:
     error: str | None = None
 
 
-def split_latencies(result: CallResult) -> tuple[list[float], list[float]]:
-    """Reply latencies after caller speech, and after DTMF keys (the baseline has none)."""
+Reply = tuple[float, float]  # (when the bot's audio started, latency), seconds
+
+
+def split_replies(result: CallResult) -> tuple[list[Reply], list[Reply]]:
+    """Replies after caller speech, and after DTMF keys (the baseline has none)."""
     keys = [t for t, _ in result.dtmf]
     speech, keyed = [], []
     for utterance in result.bot_utterances:
@@ -150,19 +237,46 @@ def split_latencies(result: CallResult) -> tuple[list[float], list[float]]:
             continue
         reference = utterance.start - utterance.latency
         after_key = any(abs(reference - t) < 0.03 for t in keys)
-        (keyed if after_key else speech).append(utterance.latency)
+        (keyed if after_key else speech).append((utterance.start, utterance.latency))
     return speech, keyed
 
 
+def split_latencies(result: CallResult) -> tuple[list[float], list[float]]:
+    """Reply latencies after caller speech, and after DTMF keys."""
+    speech, keyed = split_replies(result)
+    return [lat for _, lat in speech], [lat for _, lat in keyed]
+
+
+def greeting_latency(result: CallResult) -> float | None:
+    """Stream `start` -> the greeting's first audio: the first bot utterance that is no
+    reply (latency None) and began before the caller's first speech or key (None if the
+    bot said nothing before the caller did)."""
+    caller = [start for start, _ in result.caller_segments] + [t for t, _ in result.dtmf]
+    first_caller = min(caller, default=math.inf)
+    for utterance in result.bot_utterances:
+        if utterance.start >= first_caller:
+            return None
+        if utterance.latency is None:
+            return utterance.start
+    return None
+
+
 def summarize(index: int, kind: str, result: CallResult) -> CallSummary:
-    """Failed: an error or no answered turn. Dropped: the server closed the stream first."""
-    speech, keyed = split_latencies(result)
+    """Failed: an error, or (a scripted call) no answered turn; a steady call cut off by its
+    planned end before its first turn is not a failure. Dropped: the server closed the
+    stream first."""
+    speech, keyed = split_replies(result)
     dropped = result.close is not None and result.close.by == "server"
+    unanswered = not speech and kind != "steady"
     return CallSummary(
         index=index,
         kind=kind,
-        speech_latencies=speech,
-        key_latencies=keyed,
+        speech_latencies=[lat for _, lat in speech],
+        key_latencies=[lat for _, lat in keyed],
+        speech_at=[at for at, _ in speech],
+        key_at=[at for at, _ in keyed],
+        started_at=result.started_at or None,
+        greeting=greeting_latency(result),
         duration=result.duration,
         bot_audio=result.bot_audio_received,
         bot_underrun=result.bot_underrun,
@@ -170,24 +284,41 @@ def summarize(index: int, kind: str, result: CallResult) -> CallSummary:
         late_chunks=result.late_bot_chunks,
         long_gaps=result.bot_long_gaps,
         clears=len(result.clears),
-        failed=not dropped and (result.error is not None or not speech),
+        failed=not dropped and (result.error is not None or unanswered),
         dropped=dropped,
-        error=result.error or (None if speech else NO_REPLY),
+        error=result.error or (NO_REPLY if unanswered else None),
     )
 
 
-async def run_call(url: str, index: int, kind: str, delay: float, query: dict) -> CallSummary:
-    """Ring `url` after `delay` seconds and play the `kind` conversation."""
+async def run_call(
+    url: str,
+    index: int,
+    kind: str,
+    delay: float,
+    query: dict,
+    length_s: float | None = None,
+    seed: int = 0,
+) -> CallSummary:
+    """Ring `url` after `delay` seconds and play the `kind` conversation; a "steady" call
+    plays `steady_script` (its turns drawn from `seed` and `index`) and hangs up after
+    `length_s` seconds of stream."""
     await asyncio.sleep(delay)
     caller = None
+    timeout = CALL_TIMEOUT_S if length_s is None else length_s + CALL_TIMEOUT_S
     try:
         call = await dial_in(url, query=query, timeout=30.0)
         caller = call.caller(connect_timeout=30.0)
-        script = conversation(kind, caller_audio())
-        result = await asyncio.wait_for(caller.run(script, check=False), CALL_TIMEOUT_S)
+        if kind == "steady":
+            assert length_s is not None, "a steady call needs its planned length"
+            rng = random.Random(f"{seed}:{index}")
+            script = steady_script(length_s, rng, TurnPacer(lambda: caller.now), caller_audio())
+        else:
+            script = conversation(kind, caller_audio())
+        running = caller.run(script, max_duration=length_s, check=False)
+        result = await asyncio.wait_for(running, timeout)
         return summarize(index, kind, result)
     except TimeoutError:
-        message = f"call did not finish in {CALL_TIMEOUT_S:g} s"
+        message = f"call did not finish in {timeout:g} s"
     except EmulatorError as error:  # webhook refused, busy, no stream
         message = str(error)
     except Exception as error:  # one broken call must not take the other calls down
@@ -218,7 +349,7 @@ async def watch_lag(lags: list[float], stop: asyncio.Event) -> None:
         lags.append(loop.time() - before - LAG_INTERVAL_S)
 
 
-async def _worker(url: str, calls: Sequence[tuple[int, float]], query: dict, t0: float):
+async def _worker(url: str, calls: Sequence[PlannedCall], query: dict, t0: float, seed: int):
     caller_audio()  # before the start moment, so no call pays for loading audio
     lags: list[float] = []
     stop = asyncio.Event()
@@ -226,8 +357,8 @@ async def _worker(url: str, calls: Sequence[tuple[int, float]], query: dict, t0:
     cpu = time.process_time()
     base = t0 - time.time()
     tasks = [
-        run_call(url, index, KINDS[index % len(KINDS)], max(0.0, base + offset), query)
-        for index, offset in calls
+        run_call(url, c.index, c.kind, max(0.0, base + c.start_s), query, c.length_s, seed)
+        for c in calls
     ]
     summaries = await asyncio.gather(*tasks)
     stop.set()
@@ -235,28 +366,34 @@ async def _worker(url: str, calls: Sequence[tuple[int, float]], query: dict, t0:
     return WorkerReport(list(summaries), time.process_time() - cpu, lags)
 
 
-def worker_main(url: str, calls: Sequence[tuple[int, float]], query: dict, t0: float):
+def worker_main(url: str, calls: Sequence[PlannedCall], query: dict, t0: float, seed: int):
     """Entry point of one worker process: run its share of the calls, starting at `t0`."""
-    return asyncio.run(_worker(url, calls, query, t0))
+    return asyncio.run(_worker(url, calls, query, t0, seed))
 
 
-def schedule(n: int, stagger_s: float) -> list[tuple[int, float]]:
-    """(call index, start offset): starts spread evenly over `stagger_s`."""
-    step = stagger_s / (n - 1) if n > 1 else 0.0
-    return [(index, index * step) for index in range(n)]
+def start_calls(
+    url: str,
+    plan: Sequence[PlannedCall],
+    workers: int,
+    query: dict,
+    seed: int = 0,
+    lead_s: float = 1.0,
+) -> tuple[ProcessPoolExecutor, list, float]:
+    """Fork `workers` processes sharing the planned calls round-robin; returns the pool,
+    the futures and t0, the wall-clock moment the plan's times count from.
+
+    t0 is `lead_s` from now, so forking the workers doesn't skew the start times.
+    """
+    shares = [list(plan[w::workers]) for w in range(workers) if plan[w::workers]]
+    pool = ProcessPoolExecutor(len(shares), mp_context=get_context("fork"))
+    t0 = time.time() + lead_s
+    futures = [pool.submit(worker_main, url, share, query, t0, seed) for share in shares]
+    return pool, futures, t0
 
 
 def start_workers(
-    url: str, n: int, workers: int, query: dict, stagger_s: float, lead_s: float = 1.0
+    url: str, n: int, workers: int, query: dict, within_s: float = BURST_S
 ) -> tuple[ProcessPoolExecutor, list]:
-    """Fork `workers` processes sharing N calls round-robin; returns the pool and futures.
-
-    All calls are scheduled against one wall-clock start `lead_s` from now, so forking the
-    workers doesn't skew the stagger.
-    """
-    plan = schedule(n, stagger_s)
-    shares = [plan[w::workers] for w in range(workers) if plan[w::workers]]
-    pool = ProcessPoolExecutor(len(shares), mp_context=get_context("fork"))
-    t0 = time.time() + lead_s
-    futures = [pool.submit(worker_main, url, share, query, t0) for share in shares]
+    """A burst of N scripted calls (`burst_plan`) on `workers` processes: pool, futures."""
+    pool, futures, _ = start_calls(url, burst_plan(n, within_s), workers, query)
     return pool, futures

@@ -71,17 +71,26 @@ def machine_description(argv: Sequence[str] | None = None) -> dict:
     }
 
 
+def label(name: str) -> str:
+    """A series' name for a reader ("ours-instant burst" -> "ours burst")."""
+    series, _, pattern = name.partition(" ")
+    return f"{NAMES.get(series, series)} {pattern}".rstrip()
+
+
 def step_row(step: StepResult) -> str:
     cells = [
-        f"{NAMES.get(step.series, step.series)}, {step.n}",
+        f"{label(step.series)}, {step.n}",
         str(len(step.runs)),
+        fmt(step.calls_up_mean, ".1f"),
         f"{step.calls_ok} / {step.failed} / {step.dropped}",
         str(step.turns),
         f"{fmt(step.p50)} ({fmt_range(step.p50_spread)})",
         f"{fmt(step.p95)} ({fmt_range(step.p95_spread)})",
+        f"{fmt(step.greeting_p50)} / {fmt(step.greeting_p95)}",
         fmt(step.slow_share, ".0%"),
         fmt(step.underrun_share, ".2%"),
         fmt(step.cpu_per_call_min),
+        f"{step.rss_peak_mb:.0f} MB",
         f"{fmt(step.rss_per_call_mb, '.1f')} MB",
     ]
     return "| " + " | ".join(cells) + " |"
@@ -92,10 +101,34 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 TABLE_HEAD = (
-    "| server, N | runs | ok / fail / drop | turns | p50 s (runs) | p95 s (runs) "
-    f"| turns > {SLOW_TURN_S:g} s | underrun | CPU s per call-min | RSS per call |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| server, N | runs | calls up | ok / fail / drop | turns | reply p50 s (runs) "
+    "| reply p95 s (runs) | greeting p50 / p95 s "
+    f"| turns > {SLOW_TURN_S:g} s | underrun | CPU s per call-min | RSS peak | RSS per call |\n"
+    + "| --- " * 13
+    + "|"
 )
+PATTERN_TITLES = {
+    "burst": "**Burst**: N calls start within one second, each a ~25 s scripted conversation; "
+    "figures over the whole run.",
+    "steady": "**Steady**: Poisson arrivals keeping about N calls up (calls up: the mean "
+    "measured), calls of 100-140 s with a caller turn every 6-10 s; turns, greetings and CPU "
+    "inside the measured window only.",
+}
+
+
+def pattern_tables(series: dict[str, list[StepResult]], note: str) -> list[str]:
+    """One table per arrival pattern, every series' steps of that pattern in it."""
+    patterns = list(dict.fromkeys(s.pattern for steps in series.values() for s in steps))
+    lines: list[str] = []
+    for pattern in patterns:
+        if len(patterns) > 1 or pattern != "burst":
+            lines += [PATTERN_TITLES.get(pattern, pattern), ""]
+        lines.append(TABLE_HEAD)
+        lines += [
+            step_row(step) for steps in series.values() for step in steps if step.pattern == pattern
+        ]
+        lines.append("")
+    return [*lines, note, ""]
 
 
 def stage_rows(series: dict[str, list[StepResult]]) -> list[str]:
@@ -110,7 +143,7 @@ def stage_rows(series: dict[str, list[StepResult]]) -> list[str]:
                 f"{fmt(fig['p50'])} / {fmt(fig['p95'])}" if fig["n"] else "–"
                 for fig in summary["stages"].values()
             ]
-            name = NAMES.get(step.series, step.series)
+            name = f"{label(step.series)} {step.pattern}"
             cells = [f"{name}, {step.n}", str(summary["turns"]), *stages]
             cells += [_counts(summary["verdicts"]), _counts(summary["rules"])]
             rows.append("| " + " | ".join(cells) + " |")
@@ -140,17 +173,7 @@ def render(
         machine["command"],
         "```",
         "",
-        TABLE_HEAD,
-        *(step_row(step) for steps in series.values() for step in steps),
-        "",
-        "p50 / p95 are pooled over every turn of every run; in brackets the lowest and "
-        "highest of the runs' own figures."
-        + (
-            " Ours and the baseline ran interleaved, run by run."
-            if len(series) > 1 and not section
-            else ""
-        ),
-        "",
+        *pattern_tables(series, _note(series)),
     ]
     if section:
         lines += [*section, ""]
@@ -165,13 +188,28 @@ def render(
             *timing,
             "",
         ]
-    label = "Stop rule" if isinstance(rule, StopRule) else "Target"
-    lines += [f"{label}: {rule.describe()}", ""]
-    lines += [f"- {NAMES.get(name, name)}: {reason}" for name, reason in stops.items()]
+    title = "Stop rule" if isinstance(rule, StopRule) else "Target"
+    lines += [f"{title}: {rule.describe()}", ""]
+    lines += [f"- {label(name)}: {reason}" for name, reason in stops.items()]
     if targets:
         lines += ["", "Targets (ours, instant services):", ""]
         lines += [f"- **{MARKS[t['met']]}**: {t['target']}: {t['detail']}" for t in targets]
     return "\n".join(lines) + "\n"
+
+
+def _note(series: dict[str, list[StepResult]]) -> str:
+    """What the tables' figures are, under them."""
+    processes = {step.server_processes for steps in series.values() for step in steps}
+    note = (
+        "p50 / p95 are pooled over every turn of every run; in brackets the lowest and "
+        "highest of the runs' own figures. Greeting: stream start -> first bot audio. CPU and "
+        "RSS: the server's processes (RSS per call: (peak - idle) / N)."
+    )
+    if processes != {1}:
+        note += f" Server processes per series: {', '.join(map(str, sorted(processes)))}."
+    if any(name.startswith("baseline") for name in series):
+        note += " Ours and the baseline ran interleaved, run by run."
+    return note
 
 
 def write_markdown(path: Path, text: str) -> Path:

@@ -1,13 +1,14 @@
 """Figures for one load step, the printed tables, the ours/baseline ratios, JSON and plot.
 
-A step is N concurrent calls, repeated `runs` times (ours and the baseline interleaved run
-by run, so a disturbance on the shared machine lands on both). Latency percentiles are
+A step is N concurrent calls under one arrival pattern (`load_patterns`: a burst, repeated
+`runs` times, or a steady run measured over its window), ours and the baseline interleaved
+run by run, so a disturbance on the shared machine lands on both. Latency percentiles are
 pooled over every answered turn of every run (replies to caller speech; replies to DTMF
 keys are kept apart, as the baseline doesn't answer keys), and each run's own p50/p95 give
-the spread (min / median / max across runs). Pacing counts, inside each bot reply as the
-caller's playout buffer heard it, the silence spent waiting for late audio (`underrun`, as
-a share of the bot's speaking time) and the chunks that came after the buffer had run dry
-(`late`).
+the spread (min / median / max across runs); greetings (stream start -> first bot audio)
+likewise. Pacing counts, inside each bot reply as the caller's playout buffer heard it,
+the silence spent waiting for late audio (`underrun`, as a share of the bot's speaking
+time) and the chunks that came after the buffer had run dry (`late`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from load_calls import CallSummary, WorkerReport
+from load_patterns import mean_calls_up, window_view
 from load_stats import (
     SLOW_TURN_S,
     STAGES,
@@ -29,22 +31,19 @@ from load_stats import (
     summarize_timings,
 )
 
-# Issue 5's targets, checked on our server with the instant services.
-TARGET_CALLS = 100
+# `--processes`' held target (load_cluster): p95 within this factor of one call's, and
+# the caller's playout buffer empty no more than this share of the bot's speech.
 TARGET_P95_FACTOR = 1.5
 TARGET_UNDERRUN = 0.01
-TARGET_RSS_PER_CALL_MB = 25.0
-# Issue 9's targets: p95 reply <= 1.2 s at N = 1 and at N = 10, and p50 no worse than the
-# fresh-clone figure the issue measured (0.34-0.42 s), within 10 %.
-TARGET_REPLY_P95_S = 1.2
-TARGET_REPLY_NS = (1, 10)
-TODAY_P50_S = 0.42
-TARGET_P50_TOLERANCE = 0.10
 
 
 @dataclass
 class RunData:
-    """One run of a step as measured: the callers' reports and the server's readings."""
+    """One run of a step as measured: the callers' reports and the server's readings.
+
+    With a `window` (wall-clock start, end: a steady run), `calls` are what happened in it
+    (`load_patterns.window_view`) and `cpu_s` is the server's CPU over it.
+    """
 
     reports: list[WorkerReport]
     wall_s: float
@@ -52,10 +51,15 @@ class RunData:
     rss_peak_mb: float
     timings: list[dict] = field(default_factory=list)  # server turn-timing records
     ai_api_cpu_s: float | None = None
+    window: tuple[float, float] | None = None
+    rss_process_peak_mb: float | None = None  # the largest single server process
 
     @property
     def calls(self) -> list[CallSummary]:
-        return [call for report in self.reports for call in report.calls]
+        calls = [call for report in self.reports for call in report.calls]
+        if self.window is None:
+            return calls
+        return [window_view(call, self.window) for call in calls]
 
     @property
     def latencies(self) -> list[float]:
@@ -77,6 +81,8 @@ class RunFigures:
     slow_share: float | None
     underrun_share: float
     cpu_per_call_min: float | None
+    greeting_p95: float | None = None
+    turn_interval_s: float | None = None
 
 
 @dataclass
@@ -86,6 +92,7 @@ class StepResult:
     series: str
     n: int
     wall_s: float
+    pattern: str = "burst"
     calls_ok: int = 0
     failed: int = 0
     dropped: int = 0
@@ -96,6 +103,10 @@ class StepResult:
     slow_share: float | None = None  # share of turns slower than SLOW_TURN_S
     p50_spread: dict | None = None  # min / median / max of the runs' own p50
     p95_spread: dict | None = None
+    greetings: int = 0
+    greeting_p50: float | None = None  # stream start -> first bot audio
+    greeting_p95: float | None = None
+    greeting_p95_spread: dict | None = None
     key_turns: int = 0
     key_p50: float | None = None
     key_p95: float | None = None
@@ -105,11 +116,17 @@ class StepResult:
     long_gaps: int = 0
     clears: int = 0
     call_minutes: float = 0.0
+    window_s: float | None = None  # steady: the measured window (per run)
+    calls_up_mean: float | None = None  # steady: calls up on average over the window
+    turn_interval_s: float | None = None  # median time between a call's replies
     cpu_s: float = 0.0
     cpu_per_call_min: float | None = None
     rss_idle_mb: float = 0.0
     rss_peak_mb: float = 0.0
     rss_per_call_mb: float | None = None
+    rss_process_peak_mb: float | None = None  # the largest single server process
+    rss_idle_process_mb: float | None = None
+    server_processes: int = 1
     rss_slope_mb: float | None = None
     loadgen_cpu_per_call_min: float | None = None
     loadgen_lag_p99_ms: float | None = None
@@ -144,6 +161,17 @@ def distinct_errors(calls: Sequence[CallSummary], limit: int = 3) -> list[str]:
     return errors[:limit]
 
 
+def greetings_of(calls: Sequence[CallSummary]) -> list[float]:
+    return [call.greeting for call in calls if call.greeting is not None]
+
+
+def turn_interval(calls: Sequence[CallSummary]) -> float | None:
+    """Median time from one reply to the next within a call: the caller's real turn
+    cadence (a steady caller aims at 6-10 s; a long reply stretches it)."""
+    gaps = [b - a for c in calls for a, b in zip(c.speech_at, c.speech_at[1:], strict=False)]
+    return percentile(gaps, 50)
+
+
 def run_figures(index: int, run: RunData) -> RunFigures:
     calls, latencies = run.calls, run.latencies
     minutes = sum(call.duration for call in calls) / 60
@@ -159,6 +187,8 @@ def run_figures(index: int, run: RunData) -> RunFigures:
         slow_share=slow_share(latencies),
         underrun_share=pacing(calls)[0],
         cpu_per_call_min=run.cpu_s / minutes if minutes else None,
+        greeting_p95=percentile(greetings_of(calls), 95),
+        turn_interval_s=turn_interval(calls),
     )
 
 
@@ -168,9 +198,13 @@ def step_result(
     runs: Sequence[RunData],
     rss_idle_mb: float,
     previous: StepResult | None,
+    pattern: str = "burst",
 ) -> StepResult:
     """Pool the runs' call summaries and the server's /proc readings for one step."""
     calls = [call for run in runs for call in run.calls]
+    greetings = sorted(greetings_of(calls))
+    windows = [run.window[1] - run.window[0] for run in runs if run.window is not None]
+    largest = [run.rss_process_peak_mb for run in runs if run.rss_process_peak_mb is not None]
     speech = sorted(lat for run in runs for lat in run.latencies)
     keyed = [lat for call in calls for lat in call.key_latencies]
     share, late, chunks, long_gaps = pacing(calls)
@@ -185,6 +219,7 @@ def step_result(
         series=series,
         n=n,
         wall_s=sum(run.wall_s for run in runs),
+        pattern=pattern,
         calls_ok=sum(not (c.failed or c.dropped) for c in calls),
         failed=sum(c.failed for c in calls),
         dropped=sum(c.dropped for c in calls),
@@ -195,6 +230,10 @@ def step_result(
         slow_share=slow_share(speech),
         p50_spread=spread(r.p50 for r in per_run),
         p95_spread=spread(r.p95 for r in per_run),
+        greetings=len(greetings),
+        greeting_p50=percentile(greetings, 50),
+        greeting_p95=percentile(greetings, 95),
+        greeting_p95_spread=spread(r.greeting_p95 for r in per_run),
         key_turns=len(keyed),
         key_p50=percentile(keyed, 50),
         key_p95=percentile(keyed, 95),
@@ -204,11 +243,15 @@ def step_result(
         long_gaps=long_gaps,
         clears=sum(c.clears for c in calls),
         call_minutes=call_minutes,
+        window_s=windows[0] if windows else None,
+        calls_up_mean=mean_calls_up(call_minutes, sum(windows)) if windows else None,
+        turn_interval_s=turn_interval(calls),
         cpu_s=cpu_s,
         cpu_per_call_min=cpu_s / call_minutes if call_minutes else None,
         rss_idle_mb=rss_idle_mb,
         rss_peak_mb=rss_peak,
         rss_per_call_mb=(rss_peak - rss_idle_mb) / n,
+        rss_process_peak_mb=max(largest, default=None),
         loadgen_cpu_per_call_min=loadgen_cpu / call_minutes if call_minutes else None,
         loadgen_lag_p99_ms=_ms(percentile(lags, 99)),
         loadgen_lag_max_ms=_ms(max(lags, default=None)),
@@ -222,7 +265,7 @@ def step_result(
     helper_cpu = [run.ai_api_cpu_s for run in runs if run.ai_api_cpu_s is not None]
     if helper_cpu and call_minutes:
         result.ai_api_cpu_per_call_min = sum(helper_cpu) / call_minutes
-    if previous is not None and n > previous.n:
+    if previous is not None and n > previous.n and previous.pattern == pattern:
         result.rss_slope_mb = (rss_peak - previous.rss_peak_mb) / (n - previous.n)
     return result
 
@@ -245,30 +288,33 @@ def fmt_range(spread_: dict | None) -> str:
 
 
 HEADER = (
-    f"{'series':<17} {'N':>4} {'runs':>4} {'ok':>4} {'fail':>4} {'drop':>4} {'turns':>5} "
-    f"{'p50 s':>6} {'(runs)':>9} {'p95 s':>6} {'(runs)':>9} {f'>{SLOW_TURN_S:g}s':>5} "
-    f"{'key p95':>7} {'underrun':>8} {'CPU s/call-min':>14} {'RSS MB':>7} {'MB/call':>7} "
-    f"{'gen lag':>7}"
+    f"{'series':<17} {'pattern':<7} {'N':>4} {'up':>5} {'runs':>4} {'ok':>4} {'fail':>4} "
+    f"{'drop':>4} {'turns':>5} {'p50 s':>6} {'p95 s':>6} {'(runs)':>9} "
+    f"{f'>{SLOW_TURN_S:g}s':>5} {'greet p50':>9} {'p95':>5} {'key p95':>7} {'underrun':>8} "
+    f"{'CPU s/call-min':>14} {'RSS MB':>7} {'MB/call':>7} {'gen lag p99/max':>15}"
 )
 
 
 def format_row(step: StepResult) -> str:
+    lag = f"{fmt(step.loadgen_lag_p99_ms, '.0f')}/{fmt(step.loadgen_lag_max_ms, '.0f')}ms"
     return (
-        f"{step.series:<17} {step.n:>4} {len(step.runs):>4} {step.calls_ok:>4} "
-        f"{step.failed:>4} {step.dropped:>4} {step.turns:>5} "
-        f"{fmt(step.p50):>6} {fmt_range(step.p50_spread):>9} "
-        f"{fmt(step.p95):>6} {fmt_range(step.p95_spread):>9} {fmt(step.slow_share, '.0%'):>5} "
-        f"{fmt(step.key_p95):>7} {fmt(step.underrun_share, '.2%'):>8} "
-        f"{fmt(step.cpu_per_call_min):>14} {step.rss_peak_mb:>7.0f} "
-        f"{fmt(step.rss_per_call_mb, '.1f'):>7} {fmt(step.loadgen_lag_p99_ms, '.0f'):>5}ms"
+        f"{step.series:<17} {step.pattern:<7} {step.n:>4} {fmt(step.calls_up_mean, '.1f'):>5} "
+        f"{len(step.runs):>4} {step.calls_ok:>4} {step.failed:>4} {step.dropped:>4} "
+        f"{step.turns:>5} {fmt(step.p50):>6} {fmt(step.p95):>6} "
+        f"{fmt_range(step.p95_spread):>9} {fmt(step.slow_share, '.0%'):>5} "
+        f"{fmt(step.greeting_p50):>9} {fmt(step.greeting_p95):>5} {fmt(step.key_p95):>7} "
+        f"{fmt(step.underrun_share, '.2%'):>8} {fmt(step.cpu_per_call_min):>14} "
+        f"{step.rss_peak_mb:>7.0f} {fmt(step.rss_per_call_mb, '.1f'):>7} {lag:>15}"
     )
 
 
-def format_run(series: str, n: int, run: RunFigures, runs: int) -> str:
+def format_run(series: str, n: int, run: RunFigures, runs: int, pattern: str = "burst") -> str:
     """One progress line per run, so a long step shows it is alive."""
     return (
-        f"  {series} N = {n} run {run.run}/{runs}: {run.turns} turns, p50 {fmt(run.p50)} s, "
-        f"p95 {fmt(run.p95)} s, {run.failed + run.dropped} failed/dropped ({run.wall_s:.0f} s)"
+        f"  {series} {pattern} N = {n} run {run.run}/{runs}: {run.turns} turns, p50 "
+        f"{fmt(run.p50)} s, p95 {fmt(run.p95)} s, greeting p95 {fmt(run.greeting_p95)} s, "
+        f"a reply every {fmt(run.turn_interval_s, '.1f')} s per call, "
+        f"{run.failed + run.dropped} failed/dropped ({run.wall_s:.0f} s)"
     )
 
 
@@ -301,13 +347,18 @@ def print_row(step: StepResult) -> None:
 
 
 LEGEND = f"""\
-latency: end of caller speech -> first bot audio the caller hears, pooled over every turn
-of every run ('(runs)': lowest-highest of the runs' own p50 / p95; '>{SLOW_TURN_S:g}s': share
-of turns slower than that; 'key p95' for replies to DTMF). underrun: share of the bot's
-speaking time the caller's playout buffer sat empty waiting for late audio. CPU s/call-min
-and RSS are the server process only; MB/call = (peak - idle) / N. gen lag: the load
-generator's event-loop lag p99 (high lag inflates latency and underrun). 'server': stages
-of the server's turn-timing log lines (seconds after the caller's speech ended)."""
+burst: N calls start within a second, each a ~25 s scripted conversation (figures over the
+whole run). steady: Poisson arrivals keeping ~N calls up ('up': the mean measured), calls
+of 100-140 s with a caller turn every 6-10 s; turns, greetings and CPU count only inside
+the measured window after the seed; failed/dropped count every call of the run.
+p50/p95: end of caller speech -> first bot audio the caller hears, pooled over every turn
+of every run ('(runs)': lowest-highest of the runs' own p95; '>{SLOW_TURN_S:g}s': share of
+turns slower than that; 'key p95' for replies to DTMF). greet: stream start -> first bot
+audio. underrun: share of the bot's speaking time the caller's playout buffer sat empty
+waiting for late audio. CPU s/call-min and RSS are the server's processes only (its
+workers included); MB/call = (peak - idle) / N. gen lag: the load generator's event-loop
+lag p99/max (high lag inflates latency and underrun). 'server': stages of the server's
+turn-timing log lines (seconds after the caller's speech ended)."""
 
 
 def ratio(ours: float | None, base: float | None) -> str:
@@ -317,18 +368,20 @@ def ratio(ours: float | None, base: float | None) -> str:
 
 
 def ratio_rows(ours: Sequence[StepResult], baseline: Sequence[StepResult]) -> list[dict]:
-    """ours / baseline at every N both ran (below 1.0 means ours is lower/better)."""
-    by_n = {step.n: step for step in baseline}
+    """ours / baseline at every pattern and N both ran (below 1.0: ours is lower/better)."""
+    by_n = {(step.pattern, step.n): step for step in baseline}
     rows = []
     for step in ours:
-        base = by_n.get(step.n)
+        base = by_n.get((step.pattern, step.n))
         if base is None:
             continue
         rows.append(
             {
+                "pattern": step.pattern,
                 "n": step.n,
                 "p50": ratio(step.p50, base.p50),
                 "p95": ratio(step.p95, base.p95),
+                "greeting_p95": ratio(step.greeting_p95, base.greeting_p95),
                 "cpu_per_call_min": ratio(step.cpu_per_call_min, base.cpu_per_call_min),
                 "rss_per_call": ratio(step.rss_per_call_mb, base.rss_per_call_mb),
                 "underrun": ratio(step.underrun_share, base.underrun_share),
@@ -341,44 +394,16 @@ def print_ratios(rows: Sequence[dict]) -> None:
     if not rows:
         return
     print("\n== ours / baseline (instant services)")
-    print(f"{'N':>4} {'p50':>7} {'p95':>7} {'CPU/call-min':>12} {'RSS/call':>9} {'underrun':>9}")
+    print(
+        f"{'pattern':<7} {'N':>4} {'p50':>7} {'p95':>7} {'greet p95':>9} {'CPU/call-min':>12} "
+        f"{'RSS/call':>9} {'underrun':>9}"
+    )
     for row in rows:
         print(
-            f"{row['n']:>4} {row['p50']:>7} {row['p95']:>7} {row['cpu_per_call_min']:>12} "
-            f"{row['rss_per_call']:>9} {row['underrun']:>9}"
+            f"{row['pattern']:<7} {row['n']:>4} {row['p50']:>7} {row['p95']:>7} "
+            f"{row['greeting_p95']:>9} {row['cpu_per_call_min']:>12} {row['rss_per_call']:>9} "
+            f"{row['underrun']:>9}"
         )
-
-
-def reply_targets(steps: Sequence[StepResult]) -> list[dict]:
-    """Issue 9's reply targets at N = 1 and N = 10 (a step that did not run is missed)."""
-    by_n = {step.n: step for step in steps}
-    p50_limit = TODAY_P50_S * (1 + TARGET_P50_TOLERANCE)
-    targets = []
-    for n in TARGET_REPLY_NS:
-        step = by_n.get(n)
-        targets.append(
-            {
-                "target": f"p95 reply <= {TARGET_REPLY_P95_S:g} s at N = {n}",
-                "met": step is not None and step.p95 is not None and step.p95 <= TARGET_REPLY_P95_S,
-                "detail": _measured(step, "p95"),
-            }
-        )
-        targets.append(
-            {
-                "target": f"p50 reply <= {p50_limit:.2f} s at N = {n} "
-                f"(fresh clone {TODAY_P50_S:g} s + {TARGET_P50_TOLERANCE:.0%})",
-                "met": step is not None and step.p50 is not None and step.p50 <= p50_limit,
-                "detail": _measured(step, "p50"),
-            }
-        )
-    return targets
-
-
-def _measured(step: StepResult | None, name: str) -> str:
-    if step is None:
-        return "not measured at this N (the series stopped earlier, or --steps left it out)"
-    spread_ = step.p50_spread if name == "p50" else step.p95_spread
-    return f"{fmt(getattr(step, name))} s over {step.turns} turns (runs {fmt_range(spread_)} s)"
 
 
 # Issue 10: writing call records must not cost the calls: p95 reply and CPU per call-minute
@@ -387,11 +412,12 @@ RECORDS_TOLERANCE = 0.05
 
 
 def records_targets(on: Sequence[StepResult], off: Sequence[StepResult]) -> list[dict]:
-    """Records on vs off at every N both ran: p95 and CPU per call-minute within 5 %."""
-    by_n = {step.n: step for step in off}
+    """Records on vs off at every pattern and N both ran: p95 and CPU per call-minute
+    within 5 %."""
+    by_n = {(step.pattern, step.n): step for step in off}
     targets = []
     for step in on:
-        base = by_n.get(step.n)
+        base = by_n.get((step.pattern, step.n))
         if base is None:
             continue
         for label, mine, theirs in (
@@ -401,7 +427,7 @@ def records_targets(on: Sequence[StepResult], off: Sequence[StepResult]) -> list
             met = None if not mine or not theirs else mine <= theirs * (1 + RECORDS_TOLERANCE)
             targets.append(
                 {
-                    "target": f"{label} at N = {step.n} with records <= "
+                    "target": f"{label} at {step.pattern} N = {step.n} with records <= "
                     f"{1 + RECORDS_TOLERANCE:g}x records off",
                     "met": met,
                     "detail": f"{fmt(mine)} on vs {fmt(theirs)} off ({ratio(mine, theirs)})",
@@ -410,49 +436,11 @@ def records_targets(on: Sequence[StepResult], off: Sequence[StepResult]) -> list
     return targets
 
 
-def check_targets(steps: Sequence[StepResult]) -> list[dict]:
-    """Issues 9 and 5's targets for our server with the instant services, each met or not."""
-    targets = reply_targets(steps)
-    by_n = {step.n: step for step in steps}
-    one, target = by_n.get(1), by_n.get(TARGET_CALLS)
-    if target is None:
-        # The series stopped below the target, or --max-calls / the time budget kept it out.
-        reached = max(by_n, default=0)
-        detail = f"not reached: the series stopped at N = {reached}"
-        targets.append(
-            {"target": f"{TARGET_CALLS} concurrent calls", "met": False, "detail": detail}
-        )
-        return targets
-    p95_limit = None if one is None or one.p95 is None else one.p95 * TARGET_P95_FACTOR
-    return targets + [
-        {
-            "target": f"{TARGET_CALLS} calls held, none dropped or failed",
-            "met": not target.broken,
-            "detail": f"{target.calls_ok} ok, {target.failed} failed, {target.dropped} dropped",
-        },
-        {
-            "target": f"p95 at {TARGET_CALLS} <= {TARGET_P95_FACTOR}x p95 at 1",
-            "met": None if p95_limit is None or target.p95 is None else target.p95 <= p95_limit,
-            "detail": f"{fmt(target.p95)} s vs limit {fmt(p95_limit)} s",
-        },
-        {
-            "target": f"empty bot-speech slots <= {TARGET_UNDERRUN:.0%}",
-            "met": target.underrun_share <= TARGET_UNDERRUN,
-            "detail": f"{target.underrun_share:.2%}",
-        },
-        {
-            "target": f"RSS per added call <= {TARGET_RSS_PER_CALL_MB:g} MB",
-            "met": (target.rss_per_call_mb or 0) <= TARGET_RSS_PER_CALL_MB,
-            "detail": f"{fmt(target.rss_per_call_mb, '.1f')} MB",
-        },
-    ]
-
-
 MARKS = {True: "met", False: "MISSED", None: "n/a"}
 
 
 def print_targets(targets: Sequence[dict]) -> None:
-    print("\n== targets (ours, instant services)")
+    print("\n== targets (ours, instant services)", flush=True)
     for target in targets:
         print(f"  [{MARKS[target['met']]:>6}] {target['target']}: {target['detail']}")
 
@@ -472,6 +460,23 @@ def write_json(path: Path, series: dict[str, list[StepResult]], extra: dict) -> 
 
 
 STYLES = {"ours-instant": "-o", "baseline-instant": "--s", "ours-offline": ":^"}
+PATTERN_STYLES = {
+    "ours-instant burst": "-o",
+    "ours-instant steady": "-D",
+    "baseline-instant burst": "--s",
+    "baseline-instant steady": "--v",
+}
+
+
+def by_pattern(name: str, steps: Sequence[StepResult]) -> dict[str, list[StepResult]]:
+    """A series' steps per arrival pattern, labelled "name pattern" (just "name" when the
+    series ran one pattern only)."""
+    groups: dict[str, list[StepResult]] = {}
+    for step in steps:
+        groups.setdefault(step.pattern, []).append(step)
+    if len(groups) == 1:
+        return {name: list(steps)}
+    return {f"{name} {pattern}": group for pattern, group in groups.items()}
 
 
 def write_plot(
@@ -493,9 +498,10 @@ def write_plot(
         return None
     figure, (latency, cpu, cdf) = plt.subplots(1, 3, figsize=(16, 4.6))
     for name, steps in series.items():
-        if steps:
-            color = _plot_series(latency, cpu, name, steps)
-            _plot_cdf(cdf, name, steps, color)
+        for label, pattern_steps in by_pattern(name, steps).items():
+            style = STYLES.get(name, "-") if label == name else PATTERN_STYLES.get(label, "-")
+            color = _plot_series(latency, cpu, label, pattern_steps, style)
+            _plot_cdf(cdf, label, pattern_steps, color)
     latency.set(
         xlabel="concurrent calls (N)",
         ylabel="reply latency (s)",
@@ -533,9 +539,8 @@ def write_plot(
     return path
 
 
-def _plot_series(latency, cpu, name: str, steps: Sequence[StepResult]) -> str:
+def _plot_series(latency, cpu, name: str, steps: Sequence[StepResult], style: str) -> str:
     """p95 with its run spread as error bars, p50 fainter, CPU; returns the line colour."""
-    style = STYLES.get(name, "-")
     ns = [step.n for step in steps]
     p95 = [step.p95 for step in steps]
     low = [_gap(step.p95, step.p95_spread, "min") for step in steps]

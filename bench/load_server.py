@@ -3,12 +3,15 @@
 Each runs as its own subprocess from a scratch working directory (so no developer `.env`
 leaks in), on a free loopback port, with its log kept in a file for when a step breaks.
 `ProcessMeter` reads the server's CPU time and RSS from /proc: the load generator runs on
-the same machine, so only the server's own process is measured.
+the same machine, so only the server's own processes are measured, its worker processes
+included (`--server-workers K`: ours supervises K copies of `server.py`, the baseline runs
+K uvicorn workers; both are children of the process started here).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -146,27 +149,49 @@ class ServerProcess:
             self.process.wait()
 
 
-def ai_api_process(transcript: str) -> ServerProcess:
+# The instant LLM's answer after its echo: a short reply (~4 s spoken with the echo), so a
+# steady caller's turn (phrase, reply, pause) fits in the 6-10 s the steady pattern asks for.
+ANSWER = "We are open nine to five."
+
+
+def ai_api_process(transcript: str, answer: str = ANSWER) -> ServerProcess:
     """`python -m phonebot.emulator.ai_api`: instant, deterministic OpenAI look-alike.
 
-    Every transcription returns `transcript`, so every reply is the same length on both
-    servers whatever the caller said.
+    Every transcription returns `transcript` and every reply is the echo plus `answer`,
+    so every reply is the same length on both servers whatever the caller said.
     """
     port = free_port()
     command = [sys.executable, "-m", "phonebot.emulator.ai_api", "--port", str(port)]
-    command += ["--transcript", transcript]
+    command += ["--transcript", transcript, "--answer", answer]
     return ServerProcess("ai-api", command, {}, ready_path="/_emulator/requests", port=port)
 
 
-def ours_process(max_calls: int, extra_env: dict[str, str]) -> ServerProcess:
-    """`python server.py`, logging the per-turn timing lines (`ours_env`)."""
+def workers_env(workers: int, redis_url: str | None, max_calls: int) -> dict[str, str]:
+    """`WORKERS=K`; with K > 1 our server also needs what its processes share: Redis and a
+    stream secret (phonebot.web.safety refuses to start without), and no per-process cap."""
+    env = {"WORKERS": str(workers)}
+    if workers > 1:
+        if redis_url is None:
+            raise ValueError("several server workers need a Redis (REDIS_URL)")
+        cap = str(max(500, 2 * max_calls))
+        env |= {"REDIS_URL": redis_url, "STREAM_SECRET": secrets.token_hex(32)}
+        env |= {"MAX_CALLS_PER_PROCESS": cap}
+    return env
+
+
+def ours_process(
+    max_calls: int, extra_env: dict[str, str], workers: int = 1, redis_url: str | None = None
+) -> ServerProcess:
+    """`python server.py` (WORKERS=`workers`), logging the per-turn timing lines (`ours_env`)."""
     command = [sys.executable, str(ROOT / "server.py")]
-    return ServerProcess("ours", command, {**ours_env(max_calls), **extra_env})
+    env = {**ours_env(max_calls), **workers_env(workers, redis_url, max_calls), **extra_env}
+    return ServerProcess("ours", command, env)
 
 
-def baseline_process(extra_env: dict[str, str]) -> ServerProcess:
+def baseline_process(extra_env: dict[str, str], workers: int = 1) -> ServerProcess:
+    """`bench/baseline_server.py`, with `workers` uvicorn worker processes."""
     command = [sys.executable, str(BENCH / "baseline_server.py")]
-    return ServerProcess("baseline", command, extra_env, ready_path="/")
+    return ServerProcess("baseline", command, {**extra_env, "WORKERS": str(workers)}, "/")
 
 
 # ------------------------------------------------------------------ measuring
@@ -207,9 +232,9 @@ def cpu_seconds(pid: int) -> float:
     return total / CLOCK_TICKS
 
 
-def rss_mb(pid: int) -> float:
-    """Resident set size (VmRSS) of a process tree, in MB."""
-    total = 0
+def rss_by_process(pid: int) -> dict[int, float]:
+    """Resident set size (VmRSS) of each process of a tree, in MB."""
+    sizes = {}
     for member in process_tree(pid):
         try:
             status = Path(f"/proc/{member}/status").read_text()
@@ -217,27 +242,58 @@ def rss_mb(pid: int) -> float:
             continue
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
+                sizes[member] = int(line.split()[1]) / 1024
+    return sizes
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size (VmRSS) of a process tree, in MB."""
+    return sum(rss_by_process(pid).values())
+
+
+QUIET_CORES = 0.1  # a server using less than this is idle (timers, the loop-lag probe)
+QUIET_TIMEOUT_S = 60.0
+
+
+def wait_until_quiet(servers: list[ServerProcess], timeout_s: float = QUIET_TIMEOUT_S) -> list[str]:
+    """Wait until every live server's processes use under `QUIET_CORES`, measured over a
+    second, so a server still working through an earlier run (a baseline grinding on calls
+    it failed) does not take CPU from the next run; the names still busy at `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        live = [server for server in servers if server.alive()]
+        before = {server.name: cpu_seconds(server.pid) for server in live}
+        time.sleep(1.0)
+        busy = [s.name for s in live if cpu_seconds(s.pid) - before[s.name] > QUIET_CORES]
+        if not busy or time.monotonic() >= deadline:
+            return busy
 
 
 @dataclass
 class ProcessMeter:
-    """CPU over a window and RSS samples of one process (the server, never the callers)."""
+    """CPU over a window and RSS samples of one process tree (the server, never the
+    callers): the sum over its processes, and the largest single process."""
 
     pid: int
     cpu_start: float = 0.0
     rss: list[float] = field(default_factory=list)
+    rss_largest: list[float] = field(default_factory=list)
 
     def begin(self) -> None:
         self.cpu_start = cpu_seconds(self.pid)
-        self.rss = []
+        self.rss, self.rss_largest = [], []
 
     def sample(self) -> None:
-        self.rss.append(rss_mb(self.pid))
+        sizes = rss_by_process(self.pid)
+        self.rss.append(sum(sizes.values()))
+        self.rss_largest.append(max(sizes.values(), default=0.0))
 
     def cpu_used(self) -> float:
         return cpu_seconds(self.pid) - self.cpu_start
 
     def peak_rss(self) -> float:
         return max(self.rss, default=rss_mb(self.pid))
+
+    def peak_process_rss(self) -> float:
+        """The largest RSS any one of the server's processes reached."""
+        return max(self.rss_largest, default=max(rss_by_process(self.pid).values(), default=0.0))

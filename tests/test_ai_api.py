@@ -274,6 +274,17 @@ async def test_each_app_has_its_own_state():
     assert second.state.controls.counts["llm"] == 1 and first.state.controls.counts["llm"] == 0
 
 
+async def test_the_answer_after_the_echo_can_be_chosen():
+    """`--answer`: the load benchmark's shorter reply (a steady caller's 6-10 s turn)."""
+    app = create_ai_app(answer="We are open nine to five.")
+    transport = httpx.ASGITransport(app=app)
+    body = {"messages": [{"role": "user", "content": "when are you open"}]}
+    async with httpx.AsyncClient(transport=transport, base_url="http://emu") as http:
+        reply = await http.post("/v1/chat/completions", json=body)
+    text = reply.json()["choices"][0]["message"]["content"]
+    assert text == "You said: when are you open. We are open nine to five."
+
+
 def test_instant_settings_choose_openai_everywhere_with_the_emulator_urls():
     url = "http://127.0.0.1:8100/v1"
     settings = make_settings(

@@ -117,6 +117,11 @@ def test_with_no_keys_the_server_runs_offline_and_says_so(server):
     assert server.health()["offline"] is True
 
 
+def test_the_server_runs_on_uvloop(server):
+    """uvicorn's C event loop (server.py): the asyncio one cost ~13 % more CPU at 40 calls."""
+    assert any("Event loop: uvloop.Loop" in line for line in server.logs), server.log_text()
+
+
 async def test_dialin_support_greeting_is_spoken_to_the_right_stream(server, twilio):
     result = await call_in(server, twilio, [WaitForBot(), Hangup()], session_type="support")
 

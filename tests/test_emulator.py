@@ -60,6 +60,7 @@ from phonebot.emulator.client import (
 from phonebot.emulator.loopback import LoopbackServer
 from phonebot.emulator.signature import SharedKey, signed_headers
 from phonebot.emulator.twiml import say_seconds
+from tests.media_bot import after_each_caller_turn
 
 TOKEN = "test-auth-token-0123456789abcdef"
 ACCOUNT = "AC" + "1" * 32
@@ -472,18 +473,12 @@ async def test_mark_is_echoed_only_once_the_audio_before_it_has_played() -> None
 async def test_response_latency_utterances_and_recording(tmp_path: Any) -> None:
     async def replies(ws: ServerConnection) -> None:
         sid = (await read_start(ws))["streamSid"]
-        spoke, quiet = False, 0
-        async for message in ws:
-            data = json.loads(message)
-            if data["event"] != "media":
-                continue
-            pcm = audio.ulaw_to_pcm16(base64.b64decode(data["media"]["payload"]))
-            if not audio.is_silent(pcm):
-                spoke, quiet = True, 0
-            elif spoke and (quiet := quiet + 1) == 5:  # 100 ms of silence: caller is done
-                spoke = False
-                await asyncio.sleep(0.2)
-                await ws.send(media(sid, 0.5))
+
+        async def reply() -> None:
+            await asyncio.sleep(0.2)
+            await ws.send(media(sid, 0.5))
+
+        await after_each_caller_turn(ws, 5, reply)  # 100 ms of silence: caller is done
 
     async with ws_server(replies) as url:
         result = await MediaStreamCaller(url).run([Speak.tone(0.6), WaitForBot(timeout=3)])

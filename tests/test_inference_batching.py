@@ -15,7 +15,7 @@ from pipecat.audio.vad.silero import SileroVADAnalyzer
 
 from phonebot import pipecat_compat as compat
 from phonebot.ai.inference import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzer, SileroBatcher
-from phonebot.ai.inference.turn import smart_turn_executor
+from phonebot.ai.inference.turn import SMART_TURN_NICE, smart_turn_executor
 from phonebot.ai.offline.espeak import synthesize_at
 
 RATE = 8000
@@ -183,3 +183,12 @@ async def test_simultaneous_turn_ends_run_side_by_side() -> None:
     results = await asyncio.gather(*(a.analyze_end_of_turn() for a in analyzers))
     assert all(metrics is not None for _, metrics in results)
     assert most == min(k, cores) and smart_turn_executor()._max_workers == cores
+
+
+def test_turn_predictions_yield_the_cores_to_the_event_loop() -> None:
+    """Smart Turn's threads run `SMART_TURN_NICE` under the process (Linux), so when many
+    turns end together the event loop, which paces every call's audio, is not starved."""
+    tids = [smart_turn_executor().submit(threading.get_native_id).result() for _ in range(4)]
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for tid in set(tids):
+        assert os.getpriority(os.PRIO_PROCESS, tid) >= min(19, ours + SMART_TURN_NICE)

@@ -2,7 +2,9 @@
 
 What is checked here is what its figures rest on: the emulated phone's playout pacing
 (late audio inside a bot reply, not between turns), the caller's precomputed frames being
-byte-for-byte what per-frame encoding sent, and the arithmetic of the reported figures.
+byte-for-byte what per-frame encoding sent, the two arrival patterns (the steady run's
+schedule, its window, its caller's turn cadence), the greeting, and the arithmetic of the
+reported figures down to the calls held at the target.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import os
+import random
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +47,7 @@ from phonebot.emulator.media_stream import speech_frames
 from phonebot.emulator.timeline import Playback, Track
 from phonebot.ops.logs import configure_logging
 from tests.conftest import make_settings
+from tests.media_bot import after_each_caller_turn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -49,6 +55,7 @@ import load  # noqa: E402
 import load_calls  # noqa: E402
 import load_cluster  # noqa: E402
 import load_markdown  # noqa: E402
+import load_patterns  # noqa: E402
 import load_report  # noqa: E402
 import load_server  # noqa: E402
 import load_stats  # noqa: E402
@@ -103,17 +110,7 @@ async def test_a_stall_mid_reply_is_underrun_and_the_turn_gap_is_not() -> None:
         json.loads(await ws.recv())
         sid = json.loads(await ws.recv())["streamSid"]
         await paced_reply(ws, sid, 20, stall_after=9)
-        spoke, quiet = False, 0
-        async for message in ws:
-            data = json.loads(message)
-            if data["event"] != "media":
-                continue
-            pcm = audio.ulaw_to_pcm16(base64.b64decode(data["media"]["payload"]))
-            if not audio.is_silent(pcm):
-                spoke, quiet = True, 0
-            elif spoke and (quiet := quiet + 1) == 5:
-                spoke = False
-                await paced_reply(ws, sid, 10)
+        await after_each_caller_turn(ws, 5, lambda: paced_reply(ws, sid, 10))
 
     script = [
         WaitForBot(timeout=3, quiet=0.3),
@@ -376,32 +373,50 @@ def test_log_turn_timing_writes_the_timing_lines_at_info_and_no_debug(
     assert record["audio_out_s"] == pytest.approx(0.9)
 
 
-def test_targets_and_ratios() -> None:
-    one = load_report.StepResult("ours", 1, 30.0, p50=0.4, p95=0.5, rss_per_call_mb=20.0)
-    ten = load_report.StepResult("ours", 10, 30.0, p50=0.44, p95=1.3)
-    hundred = load_report.StepResult(
-        "ours", 100, 30.0, calls_ok=100, p95=0.7, underrun_share=0.004, rss_per_call_mb=12.0
-    )
-    targets = load_report.check_targets([one, ten, hundred])
-    assert [t["met"] for t in targets] == [True, True, False, True, True, True, True, True]
-    assert "p95 reply <= 1.2 s at N = 10" in targets[2]["target"]
-    ten.p95, ten.p50 = 1.1, 0.47  # the p50 limit is the issue's 0.42 s + 10 %
-    assert [t["met"] for t in load_report.check_targets([one, ten, hundred])][2:4] == [
-        True,
-        False,
+def test_calls_held_at_the_target_and_issue_20s_target_lines() -> None:
+    def step(n: int, p95: float, greeting: float = 0.3, **fields) -> load_report.StepResult:
+        return load_report.StepResult("ours-instant", n, 30.0, p95=p95, greeting_p95=greeting,
+                                      **fields)  # fmt: skip
+
+    one, twenty = step(1, 0.4), step(20, 0.6)  # 0.6 s = 1.5x 0.4 s: held, at the limit
+    forty = step(40, 0.59, greeting=1.2)  # replies fine, but "hello" came too late
+    held = load_patterns.held_at_target("ours-instant", "burst", [one, twenty, forty])
+    assert held.reference_p95 == 0.4 and held.held == 20
+    assert held.misses == {40: "p95 greeting 1.20 s > 1 s"}
+    assert "20 calls held (1-call p95 0.40 s, limit 0.60 s)" in held.describe()
+    assert "p95 reply 0.61 s > 0.60 s" in load_patterns.target_miss(step(40, 0.61), 0.4)
+    assert "1 failed" in load_patterns.target_miss(step(40, 0.5, failed=1), 0.4)
+    assert "dropped" in load_patterns.target_miss(step(40, 0.5, dropped=2), 0.4)
+    assert "N = 1 not measured" in load_patterns.target_miss(step(40, 0.5), None)
+    assert load_patterns.target_miss(step(40, 0.5, greeting=None), 0.4) is None  # none seen
+    # the largest N that held, even above a noisy miss
+    noisy = load_patterns.held_at_target("s", "steady", [one, step(20, 0.7), step(40, 0.55)])
+    assert noisy.held == 40 and set(noisy.misses) == {20}
+    assert load_patterns.held_at_target("s", "burst", [twenty]).held == 0  # no reference
+
+    steady = load_patterns.held_at_target("ours-instant", "steady", [one, step(40, 0.5)])
+    baseline = load_patterns.held_at_target("baseline-instant", "burst", [one])
+    steps = {("ours-instant", "burst"): [one, twenty, forty],
+             ("ours-instant", "steady"): [one, step(40, 0.5)]}  # fmt: skip
+    targets = load_patterns.issue_targets([held, steady, baseline], steps, workers=1)
+    assert [(t["met"], t["target"][:30]) for t in targets] == [
+        (False, "40 calls on 1 process, burst: "),
+        (True, "40 calls on 1 process, steady:"),
     ]
-    hundred.p95, hundred.dropped = 0.8, 1
-    assert [t["met"] for t in load_report.check_targets([one, ten, hundred])][4:6] == [
-        False,
-        False,
-    ]
-    missed = load_report.check_targets([one])  # the series stopped before N = 10 and 100
-    assert [t["met"] for t in missed] == [True, True, False, False, False]
-    assert "not measured" in missed[2]["detail"] and "stopped at N = 1" in missed[4]["detail"]
-    base = load_report.StepResult("baseline", 1, 30.0, p50=0.5, p95=0.4, cpu_per_call_min=4.0)
-    ours = load_report.StepResult("ours", 1, 30.0, p50=0.4, p95=0.5, cpu_per_call_min=2.0)
-    (row,) = load_report.ratio_rows([ours], [base])
+    assert targets[0]["detail"] == "p95 greeting 1.20 s > 1 s"
+    assert targets[1]["detail"].startswith("p95 reply 0.50 s (1 call: 0.40 s)")
+    two = load_patterns.issue_targets([steady], steps, workers=2)
+    assert two[0]["target"].startswith("80 calls on 2 worker processes, steady")
+    assert not two[0]["met"] and two[0]["detail"] == "not measured at this N"
+
+    base = load_report.StepResult("baseline", 1, 30.0, p50=0.5, p95=0.4, cpu_per_call_min=4.0,
+                                  greeting_p95=0.2)  # fmt: skip
+    ours = load_report.StepResult("ours", 1, 30.0, p50=0.4, p95=0.5, cpu_per_call_min=2.0,
+                                  greeting_p95=0.1)  # fmt: skip
+    other = load_report.StepResult("ours", 1, 30.0, pattern="steady", p95=0.9)
+    (row,) = load_report.ratio_rows([ours, other], [base])  # only the same pattern and N
     assert (row["p50"], row["p95"], row["cpu_per_call_min"]) == ("0.80x", "1.25x", "0.50x")
+    assert (row["pattern"], row["greeting_p95"]) == ("burst", "0.50x")
 
 
 def two_series() -> dict[str, list[load_report.StepResult]]:
@@ -416,22 +431,35 @@ def two_series() -> dict[str, list[load_report.StepResult]]:
 
 def test_markdown_is_generated_with_machine_command_and_rule() -> None:
     series = two_series()
+    steady = step_with([0.5, 0.7], n=1)
+    steady.series, steady.pattern, steady.calls_up_mean = "ours-instant", "steady", 0.9
+    series["ours-instant"].append(steady)
     machine = load_markdown.machine_description(["--steps", "1", "--markdown", "docs/x.md"])
     assert machine["cores"] == os.cpu_count() and machine["cpu_model"]
     assert machine["pipecat"] == metadata.version("pipecat-ai")
-    targets = load_report.check_targets(series["ours-instant"])
-    stops = {"ours-instant": "ran every step up to N = 1", "baseline-instant": "x"}
-    text = load_markdown.render(series, machine, stops, targets, load_stats.StopRule(), 42.0)
+    held = [load_patterns.held_at_target("ours-instant", "burst", series["ours-instant"][:1])]
+    targets = load_patterns.issue_targets(held, {("ours-instant", "burst"): []}, 1)
+    stops = {"ours-instant burst": "ran every step up to N = 1", "baseline-instant burst": "x"}
+    section = ["Calls held at the target:", "", f"- {held[0].describe()}"]
+    rule = load_stats.StopRule()
+    text = load_markdown.render(series, machine, stops, targets, rule, 42.0, section)
     assert "Generated by bench/load.py --markdown" in text
     assert ".venv/bin/python bench/load.py --steps 1 --markdown docs/x.md" in text
     assert f"Pipecat {machine['pipecat']}" in text and machine["cpu_model"] in text
-    assert "| ours, 1 | 1 | 4 / 0 / 0 | 4 | 0.47 (0.47–0.47) |" in text
-    assert "| baseline, 1 | 1 | 4 / 0 / 0 | 4 |" in text and "| 25% |" in text
-    assert "| ours, 1 | 1 | – | – | 0.30 / 0.30 |" in text  # the server's turn timing
-    assert load_stats.StopRule().describe() in text
-    assert "- ours: ran every step up to N = 1" in text
-    assert "**met**: p95 reply <= 1.2 s at N = 1" in text
-    assert "**MISSED**: p95 reply <= 1.2 s at N = 10" in text
+    burst, steady_part = text.split("**Steady**")
+    assert (
+        "**Burst**" in burst and "| ours, 1 | 1 | – | 4 / 0 / 0 | 4 | 0.47 (0.47–0.47) |" in burst
+    )
+    assert "| baseline, 1 | 1 | – | 4 / 0 / 0 | 4 |" in burst and "| 25% |" in burst
+    assert "| ours, 1 | 1 | 0.9 | 2 / 0 / 0 | 2 |" in steady_part
+    assert "greeting p50 / p95 s" in text and "| RSS peak | RSS per call |\n| --- | --- |" in text
+    assert text.count("| server, N | runs | calls up |") == 2  # a table per pattern
+    assert "| --- " * 13 + "|\n| ours, 1 |" in text
+    assert "| ours burst, 1 | 1 | – | – | 0.30 / 0.30 |" in text  # the server's turn timing
+    assert "ran interleaved" in text and rule.describe() in text
+    assert "- ours burst: ran every step up to N = 1" in text
+    assert "- ours-instant burst: 1 calls held (1-call p95 0.58 s, limit 0.88 s)" in text
+    assert "**MISSED**: 40 calls on 1 process, burst" in text
 
 
 def test_json_holds_the_distribution_the_runs_and_the_server_timing(tmp_path: Path) -> None:
@@ -447,6 +475,12 @@ def test_json_holds_the_distribution_the_runs_and_the_server_timing(tmp_path: Pa
     assert ours["turn_timings"][0]["verdict"] == "complete"
     assert data["stop_rule"]["p50_factor"] == 2.0 and "text" in data["stop_rule"]
     assert data["series"]["baseline-instant"][0]["slow_share"] == 0.25
+    assert ours["pattern"] == "burst" and "greeting_p95" in ours and "calls_up_mean" in ours
+    # the plot draws a line per series and pattern
+    steady = load_report.StepResult("ours-instant", 1, 30.0, pattern="steady")
+    lines = load_report.by_pattern("ours-instant", [*series["ours-instant"], steady])
+    assert list(lines) == ["ours-instant burst", "ours-instant steady"]
+    assert list(load_report.by_pattern("ours-instant", series["ours-instant"])) == ["ours-instant"]
 
 
 def test_plot_has_the_latency_distribution(tmp_path: Path) -> None:
@@ -470,6 +504,33 @@ def test_process_readings_come_from_proc_and_include_child_processes() -> None:
     child.wait()
     assert load_server.cpu_seconds(os.getpid()) - before >= 0.25  # the child's CPU counts
     assert 10 < load_server.rss_mb(os.getpid()) < 100_000
+    # RSS per process of the tree (a server's workers), summed and the largest one
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        time.sleep(0.3)
+        sizes = load_server.rss_by_process(os.getpid())
+        assert set(sizes) >= {os.getpid(), sleeper.pid} and sizes[sleeper.pid] > 1
+        meter = load_server.ProcessMeter(os.getpid())
+        meter.begin()
+        meter.sample()
+        assert meter.peak_rss() == pytest.approx(sum(sizes.values()), rel=0.2)
+        assert meter.peak_process_rss() == pytest.approx(sizes[os.getpid()], rel=0.2)
+        assert meter.peak_process_rss() < meter.peak_rss() - sizes[sleeper.pid] / 2
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_several_server_workers_get_redis_and_a_stream_secret() -> None:
+    assert load_server.workers_env(1, None, 40) == {"WORKERS": "1"}
+    env = load_server.workers_env(2, "redis://127.0.0.1:7000/0", 80)
+    assert env["WORKERS"] == "2" and env["REDIS_URL"] == "redis://127.0.0.1:7000/0"
+    assert len(env["STREAM_SECRET"]) >= 32 and int(env["MAX_CALLS_PER_PROCESS"]) >= 160
+    with pytest.raises(ValueError, match="Redis"):
+        load_server.workers_env(2, None, 80)
+    ours = load_server.ours_process(80, {}, 2, "redis://x/0")
+    assert ours.env["WORKERS"] == "2" and ours.env["LOG_TURN_TIMING"] == "true"
+    assert load_server.baseline_process({}, 2).env["WORKERS"] == "2"
 
 
 # ------------------------------------------------------------------ scripts, baseline
@@ -483,8 +544,204 @@ def test_conversations_vary_by_kind_and_end_by_hanging_up() -> None:
     assert not any(isinstance(step, Dtmf) for step in scripts["plain"])
     speaking = {kind: sum(isinstance(s, Speak) for s in script) for kind, script in scripts.items()}
     assert speaking == {"plain": 2, "dtmf": 2, "barge": 3}
-    assert load_calls.schedule(3, 1.5) == [(0, 0.0), (1, 0.75), (2, 1.5)]
-    assert load_calls.schedule(1, 1.5) == [(0, 0.0)]
+
+
+def test_a_burst_starts_its_n_calls_within_one_second() -> None:
+    plan = load_calls.burst_plan(40)
+    assert [call.index for call in plan] == list(range(40))
+    assert max(call.start_s for call in plan) < load_calls.BURST_S == 1.0
+    assert all(call.length_s is None for call in plan)  # the scripted conversation's own
+    assert [call.kind for call in plan[:4]] == list(load_calls.KINDS)
+    assert [call.start_s for call in load_calls.burst_plan(2)] == [0.0, 0.5]
+    assert load_calls.burst_plan(1)[0].start_s == 0.0
+
+
+# ------------------------------------------------------------------ steady arrivals
+
+
+def test_the_steady_schedule_keeps_n_calls_up_at_the_rate_of_two_minute_calls() -> None:
+    plan = load_patterns.SteadyPlan(40)  # seed 20 s, window 120 s, calls of 100-140 s
+    assert plan.rate_per_s == pytest.approx(40 / 120) and plan.end_s == 140.0
+    means, counts = [], []
+    for seed in range(20):
+        calls = load_patterns.steady_plan(plan, seed)
+        seeded = [c for c in calls if c.seeded]
+        arrived = [c for c in calls if not c.seeded]
+        assert len(seeded) == 40 and all(c.start_s < plan.seed_s for c in seeded)
+        assert all(plan.seed_s <= c.start_s < plan.end_s for c in arrived)
+        assert all(c.start_s + c.length_s <= plan.end_s + 1e-9 for c in calls)  # cut there
+        assert all(c.length_s <= plan.max_length_s for c in calls)
+        assert all(c.kind == "steady" for c in calls)
+        counts.append(len(arrived))
+        # exactly N up as the window opens, then about N all through it
+        assert load_patterns.calls_up(calls, plan.seed_s) == 40
+        for t in (10, 30, 60, 90):  # the seed leaves at the steady pace: 1/120 of it a second
+            still_up = load_patterns.calls_up(seeded, plan.seed_s + t)
+            assert abs(still_up - 40 * (1 - t / 120)) <= 1.5
+        ups = [load_patterns.calls_up(calls, plan.seed_s + t / 2) for t in range(240)]
+        means.append(statistics.mean(ups))
+        assert 0.8 * 40 <= means[-1] <= 1.2 * 40
+    assert statistics.mean(means) == pytest.approx(40, rel=0.05)
+    assert counts == [40] * 20  # 120 s at 40 / 120 per second
+    gaps = [b.start_s - a.start_s for a, b in zip(arrived, arrived[1:], strict=False)]
+    assert max(gaps) > 3 * statistics.mean(gaps)  # random in time: clumps and lulls
+
+
+def test_the_steady_schedule_is_reproducible_by_its_seed() -> None:
+    plan = load_patterns.SteadyPlan(20, seed_s=10.0, window_s=60.0)
+    first, again = load_patterns.steady_plan(plan, "1:20"), load_patterns.steady_plan(plan, "1:20")
+    assert first == again  # ours and the baseline get the same arrivals
+    assert load_patterns.steady_plan(plan, "2:20") != first
+    assert [c.index for c in first] == list(range(len(first)))
+
+
+def test_a_seeded_call_lives_as_long_as_a_call_already_in_progress() -> None:
+    """Residual life of a call in a steady population of U(100, 140) s calls."""
+    residual = load_patterns.residual_s
+    assert residual(0.0, 100, 140) == 0.0
+    assert residual(100 / 120, 100, 140) == pytest.approx(100.0)  # flat part: 5/6 of it
+    assert residual(1.0, 100, 140) == pytest.approx(140.0)
+    grid = [residual((k + 0.5) / 10_000, 100, 140) for k in range(10_000)]
+    assert grid == sorted(grid)
+    # mean residual = E[L^2] / (2 E[L]) = (120^2 + 40^2 / 12) / 240
+    assert statistics.mean(grid) == pytest.approx((120**2 + 40**2 / 12) / 240, rel=1e-3)
+    rng = random.Random(3)
+    arrivals = load_patterns.arrivals(0.5, 20.0, 140.0, rng)
+    assert len(arrivals) == 60 and arrivals == sorted(arrivals)
+    assert arrivals[0] >= 20.0 and arrivals[-1] < 140.0
+
+
+def test_only_what_happened_inside_the_window_counts() -> None:
+    call = load_calls.CallSummary(
+        0,
+        "steady",
+        speech_latencies=[0.4, 0.5, 0.6],
+        speech_at=[5.0, 15.0, 40.0],  # call clock: 105, 115, 140 on the wall clock
+        key_latencies=[0.3],
+        key_at=[12.0],
+        started_at=100.0,
+        greeting=0.8,
+        duration=50.0,
+    )
+    seen = load_patterns.window_view(call, (110.0, 130.0))
+    assert seen.speech_latencies == [0.5] and seen.speech_at == [15.0]
+    assert seen.key_latencies == [0.3]  # at 112
+    assert seen.greeting is None  # at 100.8, before the window
+    assert seen.duration == 20.0  # up 100-150: 20 s of it in the window
+    early = load_patterns.window_view(call, (90.0, 140.0))
+    assert early.greeting == 0.8 and early.speech_latencies == [0.4, 0.5]  # 140 is out
+    assert early.duration == 40.0
+    never = load_calls.CallSummary(1, "steady", failed=True, error="refused")
+    assert load_patterns.window_view(never, (0.0, 1e12)).duration == 0.0
+    assert load_patterns.window_view(never, (0.0, 1e12)).failed  # counted anyway
+
+
+def test_call_minutes_and_cpu_integrate_over_the_window() -> None:
+    """A steady run: CPU over the window / call-minutes inside it; the calls up on average."""
+    window = (1000.0, 1060.0)
+    calls = [
+        load_calls.CallSummary(0, "steady", [0.5], speech_at=[30.0], started_at=970.0,
+                               duration=120.0),  # up the whole window: 60 s
+        load_calls.CallSummary(1, "steady", [0.7], speech_at=[5.0], started_at=1030.0,
+                               greeting=0.2, duration=45.0),  # 30 s in it
+        load_calls.CallSummary(2, "steady", [0.9], speech_at=[2.0], started_at=900.0,
+                               greeting=0.3, duration=50.0),  # gone before it
+    ]  # fmt: skip
+    run = run_data(calls, cpu_s=9.0, window=window)
+    step = load_report.step_result("ours", 2, [run], 200.0, None, "steady")
+    assert step.pattern == "steady" and step.window_s == 60.0
+    assert step.call_minutes == pytest.approx(1.5)  # (60 + 30) s
+    assert step.cpu_per_call_min == pytest.approx(9.0 / 1.5)
+    assert step.calls_up_mean == pytest.approx(1.5)  # 90 call-seconds over 60 s
+    assert step.turns == 2 and step.latencies == [0.5, 0.7]  # the 0.9 s turn is outside
+    assert (step.greetings, step.greeting_p95) == (1, pytest.approx(0.2))
+    two_turns = load_calls.CallSummary(3, "steady", [0.5, 0.6, 0.4], speech_at=[1.0, 9.5, 19.0])
+    assert load_report.turn_interval([*calls, two_turns]) == pytest.approx(9.0)  # 8.5, 9.5
+    burst = load_report.step_result("ours", 2, [run_data(calls, cpu_s=9.0)], 200.0, None)
+    assert burst.call_minutes == pytest.approx(215 / 60) and burst.calls_up_mean is None
+    assert burst.greetings == 2 and burst.turns == 3
+    assert (burst.greeting_p50, burst.greeting_p95) == (pytest.approx(0.25), pytest.approx(0.295))
+
+
+def test_the_greeting_is_the_first_bot_audio_before_the_caller_speaks() -> None:
+    greeted = call_result(
+        bot_utterances=[
+            utterance(0, 0.35, None),
+            utterance(1, 1.6, None),
+            utterance(2, 6.0, 0.5),
+        ],  # fmt: skip
+        caller_segments=[(3.0, 5.5)],
+    )
+    assert load_calls.greeting_latency(greeted) == 0.35
+    assert load_calls.summarize(0, "plain", greeted).greeting == 0.35
+    # the caller spoke first (over silence): the bot's first audio is no greeting
+    late = call_result(bot_utterances=[utterance(0, 4.0, None)], caller_segments=[(1.0, 2.0)])
+    assert load_calls.greeting_latency(late) is None
+    keys = call_result(bot_utterances=[utterance(0, 4.0, None)], dtmf=[(1.0, "1")])
+    assert load_calls.greeting_latency(keys) is None
+    assert load_calls.greeting_latency(call_result()) is None
+    summary_ = load_calls.summarize(0, "plain", call_result(started_at=1234.5))
+    assert summary_.started_at == 1234.5 and summary_.speech_at == []
+
+
+def test_a_steady_call_cut_off_before_its_first_turn_has_not_failed() -> None:
+    greeting_only = call_result(bot_utterances=[utterance(0, 0.4, None)], duration=3.0)
+    assert not load_calls.summarize(0, "steady", greeting_only).failed
+    assert load_calls.summarize(0, "plain", greeting_only).failed  # a script's turn went unanswered
+    errored = call_result(bot_utterances=[], error="no audio from the bot within 15 s")
+    assert load_calls.summarize(0, "steady", errored).failed
+
+
+def test_the_pacer_starts_a_turn_every_period_however_long_the_reply() -> None:
+    now = [10.0]
+    pacer = load_calls.TurnPacer(lambda: now[0])
+    first = load_calls.RestOfTurn(pacer, 1.5)
+    assert first.seconds == 1.5 and first.seconds == 1.5  # decided once, when reached
+    assert pacer.turn_start == 11.5
+    now[0] = 15.0  # the phrase and the reply took 3.5 s: 4.5 s of an 8 s turn left
+    assert load_calls.RestOfTurn(pacer, 8.0).seconds == pytest.approx(4.5)
+    now[0] = 30.0  # a reply that ran over the whole period: no pause, the next turn now
+    assert load_calls.RestOfTurn(pacer, 6.0).seconds == 0.0 and pacer.turn_start == 30.0
+    script = load_calls.steady_script(60.0, random.Random(1), pacer, {
+        k: Speak.tone(0.5) for k in load_calls.PHRASES})  # fmt: skip
+    turns = [s for s in script if isinstance(s, load_calls.RestOfTurn)]
+    assert len(turns) == 1 + math.ceil(60 / load_calls.TURN_MIN_S) + 1
+    assert all(6.0 <= t.period <= 10.0 for t in turns[1:]) and turns[0].period <= 2.0
+    assert isinstance(script[0], WaitForBot) and isinstance(script[-1], Hangup)
+
+
+@pytest.mark.asyncio
+async def test_a_steady_caller_keeps_its_cadence_against_a_slow_and_a_fast_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """End to end on the emulator (no server): a bot that greets, then answers each caller
+    phrase after 0.2 s; the caller's turns start one period apart, and the call ends at its
+    planned length with no error."""
+    monkeypatch.setattr(load_calls, "TURN_MIN_S", 1.6)
+    monkeypatch.setattr(load_calls, "TURN_MAX_S", 1.6)
+    monkeypatch.setattr(load_calls, "FIRST_TURN_S", (0.3, 0.3))
+
+    async def bot(ws: ServerConnection) -> None:
+        json.loads(await ws.recv())
+        sid = json.loads(await ws.recv())["streamSid"]
+        await asyncio.sleep(0.3)
+        await paced_reply(ws, sid, 5)  # the greeting
+        await after_each_caller_turn(ws, 10, lambda: paced_reply(ws, sid, 5))
+
+    speak = {key: Speak.tone(0.3) for key in load_calls.PHRASES}
+    async with ws_server(bot) as url:
+        caller = MediaStreamCaller(url)
+        pacer = load_calls.TurnPacer(lambda: caller.now)
+        script = load_calls.steady_script(7.0, random.Random(0), pacer, speak)
+        result = await caller.run(script, max_duration=7.0, check=False)
+    summary_ = load_calls.summarize(0, "steady", result)
+    assert result.error is None and result.ended_by == "max_duration"
+    assert not summary_.failed and summary_.greeting == pytest.approx(0.3, abs=0.1)
+    starts = [e.t for e in result.events_of("caller_speech")]
+    assert len(starts) >= 3
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert gaps == pytest.approx([1.6] * len(gaps), abs=0.05)  # the period, start to start
+    assert len(summary_.speech_latencies) >= 3 and summary_.speech_at == sorted(summary_.speech_at)
 
 
 def test_baseline_answers_the_webhook_like_pipecats_runner() -> None:
@@ -516,13 +773,24 @@ def test_baseline_ends_turns_with_pipecats_default_smart_turn() -> None:
 
 def test_default_and_quick_plans() -> None:
     default = load.parse_args([])
-    assert default.runs == 3 and default.steps[:3] == (1, 10, 25) and default.mode == "instant"
-    assert default.budget_s <= 12 * 60 - 30  # the lead's 12 minutes, with room to write
+    assert default.steps == (1, 20, 40) and default.patterns == ("burst", "steady")
+    assert default.runs == 2 and default.mode == "instant" and default.server_workers == 1
+    assert (default.seed_s, default.steady_s) == (20.0, 120.0)
+    assert default.budget_s <= 25 * 60 - 30  # 25 minutes, with room to write
+    # What the default run should take: every burst run and steady run, both series.
+    burst = 3 * 2 * default.runs * load.FIRST_BURST_ESTIMATE_S
+    steady = 3 * 2 * (default.seed_s + default.steady_s + load.STEADY_OVERHEAD_S)
+    assert burst + steady < default.budget_s
     quick = load.parse_args(["--quick"])
-    assert (quick.runs, quick.steps) == (1, (1, 2))
+    assert (quick.runs, quick.steps, quick.seed_s, quick.steady_s) == (1, (1, 2), 5.0, 20.0)
+    steady = load.parse_args(["--pattern", "steady", "--steady-s", "60", "--seed", "7"])
+    assert (steady.patterns, steady.steady_s, steady.seed) == (("steady",), 60.0, 7)
     assert load.parse_args(["--steps", "10,1", "--runs", "4"]).steps == (1, 10)
+    assert load.parse_args(["--steps", "1,80"]).max_calls == 80
     with pytest.raises(SystemExit):
         load.parse_args(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        load.parse_args(["--server-workers", "0"])
 
 
 class FakeServer:
@@ -536,33 +804,69 @@ class FakeServer:
 def test_runs_are_interleaved_and_budgeted(monkeypatch: pytest.MonkeyPatch) -> None:
     order: list[str] = []
 
-    def fake_run(series, n, args):
-        order.append(series.name)
-        series.last_run_s = 40.0
+    def fake_run(series, n, pattern, args):
+        order.append(f"{series.name} {pattern}")
+        series.last_run_s[pattern] = 40.0
         return run_data([summary(0, [0.4, 0.5])])
 
     monkeypatch.setattr(load, "run_once", fake_run)
     series = [load.Series(name, FakeServer(), 100) for name in ("ours", "baseline")]
     args = load.parse_args(["--runs", "3"])
-    steps = load.run_step(series, 10, args)
-    assert order == ["ours", "baseline"] * 3
+    steps = load.run_step(series, 10, "burst", args)
+    assert order == ["ours burst", "baseline burst"] * 3
     assert [len(step.runs) for step in steps.values()] == [3, 3]
+    assert {step.pattern for step in steps.values()} == {"burst"}
     now = time.monotonic()
-    assert load.step_fits(series, args, now + 3 * 2 * 40 * load.RUN_GROWTH + 5)
-    assert not load.step_fits(series, args, now + 3 * 2 * 40)
+    assert load.step_fits(series, "burst", args, now + 3 * 2 * 40 * load.RUN_GROWTH + 5)
+    assert not load.step_fits(series, "burst", args, now + 3 * 2 * 40)
+    # A steady step is one run per series (its window is the repeat), estimated from its
+    # seed and window until it has run once.
+    order.clear()
+    steps = load.run_step(series, 10, "steady", args)
+    assert order == ["ours steady", "baseline steady"]
+    assert [step.pattern for step in steps.values()] == ["steady", "steady"]
+    fresh = [load.Series("ours", FakeServer(), 100)]
+    first = args.seed_s + args.steady_s + load.STEADY_OVERHEAD_S
+    assert fresh[0].run_estimate("steady", args) == first
+    assert fresh[0].run_estimate("burst", args) == load.FIRST_BURST_ESTIMATE_S
+
+
+def test_a_series_stops_one_pattern_and_goes_on_with_the_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stop rule compares a step with the same pattern's first step, and stops only
+    that pattern; the table gets a row per series, pattern and N."""
+
+    def fake_run(series, n, pattern, args):
+        # steady replies are slower than burst ones at every N (more than 2x), and their
+        # own typical reply doubles only at N = 3
+        latency = 0.4 if pattern == "burst" else (0.9 if n < 3 else 2.0)
+        return run_data([summary(k, [latency]) for k in range(n)])
+
+    monkeypatch.setattr(load, "run_once", fake_run)
+    series = load.Series("ours-instant", FakeServer(), 100)
+    args = load.parse_args(["--steps", "1,2,3,4", "--runs", "1"])
+    load.run_steps([series], args, load_stats.StopRule(), math.inf)
+    assert [(s.pattern, s.n) for s in series.steps] == [
+        ("burst", 1), ("steady", 1), ("burst", 2), ("steady", 2), ("burst", 3), ("steady", 3),
+        ("burst", 4),
+    ]  # fmt: skip
+    assert set(series.stopped) == {"steady"}
+    assert series.stopped["steady"].startswith("stopped at N = 3: p50 2.00 s > 2x the N = 1")
 
 
 def test_a_step_far_over_its_estimate_drops_its_remaining_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def slow_run(series, n, args):
-        series.last_run_s = 120.0  # calls timing out: four times the estimate
+    def slow_run(series, n, pattern, args):
+        series.last_run_s[pattern] = 120.0  # calls timing out: four times the estimate
         return run_data([summary(0, [0.4])])
 
     monkeypatch.setattr(load, "run_once", slow_run)
     series = [load.Series("ours", FakeServer(), 100)]
     deadline = time.monotonic() + 100.0
-    (step,) = load.run_step(series, 10, load.parse_args(["--runs", "3"]), deadline).values()
+    args = load.parse_args(["--runs", "3"])
+    (step,) = load.run_step(series, 10, "burst", args, deadline).values()
     assert len(step.runs) == 1  # the first run always counts; the next would end too late
 
 
@@ -577,7 +881,7 @@ def test_records_on_off_targets_allow_five_percent() -> None:
     ]
     targets = load_report.records_targets(on, off)
     assert [t["met"] for t in targets] == [True, True, False, True]
-    assert targets[2]["target"] == "p95 reply at N = 10 with records <= 1.05x records off"
+    assert targets[2]["target"] == "p95 reply at burst N = 10 with records <= 1.05x records off"
     assert "0.70 on vs 0.60 off (1.17x)" in targets[2]["detail"]
 
 
@@ -720,3 +1024,25 @@ def test_a_cluster_runs_behind_haproxy_and_sums_its_round_trips() -> None:
     finally:
         redis.close()
     assert not ping(redis.port)
+
+
+def test_a_run_waits_until_every_server_is_idle() -> None:
+    """A server still busy (a baseline grinding on the calls it failed) is waited for, and
+    named when it does not quiet down; an idle one costs one second's measurement."""
+
+    def running(name: str, code: str) -> load_server.ServerProcess:
+        server = load_server.ServerProcess(name, [sys.executable, "-c", code], {})
+        server.process = subprocess.Popen(server.command)
+        return server
+
+    busy = running("busy", "while True: pass")
+    idle = running("idle", "import time; time.sleep(60)")
+    try:
+        started = time.monotonic()
+        assert load_server.wait_until_quiet([idle, busy], timeout_s=2.0) == ["busy"]
+        assert time.monotonic() - started >= 2.0
+        assert load_server.wait_until_quiet([idle], timeout_s=5.0) == []
+    finally:
+        for server in (busy, idle):
+            server.process.kill()
+            server.process.wait()

@@ -78,3 +78,33 @@ def test_every_tts_cleans_text_before_speaking():
     for keys in ({}, {"openai_api_key": "sk-test"}, {"cartesia_api_key": "ca-test"}):
         tts = build_services(make_settings(**keys), shipped_agent("support")).tts
         assert [type(f) for f in tts_text_filters(tts)] == [VoiceTextFilter]
+
+
+async def test_calls_share_the_processs_connection_pool(monkeypatch) -> None:
+    """Every OpenAI service of every call uses the app's one pool (phonebot.ai.http_pool):
+    no TLS context is built per call (a third of the CPU while 40 calls start at once),
+    and the timeout and no-retry bound still hold on the pooled clients."""
+    import ssl
+
+    from phonebot.ai.http_pool import HttpPool
+
+    pool = HttpPool.build()
+    contexts = []
+    create = ssl.create_default_context
+
+    def counted(*args, **kwargs):
+        contexts.append(1)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    settings = make_settings(openai_api_key="sk-test")
+    calls = [build_services(settings, shipped_agent("support"), pool) for _ in range(2)]
+    assert contexts == []
+    for services in calls:
+        for service in (services.stt, services.llm, services.tts):
+            client = service._client  # the AsyncOpenAI client the service sends with
+            assert client._client is pool.openai
+            assert client.max_retries == 0 and client.timeout is not None
+    build_services(settings, shipped_agent("support"))  # no pool: clients of its own
+    assert len(contexts) == 3
+    await pool.aclose()

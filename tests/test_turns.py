@@ -600,6 +600,25 @@ async def test_a_finished_sentence_judged_finished_is_answered_at_once(
     assert answered_at - end < timing["vad_stop_s"] + 0.4
 
 
+async def test_a_verdict_later_than_the_transcripts_wait_is_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Smart Turn queued behind other calls' turns (a 2.5 s inference here): a finished
+    transcript is answered after TURN_INCOMPLETE_WAIT_S, as the model's "incomplete"
+    would have it, not when the verdict finally comes (measured on the turn's own clock)."""
+    sentence = "I would like to change my delivery address."
+    async with listening_call(
+        monkeypatch, [sentence], [SAYS_COMPLETE], inference_s=2.5
+    ) as line:
+        await line.say(sentence)
+        _, text = await line.answer(timeout=5)
+
+    assert text == sentence
+    [timing] = line.timeline.logged
+    assert timing["rule"] == "model_late" and timing["verdict"] == "unscored"
+    assert INCOMPLETE_WAIT_S <= timing["turn_end_s"] <= INCOMPLETE_WAIT_S + 0.5
+
+
 async def test_keypad_entries_are_answered_without_waiting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -16,6 +16,7 @@ from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.transcriptions.language import Language
 
 from phonebot.agents.agent import Agent
+from phonebot.ai.http_pool import HttpPool
 from phonebot.ai.voice_text import voice_text_filters
 from phonebot.config import Settings
 from phonebot.pipecat_compat import bound_openai_client
@@ -61,11 +62,16 @@ def _fail_fast(service: FrameProcessor, timeout_s: float) -> FrameProcessor:
     return service
 
 
+def _pooled(http: HttpPool | None):
+    """The process's OpenAI connection pool, or None: the service builds its own client."""
+    return http.openai if http is not None else None
+
+
 def _has_openai_key(settings: Settings) -> bool:
     return bool(_secret(settings.openai_api_key))
 
 
-def _deepgram_stt(settings: Settings, agent: Agent) -> FrameProcessor:
+def _deepgram_stt(settings: Settings, agent: Agent, http: HttpPool | None) -> FrameProcessor:
     from pipecat.services.deepgram.stt import DeepgramSTTService
 
     # The agent's hints as keyterms (Deepgram's nova-3 boost for names and product words).
@@ -76,7 +82,7 @@ def _deepgram_stt(settings: Settings, agent: Agent) -> FrameProcessor:
     )
 
 
-def _openai_stt(settings: Settings, agent: Agent) -> FrameProcessor:
+def _openai_stt(settings: Settings, agent: Agent, http: HttpPool | None) -> FrameProcessor:
     from pipecat.services.openai.stt import OpenAISTTService
 
     service = OpenAISTTService(
@@ -88,11 +94,12 @@ def _openai_stt(settings: Settings, agent: Agent) -> FrameProcessor:
             # The agent's hints as the transcription prompt (OpenAI's way to spell names).
             prompt=", ".join(agent.hints) or None,
         ),
+        http_client=_pooled(http),
     )
     return _fail_fast(service, settings.speech_timeout_s)
 
 
-def _offline_stt(settings: Settings, agent: Agent) -> FrameProcessor:
+def _offline_stt(settings: Settings, agent: Agent, http: HttpPool | None) -> FrameProcessor:
     from phonebot.ai.offline.stt import OfflineSTTService
 
     # Whisper (packaged tiny.en, or OFFLINE_STT_MODEL): open English speech, biased
@@ -100,25 +107,26 @@ def _offline_stt(settings: Settings, agent: Agent) -> FrameProcessor:
     return OfflineSTTService(model=settings.offline_stt_model, hints=agent.hints)
 
 
-def _openai_llm(settings: Settings, agent: Agent) -> FrameProcessor:
-    from pipecat.services.openai.llm import OpenAILLMService
+def _openai_llm(settings: Settings, agent: Agent, http: HttpPool | None) -> FrameProcessor:
+    from phonebot.ai.pooled_llm import PooledOpenAILLMService
 
-    service = OpenAILLMService(
+    service = PooledOpenAILLMService(
+        http_client=_pooled(http),
         # Local OpenAI-compatible servers (Ollama, vLLM, llama.cpp) accept any key.
         api_key=_secret(settings.openai_api_key) or "not-needed",
         base_url=settings.openai_base_url,
-        settings=OpenAILLMService.Settings(model=settings.openai_model),
+        settings=PooledOpenAILLMService.Settings(model=settings.openai_model),
     )
     return _fail_fast(service, settings.llm_timeout_s)
 
 
-def _offline_llm(settings: Settings, agent: Agent) -> FrameProcessor:
+def _offline_llm(settings: Settings, agent: Agent, http: HttpPool | None) -> FrameProcessor:
     from phonebot.ai.offline.responder import OfflineResponder
 
     return OfflineResponder(agent=agent)
 
 
-def _cartesia_tts(settings: Settings, agent: Agent) -> FrameProcessor:
+def _cartesia_tts(settings: Settings, agent: Agent, http: HttpPool | None) -> FrameProcessor:
     from pipecat.services.cartesia.tts import CartesiaTTSService
 
     voice = call_voice(settings)
@@ -131,7 +139,7 @@ def _cartesia_tts(settings: Settings, agent: Agent) -> FrameProcessor:
     )
 
 
-def _openai_tts(settings: Settings, agent: Agent) -> FrameProcessor:
+def _openai_tts(settings: Settings, agent: Agent, http: HttpPool | None) -> FrameProcessor:
     from pipecat.services.openai.tts import OpenAITTSService
 
     service = OpenAITTSService(
@@ -142,12 +150,13 @@ def _openai_tts(settings: Settings, agent: Agent) -> FrameProcessor:
             voice=call_voice(settings).voice or settings.openai_tts_voice,
         ),
         sample_rate=OPENAI_TTS_SAMPLE_RATE,
+        http_client=_pooled(http),
         **_tts_extras(agent),
     )
     return _fail_fast(service, settings.speech_timeout_s)
 
 
-def _offline_tts(settings: Settings, agent: Agent) -> FrameProcessor:
+def _offline_tts(settings: Settings, agent: Agent, http: HttpPool | None) -> FrameProcessor:
     from phonebot.ai.offline.tts import OfflineTTSService
 
     # Piper's joe for English, espeak-ng otherwise or when OFFLINE_TTS=espeak (see the module).
@@ -166,7 +175,7 @@ class Provider:
 
     name: str
     is_configured: Callable[[Settings], bool]
-    build: Callable[[Settings, Agent], FrameProcessor]
+    build: Callable[[Settings, Agent, HttpPool | None], FrameProcessor]
 
 
 def _always(settings: Settings) -> bool:
@@ -227,9 +236,11 @@ class CallServices:
     tts: FrameProcessor
 
 
-def build_services(settings: Settings, agent: Agent) -> CallServices:
+def build_services(settings: Settings, agent: Agent, http: HttpPool | None = None) -> CallServices:
+    """The call's services; those that speak HTTP share `http`, the process's pool (None:
+    each builds its own client, as a call outside the server does)."""
     return CallServices(
-        stt=choose(STT_PROVIDERS, settings).build(settings, agent),
-        llm=choose(LLM_PROVIDERS, settings).build(settings, agent),
-        tts=choose(TTS_PROVIDERS, settings).build(settings, agent),
+        stt=choose(STT_PROVIDERS, settings).build(settings, agent, http),
+        llm=choose(LLM_PROVIDERS, settings).build(settings, agent, http),
+        tts=choose(TTS_PROVIDERS, settings).build(settings, agent, http),
     )

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,21 +122,33 @@ class ChatEndpoint:
         return text
 
 
+@asynccontextmanager
+async def _client_or_own(client: httpx.AsyncClient | None) -> AsyncIterator[httpx.AsyncClient]:
+    """`client` as it is (the pool outlives the analysis), or one closed afterwards."""
+    if client is not None:
+        yield client
+        return
+    async with httpx.AsyncClient() as own:
+        yield own
+
+
 async def llm_analysis(
     spec: AnalysisSpec,
     facts: CallFacts,
     endpoint: ChatEndpoint,
     *,
     call_sid: str = "",
+    client: httpx.AsyncClient | None = None,
     attempts: int = ATTEMPTS,
     base_backoff_s: float = BACKOFF_S,
     rng: random.Random | None = None,
 ) -> dict[str, Any]:
     """The LLM's analysis of the call, retried; the extractive one (with `error`) when
-    every try failed. `attempts` in the result counts the requests made."""
+    every try failed. `attempts` in the result counts the requests made. `client`: the
+    process's pool (phonebot.ai.http_pool); None: a client of its own for this analysis."""
     messages, rng = analysis_messages(spec, facts), rng or random.Random()
     error, attempt = "", 0
-    async with httpx.AsyncClient() as client:
+    async with _client_or_own(client) as client:
         for attempt in range(1, attempts + 1):
             retry = True
             try:
@@ -166,6 +180,7 @@ class PostCallAnalysis:
     facts: CallFacts
     settings: Settings
     call_log: CallLog
+    client: httpx.AsyncClient | None = None  # the process's pool (None: its own client)
 
     @property
     def call_sid(self) -> str:
@@ -176,7 +191,9 @@ class PostCallAnalysis:
         if chosen_providers(self.settings).llm != "openai":
             return {**extractive_analysis(self.spec, self.facts), "attempts": 0}
         endpoint = ChatEndpoint.of(self.settings)
-        return await llm_analysis(self.spec, self.facts, endpoint, call_sid=self.call_sid)
+        return await llm_analysis(
+            self.spec, self.facts, endpoint, call_sid=self.call_sid, client=self.client
+        )
 
     async def run(self) -> dict[str, Any]:
         """Analyse and store the result. Never raises but for cancellation, and even then
@@ -211,6 +228,7 @@ def post_call_analysis(
     messages: list[Any],
     end_reason: str,
     duration_s: float,
+    client: httpx.AsyncClient | None = None,
 ) -> PostCallAnalysis | None:
     """The analysis of a call that just ended, or None: its agent asks for none, or the
     call leaves no record to put it on (records off)."""
@@ -224,7 +242,7 @@ def post_call_analysis(
         duration_s=duration_s,
         outcomes=dict(call_log.outcomes),
     )
-    return PostCallAnalysis(agent.analysis, facts, settings, call_log)
+    return PostCallAnalysis(agent.analysis, facts, settings, call_log, client)
 
 
 class AnalysisJobs:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from phonebot.agents.selection import AgentSet
+    from phonebot.ai.http_pool import HttpPool
     from phonebot.call.analysis import PostCallAnalysis
     from phonebot.call.control import CallControl
     from phonebot.ops.metrics import Metrics
@@ -54,7 +55,9 @@ class CallDeps:
     `records` is the record writer the call only enqueues to (None: the call leaves no
     record), `calls` the registry of running calls, `verdicts` where answering-machine
     verdicts arrive, `metrics` the app's /metrics, `analyses` where post-call analyses run
-    (None: the call awaits its own once it has ended, as in Pipecat Cloud's `bot()`).
+    (None: the call awaits its own once it has ended, as in Pipecat Cloud's `bot()`),
+    `http` the process's HTTP connection pool its AI services and analysis share (None:
+    each builds its own client).
     """
 
     agents: Agents | None = None
@@ -63,3 +66,4 @@ class CallDeps:
     verdicts: AmdVerdicts | None = None
     metrics: Metrics | None = None
     analyses: AnalysisRunner | None = None
+    http: HttpPool | None = None

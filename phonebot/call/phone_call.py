@@ -198,6 +198,7 @@ class PhoneCall:
             self.agent, self.settings, self.call_log, direction=call.direction,
             messages=self.context.get_messages(), end_reason=end_reason,
             duration_s=self.control.duration_s(),
+            client=self.deps.http.web if self.deps.http is not None else None,
         )  # fmt: skip
         if analysis is not None and self.deps.analyses is not None:
             self.deps.analyses.submit(analysis)  # in the background: nothing waits for it

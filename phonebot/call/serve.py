@@ -88,7 +88,7 @@ async def run_bot(
     # RECORD_CALLS: a stereo WAV of the call (phonebot.records.recording); announced.
     recorder = call_recorder(deps.records, session.call_sid, settings)
     agent = agent.announcing_recording() if recorder else agent
-    services = build_services(settings, agent)
+    services = build_services(settings, agent, deps.http)
     call = PhoneCall(
         transport,
         session,

@@ -15,6 +15,7 @@ the caller in 3 s of dead air or answers a caller still looking for their order 
 | incomplete, under 0.15 | a statement that looks finished | `TURN_DANGLING_WAIT_S`            |
 | either                 | mid-phrase ("is", "my", "and",  | `TURN_DANGLING_WAIT_S`            |
 |                        | "um", "4 5", "…", "If I", "to?" | unless the caller goes on first   |
+| not in yet             | finished                        | `TURN_INCOMPLETE_WAIT_S` at most  |
 
 The caller speaking again cancels any pending answer (Pipecat's VAD start), so a pause
 shorter than the wait is never answered (`ends_mid_phrase` and `TurnPolicy` say why each
@@ -660,10 +661,22 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
         )
 
     async def _maybe_answer_unfinished_verdict(self) -> None:
-        """Model says incomplete (or could not score): the transcript decides how long."""
-        if self._speech_end_at is None or self._verdict is not False or not self._text.strip():
+        """Model says incomplete (or could not score), or has not answered yet: the
+        transcript decides how long.
+
+        A verdict still on its way can only make the answer sooner ("complete": at once),
+        never later than the transcript's own wait (`TurnPolicy.wait` with no model). So
+        that wait is set now, and if it runs out first the turn ends without the model
+        (rule `model_late`), whose inference is then cancelled, or never started if it
+        was still queued: with many calls' turns ending together (a campaign's burst),
+        Smart Turn queues on its threads, and no caller waits past the transcript's wait
+        for a verdict that could no longer change the answer, nor pays for one.
+        """
+        if self._speech_end_at is None or self._verdict is True or not self._text.strip():
             return
         wait_s, rule = self._policy.wait(self._probability, self._text)
+        if self._verdict is None and rule == "finished_transcript":
+            rule = "model_late"  # what it is if it fires; a verdict first replaces it
         await self._answer_at(self._speech_end_at + wait_s, rule, wait_s)
 
     async def _on_inner_push_frame(self, inner, frame: Frame, direction: FrameDirection) -> None:

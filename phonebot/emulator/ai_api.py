@@ -105,8 +105,8 @@ def _tool_result_last(messages: list) -> dict | None:
     return None
 
 
-def reply_for(messages: list) -> str:
-    """The deterministic answer: echo the last user message, then the fixed answer; right
+def reply_for(messages: list, answer: str = ANSWER) -> str:
+    """The deterministic answer: echo the last user message, then the fixed `answer`; right
     after a tool result, that result (so a test hears what the tool answered)."""
     if (tool := _tool_result_last(messages)) is not None:
         found = " ".join(_text_of(tool.get("content")).split())[:MAX_TOOL_ECHO_CHARS]
@@ -114,7 +114,7 @@ def reply_for(messages: list) -> str:
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
             said = " ".join(_text_of(message.get("content")).split())[:MAX_ECHO_CHARS]
-            return f"You said: {said.rstrip('.?! ')}. {ANSWER}"
+            return f"You said: {said.rstrip('.?! ')}. {answer}"
     return GREETING
 
 
@@ -222,6 +222,7 @@ class AIApiControls:
     """One app's state: pending faults, request counts, the transcript; `base_url` once served."""
 
     transcript: str = DEFAULT_TRANSCRIPT
+    fixed_answer: str = ANSWER  # said after the echo (--answer: a load test's shorter reply)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 0))
     faults: dict[str, list[list]] = field(default_factory=lambda: {s: [] for s in SERVICES})
     closing: bool = False
@@ -241,7 +242,7 @@ class AIApiControls:
     def answer(self, messages: list) -> str | ToolCall:
         """The next scripted reply if one waits, else the deterministic one."""
         if not self.replies:
-            return reply_for(messages)
+            return reply_for(messages, self.fixed_answer)
         reply = self.replies.popleft()
         if reply.function is None:
             return str(reply.text)
@@ -385,12 +386,12 @@ class RepliesRequest(BaseModel):
     replies: list[ScriptedReply] = Field(max_length=1000)
 
 
-def create_ai_app(transcript: str = DEFAULT_TRANSCRIPT) -> FastAPI:
+def create_ai_app(transcript: str = DEFAULT_TRANSCRIPT, answer: str = ANSWER) -> FastAPI:
     """A fresh emulator app; its state (`app.state.controls`) belongs to it alone."""
     logging.getLogger("uvicorn.error").addFilter(_hide_abrupt_close)
     speech_master()  # build the audio now, not inside the first request
     app = FastAPI(title="phonebot AI API emulator", docs_url=None, redoc_url=None)
-    controls = app.state.controls = AIApiControls(transcript=transcript)
+    controls = app.state.controls = AIApiControls(transcript=transcript, fixed_answer=answer)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/audio/transcriptions", transcriptions, methods=["POST"])
     app.add_api_route("/v1/audio/speech", speech, methods=["POST"])
@@ -453,8 +454,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--transcript", default=DEFAULT_TRANSCRIPT)
+    parser.add_argument("--answer", default=ANSWER, help="what every reply says after the echo")
     args = parser.parse_args(argv)
-    uvicorn.run(create_ai_app(args.transcript), host=args.host, port=args.port,
+    uvicorn.run(create_ai_app(args.transcript, args.answer), host=args.host, port=args.port,
                 log_level="warning", access_log=False, timeout_graceful_shutdown=1)  # fmt: skip
 
 

@@ -56,6 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.records.stop()
         await services.admission.close()
         await services.shared.close()
+        await services.http.aclose()
 
 
 def log_configuration(services: AppServices, providers: ProviderChoice) -> None:
@@ -63,6 +64,8 @@ def log_configuration(services: AppServices, providers: ProviderChoice) -> None:
     settings = services.settings
     mode = "offline mode" if providers.offline else "online"
     logger.info(f"Phone bot {__version__} ({mode}): {providers.describe()}")
+    loop = type(asyncio.get_running_loop())
+    logger.info(f"Event loop: {loop.__module__}.{loop.__qualname__}")
     if settings.webhook_auth == "external":
         logger.info("WEBHOOK_AUTH=external: webhook signatures are left to your gateway")
     elif not checks_webhook_signatures(settings):

@@ -34,6 +34,7 @@ async def media_stream(websocket: WebSocket, services: Services) -> None:
             verdicts=services.amd_verdicts,
             metrics=services.metrics,
             analyses=services.analyses,
+            http=services.http,
         )
         await serve_call(websocket, services.settings, admit=gate, deps=deps)
     finally:

@@ -21,6 +21,7 @@ from fastapi import Depends, HTTPException, status
 from starlette.requests import HTTPConnection
 
 from phonebot.agents.registry import AgentRegistry
+from phonebot.ai.http_pool import HttpPool
 from phonebot.call.analysis import AnalysisJobs
 from phonebot.config import Settings
 from phonebot.ops.metrics import Metrics
@@ -68,6 +69,8 @@ class AppServices:
     analyses: AnalysisJobs = field(default_factory=AnalysisJobs)
     rejections: RejectionLog = field(default_factory=RejectionLog)
     metrics: Metrics = field(default_factory=Metrics)  # GET /metrics; passed to each call
+    # One HTTP connection pool for every call's AI services and analyses (closed last).
+    http: HttpPool = field(default_factory=HttpPool.build)
     active_streams: int = 0  # open /ws connections of this process, verified or not
 
     @classmethod
