@@ -106,12 +106,14 @@ def serve(settings: Settings, listen_fd: int | None, worker_index: int) -> int:
         # 127.0.0.1) would let a loopback client pick its address, whatever that says.
         proxy_headers=False,
         server_header=False,  # `server: uvicorn` tells a stranger what to probe for
-        # uvicorn's "standard" loop and HTTP parser, in C: at 40 steady calls in one process
-        # the event loop's own work (readiness, socket writes) was a fifth of its time, and
-        # uvloop cut the server's CPU by ~13 % and the p95 reply from ~1 s to ~0.6 s
-        # (docs/scaling.md "Capacity per core").
+        # uvicorn's C event loop: at 40 steady calls in one process the loop's own work
+        # (readiness, socket writes) was a fifth of its time, and uvloop cut the server's
+        # CPU by ~13 % and the p95 reply from ~1 s to ~0.6 s (docs/scaling.md "Capacity per
+        # core"). Not httptools: a call's media never goes through the HTTP parser (one
+        # request per webhook), and with it a webhook flood (tests/test_abuse.py) was
+        # parsed in bites big enough to break a live call's greeting.
         loop="uvloop",
-        http="httptools",
+        http="h11",
     )
     services = app_services(app)
     server = GracefulServer(config, Drain(settings, services.admission, services.calls))

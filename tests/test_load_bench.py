@@ -794,11 +794,20 @@ def test_default_and_quick_plans() -> None:
 
 
 class FakeServer:
+    name = "fake"
+
     def __init__(self) -> None:
         self.log: list[str] = []
 
     def alive(self) -> bool:
         return True
+
+
+@pytest.fixture(autouse=True)
+def no_idle_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run loop's tests have fake servers, idle by construction (the wait itself is
+    `load_server.wait_until_quiet`'s own test)."""
+    monkeypatch.setattr(load, "wait_until_quiet", lambda servers: [])
 
 
 def test_runs_are_interleaved_and_budgeted(monkeypatch: pytest.MonkeyPatch) -> None:

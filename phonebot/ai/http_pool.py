@@ -3,7 +3,7 @@
 Why: Pipecat's OpenAI services each build their own `AsyncOpenAI` client, and with it a
 fresh TLS context (loading the CA bundle: 10-15 ms of CPU each); a call built three, and
 its post-call analysis one more. Profiled with py-spy while 40 calls started within a
-second (`bench/load.py --pattern burst`, docs/scaling.md "Where the time goes"), building
+second (`bench/load.py --pattern burst`, docs/scaling.md "Where the time went"), building
 those contexts was a third of the server's CPU, and every greeting waited behind them.
 One pool per process pays for its TLS context once, and keeps connections to the AI
 provider open between calls, so a call's first request skips the TCP and TLS handshakes
