@@ -772,7 +772,9 @@ async def test_a_turn_the_vad_splits_ends_only_with_its_last_segments_transcript
         stt_p99_s=2.0,
     ) as line:
         await line.say(first)
-        await asyncio.sleep(0.35)  # a VAD stop; the first transcript is 0.6 s away
+        # A VAD stop (0.2 s of silence; 0.45 s leaves room for a loaded machine's late
+        # frames), and the first transcript, 0.6 s away, arrives during the second half.
+        await asyncio.sleep(0.45)
         end = await line.say(second)
         answered_at, text = await line.answer(timeout=8)
         await asyncio.sleep(1.0)  # no second answer follows

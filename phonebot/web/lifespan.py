@@ -1,7 +1,8 @@
 """The app's lifespan: what starts before the first request and stops after the last call.
 
 Start: the models and thread pools (so the first caller doesn't pay for them), the
-records (migrations), the event-loop lag monitor and the campaign scheduler. Stop, once
+records (migrations), the event-loop lag monitor and the campaign scheduler; then the
+heap built so far is frozen (`phonebot.ops.heap`). Stop, once
 the calls have drained (`phonebot.web.shutdown` runs before the lifespan ends): their
 post-call analyses (a bounded wait), then the same, backwards, writing the calls' last
 queued records.
@@ -21,6 +22,7 @@ from phonebot.ai.inference import load_shared_models
 from phonebot.ai.inference.turn import SMART_TURN_THREADS, smart_turn_executor
 from phonebot.ai.providers import ProviderChoice, chosen_providers
 from phonebot.ops.diagnostics import resource_usage_log
+from phonebot.ops.heap import freeze_startup_heap, thaw_heap
 from phonebot.ops.threads import start_every_thread, started_default_executor
 from phonebot.twilio.signatures import checks_webhook_signatures
 from phonebot.web.agents_api import reload_on_sighup
@@ -41,6 +43,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services.metrics.start_loop_lag()
     if services.campaigns is not None:  # the scheduler, after the migrations
         await services.campaigns.start(services.admission)
+    frozen = freeze_startup_heap()  # last: everything started is long-lived
+    logger.info(f"Start-up heap frozen: {frozen} objects the garbage collector skips")
     try:
         # LOG_RESOURCE_USAGE: RSS, fds, threads, tasks on a timer and on SIGUSR1 (soak);
         # SIGHUP reloads the agent files.
@@ -57,6 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.admission.close()
         await services.shared.close()
         await services.http.aclose()
+        thaw_heap()
 
 
 def log_configuration(services: AppServices, providers: ProviderChoice) -> None:
