@@ -7,6 +7,7 @@ import gc
 
 from fastapi.testclient import TestClient
 
+from phonebot.ops.heap import FULL_COLLECTION_EVERY
 from phonebot.web.app import create_app
 from tests.conftest import make_settings
 
@@ -21,4 +22,7 @@ def test_the_lifespan_freezes_the_start_up_heap_and_thaws_it_at_stop(tmp_path):
         # Everything alive after start-up: FastAPI, Pipecat, the models' wrappers...
         assert frozen > 50_000
         assert len(gc.get_objects()) < frozen / 10  # a collection walks only the rest
+        # ...and full collections stay as rare as before the freeze, not ten times likelier.
+        assert gc.get_threshold()[2] == FULL_COLLECTION_EVERY > 10
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold()[2] == 10
