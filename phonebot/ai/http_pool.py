@@ -43,22 +43,16 @@ class HttpPool:
 
     @classmethod
     def build(cls) -> HttpPool:
-        """Both clients, with no connection yet (they connect on first use)."""
+        """Both clients, with no connection yet (they connect on first use); the same
+        limits, in each library's own `Limits`."""
+        limits = {
+            "max_connections": MAX_CONNECTIONS,
+            "max_keepalive_connections": MAX_KEEPALIVE,
+            "keepalive_expiry": KEEPALIVE_EXPIRY_S,
+        }
         return cls(
-            openai=DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(
-                    max_connections=MAX_CONNECTIONS,
-                    max_keepalive_connections=MAX_KEEPALIVE,
-                    keepalive_expiry=KEEPALIVE_EXPIRY_S,
-                )
-            ),
-            web=httpx.AsyncClient(
-                limits=httpx.Limits(
-                    max_connections=MAX_CONNECTIONS,
-                    max_keepalive_connections=MAX_KEEPALIVE,
-                    keepalive_expiry=KEEPALIVE_EXPIRY_S,
-                )
-            ),
+            openai=DefaultAsyncHttpxClient(limits=httpx2.Limits(**limits)),
+            web=httpx.AsyncClient(limits=httpx.Limits(**limits)),
         )
 
     async def aclose(self) -> None:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import gc
 
-FULL_COLLECTION_EVERY = 100  # generation-1 collections between full ones (CPython: 10)
+FULL_COLLECTION_EVERY = 100  # generation-1 collections between full ones
+CPYTHON_FULL_COLLECTION_EVERY = 10  # CPython's own, put back by `thaw_heap`
 
 
 def freeze_startup_heap() -> int:
@@ -40,4 +41,4 @@ def thaw_heap() -> None:
     """Undo `freeze_startup_heap` at shutdown (an app run inside a test's process)."""
     gc.unfreeze()
     young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, 10)
+    gc.set_threshold(young, middle, CPYTHON_FULL_COLLECTION_EVERY)
