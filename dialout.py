@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         help="detect answering machines: leave the voicemail message, talk to humans",
     )
     parser.add_argument("--agent", metavar="NAME", help="the agent that talks (its file's name)")
+    parser.add_argument(
+        "--ivr-goal",
+        metavar="TEXT",
+        help='when a phone menu answers, what to get through to, e.g. "Reach a person in billing"',
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
     if not settings.public_url:
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             parameters=dict(args.param),
             machine_detection=args.machine_detection,
             agent=args.agent,
+            ivr_goal=args.ivr_goal,
         )
         check_agent(request, settings)
         response = asyncio.run(place_call(request, settings, settings.public_url))

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
 
     # Dial-out: how long the bot waits for the callee's "Hello?" before opening anyway.
     dialout_greeting_delay_s: float = Field(default=3.0, ge=0)
+    # Dial-out with an `ivr_goal`: the phone menu must lead to a person (or the goal) within
+    # this long, or the bot hangs up and the call ends "ivr failed" (phonebot.call.ivr).
+    ivr_timeout_s: float = Field(default=120.0, gt=0, le=3600)
 
     # Turn-taking (phonebot.call.turns), seconds after the caller's speech ends. The Smart Turn
     # model says "unfinished" but the transcript looks finished: answer after this (Pipecat

@@ -7,6 +7,7 @@ scratch folder, so no developer `.env` leaks in), and its log is captured for as
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -138,12 +140,31 @@ class LiveServer:
 
 
 
-def twilio_for(server: LiveServer, rest_port: int) -> TwilioRestEmulator:
-    """Twilio's REST side for `server`, on `rest_port` (one emulator at a time holds it)."""
+def twilio_for(server: LiveServer, rest_port: int, **options: Any) -> TwilioRestEmulator:
+    """Twilio's REST side for `server`, on `rest_port` (one emulator at a time holds it);
+    `options` are the emulator's own (`callees=`, …)."""
     return TwilioRestEmulator(
         account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, port=rest_port,
-        local_server_url=server.base_url,
+        local_server_url=server.base_url, **options,
     )  # fmt: skip
+
+
+async def closed_record(
+    server: LiveServer, call_sid: str, admin_key: str, timeout_s: float = 10.0
+) -> dict:
+    """`GET /calls/{call_sid}` once the record is closed (writes are batched: a little late)."""
+    deadline = time.monotonic() + timeout_s
+    body: dict = {}
+    async with httpx.AsyncClient(timeout=5) as client:
+        while time.monotonic() < deadline:
+            response = await client.get(
+                f"{server.base_url}/calls/{call_sid}",
+                headers={"Authorization": f"Bearer {admin_key}"},
+            )
+            if response.status_code == 200 and (body := response.json())["ended_at"]:
+                return body
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"record of {call_sid} not closed: {body or 'no record'}")
 
 
 def refused_start(env: dict[str, str], workdir: Path) -> str:

@@ -10,10 +10,8 @@ below pin the responder's keyword rules and the function schema the LLM sees.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -33,8 +31,8 @@ from phonebot.emulator import CalleeBook, TwilioRestEmulator
 from phonebot.records.schema import CallRecord
 from phonebot.records.writer import RecordWriter
 from phonebot.twilio.stream import CallSession
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings, shipped_agent
-from tests.live_server import LiveServer, free_port
+from tests.conftest import DIALOUT_KEY, make_settings, shipped_agent
+from tests.live_server import LiveServer, closed_record, free_port, twilio_for
 from tests.test_calls import server_env
 
 pytest_plugins = ["tests.pg_server"]
@@ -66,14 +64,7 @@ def server(rest_port: int, db_path: Path) -> Iterator[LiveServer]:
 @pytest.fixture
 async def twilio(rest_port: int, server: LiveServer) -> AsyncIterator[TwilioRestEmulator]:
     callees = CalleeBook({OPTS_OUT: "opt-out", INTERESTED: "interested"}, rule=None)
-    emulator = TwilioRestEmulator(
-        account_sid=ACCOUNT_SID,
-        auth_token=AUTH_TOKEN,
-        port=rest_port,
-        local_server_url=server.base_url,
-        callees=callees,
-    )
-    async with emulator:
+    async with twilio_for(server, rest_port, callees=callees) as emulator:
         yield emulator
 
 
@@ -92,20 +83,8 @@ async def dial(server: LiveServer, twilio: TwilioRestEmulator, to: str) -> str:
     return response.json()["call_sid"]
 
 
-async def record_of(server: LiveServer, call_sid: str, timeout_s: float = 10.0) -> dict:
-    """The call's record once it is closed (writes are batched: a little late)."""
-    deadline = time.monotonic() + timeout_s
-    body: dict = {}
-    async with httpx.AsyncClient(timeout=5) as client:
-        while time.monotonic() < deadline:
-            response = await client.get(
-                f"{server.base_url}/calls/{call_sid}",
-                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-            )
-            if response.status_code == 200 and (body := response.json())["ended_at"]:
-                return body
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"record of {call_sid} not closed: {body or 'no record'}")
+async def record_of(server: LiveServer, call_sid: str) -> dict:
+    return await closed_record(server, call_sid, ADMIN_KEY)
 
 
 def do_not_call(db_path: Path) -> dict[str, str | None]:

@@ -30,6 +30,8 @@ TOOL_FAILURE_STYLE = (
     "that right now, and carry on helping."
 )
 
+# The call parameter that carries a dial-out's phone-menu goal (`ivr_goal`).
+IVR_GOAL_PARAMETER = "ivr_goal"
 DEFAULT_VOICEMAIL = "Hi, sorry we missed you. We'll try again soon. Goodbye!"
 DEFAULT_OPT_OUT_CONFIRMATION = (
     "I'm sorry to have bothered you. I've taken your number off our list, so you won't "
@@ -91,6 +93,9 @@ class Agent:
     keypad: dict[str, str] = field(default_factory=dict)
     # Keypad menu: key -> the choice it stands for, in words; answered at once.
     menu: dict[str, str] = field(default_factory=dict)
+    # On dial-out, what to reach through a phone menu that answers (None: no navigation
+    # unless the dial names a goal); see `ivr_goal`.
+    ivr_goal: str | None = None
     # Left on an answering machine when dial-out asked for machine detection.
     voicemail: str = DEFAULT_VOICEMAIL
     # What a call with this agent finds out (`record_outcome`), stored on the call's
@@ -137,6 +142,14 @@ def spoken_number_ending(number: str, digits: int = 4) -> str:
     """'+15551234567' -> '4 5 6 7': the tail of a number, spaced so TTS reads digits."""
     tail = [ch for ch in number if ch.isdigit()][-digits:]
     return " ".join(tail)
+
+
+def ivr_goal(agent: Agent, parameters: Mapping[str, str]) -> str | None:
+    """What a dial-out navigates a phone menu towards: the dial's `ivr_goal` parameter
+    (API, command line, campaign), else the agent file's; None on a dial-in."""
+    if parameters.get("call_type") != "outbound":
+        return None
+    return parameters.get(IVR_GOAL_PARAMETER) or agent.ivr_goal
 
 
 def opening_line(agent: Agent, parameters: Mapping[str, str]) -> str:

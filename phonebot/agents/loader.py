@@ -167,6 +167,7 @@ def agent_from_spec(
         overrides=setting_overrides(spec),
         keypad=dict(spec.keypad),
         menu=dict(spec.menu),
+        ivr_goal=spec.ivr_goal,
         outcome_fields=tuple(
             OutcomeField(f.name, f.description, f.values) for f in spec.outcome_fields
         ),  # fmt: skip

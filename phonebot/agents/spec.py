@@ -156,6 +156,9 @@ class AgentSpec(_Strict):
     settings: dict[str, Any] = Field(default_factory=dict)
     transfer_target: str | None = None
     voicemail_message: str | None = None
+    # On dial-out: what to reach when a phone menu answers ("Reach a person in billing");
+    # the dial's own `ivr_goal` comes first (docs/dialout.md "Phone menus").
+    ivr_goal: str | None = Field(default=None, min_length=1, max_length=256)
     recording_notice: str | None = None
     opt_out_confirmation: str | None = None
     keypad: dict[str, Literal["transfer", "end"]] = Field(default_factory=dict)

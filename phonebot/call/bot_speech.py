@@ -32,6 +32,7 @@ from collections.abc import Iterable
 
 from loguru import logger
 from pipecat.frames.frames import (
+    AggregatedTextFrame,
     CancelFrame,
     EagerTranscriptionFrame,
     Frame,
@@ -82,8 +83,9 @@ class BotSpeechLog:
     It listens to the LLM's own `on_before_push_frame` event (public Pipecat API, run
     synchronously in push order, as `phonebot.call.provider_faults.RecoveryWatch` does) rather
     than being a processor between the LLM and the TTS, which would add a queue hop and a
-    task wake-up to every frame passing there (see `phonebot.call.pipeline_cost`). Nothing sits
-    between the two in `bot.py`, so what the LLM pushes is what the TTS is given.
+    task wake-up to every frame passing there (see `phonebot.call.pipeline_cost`). It watches
+    whatever hands the TTS its text: the LLM, or on a dial-out navigating a phone menu the
+    navigator's tag reader after it (phonebot.call.ivr), so a key press is not "said".
     """
 
     def __init__(self, call_sid: str, settings: Settings):
@@ -110,6 +112,10 @@ class BotSpeechLog:
             return
         if self._reply is None:
             self._say(frame.text)  # text outside an LLM reply: the TTS speaks it alone
+        elif isinstance(frame, AggregatedTextFrame) and self._reply:
+            # Whole sentences (the phone-menu navigator aggregates before the TTS): the TTS
+            # speaks each on its own; the line keeps them apart.
+            self._reply.append(f" {frame.text.lstrip()}")
         else:
             self._reply.append(frame.text)  # joined as the TTS's aggregator joins it
 

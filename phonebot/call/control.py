@@ -33,6 +33,7 @@ from phonebot.call.tools import END_CALL, OPT_OUT, RECORD_OUTCOME, TRANSFER_CALL
 from phonebot.config import Settings, mask
 from phonebot.phone_numbers import E164
 from phonebot.records.call_log import CallLog
+from phonebot.records.writer import IVR_FAILED_REASON
 from phonebot.twilio.caller_id import presented_caller_id
 from phonebot.twilio.rest import TwilioUnavailable, update_call_twiml
 from phonebot.twilio.stream import CallSession, TwilioMarkSerializer
@@ -53,6 +54,7 @@ class EndReason:
     TRANSFER = "transferred"
     OPTED_OUT = "opted out"
     VOICEMAIL = "voicemail"
+    IVR_FAILED = IVR_FAILED_REASON  # a phone menu that led nowhere (phonebot.call.ivr)
     LIMIT = "duration limit"
     IDLE = "idle pipeline"
     SHUTDOWN = "server shutdown"
@@ -135,6 +137,16 @@ class CallControl:
         self.note_end(reason)
         logger.info(f"Ending call ({reason}): {closing_line!r}")
         await self._say_and_wait(closing_line, playout_timeout_s, speak)
+        await self._worker.queue_frame(EndFrame(reason=reason))
+
+    async def hang_up(self, reason: str) -> None:
+        """End the call without a word (a machine on the line: a phone menu that leads
+        nowhere). The pipeline's `EndFrame` makes the serializer hang up through REST."""
+        if self._ending:
+            return
+        self._ending = True
+        self.note_end(reason)
+        logger.info(f"Hanging up ({reason})")
         await self._worker.queue_frame(EndFrame(reason=reason))
 
     async def end_for_shutdown(self, phrase: str, playout_timeout_s: float) -> None:

@@ -27,7 +27,11 @@ class CallOpener:
         self._timer: asyncio.Task | None = None
 
     async def start(self) -> None:
+        """Open now (dial-in), or when the callee has spoken or stayed silent (dial-out;
+        again after a phone menu has put the call through: phonebot.call.ivr)."""
         if self._direction == "outbound":
+            self.stop()
+            self._caller_spoke = False
             self._timer = asyncio.create_task(self._open_if_silent())
         else:
             await self._speak_opening()

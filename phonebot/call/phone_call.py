@@ -26,13 +26,14 @@ from pipecat.turns.user_start import BaseUserTurnStartStrategy
 from pipecat.turns.user_stop import BaseUserTurnStopStrategy
 from pipecat.workers.runner import WorkerRunner
 
-from phonebot.agents.agent import Agent, opening_line
+from phonebot.agents.agent import Agent, ivr_goal, opening_line
 from phonebot.ai.providers import CallServices
 from phonebot.call.agent_tools import register_agent_tools
 from phonebot.call.analysis import PostCallAnalysis, post_call_analysis
 from phonebot.call.bot_speech import BotSpeechLog
 from phonebot.call.control import CallControl, EndReason
 from phonebot.call.deps import CallDeps
+from phonebot.call.ivr import MenuNavigation
 from phonebot.call.knowledge_search import register_knowledge_search
 from phonebot.call.opener import CallOpener
 from phonebot.call.pipeline import call_pipeline
@@ -87,12 +88,17 @@ class PhoneCall:
         self.recorder = recorder
         self.deps = deps or CallDeps()
         call_sid = session.call_sid
-        self.bot_speech = BotSpeechLog(call_sid, settings)  # "Call … bot says: …"
-        self.bot_speech.watch(services.llm)
+        instructions = {"role": "system", "content": system_prompt(agent, session)}
         self.context = LLMContext(
-            messages=[{"role": "system", "content": system_prompt(agent, session)}],
+            messages=[instructions],
             tools=ToolsSchema(standard_tools=call_tools(settings, serializer, agent)),
         )
+        # A dial-out with a goal first gets through the phone menu that answers (its stage
+        # sits in the LLM's place; without a goal, the stage is the LLM).
+        goal = ivr_goal(agent, session.parameters)
+        self.menus = MenuNavigation(call_sid, goal, services.llm, settings, instructions)
+        self.bot_speech = BotSpeechLog(call_sid, settings)  # "Call … bot says: …"
+        self.bot_speech.watch(self.menus.speaker)
         # "Call … turn timing {…}" per turn, at DEBUG (INFO with LOG_TURN_TIMING)
         self.timeline = TurnTimeline(call_sid, "INFO" if settings.log_turn_timing else "DEBUG")
         aggregators = LLMContextAggregatorPair(
@@ -131,6 +137,7 @@ class PhoneCall:
         )
         opening = opening_line(agent, session.parameters)
         self.opener = CallOpener(self.worker, opening, session.direction, settings)
+        self.menus.bind(self.worker, self.control, self.opener.start)
         self.reply_latencies = ReplyLatencies(self.timeline.logged)  # for the transcript
         self._register_handlers()
 
@@ -181,6 +188,7 @@ class PhoneCall:
         if self.deps.calls is not None:
             self.deps.calls.discard(self.session.call_sid)
         self.opener.stop()
+        self.menus.stop()
         self.screen.stop()
         self.control.stop()
         self.faults.stop()
@@ -227,7 +235,15 @@ class PhoneCall:
             direction=call.direction, persona=agent.name, parameters=call.parameters
         )
         self.control.start_duration_limit()
-        self.screen.start(self.control, agent, converse=self.opener.start)
+        self.screen.start(self.control, agent, converse=self.converse)
+
+    async def converse(self) -> None:
+        """Past any answering-machine screening: open the conversation, or first get
+        through the phone menu that answered (the agent opens once a person is reached)."""
+        if self.menus.navigating:
+            self.menus.start()
+        else:
+            await self.opener.start()
 
     async def on_client_disconnected(self, transport: BaseTransport, client: object) -> None:
         self.control.note_end(EndReason.CALLER_HUNG_UP)

@@ -35,7 +35,7 @@ def call_pipeline(call: PhoneCall) -> PipelineWorker:
             keypad_aggregator([*call.agent.keypad, *call.agent.menu]),  # declared: at once
             call.user_aggregator,
             InputAudioStop(),  # nothing after the user aggregator listens to the caller
-            services.llm,
+            call.menus.stage,  # the LLM; on a dial-out with a goal, it navigates menus first
             services.tts,
             call.apology_player,  # speaks for a broken TTS (phonebot.call.provider_faults)
             transport.output(),

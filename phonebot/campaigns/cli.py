@@ -111,6 +111,8 @@ def _start_parser(start: argparse.ArgumentParser) -> None:
                        metavar="NAME=VALUE", help="a stream parameter for every call")
     start.add_argument("--agent", metavar="NAME", help="the agent that talks on every call "
                        "(its file's name; python -m phonebot.agents check lists them)")
+    start.add_argument("--ivr-goal", metavar="TEXT", help="when a phone menu answers, what "
+                       "to get through to, e.g. \"Reach a person in billing\"")
     start.add_argument("--window", type=_window, default=("09:00", "20:00"),
                        metavar="HH:MM-HH:MM", help="local time of each contact")
     start.add_argument("--days", type=_days, default=list(DAYS), help="e.g. mon,tue,wed")
@@ -118,7 +120,8 @@ def _start_parser(start: argparse.ArgumentParser) -> None:
     start.add_argument("--calls-per-minute", type=int, default=10)
     start.add_argument("--attempts", type=int, default=3, help="calls per contact at most")
     start.add_argument("--retry-delay", type=int, default=3600, metavar="SECONDS")
-    start.add_argument("--retry-on", default="busy,no-answer,failed,voicemail")
+    start.add_argument("--retry-on", default="busy,no-answer,failed,voicemail",
+                       help="outcomes tried again: busy, no-answer, failed, voicemail, ivr_failed")
     start.add_argument("--machine-detection", action="store_true")
     start.add_argument("--from", dest="from_", help="caller ID (default: the server's "
                        "TWILIO_PHONE_NUMBER)")
@@ -132,6 +135,7 @@ def campaign_options(args: argparse.Namespace) -> dict[str, Any]:
         "name": args.name or args.contacts.stem,
         "parameters": dict(args.param),
         "agent": args.agent,
+        "ivr_goal": args.ivr_goal,
         "window": {"start": args.window[0], "end": args.window[1], "days": args.days},
         "max_concurrent": args.max_concurrent,
         "calls_per_minute": args.calls_per_minute,

@@ -15,13 +15,14 @@ from pydantic import (
     model_validator,
 )
 
+from phonebot.agents.agent import IVR_GOAL_PARAMETER
 from phonebot.agents.selection import AGENT_PARAMETER
 from phonebot.campaigns.windows import DAYS, parse_hhmm
 from phonebot.phone_numbers import E164
-from phonebot.twilio.dialout import one_agent
+from phonebot.twilio.dialout import one_agent, same_as_parameter
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-Outcome = Literal["busy", "no-answer", "failed", "voicemail"]
+Outcome = Literal["busy", "no-answer", "failed", "voicemail", "ivr_failed"]
 CampaignStatus = Literal["scheduled", "running", "paused", "completed", "canceled"]
 ContactState = Literal[
     "pending", "calling", "completed", "voicemail", "failed", "unknown", "opted_out",
@@ -97,6 +98,11 @@ class CampaignIn(BaseModel):
         description="The agent that talks on every call (an agent file's name; GET /agents), "
         "whatever the parameters would pick; kept as the parameter `agent`",
     )  # fmt: skip
+    ivr_goal: str | None = Field(
+        None, min_length=1, max_length=256,
+        description="When a phone menu answers, what to get through to; kept as the "
+        "parameter `ivr_goal` (the agent file's `ivr_goal` otherwise)",
+    )  # fmt: skip
     contacts: list[ContactIn] = Field(min_length=1)
     window: WindowIn = Field(default_factory=WindowIn)
     max_concurrent: int = Field(5, ge=1, le=1000)
@@ -129,12 +135,20 @@ class CampaignIn(BaseModel):
             raise ValueError("end_at must be after start_at")
         return self
 
+    @field_validator("ivr_goal")
+    @classmethod
+    def _one_goal(cls, goal: str | None, info: ValidationInfo) -> str | None:
+        return same_as_parameter(IVR_GOAL_PARAMETER, goal, info.data.get("parameters", {}))
+
     @model_validator(mode="after")
     def _agent_is_a_parameter(self) -> CampaignIn:
-        """The named agent travels with every call as its `agent` parameter (the campaign's
-        parameters are stored and dialed as they are: no column of its own)."""
+        """The named agent and the phone-menu goal travel with every call as its `agent`
+        and `ivr_goal` parameters (the campaign's parameters are stored and dialed as they
+        are: no column of their own)."""
         if self.agent is not None:
             self.parameters = {**self.parameters, AGENT_PARAMETER: self.agent}
+        if self.ivr_goal is not None:
+            self.parameters = {**self.parameters, IVR_GOAL_PARAMETER: self.ivr_goal}
         return self
 
 

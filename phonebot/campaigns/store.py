@@ -45,7 +45,7 @@ from phonebot.config import Settings
 from phonebot.dnc.store import listed, opted_out_since
 from phonebot.records.events import EventDeliverer
 from phonebot.records.schema import CallRecord
-from phonebot.records.writer import OPTED_OUT_REASON
+from phonebot.records.writer import IVR_FAILED_REASON, OPTED_OUT_REASON
 from phonebot.twilio.dial_guard import check_destination
 from phonebot.twilio.statuses import FINAL_STATUSES
 
@@ -91,14 +91,16 @@ def new_id() -> str:
 
 
 def outcome_of(call: CallRecord) -> str:
-    """What a finished call came to: busy, no-answer, failed, voicemail, opted-out or
-    completed (a conversation)."""
+    """What a finished call came to: busy, no-answer, failed, voicemail, opted-out,
+    ivr_failed or completed (a conversation)."""
     if call.twilio_status in ("busy", "no-answer", "failed"):
         return call.twilio_status
     if call.twilio_status == "canceled" or call.end_reason == "fax":
         return "failed"
     if call.end_reason == OPTED_OUT_REASON:
         return "opted-out"
+    if call.end_reason == IVR_FAILED_REASON:
+        return "ivr_failed"  # a phone menu that led nowhere (phonebot.call.ivr)
     if call.end_reason == "voicemail" or (call.amd_verdict or "").startswith("machine"):
         return "voicemail"
     if call.stream_started_at is None:

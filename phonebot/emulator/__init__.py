@@ -29,6 +29,7 @@ from phonebot.emulator.result import (
 from phonebot.emulator.script import (
     Dtmf,
     Hangup,
+    Menu,
     Pause,
     Speak,
     Step,
@@ -55,6 +56,7 @@ __all__ = [
     "Hangup",
     "MarkRecord",
     "MediaStreamCaller",
+    "Menu",
     "NoBotAudioError",
     "NoStreamError",
     "Pause",

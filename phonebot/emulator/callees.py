@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from phonebot.audio import TWILIO_SAMPLE_RATE, tone
-from phonebot.emulator.script import Pause, Speak, Step, WaitForBot, WaitForHangup
+from phonebot.emulator.script import Hangup, Menu, Pause, Speak, Step, WaitForBot, WaitForHangup
 
 # What an unanswered call ends as, Twilio's final CallStatus
 # (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
@@ -39,7 +39,15 @@ CONVERSATIONS: dict[str, tuple[str, ...]] = {
     "callback": ("call me back tomorrow", GOODBYE),
     "opt-out": ("please stop calling me remove me from your list",),
 }
-KINDS = (*CONVERSATIONS, "voicemail", "silent", *UNANSWERED)
+# A business number answered by a phone menu (IVR), for dial-outs with an `ivr_goal`:
+# "menu" leads to a person in billing (2, then 3); "menu-no-match" offers nothing that
+# matches a billing goal, and hangs up after its third reading, as real menus do.
+MENUS = ("menu", "menu-no-match")
+MENU_GREETING = "Thank you for calling Acme Outdoor."
+TRANSFERRING = "Please hold while I transfer you."
+BILLING_PERSON = "Billing, this is Sam speaking."
+HOLD_S = 3.0  # between "please hold" and the person: longer than a menu's 2 s turn silence
+KINDS = (*CONVERSATIONS, "voicemail", "silent", *MENUS, *UNANSWERED)
 # The default rule: a number's last digit picks its behaviour.
 LAST_DIGIT_RULE: dict[str, str] = {
     "0": "interested",
@@ -112,11 +120,42 @@ class Callee:
             return [spoken(self.greeting), Pause(0.3), WaitForHangup(timeout=HANGUP_TIMEOUT_S)]
         if self.kind == "silent":
             return [Pause(SILENT_CALL_S)]
+        if self.kind in MENUS:
+            return [menu_script(self.kind)]
         steps: list[Step] = [spoken(HELLO), WaitForBot(timeout=BOT_TURN_TIMEOUT_S)]
         lines = CONVERSATIONS[self.kind]
         for line in lines[:-1]:
             steps += [spoken(line), WaitForBot(timeout=BOT_TURN_TIMEOUT_S, require=False)]
         return [*steps, spoken(lines[-1]), WaitForHangup(timeout=HANGUP_TIMEOUT_S)]
+
+
+def menu_script(kind: str) -> Menu:
+    """The phone menus a dial-out with a goal meets (`MENUS`): nested, keys only."""
+    person: list[Step] = [
+        spoken(TRANSFERRING),
+        Pause(HOLD_S),
+        spoken(BILLING_PERSON),
+        WaitForBot(timeout=BOT_TURN_TIMEOUT_S),
+        spoken(GOODBYE),
+        WaitForHangup(timeout=HANGUP_TIMEOUT_S),
+    ]
+    goodbye: list[Step] = [spoken("Goodbye."), Hangup()]
+    if kind == "menu-no-match":
+        return Menu(
+            spoken(f"{MENU_GREETING} For store hours, press 1. For directions, press 2."),
+            {"1": [spoken("We are open nine to five."), Hangup()], "2": goodbye},
+            otherwise=goodbye,
+        )
+    billing = Menu(
+        spoken("Billing. To pay a bill, press 1. To speak with someone in billing, press 3."),
+        {"1": [spoken("Please enter your account number."), Pause(5.0), *goodbye], "3": person},
+        otherwise=goodbye,
+    )
+    return Menu(
+        spoken(f"{MENU_GREETING} For sales, press 1. For billing, press 2."),
+        {"1": goodbye, "2": [billing]},
+        otherwise=goodbye,
+    )
 
 
 def by_last_digit(number: str) -> Callee:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -53,6 +53,7 @@ from phonebot.emulator.errors import (
     StreamConnectError,
 )
 from phonebot.emulator.ids import new_account_sid, new_call_sid, new_stream_sid
+from phonebot.emulator.keytones import FRAMES_FOR_A_PRESS, KeyToneListener
 from phonebot.emulator.result import (
     CallEvent,
     CallResult,
@@ -61,7 +62,7 @@ from phonebot.emulator.result import (
     MarkRecord,
     Utterance,
 )
-from phonebot.emulator.script import Dtmf, Hangup, Pause, Speak, Step, WaitForBot, WaitForHangup
+from phonebot.emulator.script import Dtmf, Hangup, Menu, Pause, Speak, WaitForBot, WaitForHangup
 from phonebot.emulator.timeline import (
     LateMediaWatch,
     Playback,
@@ -72,6 +73,9 @@ from phonebot.emulator.timeline import (
     response_latency,
 )
 from phonebot.emulator.twiml import Verb, run_after_stream
+
+if TYPE_CHECKING:  # annotations only
+    from phonebot.emulator.script import Step
 
 RATE = TWILIO_SAMPLE_RATE
 FRAME = FRAME_SAMPLES
@@ -181,6 +185,7 @@ class MediaStreamCaller:
         self._last_keypress_end = 0
         self._keypresses: list[Segment] = []
         self._bot_vad = SpeechTracker(silence_threshold, gap)
+        self._bot_keys = KeyToneListener(RATE)  # keys the bot presses, as in-band tones
         self._ws: ClientConnection | None = None
         # The `media` message's fixed tail, JSON-quoted once (frames are formatted, not dumped).
         self._media_tail = ', "streamSid": ' + json.dumps(self.stream_sid) + "}"
@@ -488,6 +493,8 @@ class MediaStreamCaller:
             await self._wait_for_bot(step)
         elif isinstance(step, WaitForHangup):
             await self._wait_for_hangup(step)
+        elif isinstance(step, Menu):
+            await self._menu(step)
         elif isinstance(step, Hangup):
             await self._hangup("caller hung up", send_stop=step.send_stop, ended_by="caller")
         else:
@@ -549,6 +556,33 @@ class MediaStreamCaller:
                 self._emit("wait_timeout", reason="bot still talking", timeout=step.max_wait)
                 return
             await self._tick()
+
+    async def _menu(self, step: Menu) -> None:
+        """Play a phone menu: its prompt, then the bot's key (heard in its audio, from the
+        prompt's start on: menus take a key pressed over them); a listed key runs its
+        steps, anything else plays the prompt again, up to `repeats` times."""
+        for attempt in range(step.repeats + 1):
+            heard_before = len(self.result.bot_dtmf)
+            self._emit("menu", prompt=step.prompt.text, attempt=attempt + 1)
+            await self._speak(step.prompt)
+            key = await self._wait_for_key(heard_before, step.timeout)
+            if key is not None and key in step.options:
+                self._emit("menu_choice", key=key)
+                for chosen in step.options[key]:
+                    await self._step(chosen)
+                return
+            self._emit("menu_retry", key=key)
+        for fallback in step.otherwise:
+            await self._step(fallback)
+
+    async def _wait_for_key(self, heard_before: int, timeout: float) -> str | None:
+        """The first key the bot pressed after `heard_before` presses, waiting up to
+        `timeout` seconds of silence for it."""
+        for _ in range(_frames(timeout)):
+            if len(self.result.bot_dtmf) > heard_before:
+                return self.result.bot_dtmf[heard_before][1]
+            await self._tick()
+        return None
 
     async def _wait_for_hangup(self, step: WaitForHangup) -> None:
         """Tick silence until the server ends the call; `ExpectationError` if it doesn't."""
@@ -688,6 +722,10 @@ class MediaStreamCaller:
     def _scan_bot_frame(self) -> None:
         start = self._bot_scanned * FRAME
         level = self._bot_track.rms(start, start + FRAME)
+        if key := self._bot_keys.feed(self._bot_track.view(start, start + FRAME)):
+            t = (start - (FRAMES_FOR_A_PRESS - 1) * FRAME) / RATE
+            self.result.bot_dtmf.append((t, key))
+            self._emit("bot_dtmf", t=t, digit=key)
         started, ended = self._bot_vad.feed_level(start, start + FRAME, level)
         self._bot_scanned += 1
         if ended is not None:

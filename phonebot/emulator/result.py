@@ -21,7 +21,9 @@ class CallEvent:
 
     Kinds: start, caller_speech, pause, dtmf, wait, wait_timeout, bot_speech_start,
     bot_utterance, clear, mark, mark_answered, stop_sent, hangup, closed, unknown_event,
-    streamsid_mismatch, bad_message; after the server closed the stream, Twilio running
+    streamsid_mismatch, bad_message; a phone menu's (callee scripts): menu (prompt,
+    attempt), menu_choice (key), menu_retry (key or None), bot_dtmf (digit: a key the bot
+    pressed, heard as tones); after the server closed the stream, Twilio running
     the TwiML after `</Connect>`: say (text, duration), twiml_pause (seconds),
     twiml_unsupported (verb), then hangup (by "twiml").
     """
@@ -111,6 +113,9 @@ class CallResult:
     clears: list[ClearRecord] = field(default_factory=list)
     marks: list[MarkRecord] = field(default_factory=list)
     dtmf: list[tuple[float, str]] = field(default_factory=list)
+    # Keys the bot pressed: tones in its audio, decoded as the far end's menu would
+    # (phonebot.emulator.keytones), with when each began.
+    bot_dtmf: list[tuple[float, str]] = field(default_factory=list)
     close: CloseInfo | None = None
     ended_by: str | None = None  # caller, server, rest, max_duration, error
     streamsid_mismatches: int = 0

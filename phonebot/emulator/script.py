@@ -7,6 +7,7 @@ on. Build scripts in code (tests) or from the command line (`phonebot.emulator.c
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -114,10 +115,31 @@ class WaitForHangup:
 
 
 @dataclass(frozen=True)
+class Menu:
+    """A phone menu (IVR) on the called side: say `prompt`, then wait up to `timeout` s for
+    a key the bot presses (tones in its audio, decoded as a real menu does:
+    phonebot.emulator.keytones). A key in `options` runs that option's steps (a nested
+    `Menu`, a person answering, …); no key or another key plays the prompt again, up to
+    `repeats` more times, then `otherwise` runs (a real menu hangs up or goes to an
+    operator)."""
+
+    prompt: Speak
+    options: Mapping[str, Sequence[Step]]
+    timeout: float = 6.0
+    repeats: int = 2
+    otherwise: Sequence[Step] = ()
+
+    def __post_init__(self) -> None:
+        bad = [key for key in self.options if len(key) != 1 or key not in DTMF_DIGITS]
+        if bad:
+            raise ValueError(f"menu options must be single keys from 0-9 * # A-D, got {bad}")
+
+
+@dataclass(frozen=True)
 class Hangup:
     """Hang up: Twilio's `stop` message then a close, or (send_stop=False) an abrupt close."""
 
     send_stop: bool = True
 
 
-Step = Speak | Pause | Dtmf | WaitForBot | WaitForHangup | Hangup
+Step = Speak | Pause | Dtmf | WaitForBot | WaitForHangup | Menu | Hangup

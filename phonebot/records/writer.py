@@ -63,6 +63,8 @@ NOT_CONNECTED_REASON = "not connected"
 # The end reason of a call whose callee asked not to be called again
 # (phonebot.call.control.EndReason.OPTED_OUT; the campaign scheduler reads it).
 OPTED_OUT_REASON = "opted out"
+# A dial-out whose phone menu led nowhere (phonebot.call.ivr); campaigns' `ivr_failed`.
+IVR_FAILED_REASON = "ivr failed"
 # Entry kinds and who is speaking in each.
 SPEAKER = {"caller": "caller", "bot": "bot", "keypad": "caller", "function": "bot",
            "reprompt": "bot"}

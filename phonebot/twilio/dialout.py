@@ -32,6 +32,7 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from phonebot.agents.agent import IVR_GOAL_PARAMETER
 from phonebot.agents.selection import AGENT_PARAMETER, AgentSet
 from phonebot.config import Settings
 from phonebot.phone_numbers import E164
@@ -69,17 +70,27 @@ class DialoutRequest(BaseModel):
         description="The agent that talks (an agent file's name; GET /agents), whatever the "
         "parameters would pick; sent as the parameter `agent`",
     )  # fmt: skip
+    ivr_goal: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="When a phone menu answers, what to get through to (\"Reach a person in "
+        "billing\"): the bot presses keys until it reaches a person, else hangs up (`ivr "
+        "failed`); sent as the parameter `ivr_goal`. The agent file's `ivr_goal` otherwise",
+    )  # fmt: skip
 
     @field_validator("agent")
     @classmethod
     def _one_agent(cls, agent: str | None, info: ValidationInfo) -> str | None:
         return one_agent(agent, info.data.get("parameters", {}))
 
+    @field_validator("ivr_goal")
+    @classmethod
+    def _one_goal(cls, goal: str | None, info: ValidationInfo) -> str | None:
+        return same_as_parameter(IVR_GOAL_PARAMETER, goal, info.data.get("parameters", {}))
+
     def call_parameters(self) -> dict[str, str]:
-        """The parameters the call carries: the caller's, and the agent it names."""
-        if self.agent is None:
-            return dict(self.parameters)
-        return {**self.parameters, AGENT_PARAMETER: self.agent}
+        """The parameters the call carries: the caller's, the agent and the goal it names."""
+        named = {AGENT_PARAMETER: self.agent, IVR_GOAL_PARAMETER: self.ivr_goal}
+        return {**self.parameters, **{k: v for k, v in named.items() if v is not None}}
 
 
 class DialoutResponse(BaseModel):
@@ -94,6 +105,15 @@ def one_agent(agent: str | None, parameters: Mapping[str, str]) -> str | None:
     if agent is not None and named is not None and named != agent:
         raise ValueError(f"parameters.{AGENT_PARAMETER} names another agent ({named!r})")
     return agent
+
+
+def same_as_parameter(name: str, value: str | None, parameters: Mapping[str, str]) -> str | None:
+    """A body's field that travels as the parameter `name`, unless its parameters give
+    that parameter another value (ValueError: say it once)."""
+    given = parameters.get(name)
+    if value is not None and given is not None and given != value:
+        raise ValueError(f"parameters.{name} says otherwise ({given!r})")
+    return value
 
 
 def check_agent_named(

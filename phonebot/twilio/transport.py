@@ -64,6 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import WebSocket
+from pipecat.audio.dtmf.utils import load_dtmf_audio
 from pipecat.frames.frames import (
     AggregatedTextFrame,
     AggregatedTextProgressFrame,
@@ -72,6 +73,8 @@ from pipecat.frames.frames import (
     Frame,
     InterruptionFrame,
     OutputAudioRawFrame,
+    OutputDTMFFrame,
+    OutputDTMFUrgentFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
@@ -433,6 +436,21 @@ class BargeInOutputTransport(FastAPIWebsocketOutputTransport):
             self.gate.resumed()
             return
         await super().write_transport_frame(frame)
+
+    async def write_dtmf(self, frame: OutputDTMFFrame | OutputDTMFUrgentFrame) -> None:
+        """Press keys as in-band tones (Media Streams has no DTMF message towards Twilio),
+        from Pipecat's own tone files. Pipecat's `_write_dtmf_audio` does the same with
+        interruptible frames, which the gate keeps off the wire after any `clear`; but a
+        key is pressed after the callee's words (a phone menu talking: phonebot.call.ivr),
+        on purpose, so its tones are not part of an interrupted reply."""
+        for button in frame.buttons:
+            tone = OutputAudioRawFrame(
+                audio=await load_dtmf_audio(button, sample_rate=self.sample_rate),
+                sample_rate=self.sample_rate,
+                num_channels=1,
+            )
+            tone.interruptible = False
+            await self.write_audio_frame(tone)
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         """Drop (and don't report as played) a chunk of the interrupted reply; put each

@@ -32,6 +32,14 @@ from pipecat.services.settings import LLMSettings
 
 from phonebot.agents.agent import Agent, keyword_answer, outcome_rule, said_any
 from phonebot.agents.analysis import message_text
+from phonebot.ai.offline.menus import (
+    CLASSIFY,
+    classify,
+    menu_mode,
+    navigate,
+    navigation_goal,
+    only_navigation_tags,
+)
 from phonebot.twilio.keypad import pressed_digits, spoken_digits
 
 OFFLINE_FALLBACK = (
@@ -75,11 +83,15 @@ class OfflineResponder(LLMService):
             message_text(m.get("content")) for m in messages if _message_role(m) == "user"
         ]
         last = user_turns[-1] if user_turns else ""
+        if (mode := menu_mode(messages)) is not None:  # a phone menu (phonebot.call.ivr)
+            if mode == CLASSIFY:
+                return Reply(classify(last))
+            return Reply(navigate(navigation_goal(messages), user_turns))
         if messages and _message_role(messages[-1]) == "tool":
             return self._after_function(_function_of(messages, messages[-1]), last)
         if _wants_opt_out(last):  # even before our opening: "who's this? stop calling me"
             return Reply("", "opt_out", {})
-        if not any(_message_role(m) == "assistant" for m in messages):
+        if not any(_spoke(m) for m in messages):
             return Reply(f"{self._agent.greeting} {self._agent.question}")
         if (rule := outcome_rule(self._agent, last)) is not None:
             # Recorded first; the function's result brings us back to answer (below).
@@ -170,6 +182,14 @@ def _function_of(messages: list, tool_message) -> str | None:
             if isinstance(call, dict) and call.get("id") == call_id:
                 return (call.get("function") or {}).get("name")
     return None
+
+
+def _spoke(message) -> bool:
+    """An assistant message the callee heard (not a menu's key press or status tag)."""
+    if _message_role(message) != "assistant":
+        return False
+    heard = not only_navigation_tags(message_text(message.get("content")))
+    return bool(message.get("tool_calls")) or heard
 
 
 def _message_role(message) -> str:

@@ -1,0 +1,316 @@
+"""Phone menus on dial-out (`ivr_goal`): keys pressed as tones, a person reached, or give up.
+
+End to end, the real server dials out through the Twilio emulator, whose scripted callee is
+a phone menu (phonebot.emulator.callees `menu`, `menu-no-match`); the bot runs the offline
+engines, and its offline responder answers Pipecat's `IVRNavigator` prompts. The emulator
+decodes the keys the bot presses from the tones in its audio, as the menu at the far end
+would (phonebot.emulator.keytones): the test checks which keys, and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import wave
+from collections.abc import AsyncIterator, Iterator
+from importlib.resources import files
+
+import httpx
+import numpy as np
+import pytest
+from pipecat.extensions.ivr.ivr_navigator import IVRNavigator
+from pipecat.processors.aggregators.llm_context import LLMContext
+
+from phonebot.agents.agent import IVR_GOAL_PARAMETER, ivr_goal, opening_line
+from phonebot.ai.offline.menus import classify, menu_options, navigate, only_navigation_tags
+from phonebot.ai.offline.responder import OfflineResponder
+from phonebot.audio import FRAME_SAMPLES, TWILIO_SAMPLE_RATE, tone, ulaw_decode, ulaw_encode
+from phonebot.call.control import EndReason
+from phonebot.call.ivr import MenuNavigation
+from phonebot.campaigns.models import CampaignIn
+from phonebot.campaigns.store import outcome_of
+from phonebot.emulator import CalleeBook, TwilioRestEmulator
+from phonebot.emulator.callees import BILLING_PERSON
+from phonebot.emulator.keytones import keys_in
+from phonebot.records.schema import CallRecord
+from phonebot.twilio.dialout import DialoutRequest
+from tests.conftest import DIALOUT_KEY, make_settings, shipped_agent
+from tests.live_server import LiveServer, closed_record, free_port, twilio_for
+from tests.test_calls import server_env
+
+ADMIN_KEY = "test-admin-key-ivr"
+MENU = "+15551230101"
+NO_MATCH = "+15551230102"
+GOAL = "Reach a person in billing"
+SALE = shipped_agent("summer_sale")
+KEYS = "0123456789*#"
+
+
+# --- the emulator hears keys as a menu does ------------------------------------------------
+
+
+def pipecat_key_tones(keys: str) -> np.ndarray:
+    """Pipecat's own DTMF audio (what `OutputDTMFFrame` plays), one file per key, in a row."""
+    names = {"*": "star", "#": "pound"}
+    pieces = []
+    for key in keys:
+        path = files("pipecat.audio.dtmf").joinpath(f"dtmf-{names.get(key, key)}.wav")
+        with wave.open(str(path)) as recording:
+            assert recording.getframerate() == TWILIO_SAMPLE_RATE
+            pieces.append(np.frombuffer(recording.readframes(recording.getnframes()), np.int16))
+    return np.concatenate(pieces)
+
+
+def test_every_key_pipecat_plays_is_heard_through_mu_law_once_and_in_order():
+    audio = np.concatenate([np.zeros(37, np.int16), pipecat_key_tones(KEYS + "55")])
+    heard = keys_in(ulaw_decode(ulaw_encode(audio)), TWILIO_SAMPLE_RATE, FRAME_SAMPLES)
+    assert "".join(key for _, key in heard) == KEYS + "55"  # a repeated key is two presses
+    starts = [t for t, _ in heard]
+    assert starts == pytest.approx([0.5 * i for i in range(len(KEYS) + 2)], abs=0.03)
+
+
+def test_speech_and_single_tones_are_not_keys():
+    from phonebot.emulator.callees import spoken
+
+    menu = spoken("For sales, press 1. For billing, press 2. One two three star pound.")
+    speech = np.frombuffer(menu.pcm, np.int16)
+    assert keys_in(speech, TWILIO_SAMPLE_RATE, FRAME_SAMPLES) == []
+    for frequency in (440.0, 697.0, 1209.0, 1000.0):
+        single = np.frombuffer(tone(frequency, 1.0, TWILIO_SAMPLE_RATE), np.int16)
+        assert keys_in(single, TWILIO_SAMPLE_RATE, FRAME_SAMPLES) == [], frequency
+
+
+# --- the offline responder answers the navigator's prompts ---------------------------------
+
+
+def navigator_context(prompt: str, *heard: str) -> LLMContext:
+    messages = [{"role": "developer", "content": prompt}]
+    messages += [{"role": "user", "content": text} for text in heard]
+    return LLMContext(messages=messages)
+
+
+def navigation_prompt(goal: str) -> str:
+    return IVRNavigator.IVR_NAVIGATION_BASE.format(goal=goal)
+
+
+def test_the_offline_classifier_tells_a_menu_from_a_person():
+    assert classify("Thank you for calling Acme Outdoor.") == "<mode>ivr</mode>"
+    assert classify("For sales, press 1.") == "<mode>ivr</mode>"
+    assert classify("Hello?") == "<mode>conversation</mode>"
+    assert classify("Hi, this is Sam.") == "<mode>conversation</mode>"
+
+
+@pytest.mark.parametrize(
+    ("heard", "expected"),
+    [
+        (["Thank you for calling. For sales, press 1. For billing, press 2."], "<dtmf>2</dtmf>"),
+        (["Press 2 for billing, press 1 for sales."], "<dtmf>2</dtmf>"),
+        (["To pay a bill, press one. To speak to someone in billing, press 3."], "<dtmf>3</dtmf>"),
+        (["Please hold while I transfer you."], "<ivr>completed</ivr>"),
+        (["Billing, this is Sam speaking."], "<ivr>completed</ivr>"),
+        (["Thank you for calling Acme Outdoor."], "<ivr>wait</ivr>"),
+        (["For store hours, press 1. For directions, press 2."], "<ivr>wait</ivr>"),
+        (["For store hours, press 1. For directions, press 2."] * 3, "<ivr>stuck</ivr>"),
+        (["Which department? Say billing, sales or support."], "Billing."),
+    ],
+)
+def test_the_offline_navigator_presses_the_key_that_fits_the_goal(heard, expected):
+    assert navigate(GOAL, heard) == expected
+    responder = OfflineResponder(agent=SALE)
+    assert responder.reply_to(navigator_context(navigation_prompt(GOAL), *heard)).text == expected
+
+
+def test_options_are_read_in_the_order_said_with_spoken_keys():
+    options = menu_options("for sales, press one. for billing, press 2. for all else, press 0.")
+    assert [(o.key, o.words) for o in options] == [
+        ("1", "sales"), ("2", "billing"), ("0", "all else")
+    ]  # fmt: skip
+
+
+def test_after_a_menu_the_agent_still_opens_when_the_person_speaks():
+    """The navigator's key presses stay in the context as assistant messages; nobody heard
+    them, so the agent's opening is still to come."""
+    assert only_navigation_tags("<dtmf>2</dtmf><dtmf>3</dtmf>")
+    assert not only_navigation_tags("Press <dtmf>2</dtmf>")
+    context = LLMContext(
+        messages=[
+            {"role": "system", "content": "You are the agent."},
+            {"role": "assistant", "content": "<dtmf>3</dtmf>"},
+            {"role": "assistant", "content": "<ivr>completed</ivr>"},
+            {"role": "user", "content": BILLING_PERSON},
+        ]
+    )
+    opening = f"{SALE.greeting} {SALE.question}"
+    assert OfflineResponder(agent=SALE).reply_to(context).text == opening
+
+
+# --- where the goal comes from ------------------------------------------------------------
+
+
+def test_the_dials_goal_comes_first_then_the_agents_and_never_on_a_dial_in():
+    agent = SALE.__class__(**{**SALE.__dict__, "ivr_goal": "Reach sales"})
+    outbound = {"call_type": "outbound"}
+    assert ivr_goal(agent, outbound) == "Reach sales"
+    assert ivr_goal(agent, {**outbound, IVR_GOAL_PARAMETER: GOAL}) == GOAL
+    assert ivr_goal(SALE, outbound) is None
+    assert ivr_goal(agent, {"call_type": "inbound", IVR_GOAL_PARAMETER: GOAL}) is None
+
+
+def test_the_goal_travels_as_a_parameter_from_the_api_and_campaigns():
+    request = DialoutRequest(to=MENU, ivr_goal=GOAL, parameters={"campaign_id": "x"})
+    assert request.call_parameters() == {"campaign_id": "x", IVR_GOAL_PARAMETER: GOAL}
+    with pytest.raises(ValueError, match="parameters.ivr_goal says otherwise"):
+        DialoutRequest(to=MENU, ivr_goal=GOAL, parameters={IVR_GOAL_PARAMETER: "Reach sales"})
+    with pytest.raises(ValueError, match="ivr_goal"):
+        DialoutRequest(to=MENU, ivr_goal="x" * 257)
+    campaign = CampaignIn(name="c", contacts=[{"to": MENU}], ivr_goal=GOAL)
+    assert campaign.parameters == {IVR_GOAL_PARAMETER: GOAL}
+
+
+def test_a_campaign_reads_ivr_failed_as_its_own_outcome():
+    record = CallRecord(
+        call_sid="CA" + "0" * 32, end_reason=EndReason.IVR_FAILED, twilio_status="completed"
+    )
+    assert outcome_of(record) == "ivr_failed"
+    CampaignIn(name="c", contacts=[{"to": MENU}], retry={"on": ["ivr_failed"]})  # accepted
+
+
+class FakeControl:
+    def __init__(self) -> None:
+        self.hung_up: list[str] = []
+
+    async def hang_up(self, reason: str) -> None:
+        self.hung_up.append(reason)
+
+
+async def test_a_menu_that_leads_nowhere_in_ivr_timeout_s_is_hung_up_on():
+    settings = make_settings(ivr_timeout_s=0.2)
+    llm = OfflineResponder(agent=SALE)
+    navigation = MenuNavigation("CA1", GOAL, llm, settings, {"role": "system", "content": "x"})
+    control = FakeControl()
+    navigation.bind(None, control, None)  # type: ignore[arg-type]
+    navigation.start()
+    await asyncio.sleep(0.5)
+    assert control.hung_up == [EndReason.IVR_FAILED]
+    assert navigation.outcome == "ivr failed" and not navigation.navigating
+
+
+def test_without_a_goal_the_llm_is_the_stage():
+    llm = OfflineResponder(agent=SALE)
+    navigation = MenuNavigation("CA1", None, llm, make_settings(), {"role": "system"})
+    assert navigation.stage is llm and not navigation.navigating
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rest_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(rest_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    folder = tmp_path_factory.mktemp("ivr")
+    env = server_env(
+        rest_port,
+        ADMIN_API_KEY=ADMIN_KEY,
+        DATABASE_URL=f"sqlite:///{folder / 'calls.db'}",
+    )
+    live = LiveServer(env, folder)
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+async def twilio(rest_port: int, server: LiveServer) -> AsyncIterator[TwilioRestEmulator]:
+    callees = CalleeBook({MENU: "menu", NO_MATCH: "menu-no-match"}, rule=None)
+    async with twilio_for(server, rest_port, callees=callees) as emulator:
+        yield emulator
+
+
+async def dial(server: LiveServer, twilio: TwilioRestEmulator, to: str, goal: str):
+    async with httpx.AsyncClient(timeout=20) as client:
+        response = await client.post(
+            f"{server.base_url}/dialout",
+            json={"to": to, "parameters": {"campaign_id": "summer_sale"}, "ivr_goal": goal},
+            headers={"Authorization": f"Bearer {DIALOUT_KEY}"},
+        )
+    assert response.status_code == 201, response.text
+    call = await twilio.wait_for_call()
+    await call.wait_finished(timeout=120)
+    assert call.result is not None, call.error
+    return response.json()["call_sid"], call.result
+
+
+async def record_of(server: LiveServer, call_sid: str) -> dict:
+    return await closed_record(server, call_sid, ADMIN_KEY)
+
+
+async def test_the_bot_presses_through_nested_menus_to_a_person_then_talks_as_the_agent(
+    server: LiveServer, twilio: TwilioRestEmulator
+):
+    call_sid, result = await dial(server, twilio, MENU, GOAL)
+
+    assert result.error is None, result.error
+    assert [key for _, key in result.bot_dtmf] == ["2", "3"], result.bot_dtmf
+    # Each key after its own menu's options were said (the menu took the key it heard).
+    menus = result.events_of("menu")
+    choices = [event.data["key"] for event in result.events_of("menu_choice")]
+    assert choices == ["2", "3"] and len(menus) == 2
+    for (pressed_at, _), menu in zip(result.bot_dtmf, menus, strict=True):
+        assert pressed_at > menu.t
+    # The bot said nothing in the menus; the person heard the agent's opening, then goodbye.
+    said = server.bot_lines(call_sid)
+    assert said[0] == opening_line(SALE, {"call_type": "outbound"}), said
+    speech = [u for u in result.bot_utterances if u.start > result.bot_dtmf[-1][0] + 0.5]
+    assert speech, "no bot speech after the last key"
+    record = await record_of(server, call_sid)
+    callee_lines = [e["text"] for e in record["transcript"] if e["kind"] == "caller"]
+    assert any("Sam" in line for line in callee_lines), json.dumps(record["transcript"])
+    assert record["end_reason"] == EndReason.BOT_ENDED  # after the person's goodbye
+    assert server.wait_for_log(f"Call {call_sid}: menu then person")
+
+
+async def test_a_menu_without_the_goal_is_hung_up_on_as_ivr_failed(
+    server: LiveServer, twilio: TwilioRestEmulator
+):
+    call_sid, result = await dial(server, twilio, NO_MATCH, GOAL)
+
+    assert result.bot_dtmf == []  # no key fits "billing": none pressed
+    assert len(result.events_of("menu")) == 3  # heard three times, then given up on
+    assert result.ended_by in ("server", "rest"), result.ended_by
+    record = await record_of(server, call_sid)
+    assert record["end_reason"] == EndReason.IVR_FAILED == "ivr failed"
+    assert server.bot_lines(call_sid) == []  # not a word to a machine
+    assert server.error_lines() == []
+
+
+class FakeWorker:
+    def __init__(self) -> None:
+        self.queued: list = []
+
+    async def queue_frames(self, frames) -> None:
+        self.queued += list(frames)
+
+
+async def test_once_the_menu_puts_the_call_through_the_agent_opens_on_silence_again():
+    """The menu's own words made the callee "spoken"; after "please hold", a person who
+    already said hello in the navigator's turn gets the opening after the usual silence."""
+    from pipecat.frames.frames import TTSSpeakFrame
+
+    from phonebot.call.opener import CallOpener
+
+    worker = FakeWorker()
+    opener = CallOpener(
+        worker, "Hi there.", "outbound", make_settings(dialout_greeting_delay_s=0.05)
+    )  # type: ignore[arg-type]
+    await opener.start()
+    opener.caller_spoke()  # the menu talking
+    await asyncio.sleep(0.1)
+    assert worker.queued == []
+    await opener.start()  # the menu put us through
+    await asyncio.sleep(0.1)
+    assert [frame.text for frame in worker.queued if isinstance(frame, TTSSpeakFrame)] == [
+        "Hi there."
+    ]
