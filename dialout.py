@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--machine-detection",
-        action="store_true",
-        help="detect answering machines: leave the voicemail message, talk to humans",
+        nargs="?",
+        const="twilio",
+        choices=("twilio", "bot"),
+        help="detect answering machines: leave the voicemail message, talk to humans; "
+        "by Twilio's AMD (the default) or by the bot listening itself (bot)",
     )
     parser.add_argument("--agent", metavar="NAME", help="the agent that talks (its file's name)")
     parser.add_argument(
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             to=args.to,
             from_=args.from_,
             parameters=dict(args.param),
-            machine_detection=args.machine_detection,
+            machine_detection=args.machine_detection or False,
             agent=args.agent,
             ivr_goal=args.ivr_goal,
         )

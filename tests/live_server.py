@@ -15,15 +15,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from phonebot.call.bot_speech import bot_lines
-from phonebot.emulator import TwilioRestEmulator
+from phonebot.emulator import CalleeBook, TwilioRestEmulator
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +148,19 @@ def twilio_for(server: LiveServer, rest_port: int, **options: Any) -> TwilioRest
         account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, port=rest_port,
         local_server_url=server.base_url, **options,
     )  # fmt: skip
+
+
+def scripted_callees(numbers: dict[str, str]) -> Callable:
+    """A module's `twilio` fixture: the REST emulator for its `server` (on its `rest_port`),
+    with these numbers played by scripted callees (phonebot.emulator.callees)."""
+
+    @pytest.fixture
+    async def twilio(rest_port: int, server: LiveServer) -> AsyncIterator[TwilioRestEmulator]:
+        callees = CalleeBook(numbers, rule=None)
+        async with twilio_for(server, rest_port, callees=callees) as emulator:
+            yield emulator
+
+    return twilio
 
 
 async def closed_record(

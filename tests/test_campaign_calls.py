@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -27,12 +27,12 @@ from phonebot.call.tools import OPT_OUT_TOOL, call_tools, record_outcome_tool
 from phonebot.db.engine import create_engine, sessionmaker
 from phonebot.db.migrate import migrate
 from phonebot.dnc.schema import DoNotCall
-from phonebot.emulator import CalleeBook, TwilioRestEmulator
+from phonebot.emulator import TwilioRestEmulator
 from phonebot.records.schema import CallRecord
 from phonebot.records.writer import RecordWriter
 from phonebot.twilio.stream import CallSession
 from tests.conftest import DIALOUT_KEY, make_settings, shipped_agent
-from tests.live_server import LiveServer, closed_record, free_port, twilio_for
+from tests.live_server import LiveServer, closed_record, free_port, scripted_callees
 from tests.test_calls import server_env
 
 pytest_plugins = ["tests.pg_server"]
@@ -61,11 +61,7 @@ def server(rest_port: int, db_path: Path) -> Iterator[LiveServer]:
     live.stop()
 
 
-@pytest.fixture
-async def twilio(rest_port: int, server: LiveServer) -> AsyncIterator[TwilioRestEmulator]:
-    callees = CalleeBook({OPTS_OUT: "opt-out", INTERESTED: "interested"}, rule=None)
-    async with twilio_for(server, rest_port, callees=callees) as emulator:
-        yield emulator
+twilio = scripted_callees({OPTS_OUT: "opt-out", INTERESTED: "interested"})
 
 
 async def dial(server: LiveServer, twilio: TwilioRestEmulator, to: str) -> str:

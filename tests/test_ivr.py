@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import wave
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from importlib.resources import files
 
 import httpx
 import numpy as np
 import pytest
-from pipecat.extensions.ivr.ivr_navigator import IVRNavigator
+from pipecat.extensions.ivr.ivr_navigator import IVRNavigator, IVRStatus
+from pipecat.frames.frames import LLMMessagesUpdateFrame
 from pipecat.processors.aggregators.llm_context import LLMContext
 
 from phonebot.agents.agent import IVR_GOAL_PARAMETER, ivr_goal, opening_line
@@ -26,16 +27,23 @@ from phonebot.ai.offline.menus import classify, menu_options, navigate, only_nav
 from phonebot.ai.offline.responder import OfflineResponder
 from phonebot.audio import FRAME_SAMPLES, TWILIO_SAMPLE_RATE, tone, ulaw_decode, ulaw_encode
 from phonebot.call.control import EndReason
-from phonebot.call.ivr import MenuNavigation
+from phonebot.call.ivr import (
+    FAILED,
+    HOLDING,
+    NAVIGATING,
+    TALKING,
+    MenuNavigation,
+    words_after_transfer,
+)
 from phonebot.campaigns.models import CampaignIn
 from phonebot.campaigns.store import outcome_of
-from phonebot.emulator import CalleeBook, TwilioRestEmulator
+from phonebot.emulator import TwilioRestEmulator
 from phonebot.emulator.callees import BILLING_PERSON
 from phonebot.emulator.keytones import keys_in
 from phonebot.records.schema import CallRecord
 from phonebot.twilio.dialout import DialoutRequest
 from tests.conftest import DIALOUT_KEY, make_settings, shipped_agent
-from tests.live_server import LiveServer, closed_record, free_port, twilio_for
+from tests.live_server import LiveServer, closed_record, free_port, scripted_callees
 from tests.test_calls import server_env
 
 ADMIN_KEY = "test-admin-key-ivr"
@@ -111,6 +119,14 @@ def test_the_offline_classifier_tells_a_menu_from_a_person():
         (["Thank you for calling Acme Outdoor."], "<ivr>wait</ivr>"),
         (["For store hours, press 1. For directions, press 2."], "<ivr>wait</ivr>"),
         (["For store hours, press 1. For directions, press 2."] * 3, "<ivr>stuck</ivr>"),
+        (  # the same menu, heard three ways (a first reading cut short): still stuck
+            [
+                "Thank you for calling. For store hours, press 1.",
+                "For store hours, press 1. For directions, press 2.",
+                "For store hours press one, for directions press two.",
+            ],
+            "<ivr>stuck</ivr>",
+        ),
         (["Which department? Say billing, sales or support."], "Billing."),
     ],
 )
@@ -183,22 +199,74 @@ class FakeControl:
         self.hung_up.append(reason)
 
 
-async def test_a_menu_that_leads_nowhere_in_ivr_timeout_s_is_hung_up_on():
-    settings = make_settings(ivr_timeout_s=0.2)
+class FakeWorker:
+    def __init__(self) -> None:
+        self.queued: list = []
+
+    async def queue_frames(self, frames) -> None:
+        self.queued += list(frames)
+
+
+def navigation_with(*heard: str) -> tuple[MenuNavigation, FakeWorker, FakeControl]:
+    """A navigation with a goal, bound to fakes; `heard` is the context's user turns."""
     llm = OfflineResponder(agent=SALE)
-    navigation = MenuNavigation("CA1", GOAL, llm, settings, {"role": "system", "content": "x"})
-    control = FakeControl()
-    navigation.bind(None, control, None)  # type: ignore[arg-type]
+    system = {"role": "system", "content": "You are the agent."}
+    navigation = MenuNavigation("CA1", GOAL, llm, make_settings(ivr_timeout_s=0.3), system)
+    worker, control = FakeWorker(), FakeControl()
+    context = LLMContext(messages=[system, *({"role": "user", "content": h} for h in heard)])
+    navigation.bind(worker, control, context)  # type: ignore[arg-type]
+    return navigation, worker, control
+
+
+async def test_a_menu_that_leads_nowhere_in_ivr_timeout_s_is_hung_up_on():
+    navigation, _, control = navigation_with()
     navigation.start()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.6)
     assert control.hung_up == [EndReason.IVR_FAILED]
-    assert navigation.outcome == "ivr failed" and not navigation.navigating
+    assert navigation.state == FAILED and not navigation.navigating
+
+
+async def test_put_through_the_agent_holds_for_the_person_and_the_time_limit_still_runs():
+    navigation, worker, control = navigation_with("Please hold while I transfer you.")
+    navigation.start()
+    navigation.state = NAVIGATING
+    await navigation.on_status(None, IVRStatus.COMPLETED)  # type: ignore[arg-type]
+    assert navigation.state == HOLDING and navigation.navigating
+    update = next(f for f in worker.queued if isinstance(f, LLMMessagesUpdateFrame))
+    assert [m["role"] for m in update.messages] == ["system"] and not update.run_llm
+    navigation.callee_spoke()  # the person's first words: the limit no longer applies
+    assert navigation.state == TALKING
+    await asyncio.sleep(0.6)
+    assert control.hung_up == []
+
+
+async def test_a_person_heard_in_the_same_turn_as_please_hold_is_answered_at_once():
+    heard = "Please hold while I transfer you. Billing, this is Sam speaking."
+    assert words_after_transfer(heard) == "Billing, this is Sam speaking."
+    assert words_after_transfer("One moment please. Please hold while I transfer you.") == ""
+    navigation, worker, _ = navigation_with(heard)
+    navigation.state = NAVIGATING
+    await navigation.on_status(None, IVRStatus.COMPLETED)  # type: ignore[arg-type]
+    update = next(f for f in worker.queued if isinstance(f, LLMMessagesUpdateFrame))
+    assert update.run_llm and update.messages[-1] == {"role": "user", "content": heard}
+    assert navigation.state == TALKING
 
 
 def test_without_a_goal_the_llm_is_the_stage():
     llm = OfflineResponder(agent=SALE)
     navigation = MenuNavigation("CA1", None, llm, make_settings(), {"role": "system"})
     assert navigation.stage is llm and not navigation.navigating
+
+
+def test_a_goal_and_machine_detection_are_refused_together():
+    with pytest.raises(ValueError, match="ivr_goal"):
+        DialoutRequest(to=MENU, ivr_goal=GOAL, machine_detection=True)
+    with pytest.raises(ValueError, match="machine_detection"):
+        DialoutRequest(to=MENU, parameters={IVR_GOAL_PARAMETER: GOAL}, machine_detection="bot")
+    with pytest.raises(ValueError, match="machine_detection"):
+        CampaignIn(name="c", contacts=[{"to": MENU}], ivr_goal=GOAL, machine_detection=True)
+    agent = SALE.__class__(**{**SALE.__dict__, "ivr_goal": "Reach sales"})
+    assert ivr_goal(agent, {"call_type": "outbound", "amd": "1"}) is None  # the file's gives way
 
 
 # --- end to end ---------------------------------------------------------------------------
@@ -222,11 +290,7 @@ def server(rest_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     live.stop()
 
 
-@pytest.fixture
-async def twilio(rest_port: int, server: LiveServer) -> AsyncIterator[TwilioRestEmulator]:
-    callees = CalleeBook({MENU: "menu", NO_MATCH: "menu-no-match"}, rule=None)
-    async with twilio_for(server, rest_port, callees=callees) as emulator:
-        yield emulator
+twilio = scripted_callees({MENU: "menu", NO_MATCH: "menu-no-match"})
 
 
 async def dial(server: LiveServer, twilio: TwilioRestEmulator, to: str, goal: str):
@@ -258,8 +322,9 @@ async def test_the_bot_presses_through_nested_menus_to_a_person_then_talks_as_th
     menus = result.events_of("menu")
     choices = [event.data["key"] for event in result.events_of("menu_choice")]
     assert choices == ["2", "3"] and len(menus) == 2
-    for (pressed_at, _), menu in zip(result.bot_dtmf, menus, strict=True):
-        assert pressed_at > menu.t
+    prompts = [e for e in result.events_of("caller_speech") if "press" in e.data["text"]]
+    for (pressed_at, _), prompt in zip(result.bot_dtmf, prompts, strict=False):
+        assert pressed_at > prompt.t + prompt.data["duration"]  # once the options were said
     # The bot said nothing in the menus; the person heard the agent's opening, then goodbye.
     said = server.bot_lines(call_sid)
     assert said[0] == opening_line(SALE, {"call_type": "outbound"}), said
@@ -269,7 +334,7 @@ async def test_the_bot_presses_through_nested_menus_to_a_person_then_talks_as_th
     callee_lines = [e["text"] for e in record["transcript"] if e["kind"] == "caller"]
     assert any("Sam" in line for line in callee_lines), json.dumps(record["transcript"])
     assert record["end_reason"] == EndReason.BOT_ENDED  # after the person's goodbye
-    assert server.wait_for_log(f"Call {call_sid}: menu then person")
+    assert server.wait_for_log(f"Call {call_sid}: reached a person after the menu")
 
 
 async def test_a_menu_without_the_goal_is_hung_up_on_as_ivr_failed(
@@ -285,32 +350,3 @@ async def test_a_menu_without_the_goal_is_hung_up_on_as_ivr_failed(
     assert server.bot_lines(call_sid) == []  # not a word to a machine
     assert server.error_lines() == []
 
-
-class FakeWorker:
-    def __init__(self) -> None:
-        self.queued: list = []
-
-    async def queue_frames(self, frames) -> None:
-        self.queued += list(frames)
-
-
-async def test_once_the_menu_puts_the_call_through_the_agent_opens_on_silence_again():
-    """The menu's own words made the callee "spoken"; after "please hold", a person who
-    already said hello in the navigator's turn gets the opening after the usual silence."""
-    from pipecat.frames.frames import TTSSpeakFrame
-
-    from phonebot.call.opener import CallOpener
-
-    worker = FakeWorker()
-    opener = CallOpener(
-        worker, "Hi there.", "outbound", make_settings(dialout_greeting_delay_s=0.05)
-    )  # type: ignore[arg-type]
-    await opener.start()
-    opener.caller_spoke()  # the menu talking
-    await asyncio.sleep(0.1)
-    assert worker.queued == []
-    await opener.start()  # the menu put us through
-    await asyncio.sleep(0.1)
-    assert [frame.text for frame in worker.queued if isinstance(frame, TTSSpeakFrame)] == [
-        "Hi there."
-    ]

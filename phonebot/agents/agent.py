@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from phonebot.agents.knowledge import KnowledgeBase
 from phonebot.agents.spec import AnalysisSpec, ToolSpec
 from phonebot.agents.tools import PythonTool
+from phonebot.twilio.amd import AMD_PARAMETER
 from phonebot.twilio.caller_id import presented_caller_id
 
 # What said_any reads as a space: everything but letters, digits and apostrophes.
@@ -146,8 +147,10 @@ def spoken_number_ending(number: str, digits: int = 4) -> str:
 
 def ivr_goal(agent: Agent, parameters: Mapping[str, str]) -> str | None:
     """What a dial-out navigates a phone menu towards: the dial's `ivr_goal` parameter
-    (API, command line, campaign), else the agent file's; None on a dial-in."""
-    if parameters.get("call_type") != "outbound":
+    (API, command line, campaign), else the agent file's; None on a dial-in, and on a
+    dial-out that asked for answering-machine detection (a menu is a machine to it: the
+    dial-out refuses both together, and an agent file's goal gives way)."""
+    if parameters.get("call_type") != "outbound" or AMD_PARAMETER in parameters:
         return None
     return parameters.get(IVR_GOAL_PARAMETER) or agent.ivr_goal
 

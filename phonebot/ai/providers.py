@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pipecat.classifiers.base_classifier import BaseClassifier
 from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.services.llm_service import LLMService
 from pipecat.transcriptions.language import Language
 
 from phonebot.agents.agent import Agent
@@ -244,3 +246,17 @@ def build_services(settings: Settings, agent: Agent, http: HttpPool | None = Non
         llm=choose(LLM_PROVIDERS, settings).build(settings, agent, http),
         tts=choose(TTS_PROVIDERS, settings).build(settings, agent, http),
     )
+
+
+def greeting_classifier(services: CallServices) -> BaseClassifier:
+    """Who answered a dial-out (`machine_detection: "bot"`): the call's LLM through
+    Pipecat's `LLMClassifier`, or keywords when the LLM is the offline responder, which
+    cannot run inference."""
+    from pipecat.classifiers.llm.classifier import LLMClassifier
+
+    from phonebot.ai.offline.greetings import KeywordGreetingClassifier
+    from phonebot.ai.offline.responder import OfflineResponder
+
+    if isinstance(services.llm, OfflineResponder) or not isinstance(services.llm, LLMService):
+        return KeywordGreetingClassifier()
+    return LLMClassifier(llm=services.llm)

@@ -93,8 +93,10 @@ class BotSpeechLog:
         self._settings = settings
         self._reply: list[str] | None = None  # an LLM reply's text so far, while it streams
 
-    def watch(self, llm: FrameProcessor) -> None:
-        llm.add_event_handler("on_before_push_frame", self._on_push)
+    def watch(self, speaker: FrameProcessor) -> None:
+        """Log what `speaker` (the LLM, or the phone-menu navigator's tag reader after it)
+        hands the TTS."""
+        speaker.add_event_handler("on_before_push_frame", self._on_push)
 
     def _on_push(self, llm: FrameProcessor, frame: Frame) -> None:
         if isinstance(frame, TTSSpeakFrame):

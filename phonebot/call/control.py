@@ -18,6 +18,7 @@ from contextlib import suppress
 from loguru import logger
 from pipecat.frames.frames import (
     EndFrame,
+    Frame,
     FunctionCallResultProperties,
     OutputTransportMessageFrame,
     TTSSpeakFrame,
@@ -41,6 +42,8 @@ from phonebot.twilio.transfer import dial_twiml
 
 PLAYOUT_MARK = "phonebot-playout"
 Speak = Callable[[str], Awaitable[None]]
+# Where a closing line's frames enter the pipeline (default: its start, the worker's queue).
+Send = Callable[[Frame], Awaitable[None]]
 PLAYOUT_SLACK_S = 5.0
 SETTLE_S = 0.5
 
@@ -124,19 +127,22 @@ class CallControl:
         reason: str,
         playout_timeout_s: float | None = None,
         speak: Speak | None = None,
+        send: Send | None = None,
     ) -> None:
         """Say `closing_line`, wait until Twilio has played it, then end the call.
 
         `playout_timeout_s` caps the wait for the playback mark (server shutdown can't
         wait as long as a normal ending would). `speak` replaces the TTS when it is the TTS
-        that failed (phonebot.call.provider_faults).
+        that failed (phonebot.call.provider_faults). `send` puts the line and its playback
+        mark in the pipeline after a processor that holds everything else back (Pipecat's
+        voicemail detector, once it has heard a machine: phonebot.call.voicemail).
         """
         if self._ending:
             return
         self._ending = True
         self.note_end(reason)
         logger.info(f"Ending call ({reason}): {closing_line!r}")
-        await self._say_and_wait(closing_line, playout_timeout_s, speak)
+        await self._say_and_wait(closing_line, playout_timeout_s, speak, send)
         await self._worker.queue_frame(EndFrame(reason=reason))
 
     async def hang_up(self, reason: str) -> None:
@@ -154,15 +160,22 @@ class CallControl:
         await self.end_call(phrase, EndReason.SHUTDOWN, playout_timeout_s)
 
     async def _say_and_wait(
-        self, line: str, timeout_s: float | None = None, speak: Speak | None = None
+        self,
+        line: str,
+        timeout_s: float | None = None,
+        speak: Speak | None = None,
+        send: Send | None = None,
     ) -> None:
+        send = send or self._worker.queue_frame
         if speak:
             await speak(line)
         else:
-            await self._worker.queue_frames([TTSSpeakFrame(line)])
-        await self._wait_played(line, timeout_s)
+            await send(TTSSpeakFrame(line))
+        await self._wait_played(line, timeout_s, send)
 
-    async def _wait_played(self, text: str, timeout_s: float | None = None) -> None:
+    async def _wait_played(
+        self, text: str, timeout_s: float | None = None, send: Send | None = None
+    ) -> None:
         # Whatever is queued ahead of the closing line plays first; bound the wait by the
         # call's own limit on one utterance (~15 characters a second) plus slack.
         budget = 2 * len(text) / 15 + 2 * PLAYOUT_SLACK_S
@@ -174,7 +187,7 @@ class CallControl:
         echoed = self._playout.expect_mark(PLAYOUT_MARK)
         mark = {"event": "mark", "streamSid": self._call.stream_sid, "mark": {"name": PLAYOUT_MARK}}
         # Not urgent: it must queue behind any audio the output transport still holds.
-        await self._worker.queue_frame(OutputTransportMessageFrame(message=mark))
+        await (send or self._worker.queue_frame)(OutputTransportMessageFrame(message=mark))
         try:
             await asyncio.wait_for(echoed.wait(), max(1.0, deadline - time.monotonic()))
         except TimeoutError:

@@ -11,18 +11,24 @@ responder answers the same prompts from keywords (phonebot.ai.offline.menus).
 
 This module answers the navigator's events, as the call's agent would want:
 
-- a person (at once, or once the menu says it is transferring: `<ivr>completed</ivr>`):
-  the agent's own instructions come back, with the VAD's usual silence, and the call goes
-  on as any dial-out (the agent opens when the person has spoken);
-- stuck (`<ivr>stuck</ivr>`, the same menu three times, or nothing that fits the goal),
-  or no person after IVR_TIMEOUT_S: the bot hangs up without a word and the call ends
-  `ivr failed` (a campaign's outcome `ivr_failed`, retried when the campaign says so).
+- a person answers at once (`<mode>conversation</mode>`): the agent's own instructions
+  come back, with the VAD's usual silence, and the agent answers them;
+- the menu says it is putting us through (`<ivr>completed</ivr>`): the agent's
+  instructions come back and it waits, holding, for the person's first words (answered
+  at once if they came in the same turn as "please hold");
+- stuck (`<ivr>stuck</ivr>`: the same options three times, or three menus with nothing
+  near the goal), or no person within IVR_TIMEOUT_S (holding included): the bot hangs up
+  without a word and the call ends `ivr failed` (a campaign's outcome `ivr_failed`,
+  retried when the campaign says so).
+
+A callee who says nothing is opened to as on any dial-out (the opener, after
+DIALOUT_GREETING_DELAY_S), and what they say next is classified.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import re
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -30,25 +36,32 @@ from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.extensions.ivr.ivr_navigator import IVRNavigator, IVRProcessor, IVRStatus
 from pipecat.frames.frames import LLMMessagesUpdateFrame, VADParamsUpdateFrame
 from pipecat.pipeline.worker import PipelineWorker
-from pipecat.processors.aggregators.llm_context import LLMContextMessage
+from pipecat.processors.aggregators.llm_context import LLMContext, LLMContextMessage
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.services.llm_service import LLMService
 
+from phonebot.ai.offline.menus import TRANSFER_CUES
 from phonebot.call.barge_in import vad_params
+from phonebot.call.control import EndReason
 from phonebot.config import Settings
-from phonebot.records.writer import IVR_FAILED_REASON
 
-if TYPE_CHECKING:  # only its type: the call hands us its CallControl
+if TYPE_CHECKING:
     from phonebot.call.control import CallControl
 
-IVR_FAILED = IVR_FAILED_REASON
 # A menu's pauses between options ("For sales, press 1. … For billing, press 2.") are
 # longer than a person's between words: Pipecat's navigator waits 2 s of silence there.
 MENU_SILENCE_S = 2.0
+# The navigation's stages: the callee's first words are classified (LISTENING); a menu is
+# navigated (NAVIGATING); the menu said it is putting us through (HOLDING, until the person
+# speaks); the agent talks (TALKING); or the bot gave up (FAILED).
+LISTENING, NAVIGATING, HOLDING, TALKING, FAILED = (
+    "listening", "navigating", "holding", "talking", "failed"
+)  # fmt: skip
 
 
 class MenuNavigation:
-    """One dial-out's way through a phone menu to `goal`, or None's pass-through.
+    """One dial-out's way through a phone menu to its `goal` (without a goal: the LLM, as
+    on any call).
 
     `stage` is what sits in the LLM's place in the pipeline: the navigator when there is a
     goal, else the LLM itself. `bind` hands over the worker and call control once they
@@ -67,11 +80,10 @@ class MenuNavigation:
         self.goal = goal
         self.settings = settings
         self.system_message = system_message
-        self.navigating = goal is not None  # until a person is reached, or we give up
-        self.outcome: str | None = None  # "person", "menu then person", "ivr failed"
+        self.state = LISTENING if goal is not None else TALKING
         self._worker: PipelineWorker | None = None
         self._control: CallControl | None = None
-        self._open_call: Callable[[], Awaitable[None]] | None = None
+        self._context: LLMContext | None = None
         self._timer: asyncio.Task | None = None
         self.stage: FrameProcessor = llm
         # What hands the TTS its text: the navigator's tag reader (it takes `<dtmf>…` out
@@ -86,18 +98,16 @@ class MenuNavigation:
             self.stage = navigator
             self.speaker = navigator.processors[-2]  # [source, llm, IVRProcessor, sink]
 
-    def bind(
-        self,
-        worker: PipelineWorker,
-        control: CallControl,
-        open_call: Callable[[], Awaitable[None]],
-    ) -> None:
-        """The call's worker and control, and how it opens a dial-out (the agent's opening
-        once the callee has spoken, or after DIALOUT_GREETING_DELAY_S of silence)."""
-        self._worker, self._control, self._open_call = worker, control, open_call
+    @property
+    def navigating(self) -> bool:
+        """Until the agent talks to a person, or the bot has given up."""
+        return self.state in (LISTENING, NAVIGATING, HOLDING)
+
+    def bind(self, worker: PipelineWorker, control: CallControl, context: LLMContext) -> None:
+        self._worker, self._control, self._context = worker, control, context
 
     def start(self) -> None:
-        """The call is up: give the menu IVR_TIMEOUT_S to lead to a person."""
+        """The call is up: the menu has IVR_TIMEOUT_S to put us through to a person."""
         if self.navigating:
             logger.info(f"Call {self.call_sid}: listening for a phone menu (goal: {self.goal!r})")
             self._timer = asyncio.create_task(self._time_limit())
@@ -106,35 +116,50 @@ class MenuNavigation:
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
 
+    def callee_spoke(self) -> None:
+        """The callee began a turn: after "please hold", that is the person."""
+        if self.state == HOLDING:
+            self._talking("a person after the menu")
+
     # --- the navigator's events ------------------------------------------------------
 
     async def on_person(self, processor: IVRProcessor, history: list[LLMContextMessage]) -> None:
         """The callee's first words were a person's: answer them as the agent."""
-        await self._reached_person("person", history, run_llm=True)
+        if self.navigating:
+            self._talking("a person")
+            await self._as_the_agent(history, run_llm=True)
 
     async def on_status(self, processor: IVRProcessor, status: IVRStatus) -> None:
-        if status == IVRStatus.DETECTED:
+        if status == IVRStatus.DETECTED and self.state == LISTENING:
+            self.state = NAVIGATING
             logger.info(f"Call {self.call_sid}: a phone menu answered; navigating")
-        elif status == IVRStatus.COMPLETED:
-            # The menu is putting us through: the agent opens as on any dial-out, when the
-            # person has spoken (or after the usual silence: their "Hello" may have come in
-            # the same turn as "please hold", and been taken by the navigator).
-            await self._reached_person("menu then person", [], run_llm=False)
-            if self._open_call is not None:
-                await self._open_call()
+        elif status == IVRStatus.COMPLETED and self.state == NAVIGATING:
+            await self._put_through()
         elif status == IVRStatus.STUCK:
-            await self._give_up("the menu offers nothing that leads to the goal")
+            await self._give_up("the menu leads nowhere near the goal")
 
     # --- what the call does ----------------------------------------------------------
 
-    async def _reached_person(
-        self, outcome: str, history: list[LLMContextMessage], *, run_llm: bool
-    ) -> None:
-        if not self.navigating:
+    async def _put_through(self) -> None:
+        """The menu is transferring us. The agent waits for the person's first words (the
+        time limit still runs: a hold can last); if they came in the same turn as
+        "please hold", it answers them now."""
+        heard = self._last_heard()
+        if heard is not None and words_after_transfer(heard):
+            self._talking("a person, as the menu put us through")
+            await self._as_the_agent([{"role": "user", "content": heard}], run_llm=True)
             return
-        self.navigating, self.outcome = False, outcome
+        self.state = HOLDING
+        logger.info(f"Call {self.call_sid}: the menu is putting us through; holding")
+        await self._as_the_agent([], run_llm=False)
+
+    def _talking(self, who: str) -> None:
+        self.state = TALKING
         self.stop()
-        logger.info(f"Call {self.call_sid}: {outcome}; talking as the agent")
+        logger.info(f"Call {self.call_sid}: reached {who}; talking as the agent")
+
+    async def _as_the_agent(self, history: list[LLMContextMessage], *, run_llm: bool) -> None:
+        """The agent's instructions and the call's usual VAD back, after the navigator's."""
         await self._queue(
             LLMMessagesUpdateFrame(messages=[self.system_message, *history], run_llm=run_llm),
             VADParamsUpdateFrame(params=vad_params(self.settings)),
@@ -143,15 +168,24 @@ class MenuNavigation:
     async def _give_up(self, why: str) -> None:
         if not self.navigating:
             return
-        self.navigating, self.outcome = False, IVR_FAILED
+        self.state = FAILED
         self.stop()
-        logger.info(f"Call {self.call_sid}: {IVR_FAILED} ({why}); hanging up")
+        logger.info(f"Call {self.call_sid}: {EndReason.IVR_FAILED} ({why}); hanging up")
         if self._control is not None:
-            await self._control.hang_up(IVR_FAILED)
+            await self._control.hang_up(EndReason.IVR_FAILED)
 
     async def _time_limit(self) -> None:
         await asyncio.sleep(self.settings.ivr_timeout_s)
         await self._give_up(f"no person within IVR_TIMEOUT_S ({self.settings.ivr_timeout_s:g} s)")
+
+    def _last_heard(self) -> str | None:
+        """The callee's latest turn, as the navigator's LLM got it."""
+        messages = self._context.get_messages() if self._context is not None else []
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                content = message.get("content")
+                return content if isinstance(content, str) else None
+        return None
 
     async def _queue(self, *frames) -> None:
         if self._worker is not None:
@@ -166,3 +200,14 @@ class MenuNavigation:
             stop_secs=MENU_SILENCE_S,
             min_volume=params.min_volume,
         )
+
+
+def words_after_transfer(heard: str) -> str:
+    """What the callee said after the menu's last "transferring" sentence ("Please hold
+    while I transfer you. Billing, this is Sam."): a person already talking."""
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", heard.strip()) if s.strip()]
+    last = max(
+        (i for i, s in enumerate(sentences) if any(cue in s.lower() for cue in TRANSFER_CUES)),
+        default=None,
+    )
+    return "" if last is None else " ".join(sentences[last + 1 :])

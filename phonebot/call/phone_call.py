@@ -27,7 +27,7 @@ from pipecat.turns.user_stop import BaseUserTurnStopStrategy
 from pipecat.workers.runner import WorkerRunner
 
 from phonebot.agents.agent import Agent, ivr_goal, opening_line
-from phonebot.ai.providers import CallServices
+from phonebot.ai.providers import CallServices, greeting_classifier
 from phonebot.call.agent_tools import register_agent_tools
 from phonebot.call.analysis import PostCallAnalysis, post_call_analysis
 from phonebot.call.bot_speech import BotSpeechLog
@@ -41,11 +41,18 @@ from phonebot.call.playout import HeardTurns, PlayoutTracker
 from phonebot.call.provider_faults import LLM, STT, TTS, ApologyPlayer, ProviderFaults
 from phonebot.call.tools import END_CALL, OPT_OUT, RECORD_OUTCOME, TRANSFER_CALL, call_tools
 from phonebot.call.turns import TurnTimeline, TurnTimer, user_turn_params
-from phonebot.call.voicemail import AnsweringMachineScreen
+from phonebot.call.voicemail import AnsweringMachineScreen, GreetingCheck
 from phonebot.config import Settings
 from phonebot.records.call_log import CallLog, ReplyLatencies
 from phonebot.records.recording import CallRecorder
 from phonebot.twilio.stream import CallSession, TwilioMarkSerializer
+
+# A phone's call-screening assistant asks who is calling and why before ringing the person.
+SCREENING_STYLE = (
+    "If an automated call-screening assistant answers instead and asks who is calling or "
+    "why, say only your name and the reason for the call in one sentence, then wait for "
+    "the person."
+)
 
 
 def system_prompt(agent: Agent, session: CallSession) -> str:
@@ -54,7 +61,7 @@ def system_prompt(agent: Agent, session: CallSession) -> str:
     if session.direction == "outbound":
         return (
             f"{agent.system_prompt()} You placed this call and the callee has just "
-            f"picked up. Your first reply must be exactly: {opening}"
+            f"picked up. Your first reply must be exactly: {opening} {SCREENING_STYLE}"
         )
     return f"{agent.system_prompt()} You have already greeted the caller with: {opening}"
 
@@ -96,9 +103,9 @@ class PhoneCall:
         # A dial-out with a goal first gets through the phone menu that answers (its stage
         # sits in the LLM's place; without a goal, the stage is the LLM).
         goal = ivr_goal(agent, session.parameters)
-        self.menus = MenuNavigation(call_sid, goal, services.llm, settings, instructions)
+        self.navigation = MenuNavigation(call_sid, goal, services.llm, settings, instructions)
         self.bot_speech = BotSpeechLog(call_sid, settings)  # "Call … bot says: …"
-        self.bot_speech.watch(self.menus.speaker)
+        self.bot_speech.watch(self.navigation.speaker)
         # "Call … turn timing {…}" per turn, at DEBUG (INFO with LOG_TURN_TIMING)
         self.timeline = TurnTimeline(call_sid, "INFO" if settings.log_turn_timing else "DEBUG")
         aggregators = LLMContextAggregatorPair(
@@ -113,6 +120,10 @@ class PhoneCall:
         self.apology_player = ApologyPlayer()  # speaks for a broken TTS
         verdicts = self.deps.verdicts  # dial-outs that asked for answering-machine detection
         self.screen = AnsweringMachineScreen(call_sid, session.parameters, verdicts=verdicts)
+        # `machine_detection: "bot"`: the bot itself tells a person from a voicemail greeting
+        self.greeting_check = GreetingCheck(
+            call_sid, session.parameters, lambda: greeting_classifier(services)
+        )
         self.turn_timer = TurnTimer(self.timeline, services.llm.name, services.tts.name)
         self.worker = call_pipeline(self)  # the parts above in order; the parts below need it
         self.call_log = CallLog(self.deps.records, call_sid)  # the call's record
@@ -137,7 +148,8 @@ class PhoneCall:
         )
         opening = opening_line(agent, session.parameters)
         self.opener = CallOpener(self.worker, opening, session.direction, settings)
-        self.menus.bind(self.worker, self.control, self.opener.start)
+        self.navigation.bind(self.worker, self.control, self.context)
+        self.greeting_check.bind(self.control, agent, self.call_log)
         self.reply_latencies = ReplyLatencies(self.timeline.logged)  # for the transcript
         self._register_handlers()
 
@@ -188,7 +200,7 @@ class PhoneCall:
         if self.deps.calls is not None:
             self.deps.calls.discard(self.session.call_sid)
         self.opener.stop()
-        self.menus.stop()
+        self.navigation.stop()
         self.screen.stop()
         self.control.stop()
         self.faults.stop()
@@ -238,12 +250,10 @@ class PhoneCall:
         self.screen.start(self.control, agent, converse=self.converse)
 
     async def converse(self) -> None:
-        """Past any answering-machine screening: open the conversation, or first get
-        through the phone menu that answered (the agent opens once a person is reached)."""
-        if self.menus.navigating:
-            self.menus.start()
-        else:
-            await self.opener.start()
+        """Past any answering-machine screening: open the conversation (with a phone-menu
+        goal, first listen for a menu: the opener only speaks to a silent callee)."""
+        self.navigation.start()
+        await self.opener.start()
 
     async def on_client_disconnected(self, transport: BaseTransport, client: object) -> None:
         self.control.note_end(EndReason.CALLER_HUNG_UP)
@@ -253,6 +263,7 @@ class PhoneCall:
         self, aggregator: LLMUserAggregator, strategy: BaseUserTurnStartStrategy | None
     ) -> None:
         self.opener.caller_spoke()
+        self.navigation.callee_spoke()
         self.control.caller_spoke()
         self.faults.caller_turn_started()
 

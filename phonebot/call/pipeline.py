@@ -25,6 +25,7 @@ def call_pipeline(call: PhoneCall) -> PipelineWorker:
     """The call's processors in the order the caller's audio flows, in the worker that runs
     them. The recorder's taps (RECORD_CALLS) sit next to the transport they listen to."""
     transport, services, recorder = call.transport, call.services, call.recorder
+    checking = call.greeting_check
     pipeline = Pipeline(
         [
             transport.input(),
@@ -32,11 +33,13 @@ def call_pipeline(call: PhoneCall) -> PipelineWorker:
             call.playout,  # playback marks and the idle watchdog
             call.screen.gate,  # answering-machine screening (dial-outs that ask for it)
             services.stt,
+            *([checking.detector] if checking.detector else []),  # machine_detection "bot"
             keypad_aggregator([*call.agent.keypad, *call.agent.menu]),  # declared: at once
             call.user_aggregator,
             InputAudioStop(),  # nothing after the user aggregator listens to the caller
-            call.menus.stage,  # the LLM; on a dial-out with a goal, it navigates menus first
+            call.navigation.stage,  # the LLM; on a dial-out with a goal, it navigates menus first
             services.tts,
+            *([checking.gate] if checking.gate else []),  # holds the bot's words till then
             call.apology_player,  # speaks for a broken TTS (phonebot.call.provider_faults)
             transport.output(),
             *([recorder.bot_tap] if recorder else []),  # the bot's audio as sent

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from loguru import logger
+from pipecat.extensions.voicemail.voicemail_detector import VoicemailDetector
 from pipecat.frames.frames import (
     EndWorkerFrame,
     Frame,
@@ -36,10 +37,11 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from phonebot.agents.agent import Agent, opening_line
-from phonebot.twilio.amd import AMD_PARAMETER, AMD_REQUESTED, MACHINE_ANSWERS
+from phonebot.twilio.amd import AMD_BY_BOT, AMD_PARAMETER, AMD_REQUESTED, MACHINE_ANSWERS
 
 if TYPE_CHECKING:  # only their types: the bot hands us its CallControl and verdicts
     from phonebot.call.control import CallControl
+    from phonebot.records.call_log import CallLog
     from phonebot.state.verdicts import AmdVerdicts
 
 # Twilio stops detecting after MachineDetectionTimeout (30 s by default) and reports what
@@ -176,3 +178,80 @@ class AnsweringMachineScreen:
         if answered_by == "fax":
             return "hung up"
         return "conversation"  # human, unknown, or no callback at all
+
+
+# --- the bot decides (`machine_detection: "bot"`) ---------------------------------------
+
+# Recorded as the call's `amd_verdict` when the bot decided, not Twilio: what it heard, and
+# that it was the bot (campaigns read any verdict starting "machine" as voicemail).
+BOT_MACHINE_VERDICT = "machine_bot"
+BOT_HUMAN_VERDICT = "human_bot"
+# After a greeting's last word, the silence that says the recording has started (a beep is
+# not speech: the VAD ignores it and the wait runs through it). Pipecat's default.
+MESSAGE_AFTER_SILENCE_S = 2.0
+
+
+def bot_listens_for_voicemail(parameters: Mapping[str, str]) -> bool:
+    """Whether a call asks the bot itself to tell a person from a voicemail greeting."""
+    return (
+        parameters.get(AMD_PARAMETER) == AMD_BY_BOT and parameters.get("call_type") == "outbound"
+    )
+
+
+class GreetingCheck:
+    """One dial-out's `machine_detection: "bot"`: Pipecat's `VoicemailDetector` listens
+    to what the callee says first and asks `classifier` (the LLM, or keywords offline:
+    phonebot.ai.offline.greetings) whether it is a person or a voicemail greeting, while
+    its gate holds back whatever the bot would say (its opening never plays over a
+    greeting). A person: the held-back opening plays and the call goes on. A voicemail:
+    once the greeting (and its beep) has been followed by MESSAGE_AFTER_SILENCE_S of
+    silence, the agent's voicemail message is left once and the bot hangs up (end reason
+    `voicemail`). Screening assistants ask for a reply, so they are a conversation: the
+    agent answers them with who it is and why (phonebot.call.phone_call.system_prompt).
+
+    `detector` goes after the STT, `gate` after the TTS (None: not asked for).
+    """
+
+    def __init__(self, call_sid: str, parameters: Mapping[str, str], classifier_factory):
+        self.call_sid = call_sid
+        self.requested = bot_listens_for_voicemail(parameters)
+        self.detector: VoicemailDetector | None = None
+        self.gate: FrameProcessor | None = None
+        self.verdict: str | None = None
+        self._control: CallControl | None = None
+        self._agent: Agent | None = None
+        self._records: CallLog | None = None
+        if self.requested:
+            self.detector = VoicemailDetector(
+                classifier=classifier_factory(),
+                voicemail_response_delay=MESSAGE_AFTER_SILENCE_S,
+            )
+            self.gate = self.detector.gate()
+            self.detector.add_event_handler("on_conversation_detected", self.on_person)
+            self.detector.add_event_handler("on_voicemail_detected", self.on_voicemail)
+
+    def bind(self, control: CallControl, agent: Agent, records: CallLog) -> None:
+        self._control, self._agent, self._records = control, agent, records
+
+    async def on_person(self, processor: FrameProcessor) -> None:
+        self._decided(BOT_HUMAN_VERDICT)
+
+    async def on_voicemail(self, processor: FrameProcessor) -> None:
+        """The greeting is over: leave the message, through the detector (it holds back
+        everything that comes from before it now), and hang up."""
+        self._decided(BOT_MACHINE_VERDICT)
+        if self._control is None or self._agent is None:
+            return
+
+        async def send(frame: Frame) -> None:
+            await processor.push_frame(frame)
+
+        await self._control.end_call(self._agent.voicemail, VOICEMAIL_END_REASON, send=send)
+
+    def _decided(self, verdict: str) -> None:
+        if self.verdict is not None:
+            return
+        self.verdict = verdict
+        logger.info(f"Call {self.call_sid} answered by {verdict} (the bot listened)")
+        if self._records is not None:
+            self._records.update(amd_verdict=verdict)

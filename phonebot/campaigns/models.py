@@ -19,7 +19,7 @@ from phonebot.agents.agent import IVR_GOAL_PARAMETER
 from phonebot.agents.selection import AGENT_PARAMETER
 from phonebot.campaigns.windows import DAYS, parse_hhmm
 from phonebot.phone_numbers import E164
-from phonebot.twilio.dialout import one_agent, same_as_parameter
+from phonebot.twilio.dialout import menus_or_machines, one_agent, same_as_parameter
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 Outcome = Literal["busy", "no-answer", "failed", "voicemail", "ivr_failed"]
@@ -139,6 +139,13 @@ class CampaignIn(BaseModel):
     @classmethod
     def _one_goal(cls, goal: str | None, info: ValidationInfo) -> str | None:
         return same_as_parameter(IVR_GOAL_PARAMETER, goal, info.data.get("parameters", {}))
+
+    @field_validator("machine_detection")
+    @classmethod
+    def _no_goal(cls, detection: bool, info: ValidationInfo) -> bool:
+        goal = info.data.get("ivr_goal") or info.data.get("parameters", {}).get(IVR_GOAL_PARAMETER)
+        menus_or_machines(detection, goal)
+        return detection
 
     @model_validator(mode="after")
     def _agent_is_a_parameter(self) -> CampaignIn:

@@ -31,6 +31,15 @@ HUMAN = "human"
 HELLO = "Hello?"
 GOODBYE = "goodbye"
 VOICEMAIL_GREETING = "Hi, you've reached Alex. Please leave a message after the beep."
+# The beep that ends a voicemail greeting: the recording starts after it.
+BEEP_HZ, BEEP_S = 1000.0, 0.5
+# A phone's call-screening assistant, then the person it rings once the bot has said who it
+# is (`screening`).
+SCREENING_PROMPT = (
+    "Hi, the person you're calling is using a screening service. "
+    "Please say your name and why you're calling."
+)
+SCREENED_PERSON = "Hello? This is Alex."
 # What each answering callee says after the bot's opening, one line per bot turn; the last
 # is followed by waiting for the bot to hang up.
 CONVERSATIONS: dict[str, tuple[str, ...]] = {
@@ -47,7 +56,7 @@ MENU_GREETING = "Thank you for calling Acme Outdoor."
 TRANSFERRING = "Please hold while I transfer you."
 BILLING_PERSON = "Billing, this is Sam speaking."
 HOLD_S = 3.0  # between "please hold" and the person: longer than a menu's 2 s turn silence
-KINDS = (*CONVERSATIONS, "voicemail", "silent", *MENUS, *UNANSWERED)
+KINDS = (*CONVERSATIONS, "voicemail", "screening", "silent", *MENUS, *UNANSWERED)
 # The default rule: a number's last digit picks its behaviour.
 LAST_DIGIT_RULE: dict[str, str] = {
     "0": "interested",
@@ -111,13 +120,28 @@ class Callee:
         greeting and beep (DetectMessageEnd); a person is recognised by the silence after
         a short "Hello?" (the bot, unmuted then, must not hear half of it and barge in)."""
         if self.kind == "voicemail":
-            return spoken(self.greeting).duration + 0.5
+            return spoken(self.greeting).duration + BEEP_S + 0.3
         return spoken(HELLO).duration + HUMAN_SILENCE_S
 
     def script(self) -> list[Step]:
         """What the callee does once the media stream is up."""
         if self.kind == "voicemail":
-            return [spoken(self.greeting), Pause(0.3), WaitForHangup(timeout=HANGUP_TIMEOUT_S)]
+            return [
+                spoken(self.greeting),
+                Pause(0.3),
+                Speak.tone(BEEP_S, BEEP_HZ, amplitude=0.5),
+                WaitForHangup(timeout=HANGUP_TIMEOUT_S),  # recording
+            ]
+        if self.kind == "screening":
+            return [
+                spoken(SCREENING_PROMPT),
+                WaitForBot(timeout=BOT_TURN_TIMEOUT_S),
+                Pause(1.0),
+                spoken(SCREENED_PERSON),
+                WaitForBot(timeout=BOT_TURN_TIMEOUT_S),
+                spoken(GOODBYE),
+                WaitForHangup(timeout=HANGUP_TIMEOUT_S),
+            ]
         if self.kind == "silent":
             return [Pause(SILENT_CALL_S)]
         if self.kind in MENUS:

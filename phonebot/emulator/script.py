@@ -125,7 +125,7 @@ class Menu:
 
     prompt: Speak
     options: Mapping[str, Sequence[Step]]
-    timeout: float = 6.0
+    timeout: float = 10.0
     repeats: int = 2
     otherwise: Sequence[Step] = ()
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 # The Stream Parameter (and /outbound query pair) that says "wait for the AMD verdict".
 AMD_PARAMETER = "amd"
 AMD_REQUESTED = "1"
+# `machine_detection: "bot"`: no AMD request to Twilio; the bot listens and decides itself.
+AMD_BY_BOT = "bot"
 AMD_CALLBACK_PATH = "/amd"
 
 # Twilio's AnsweredBy values. `machine_start` only comes with MachineDetection=Enable;

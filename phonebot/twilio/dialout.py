@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -38,7 +39,7 @@ from phonebot.config import Settings
 from phonebot.phone_numbers import E164
 from phonebot.records.limits import check_call_parameters, check_fits
 from phonebot.records.schema import CallRecord
-from phonebot.twilio.amd import AMD_CALLBACK_PATH, AMD_PARAMETER, AMD_REQUESTED
+from phonebot.twilio.amd import AMD_BY_BOT, AMD_CALLBACK_PATH, AMD_PARAMETER, AMD_REQUESTED
 from phonebot.twilio.dial_guard import check_destination
 from phonebot.twilio.ids import check_call_sid
 from phonebot.twilio.rest import create_call
@@ -46,6 +47,9 @@ from phonebot.twilio.statuses import CALL_STATUSES, FINAL_STATUSES
 from phonebot.twilio.twiml import ParameterError, validate_custom_parameters
 
 STATUS_CALLBACK_PATH = "/status"
+# Answering-machine detection takes a phone menu for a machine (Twilio's AMD hears a long
+# automated greeting; the bot's listener, a greeting it should leave a message on).
+MENUS_OR_MACHINES = "can't be combined with machine_detection (a phone menu is a machine to it)"
 
 
 class DialoutRequest(BaseModel):
@@ -60,10 +64,11 @@ class DialoutRequest(BaseModel):
     parameters: dict[str, str] = Field(
         default_factory=dict, description="Stream parameters, e.g. campaign_id, customer_id"
     )
-    machine_detection: bool = Field(
+    machine_detection: bool | Literal["twilio", "bot"] = Field(
         default=False,
-        description="Twilio answering-machine detection: leave the campaign's voicemail "
-        "message on a machine, talk to a human",
+        description="Leave the agent's voicemail message on a machine, talk to a person: "
+        "true or \"twilio\" asks Twilio's answering-machine detection (paid, and the bot "
+        "waits for its verdict); \"bot\" lets the bot listen and decide itself",
     )
     agent: str | None = Field(
         default=None, min_length=1, max_length=64,
@@ -82,9 +87,15 @@ class DialoutRequest(BaseModel):
     def _one_agent(cls, agent: str | None, info: ValidationInfo) -> str | None:
         return one_agent(agent, info.data.get("parameters", {}))
 
+    @field_validator("machine_detection")
+    @classmethod
+    def _no_goal(cls, detection: bool | str, info: ValidationInfo) -> bool | str:
+        return menus_or_machines(detection, info.data.get("parameters", {}).get(IVR_GOAL_PARAMETER))
+
     @field_validator("ivr_goal")
     @classmethod
     def _one_goal(cls, goal: str | None, info: ValidationInfo) -> str | None:
+        menus_or_machines(info.data.get("machine_detection"), goal)
         return same_as_parameter(IVR_GOAL_PARAMETER, goal, info.data.get("parameters", {}))
 
     def call_parameters(self) -> dict[str, str]:
@@ -105,6 +116,13 @@ def one_agent(agent: str | None, parameters: Mapping[str, str]) -> str | None:
     if agent is not None and named is not None and named != agent:
         raise ValueError(f"parameters.{AGENT_PARAMETER} names another agent ({named!r})")
     return agent
+
+
+def menus_or_machines(detection: bool | str | None, goal: str | None) -> bool | str | None:
+    """`machine_detection` unless a phone-menu goal comes with it (ValueError)."""
+    if detection and goal:
+        raise ValueError(MENUS_OR_MACHINES)
+    return detection
 
 
 def same_as_parameter(name: str, value: str | None, parameters: Mapping[str, str]) -> str | None:
@@ -154,7 +172,10 @@ async def place_call(request: DialoutRequest, settings: Settings, base_url: str)
     if not from_number:
         raise ParameterError("from", "not given and TWILIO_PHONE_NUMBER is not set")
     amd_callback_url = None
-    if request.machine_detection:
+    if request.machine_detection == "bot":
+        # No AMD request: the bot listens itself (phonebot.call.voicemail.GreetingCheck).
+        parameters[AMD_PARAMETER] = AMD_BY_BOT
+    elif request.machine_detection:
         _check_amd_possible(settings)
         # Added after validation: the server's own parameter, not one of the caller's.
         parameters[AMD_PARAMETER] = AMD_REQUESTED

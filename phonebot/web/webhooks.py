@@ -22,7 +22,7 @@ from phonebot.ops.metrics import REPLAY, STATE_UNAVAILABLE, WEBHOOK
 from phonebot.records.limits import check_webhook
 from phonebot.records.schema import utcnow
 from phonebot.state import CallAdmission, StateUnavailable
-from phonebot.twilio.amd import AMD_PARAMETER, AMD_REQUESTED
+from phonebot.twilio.amd import AMD_BY_BOT, AMD_PARAMETER, AMD_REQUESTED
 from phonebot.twilio.caller_id import presented_caller_id
 from phonebot.twilio.signatures import external_base_url
 from phonebot.twilio.stream_token import TOKEN_PARAMETER, call_token
@@ -187,15 +187,15 @@ def server_parameters(
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Split the query into the caller's parameters and the ones `/dialout` set itself.
 
-    `amd=1` is ours, put on the `/outbound` URL by `/dialout` (which refuses it from its
-    own callers); Twilio's signature covers the URL, so it arrives as we wrote it.
-    Anywhere else it is refused, so a webhook can't make the bot wait for a verdict
-    that will never come.
+    `amd=1` (Twilio's AMD) and `amd=bot` (the bot listens) are ours, put on the
+    `/outbound` URL by `/dialout` (which refuses them from its own callers); Twilio's
+    signature covers the URL, so they arrive as we wrote them. Anywhere else they are
+    refused, so a webhook can't make the bot wait for a verdict that will never come.
     """
     custom = dict(query)
     amd = custom.pop(AMD_PARAMETER, None)
     if amd is None:
         return custom, {}
-    if call_type != "outbound" or amd != AMD_REQUESTED:
+    if call_type != "outbound" or amd not in (AMD_REQUESTED, AMD_BY_BOT):
         raise ParameterError(f"query.{AMD_PARAMETER}", "is reserved; /dialout sets it")
     return custom, {AMD_PARAMETER: amd}

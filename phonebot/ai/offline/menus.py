@@ -11,7 +11,8 @@ responder recognises them (`menu_mode`) and answers with the same tags:
   that shares the most words with the goal ("For billing, press 2" for "Reach a person in
   billing": `<dtmf>2</dtmf>`), the words of a "say …" choice, `<ivr>completed</ivr>` when
   the menu says it is putting us through (or a person speaks), `<ivr>stuck</ivr>` after the
-  same options three times, and `<ivr>wait</ivr>` when nothing fits yet.
+  same options three times (or three menus with nothing near the goal), and
+  `<ivr>wait</ivr>` when nothing fits yet.
 
 Simple menus only, and said so in docs/dialout.md: the words must match (with a shared stem:
 "bill" ~ "billing"; "someone" ~ "person"), numbers spoken as digits or words.
@@ -174,7 +175,11 @@ def navigate(goal: str, heard: Sequence[str]) -> str:
         return "<ivr>stuck</ivr>"
     best = best_option(goal, options)
     if best is None:
-        return "<ivr>wait</ivr>"
+        # The same menu may come back transcribed a little differently: three readings of
+        # options with nothing near the goal are as stuck as three identical ones.
+        offers = [menu_options(_plain(text)) for text in heard]
+        missed = sum(bool(o) and best_option(goal, o) is None for o in offers)
+        return "<ivr>stuck</ivr>" if missed >= SAME_MENU_LIMIT else "<ivr>wait</ivr>"
     if best.key is None:
         return f"{best.words.capitalize()}."
     return f"<dtmf>{best.key}</dtmf>"

@@ -13,6 +13,7 @@ so a campaign works with no keys.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -58,6 +59,17 @@ OPT_OUT_WORDS = (
     "unsubscribe",
 )
 NOTED = "Thank you, I've noted that."
+# A phone's call-screening assistant asking who is calling and why.
+SCREENING_WORDS = (
+    "screening",
+    "say your name",
+    "state your name",
+    "who is calling",
+    "who's calling",
+    "why you're calling",
+    "reason for your call",
+    "reason for calling",
+)
 
 
 def _said_goodbye(utterance: str) -> bool:
@@ -91,8 +103,8 @@ class OfflineResponder(LLMService):
             return self._after_function(_function_of(messages, messages[-1]), last)
         if _wants_opt_out(last):  # even before our opening: "who's this? stop calling me"
             return Reply("", "opt_out", {})
-        if not any(_spoke(m) for m in messages):
-            return Reply(f"{self._agent.greeting} {self._agent.question}")
+        if (opening := self._opening(messages, user_turns)) is not None:
+            return opening
         if (rule := outcome_rule(self._agent, last)) is not None:
             # Recorded first; the function's result brings us back to answer (below).
             return Reply("", "record_outcome", dict(rule.fields))
@@ -109,6 +121,21 @@ class OfflineResponder(LLMService):
         if keyword_answer(self._agent, last) is None and _wants_a_person(last):
             return Reply("", "transfer_call", {})
         return Reply(keyword_answer(self._agent, last) or self._known_answer(last))
+
+    def _opening(self, messages: list, user_turns: list[str]) -> Reply | None:
+        """Who we are and why, to a call-screening assistant (then wait for the person);
+        the agent's opening when the callee has heard nothing of ours yet, or only what
+        we told the screener; else None."""
+        if user_turns and _screening(user_turns[-1]):
+            return Reply(self._agent.greeting)
+        heard = [message_text(m.get("content")) for m in messages if _spoke(m)]
+        screened = any(_screening(turn) for turn in user_turns[:-1])
+        greeting = _words(self._agent.greeting)
+        # (The context may keep less of it: words timed after a held-back reply's end.)
+        told_screener = all(greeting[: len(_words(line))] == _words(line) for line in heard)
+        if not heard or (screened and told_screener):
+            return Reply(f"{self._agent.greeting} {self._agent.question}")
+        return None
 
     def _known_answer(self, utterance: str) -> str:
         """A sentence or two of the agent's best passage for what was said, when one holds
@@ -160,6 +187,16 @@ class Reply:
             arguments=self.arguments,
             context=context,
         )
+
+
+def _words(text: str) -> list[str]:
+    """The words of a line, as the context keeps what was spoken (its spacing and
+    punctuation may differ from the text given to the TTS)."""
+    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+
+
+def _screening(utterance: str) -> bool:
+    return said_any(SCREENING_WORDS, utterance)
 
 
 def _wants_a_person(utterance: str) -> bool:
