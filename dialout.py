@@ -35,13 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE"
     )
-    parser.add_argument(
+    detection = parser.add_mutually_exclusive_group()
+    detection.add_argument(
         "--machine-detection",
-        nargs="?",
-        const="twilio",
-        choices=("twilio", "bot"),
-        help="detect answering machines: leave the voicemail message, talk to humans; "
-        "by Twilio's AMD (the default) or by the bot listening itself (bot)",
+        action="store_const",
+        const=True,
+        help="Twilio's answering-machine detection: leave the voicemail message on a "
+        "machine, talk to a person",
+    )
+    detection.add_argument(
+        "--bot-machine-detection",
+        dest="machine_detection",
+        action="store_const",
+        const="bot",
+        help="the same, decided by the bot listening itself (no AMD request to Twilio)",
     )
     parser.add_argument("--agent", metavar="NAME", help="the agent that talks (its file's name)")
     parser.add_argument(

@@ -226,15 +226,27 @@ async def test_a_menu_that_leads_nowhere_in_ivr_timeout_s_is_hung_up_on():
     assert navigation.state == FAILED and not navigation.navigating
 
 
-async def test_put_through_the_agent_holds_for_the_person_and_the_time_limit_still_runs():
-    navigation, worker, control = navigation_with("Please hold while I transfer you.")
+async def put_through(*heard: str) -> tuple[MenuNavigation, FakeWorker, FakeControl]:
+    navigation, worker, control = navigation_with(*heard)
     navigation.start()
     navigation.state = NAVIGATING
     await navigation.on_status(None, IVRStatus.COMPLETED)  # type: ignore[arg-type]
+    return navigation, worker, control
+
+
+async def test_put_through_the_agent_holds_silent_and_the_time_limit_still_runs():
+    navigation, worker, control = await put_through("Please hold while I transfer you.")
     assert navigation.state == HOLDING and navigation.navigating
     update = next(f for f in worker.queued if isinstance(f, LLMMessagesUpdateFrame))
     assert [m["role"] for m in update.messages] == ["system"] and not update.run_llm
-    navigation.callee_spoke()  # the person's first words: the limit no longer applies
+    navigation.callee_said("")  # hold music, heard as nothing: still holding
+    await asyncio.sleep(0.6)
+    assert control.hung_up == [EndReason.IVR_FAILED]  # no person within IVR_TIMEOUT_S
+
+
+async def test_the_persons_first_words_end_the_hold_and_the_time_limit():
+    navigation, _, control = await put_through("Please hold while I transfer you.")
+    navigation.callee_said("Hello, billing.")
     assert navigation.state == TALKING
     await asyncio.sleep(0.6)
     assert control.hung_up == []
@@ -244,6 +256,7 @@ async def test_a_person_heard_in_the_same_turn_as_please_hold_is_answered_at_onc
     heard = "Please hold while I transfer you. Billing, this is Sam speaking."
     assert words_after_transfer(heard) == "Billing, this is Sam speaking."
     assert words_after_transfer("One moment please. Please hold while I transfer you.") == ""
+    assert words_after_transfer("Please hold while I transfer you. This call is recorded.") == ""
     navigation, worker, _ = navigation_with(heard)
     navigation.state = NAVIGATING
     await navigation.on_status(None, IVRStatus.COMPLETED)  # type: ignore[arg-type]
@@ -265,6 +278,9 @@ def test_a_goal_and_machine_detection_are_refused_together():
         DialoutRequest(to=MENU, parameters={IVR_GOAL_PARAMETER: GOAL}, machine_detection="bot")
     with pytest.raises(ValueError, match="machine_detection"):
         CampaignIn(name="c", contacts=[{"to": MENU}], ivr_goal=GOAL, machine_detection=True)
+    with pytest.raises(ValueError, match="machine_detection"):  # a contact's own goal too
+        contact = {"to": MENU, "parameters": {IVR_GOAL_PARAMETER: GOAL}}
+        CampaignIn(name="c", contacts=[contact], machine_detection=True)
     agent = SALE.__class__(**{**SALE.__dict__, "ivr_goal": "Reach sales"})
     assert ivr_goal(agent, {"call_type": "outbound", "amd": "1"}) is None  # the file's gives way
 
@@ -323,7 +339,7 @@ async def test_the_bot_presses_through_nested_menus_to_a_person_then_talks_as_th
     choices = [event.data["key"] for event in result.events_of("menu_choice")]
     assert choices == ["2", "3"] and len(menus) == 2
     prompts = [e for e in result.events_of("caller_speech") if "press" in e.data["text"]]
-    for (pressed_at, _), prompt in zip(result.bot_dtmf, prompts, strict=False):
+    for (pressed_at, _), prompt in zip(result.bot_dtmf, prompts, strict=True):
         assert pressed_at > prompt.t + prompt.data["duration"]  # once the options were said
     # The bot said nothing in the menus; the person heard the agent's opening, then goodbye.
     said = server.bot_lines(call_sid)

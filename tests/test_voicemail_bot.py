@@ -10,6 +10,7 @@ then talks as the agent).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
@@ -94,9 +95,9 @@ def test_a_screener_hears_who_is_calling_and_why_and_the_person_then_hears_the_o
 
 def test_only_a_dial_out_that_asks_gets_the_check():
     asked = {"call_type": "outbound", AMD_PARAMETER: AMD_BY_BOT}
-    assert GreetingCheck("CA1", asked, KeywordGreetingClassifier).detector is not None
+    assert GreetingCheck("CA1", asked, KeywordGreetingClassifier, 3.0).detector is not None
     for parameters in ({"call_type": "outbound"}, {"call_type": "inbound", AMD_PARAMETER: "bot"}):
-        check = GreetingCheck("CA1", parameters, KeywordGreetingClassifier)
+        check = GreetingCheck("CA1", parameters, KeywordGreetingClassifier, 3.0)
         assert check.detector is None and check.gate is None
 
 
@@ -107,10 +108,37 @@ async def test_bot_detection_sends_no_amd_request_to_twilio(twilio_rest):  # noq
     assert parse_qs(urlsplit(form["Url"]).query) == {AMD_PARAMETER: [AMD_BY_BOT]}
 
 
-def test_machine_detection_takes_true_twilio_or_bot():
-    assert DialoutRequest(to="+15551234567", machine_detection="twilio").machine_detection
+async def test_machine_detection_takes_true_twilio_or_bot(twilio_rest):  # noqa: F811
+    for twilios in (True, "twilio"):
+        request = DialoutRequest(to="+15551234567", machine_detection=twilios)
+        form = await created_form(twilio_rest, request)
+        assert form["MachineDetection"] == "DetectMessageEnd"
+    assert DialoutRequest(to="+15551234567", machine_detection="bot").machine_detection == "bot"
     with pytest.raises(ValueError, match="machine_detection"):
         DialoutRequest(to="+15551234567", machine_detection="maybe")
+
+
+async def test_a_callee_who_says_nothing_is_taken_for_a_person_waiting_for_us():
+    asked = {"call_type": "outbound", AMD_PARAMETER: AMD_BY_BOT}
+    check = GreetingCheck("CA1", asked, KeywordGreetingClassifier, silent_after_s=0.05)
+    decided: list[str] = []
+
+    async def decide(label: str) -> None:
+        decided.append(label)
+
+    check.detector._decide = decide  # type: ignore[union-attr,method-assign]
+    check.start()
+    await asyncio.sleep(0.2)
+    assert decided == ["conversation"]  # the gate opens: the opening plays
+    check.detector._transcript.append("Hi, you've reached")  # type: ignore[union-attr]
+    await check.detector.assume_person()  # type: ignore[union-attr]
+    assert decided == ["conversation"]  # something was heard: the classifier decides
+    talking = GreetingCheck("CA2", asked, KeywordGreetingClassifier, silent_after_s=0.05)
+    talking.detector._decide = decide  # type: ignore[union-attr,method-assign]
+    talking.start()
+    talking.callee_spoke()  # a greeting under way, not transcribed yet
+    await asyncio.sleep(0.2)
+    assert decided == ["conversation"]  # not assumed a second time
 
 
 # --- end to end ----------------------------------------------------------------------------
@@ -177,7 +205,8 @@ async def test_a_screener_hears_the_bots_name_and_purpose_then_the_person_the_op
     call_sid, result, record = await dial_with_bot_detection(server, twilio, SCREENED)
 
     said = server.bot_lines(call_sid)
-    assert said[:2] == [SALE.greeting, f"{SALE.greeting} {SALE.question}"], said
+    assert said[0] == SALE.greeting, said  # to the screener: who and why, no question
+    assert f"{SALE.greeting} {SALE.question}" in said, said  # to the person
     assert record["amd_verdict"] == BOT_HUMAN_VERDICT
     assert record["end_reason"] == EndReason.BOT_ENDED  # after the person's goodbye
     assert result.error is None, result.error

@@ -40,7 +40,7 @@ from pipecat.processors.aggregators.llm_context import LLMContext, LLMContextMes
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.services.llm_service import LLMService
 
-from phonebot.ai.offline.menus import TRANSFER_CUES
+from phonebot.ai.offline.menus import PERSON_CUES, TRANSFER_CUES
 from phonebot.call.barge_in import vad_params
 from phonebot.call.control import EndReason
 from phonebot.config import Settings
@@ -116,9 +116,10 @@ class MenuNavigation:
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
 
-    def callee_spoke(self) -> None:
-        """The callee began a turn: after "please hold", that is the person."""
-        if self.state == HOLDING:
+    def callee_said(self, text: str | None) -> None:
+        """The callee's turn, as recognised: after "please hold", words are the person
+        (hold music that is only noise to the recogniser is not)."""
+        if self.state == HOLDING and text and text.strip():
             self._talking("a person after the menu")
 
     # --- the navigator's events ------------------------------------------------------
@@ -203,11 +204,17 @@ class MenuNavigation:
 
 
 def words_after_transfer(heard: str) -> str:
-    """What the callee said after the menu's last "transferring" sentence ("Please hold
-    while I transfer you. Billing, this is Sam."): a person already talking."""
+    """A person's words after the menu's last "transferring" sentence ("Please hold while
+    I transfer you. Billing, this is Sam."), or "" (an announcement such as "This call
+    may be recorded" is not a person: their words greet or say who they are)."""
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", heard.strip()) if s.strip()]
     last = max(
         (i for i, s in enumerate(sentences) if any(cue in s.lower() for cue in TRANSFER_CUES)),
         default=None,
     )
-    return "" if last is None else " ".join(sentences[last + 1 :])
+    after = "" if last is None else " ".join(sentences[last + 1 :])
+    lowered = f" {after.lower()} "
+    person = any(cue in lowered for cue in PERSON_CUES) or any(
+        f" {word}" in lowered for word in ("hello", "hi ", "hi,", "hey")
+    )
+    return after if person else ""

@@ -49,9 +49,9 @@ from phonebot.twilio.stream import CallSession, TwilioMarkSerializer
 
 # A phone's call-screening assistant asks who is calling and why before ringing the person.
 SCREENING_STYLE = (
-    "If an automated call-screening assistant answers instead and asks who is calling or "
-    "why, say only your name and the reason for the call in one sentence, then wait for "
-    "the person."
+    "If an automated call-screening assistant answers and asks who is calling or why, "
+    "your first reply is instead only your name and the reason for the call, in one "
+    "sentence; give your first reply below when the person picks up."
 )
 
 
@@ -60,8 +60,8 @@ def system_prompt(agent: Agent, session: CallSession) -> str:
     opening = opening_line(agent, session.parameters)
     if session.direction == "outbound":
         return (
-            f"{agent.system_prompt()} You placed this call and the callee has just "
-            f"picked up. Your first reply must be exactly: {opening} {SCREENING_STYLE}"
+            f"{agent.system_prompt()} {SCREENING_STYLE} You placed this call and the callee "
+            f"has just picked up. Your first reply must be exactly: {opening}"
         )
     return f"{agent.system_prompt()} You have already greeted the caller with: {opening}"
 
@@ -122,7 +122,10 @@ class PhoneCall:
         self.screen = AnsweringMachineScreen(call_sid, session.parameters, verdicts=verdicts)
         # `machine_detection: "bot"`: the bot itself tells a person from a voicemail greeting
         self.greeting_check = GreetingCheck(
-            call_sid, session.parameters, lambda: greeting_classifier(services)
+            call_sid,
+            session.parameters,
+            lambda: greeting_classifier(services),
+            silent_after_s=settings.dialout_greeting_delay_s,
         )
         self.turn_timer = TurnTimer(self.timeline, services.llm.name, services.tts.name)
         self.worker = call_pipeline(self)  # the parts above in order; the parts below need it
@@ -201,6 +204,7 @@ class PhoneCall:
             self.deps.calls.discard(self.session.call_sid)
         self.opener.stop()
         self.navigation.stop()
+        self.greeting_check.stop()
         self.screen.stop()
         self.control.stop()
         self.faults.stop()
@@ -253,6 +257,7 @@ class PhoneCall:
         """Past any answering-machine screening: open the conversation (with a phone-menu
         goal, first listen for a menu: the opener only speaks to a silent callee)."""
         self.navigation.start()
+        self.greeting_check.start()
         await self.opener.start()
 
     async def on_client_disconnected(self, transport: BaseTransport, client: object) -> None:
@@ -263,7 +268,7 @@ class PhoneCall:
         self, aggregator: LLMUserAggregator, strategy: BaseUserTurnStartStrategy | None
     ) -> None:
         self.opener.caller_spoke()
-        self.navigation.callee_spoke()
+        self.greeting_check.callee_spoke()
         self.control.caller_spoke()
         self.faults.caller_turn_started()
 
@@ -278,6 +283,7 @@ class PhoneCall:
     ) -> None:
         """The caller's side of the transcript, from Pipecat's own finalised turns."""
         self.call_log.caller_turn(message.content, message.timestamp)
+        self.navigation.callee_said(message.content)
 
     async def on_assistant_turn_stopped(
         self, aggregator: LLMAssistantAggregator, message: AssistantTurnStoppedMessage

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from loguru import logger
+from pipecat.classifiers.base_classifier import BaseClassifier
 from pipecat.extensions.voicemail.voicemail_detector import VoicemailDetector
 from pipecat.frames.frames import (
     EndWorkerFrame,
@@ -198,31 +199,53 @@ def bot_listens_for_voicemail(parameters: Mapping[str, str]) -> bool:
     )
 
 
+class SilenceAwareVoicemailDetector(VoicemailDetector):
+    """Pipecat's detector, which decides only after hearing something; a callee who says
+    nothing would have the bot's opening held back for good. `assume_person` decides
+    "conversation" when nothing was heard (a person waiting for us to speak), through the
+    detector's own decision step (a protected method: Pipecat has no public one)."""
+
+    async def assume_person(self) -> None:
+        if not self._decision and not self._transcript:
+            await self._decide("conversation")
+
+
 class GreetingCheck:
     """One dial-out's `machine_detection: "bot"`: Pipecat's `VoicemailDetector` listens
     to what the callee says first and asks `classifier` (the LLM, or keywords offline:
     phonebot.ai.offline.greetings) whether it is a person or a voicemail greeting, while
     its gate holds back whatever the bot would say (its opening never plays over a
-    greeting). A person: the held-back opening plays and the call goes on. A voicemail:
-    once the greeting (and its beep) has been followed by MESSAGE_AFTER_SILENCE_S of
-    silence, the agent's voicemail message is left once and the bot hangs up (end reason
-    `voicemail`). Screening assistants ask for a reply, so they are a conversation: the
-    agent answers them with who it is and why (phonebot.call.phone_call.system_prompt).
+    greeting). A person: the held-back opening plays and the call goes on; a callee who
+    says nothing for `silent_after_s` is taken for a person waiting for us. A voicemail:
+    once the greeting has been followed by MESSAGE_AFTER_SILENCE_S of silence from the
+    verdict on (a beep is not speech), the agent's voicemail message is left once and the
+    bot hangs up (end reason `voicemail`). Screening assistants ask for a reply, so they
+    are a conversation: the agent answers them with who it is and why
+    (phonebot.call.phone_call.system_prompt).
 
     `detector` goes after the STT, `gate` after the TTS (None: not asked for).
     """
 
-    def __init__(self, call_sid: str, parameters: Mapping[str, str], classifier_factory):
+    def __init__(
+        self,
+        call_sid: str,
+        parameters: Mapping[str, str],
+        classifier_factory: Callable[[], BaseClassifier],
+        silent_after_s: float,
+    ):
         self.call_sid = call_sid
         self.requested = bot_listens_for_voicemail(parameters)
-        self.detector: VoicemailDetector | None = None
+        self.detector: SilenceAwareVoicemailDetector | None = None
         self.gate: FrameProcessor | None = None
         self.verdict: str | None = None
+        self._silent_after_s = silent_after_s
+        self._callee_spoke = False
         self._control: CallControl | None = None
         self._agent: Agent | None = None
         self._records: CallLog | None = None
+        self._tasks: set[asyncio.Task] = set()
         if self.requested:
-            self.detector = VoicemailDetector(
+            self.detector = SilenceAwareVoicemailDetector(
                 classifier=classifier_factory(),
                 voicemail_response_delay=MESSAGE_AFTER_SILENCE_S,
             )
@@ -233,13 +256,27 @@ class GreetingCheck:
     def bind(self, control: CallControl, agent: Agent, records: CallLog) -> None:
         self._control, self._agent, self._records = control, agent, records
 
+    def start(self) -> None:
+        """The call is up: a callee still silent after `silent_after_s` is a person."""
+        if self.detector is not None:
+            self._spawn(self._silent_callee(self.detector))
+
+    def stop(self) -> None:
+        """The call is over: stop a message still being left (the callee hung up)."""
+        for task in list(self._tasks):
+            task.cancel()
+
     async def on_person(self, processor: FrameProcessor) -> None:
         self._decided(BOT_HUMAN_VERDICT)
 
     async def on_voicemail(self, processor: FrameProcessor) -> None:
-        """The greeting is over: leave the message, through the detector (it holds back
-        everything that comes from before it now), and hang up."""
+        """The greeting is over: leave the message in a task of our own (cancelled with the
+        call; Pipecat waits for its handler's task when the pipeline is torn down)."""
         self._decided(BOT_MACHINE_VERDICT)
+        self._spawn(self._leave_message(processor))
+
+    async def _leave_message(self, processor: FrameProcessor) -> None:
+        """Through the detector: it holds back everything from before it now."""
         if self._control is None or self._agent is None:
             return
 
@@ -247,6 +284,21 @@ class GreetingCheck:
             await processor.push_frame(frame)
 
         await self._control.end_call(self._agent.voicemail, VOICEMAIL_END_REASON, send=send)
+
+    def callee_spoke(self) -> None:
+        """The callee started talking (a turn began): not a silent callee, whatever the
+        transcript has so far (a greeting is transcribed only once it pauses)."""
+        self._callee_spoke = True
+
+    async def _silent_callee(self, detector: SilenceAwareVoicemailDetector) -> None:
+        await asyncio.sleep(self._silent_after_s)
+        if not self._callee_spoke:
+            await detector.assume_person()
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _decided(self, verdict: str) -> None:
         if self.verdict is not None:

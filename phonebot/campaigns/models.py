@@ -143,8 +143,10 @@ class CampaignIn(BaseModel):
     @field_validator("machine_detection")
     @classmethod
     def _no_goal(cls, detection: bool, info: ValidationInfo) -> bool:
-        goal = info.data.get("ivr_goal") or info.data.get("parameters", {}).get(IVR_GOAL_PARAMETER)
-        menus_or_machines(detection, goal)
+        """Not with a phone-menu goal: the campaign's, or any contact's own."""
+        goals = [info.data.get("ivr_goal"), info.data.get("parameters", {}).get(IVR_GOAL_PARAMETER)]
+        goals += [c.parameters.get(IVR_GOAL_PARAMETER) for c in info.data.get("contacts", [])]
+        menus_or_machines(detection, next((goal for goal in goals if goal), None))
         return detection
 
     @model_validator(mode="after")

@@ -177,9 +177,12 @@ def navigate(goal: str, heard: Sequence[str]) -> str:
     if best is None:
         # The same menu may come back transcribed a little differently: three readings of
         # options with nothing near the goal are as stuck as three identical ones.
-        offers = [menu_options(_plain(text)) for text in heard]
-        missed = sum(bool(o) and best_option(goal, o) is None for o in offers)
-        return "<ivr>stuck</ivr>" if missed >= SAME_MENU_LIMIT else "<ivr>wait</ivr>"
+        offers = [o for o in (menu_options(_plain(text)) for text in heard) if o]
+        recent = offers[-SAME_MENU_LIMIT:]  # the latest menus: earlier progress counts
+        missed = len(recent) == SAME_MENU_LIMIT and all(
+            best_option(goal, o) is None for o in recent
+        )
+        return "<ivr>stuck</ivr>" if missed else "<ivr>wait</ivr>"
     if best.key is None:
         return f"{best.words.capitalize()}."
     return f"<dtmf>{best.key}</dtmf>"

@@ -59,13 +59,14 @@ OPT_OUT_WORDS = (
     "unsubscribe",
 )
 NOTED = "Thank you, I've noted that."
-# A phone's call-screening assistant asking who is calling and why.
+# A phone's call-screening assistant asking who is calling and why (an automated line's
+# words: a person's "who's calling?" gets the opening).
 SCREENING_WORDS = (
-    "screening",
+    "screening service",
+    "screening calls",
     "say your name",
     "state your name",
-    "who is calling",
-    "who's calling",
+    "record your name",
     "why you're calling",
     "reason for your call",
     "reason for calling",
@@ -126,9 +127,9 @@ class OfflineResponder(LLMService):
         """Who we are and why, to a call-screening assistant (then wait for the person);
         the agent's opening when the callee has heard nothing of ours yet, or only what
         we told the screener; else None."""
-        if user_turns and _screening(user_turns[-1]):
-            return Reply(self._agent.greeting)
         heard = [message_text(m.get("content")) for m in messages if _spoke(m)]
+        if not heard and user_turns and _screening(user_turns[-1]):  # the first words only
+            return Reply(self._agent.greeting)
         screened = any(_screening(turn) for turn in user_turns[:-1])
         greeting = _words(self._agent.greeting)
         # (The context may keep less of it: words timed after a held-back reply's end.)
