@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # Only for types: importing this module must stay cheap.
     from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
     from pipecat.audio.vad.silero import SileroOnnxModel, SileroVADAnalyzer
     from pipecat.audio.vad.vad_analyzer import VADAnalyzer
+    from pipecat.extensions.voicemail.voicemail_detector import VoicemailDetector
     from pipecat.processors.aggregators.dtmf_aggregator import DTMFAggregator
     from pipecat.serializers.twilio import TwilioFrameSerializer
     from pipecat.services.stt_service import STTService
@@ -41,6 +42,9 @@ OVERRIDDEN: dict[tuple[str, str], frozenset[str]] = {
     ),
     # phonebot.ai.offline.tts.OfflineTTSService: the settings hook and its typed settings.
     ("pipecat.services.tts_service", "TTSService"): frozenset({"_update_settings", "_settings"}),
+    # phonebot.ai.offline.greetings.KeywordGreetingClassifier: the hook every classifier
+    # implements (abstract in Pipecat: its public `choice`/`ask` call it).
+    ("pipecat.classifiers.base_classifier", "BaseClassifier"): frozenset({"_ask"}),
 }
 
 
@@ -179,6 +183,21 @@ async def end_keypad_entry(aggregator: DTMFAggregator) -> None:
     """Hand the entry on now, as `#` would (phonebot.twilio.keypad: a declared key is
     answered at once; Pipecat ends an entry only on `#`, its timeout or the call's end)."""
     await aggregator._flush_aggregation()
+
+
+# -------------------------------------------------------------------------- voicemail
+
+
+async def assume_conversation(detector: VoicemailDetector) -> bool:
+    """Decide "a person" for a voicemail detector that has heard nothing yet, through its
+    own decision step (the held-back speech is released, `on_conversation_detected`
+    fires): Pipecat decides only after hearing something, so a callee who says nothing
+    would have the bot's opening held for good (phonebot.call.voicemail). False when it
+    had decided or heard something already."""
+    if detector._decision or detector._transcript:
+        return False
+    await detector._decide("conversation")
+    return True
 
 
 # -------------------------------------------------------------------------- services

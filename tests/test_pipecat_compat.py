@@ -10,6 +10,7 @@ deprecation warning.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import inspect
@@ -189,6 +190,27 @@ def test_the_registered_overrides_exist_in_pipecat_with_our_signatures():
     ours, theirs = OfflineTTSService._update_settings, TTSService._update_settings
     assert inspect.signature(ours).parameters.keys() == inspect.signature(theirs).parameters.keys()
     assert "_settings" in TTSService.__annotations__
+
+
+async def test_a_silent_callee_can_still_be_decided_a_person():
+    """`assume_conversation` reads a fresh detector's decision and transcript and calls its
+    decision step: all three still there, and the step still fires Pipecat's event."""
+    from pipecat.extensions.voicemail.voicemail_detector import VoicemailDetector
+
+    from phonebot.ai.offline.greetings import KeywordGreetingClassifier
+
+    detector = VoicemailDetector(classifier=KeywordGreetingClassifier())
+    fired: list[object] = []
+
+    async def on_person(processor) -> None:
+        fired.append(processor)
+
+    detector.add_event_handler("on_conversation_detected", on_person)
+    assert detector._decision is None and detector._transcript == []
+    assert await compat.assume_conversation(detector)
+    await asyncio.sleep(0.05)  # Pipecat runs async handlers as tasks
+    assert detector._decision == "conversation" and fired == [detector]
+    assert not await compat.assume_conversation(detector)  # decided: nothing more
 
 
 # ---------------------------------------------- no unregistered private override

@@ -31,6 +31,7 @@ from phonebot.emulator.callees import (
     VOICEMAIL_GREETING,
     spoken,
 )
+from phonebot.pipecat_compat import assume_conversation
 from phonebot.twilio.amd import AMD_BY_BOT, AMD_PARAMETER
 from phonebot.twilio.dialout import DialoutRequest
 from tests.conftest import DIALOUT_KEY, shipped_agent
@@ -131,7 +132,7 @@ async def test_a_callee_who_says_nothing_is_taken_for_a_person_waiting_for_us():
     await asyncio.sleep(0.2)
     assert decided == ["conversation"]  # the gate opens: the opening plays
     check.detector._transcript.append("Hi, you've reached")  # type: ignore[union-attr]
-    await check.detector.assume_person()  # type: ignore[union-attr]
+    assert not await assume_conversation(check.detector)  # type: ignore[arg-type]
     assert decided == ["conversation"]  # something was heard: the classifier decides
     talking = GreetingCheck("CA2", asked, KeywordGreetingClassifier, silent_after_s=0.05)
     talking.detector._decide = decide  # type: ignore[union-attr,method-assign]

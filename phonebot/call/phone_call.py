@@ -122,11 +122,9 @@ class PhoneCall:
         self.screen = AnsweringMachineScreen(call_sid, session.parameters, verdicts=verdicts)
         # `machine_detection: "bot"`: the bot itself tells a person from a voicemail greeting
         self.greeting_check = GreetingCheck(
-            call_sid,
-            session.parameters,
-            lambda: greeting_classifier(services),
+            call_sid, session.parameters, lambda: greeting_classifier(services),
             silent_after_s=settings.dialout_greeting_delay_s,
-        )
+        )  # fmt: skip
         self.turn_timer = TurnTimer(self.timeline, services.llm.name, services.tts.name)
         self.worker = call_pipeline(self)  # the parts above in order; the parts below need it
         self.call_log = CallLog(self.deps.records, call_sid)  # the call's record

@@ -38,6 +38,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from phonebot.agents.agent import Agent, opening_line
+from phonebot.pipecat_compat import assume_conversation
 from phonebot.twilio.amd import AMD_BY_BOT, AMD_PARAMETER, AMD_REQUESTED, MACHINE_ANSWERS
 
 if TYPE_CHECKING:  # only their types: the bot hands us its CallControl and verdicts
@@ -199,17 +200,6 @@ def bot_listens_for_voicemail(parameters: Mapping[str, str]) -> bool:
     )
 
 
-class SilenceAwareVoicemailDetector(VoicemailDetector):
-    """Pipecat's detector, which decides only after hearing something; a callee who says
-    nothing would have the bot's opening held back for good. `assume_person` decides
-    "conversation" when nothing was heard (a person waiting for us to speak), through the
-    detector's own decision step (a protected method: Pipecat has no public one)."""
-
-    async def assume_person(self) -> None:
-        if not self._decision and not self._transcript:
-            await self._decide("conversation")
-
-
 class GreetingCheck:
     """One dial-out's `machine_detection: "bot"`: Pipecat's `VoicemailDetector` listens
     to what the callee says first and asks `classifier` (the LLM, or keywords offline:
@@ -235,7 +225,7 @@ class GreetingCheck:
     ):
         self.call_sid = call_sid
         self.requested = bot_listens_for_voicemail(parameters)
-        self.detector: SilenceAwareVoicemailDetector | None = None
+        self.detector: VoicemailDetector | None = None
         self.gate: FrameProcessor | None = None
         self.verdict: str | None = None
         self._silent_after_s = silent_after_s
@@ -245,7 +235,7 @@ class GreetingCheck:
         self._records: CallLog | None = None
         self._tasks: set[asyncio.Task] = set()
         if self.requested:
-            self.detector = SilenceAwareVoicemailDetector(
+            self.detector = VoicemailDetector(
                 classifier=classifier_factory(),
                 voicemail_response_delay=MESSAGE_AFTER_SILENCE_S,
             )
@@ -290,10 +280,10 @@ class GreetingCheck:
         transcript has so far (a greeting is transcribed only once it pauses)."""
         self._callee_spoke = True
 
-    async def _silent_callee(self, detector: SilenceAwareVoicemailDetector) -> None:
+    async def _silent_callee(self, detector: VoicemailDetector) -> None:
         await asyncio.sleep(self._silent_after_s)
         if not self._callee_spoke:
-            await detector.assume_person()
+            await assume_conversation(detector)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
