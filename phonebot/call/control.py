@@ -173,9 +173,7 @@ class CallControl:
             await send(TTSSpeakFrame(line))
         await self._wait_played(line, timeout_s, send)
 
-    async def _wait_played(
-        self, text: str, timeout_s: float | None = None, send: Send | None = None
-    ) -> None:
+    async def _wait_played(self, text: str, timeout_s: float | None, send: Send) -> None:
         # Whatever is queued ahead of the closing line plays first; bound the wait by the
         # call's own limit on one utterance (~15 characters a second) plus slack.
         budget = 2 * len(text) / 15 + 2 * PLAYOUT_SLACK_S
@@ -187,7 +185,7 @@ class CallControl:
         echoed = self._playout.expect_mark(PLAYOUT_MARK)
         mark = {"event": "mark", "streamSid": self._call.stream_sid, "mark": {"name": PLAYOUT_MARK}}
         # Not urgent: it must queue behind any audio the output transport still holds.
-        await (send or self._worker.queue_frame)(OutputTransportMessageFrame(message=mark))
+        await send(OutputTransportMessageFrame(message=mark))
         try:
             await asyncio.wait_for(echoed.wait(), max(1.0, deadline - time.monotonic()))
         except TimeoutError:

@@ -40,6 +40,8 @@ from pipecat.processors.aggregators.llm_context import LLMContext, LLMContextMes
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.services.llm_service import LLMService
 
+from phonebot.agents.agent import said_any
+from phonebot.agents.analysis import message_text
 from phonebot.ai.offline.menus import PERSON_CUES, TRANSFER_CUES
 from phonebot.call.barge_in import vad_params
 from phonebot.call.control import EndReason
@@ -51,6 +53,8 @@ if TYPE_CHECKING:
 # A menu's pauses between options ("For sales, press 1. … For billing, press 2.") are
 # longer than a person's between words: Pipecat's navigator waits 2 s of silence there.
 MENU_SILENCE_S = 2.0
+# How a person's first words after "please hold" begin, besides PERSON_CUES ("this is").
+GREETING_WORDS = ("hello", "hi", "hey")
 # The navigation's stages: the callee's first words are classified (LISTENING); a menu is
 # navigated (NAVIGATING); the menu said it is putting us through (HOLDING, until the person
 # speaks); the agent talks (TALKING); or the bot gave up (FAILED).
@@ -184,8 +188,7 @@ class MenuNavigation:
         messages = self._context.get_messages() if self._context is not None else []
         for message in reversed(messages):
             if isinstance(message, dict) and message.get("role") == "user":
-                content = message.get("content")
-                return content if isinstance(content, str) else None
+                return message_text(message.get("content")) or None
         return None
 
     async def _queue(self, *frames) -> None:
@@ -213,8 +216,4 @@ def words_after_transfer(heard: str) -> str:
         default=None,
     )
     after = "" if last is None else " ".join(sentences[last + 1 :])
-    lowered = f" {after.lower()} "
-    person = any(cue in lowered for cue in PERSON_CUES) or any(
-        f" {word}" in lowered for word in ("hello", "hi ", "hi,", "hey")
-    )
-    return after if person else ""
+    return after if said_any((*PERSON_CUES, *GREETING_WORDS), after) else ""

@@ -38,6 +38,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from phonebot.agents.agent import Agent, opening_line
+from phonebot.call.tasks import CallTasks
 from phonebot.pipecat_compat import assume_conversation
 from phonebot.twilio.amd import AMD_BY_BOT, AMD_PARAMETER, AMD_REQUESTED, MACHINE_ANSWERS
 
@@ -233,7 +234,7 @@ class GreetingCheck:
         self._control: CallControl | None = None
         self._agent: Agent | None = None
         self._records: CallLog | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = CallTasks()  # the silence wait, and a message being left
         if self.requested:
             self.detector = VoicemailDetector(
                 classifier=classifier_factory(),
@@ -249,12 +250,11 @@ class GreetingCheck:
     def start(self) -> None:
         """The call is up: a callee still silent after `silent_after_s` is a person."""
         if self.detector is not None:
-            self._spawn(self._silent_callee(self.detector))
+            self._tasks.spawn(self._silent_callee(self.detector))
 
     def stop(self) -> None:
         """The call is over: stop a message still being left (the callee hung up)."""
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel_all()
 
     async def on_person(self, processor: FrameProcessor) -> None:
         self._decided(BOT_HUMAN_VERDICT)
@@ -263,7 +263,7 @@ class GreetingCheck:
         """The greeting is over: leave the message in a task of our own (cancelled with the
         call; Pipecat waits for its handler's task when the pipeline is torn down)."""
         self._decided(BOT_MACHINE_VERDICT)
-        self._spawn(self._leave_message(processor))
+        self._tasks.spawn(self._leave_message(processor))
 
     async def _leave_message(self, processor: FrameProcessor) -> None:
         """Through the detector: it holds back everything from before it now."""
@@ -284,11 +284,6 @@ class GreetingCheck:
         await asyncio.sleep(self._silent_after_s)
         if not self._callee_spoke:
             await assume_conversation(detector)
-
-    def _spawn(self, coroutine) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _decided(self, verdict: str) -> None:
         if self.verdict is not None:

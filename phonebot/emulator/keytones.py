@@ -75,27 +75,29 @@ class KeyToneListener:
         self.rate = rate
         self._key: str | None = None
         self._run = 0
+        self._began = 0  # the first sample of the current run of frames
         self._reported = False
 
-    def feed(self, frame: np.ndarray) -> str | None:
-        """The key whose press this frame confirms (once per press), else None."""
+    def feed(self, frame: np.ndarray, at: int) -> tuple[float, str] | None:
+        """The press this frame confirms (once per press): when it began, in seconds, and
+        its key; else None. `at` is the frame's first sample on the track."""
         key = key_in_frame(frame, self.rate)
         if key != self._key:
-            self._key, self._run, self._reported = key, 0, False
+            self._key, self._run, self._began, self._reported = key, 0, at, False
         if key is None:
             return None
         self._run += 1
         if self._run >= FRAMES_FOR_A_PRESS and not self._reported:
             self._reported = True
-            return key
+            return self._began / self.rate, key
         return None
 
 
 def keys_in(audio: np.ndarray, rate: int, frame_samples: int) -> list[tuple[float, str]]:
     """Every key press in `audio`, with when it began (seconds)."""
-    listener, presses = KeyToneListener(rate), []
-    for start in range(0, len(audio) - frame_samples + 1, frame_samples):
-        key = listener.feed(audio[start : start + frame_samples])
-        if key is not None:
-            presses.append(((start - (FRAMES_FOR_A_PRESS - 1) * frame_samples) / rate, key))
-    return presses
+    listener = KeyToneListener(rate)
+    presses = (
+        listener.feed(audio[start : start + frame_samples], start)
+        for start in range(0, len(audio) - frame_samples + 1, frame_samples)
+    )
+    return [press for press in presses if press is not None]

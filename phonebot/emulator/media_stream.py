@@ -53,7 +53,7 @@ from phonebot.emulator.errors import (
     StreamConnectError,
 )
 from phonebot.emulator.ids import new_account_sid, new_call_sid, new_stream_sid
-from phonebot.emulator.keytones import FRAMES_FOR_A_PRESS, KeyToneListener
+from phonebot.emulator.keytones import KeyToneListener
 from phonebot.emulator.result import (
     CallEvent,
     CallResult,
@@ -722,10 +722,9 @@ class MediaStreamCaller:
     def _scan_bot_frame(self) -> None:
         start = self._bot_scanned * FRAME
         level = self._bot_track.rms(start, start + FRAME)
-        if key := self._bot_keys.feed(self._bot_track.view(start, start + FRAME)):
-            t = (start - (FRAMES_FOR_A_PRESS - 1) * FRAME) / RATE
-            self.result.bot_dtmf.append((t, key))
-            self._emit("bot_dtmf", t=t, digit=key)
+        if press := self._bot_keys.feed(self._bot_track.view(start, start + FRAME), start):
+            self.result.bot_dtmf.append(press)
+            self._emit("bot_dtmf", t=press[0], digit=press[1])
         started, ended = self._bot_vad.feed_level(start, start + FRAME, level)
         self._bot_scanned += 1
         if ended is not None:

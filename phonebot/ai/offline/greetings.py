@@ -11,7 +11,6 @@ expects a reply: it is a conversation, which the agent answers with who it is an
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,8 @@ from pipecat.classifiers.base_classifier import (
     ClassifierResult,
 )
 from pipecat.metrics.metrics import LLMTokenUsage
+
+from phonebot.agents.agent import said_any
 
 VOICEMAIL_CUES = (
     "you've reached",
@@ -47,8 +48,7 @@ CONVERSATION, VOICEMAIL = "conversation", "voicemail"
 
 
 def sounds_like_voicemail(transcript: str) -> bool:
-    text = " ".join(re.sub(r"[^a-z' ]", " ", transcript.lower().replace("’", "'")).split())
-    return any(cue in text for cue in VOICEMAIL_CUES)
+    return said_any(VOICEMAIL_CUES, transcript)
 
 
 class KeywordGreetingClassifier(BaseClassifier):

@@ -171,13 +171,13 @@ def navigate(goal: str, heard: Sequence[str]) -> str:
         if any(cue in latest for cue in TRANSFER_CUES + PERSON_CUES):
             return "<ivr>completed</ivr>"
         return "<ivr>wait</ivr>"
-    if sum(menu_options(_plain(text)) == options for text in heard) >= SAME_MENU_LIMIT:
+    offers = [o for o in (menu_options(_plain(text)) for text in heard) if o]
+    if sum(offer == options for offer in offers) >= SAME_MENU_LIMIT:
         return "<ivr>stuck</ivr>"
     best = best_option(goal, options)
     if best is None:
         # The same menu may come back transcribed a little differently: three readings of
         # options with nothing near the goal are as stuck as three identical ones.
-        offers = [o for o in (menu_options(_plain(text)) for text in heard) if o]
         recent = offers[-SAME_MENU_LIMIT:]  # the latest menus: earlier progress counts
         missed = len(recent) == SAME_MENU_LIMIT and all(
             best_option(goal, o) is None for o in recent
