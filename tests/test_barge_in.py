@@ -286,15 +286,27 @@ async def test_line_hiss_and_a_cough_do_not_cut_the_bot_off(server, twilio) -> N
 
 class MediaClock(MediaStreamCaller):
     """The emulator's caller, noting when each bot `media` message arrives (its own record
-    only counts the media that trail a `clear` without a pause, `ClearRecord.late_media`)."""
+    only counts the media that trail a `clear` without a pause, `ClearRecord.late_media`)
+    and how many had arrived before each `clear`: order, not time, says which came first
+    (a `ClearRecord`'s time is rounded down to its sample, so a media message read just
+    before the `clear`, in the same 125 µs, would look later than it)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.media_at: list[float] = []
+        self.media_before_clear: list[int] = []
 
     def _on_media(self, data: dict) -> None:
         self.media_at.append(self.now)
         super()._on_media(data)
+
+    def _on_clear(self, data: dict) -> None:
+        self.media_before_clear.append(len(self.media_at))
+        super()._on_clear(data)
+
+    def first_media_after(self, clear: int) -> float:
+        """When the first bot media message after the `clear`-th `clear` arrived."""
+        return self.media_at[self.media_before_clear[clear]]
 
 
 async def test_no_bot_media_follows_a_clear_until_the_bots_next_turn(server, twilio):  # noqa: F811
@@ -321,10 +333,14 @@ async def test_no_bot_media_follows_a_clear_until_the_bots_next_turn(server, twi
     ]
     result = await caller.run(script)
 
-    barge_ins = [c for c in result.clears if c.caller_onset is not None and c.dropped > 0]
+    barge_ins = [
+        (index, clear)
+        for index, clear in enumerate(result.clears)
+        if clear.caller_onset is not None and clear.dropped > 0
+    ]
     assert len(barge_ins) == 2, result.clears  # both times the bot was cut off
-    for clear in barge_ins:
+    for index, clear in barge_ins:
         said_end = next(end for start, end in result.caller_segments if start <= clear.t < end)
-        answer_at = min(t for t in caller.media_at if t > clear.t)
+        answer_at = caller.first_media_after(index)
         assert answer_at > said_end, f"bot media {answer_at - clear.t:.2f} s after {clear}"
     assert len(result.bot_utterances) >= 3  # and the bot did answer each time
