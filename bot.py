@@ -23,7 +23,7 @@ from phonebot.call.serve import serve_call
 from phonebot.config import get_settings
 from phonebot.ops.logs import mask_secrets
 from phonebot.records.service import session_records
-from phonebot.state import AmdVerdicts, build_state
+from phonebot.state import AmdVerdicts, TransferVerdicts, build_state
 
 
 async def bot(runner_args: RunnerArguments) -> None:
@@ -51,7 +51,10 @@ async def bot(runner_args: RunnerArguments) -> None:
     try:
         async with session_records(settings) as records:
             verdicts = AmdVerdicts(shared) if shared is not None else None
-            deps = CallDeps(records=records, verdicts=verdicts)
+            # A warm transfer needs the shared state too: the person's verdict reaches the
+            # webhook server's processes, or another session.
+            transfers = TransferVerdicts(shared) if shared is not None else None
+            deps = CallDeps(records=records, verdicts=verdicts, transfers=transfers)
             await serve_call(websocket, settings, handshake=handshake, deps=deps)
     finally:
         if shared is not None:

@@ -133,6 +133,23 @@ def tone(
     return array_to_pcm16(amplitude * np.sin(2 * np.pi * frequency * t))
 
 
+# A slow major arpeggio, each note fading in and out: calm, unmistakably "please hold", and
+# made here (no music file to license or ship). Quiet, so the line doesn't shout at a caller.
+HOLD_NOTES_HZ = (261.63, 329.63, 392.00, 523.25, 392.00, 329.63)
+HOLD_NOTE_S = 0.5
+HOLD_AMPLITUDE = 0.12
+
+
+def hold_music(sample_rate: int = TWILIO_SAMPLE_RATE) -> bytes:
+    """One loop (3 s) of the hold music a caller hears while the bot calls a person
+    (phonebot.call.warm_transfer), as 16-bit PCM."""
+    n = round(HOLD_NOTE_S * sample_rate)
+    envelope = np.sin(np.pi * np.arange(n) / n) ** 2  # no clicks between notes
+    t = np.arange(n) / sample_rate
+    notes = [HOLD_AMPLITUDE * envelope * np.sin(2 * np.pi * hz * t) for hz in HOLD_NOTES_HZ]
+    return array_to_pcm16(np.concatenate(notes))
+
+
 def _wav_samples(raw: bytes, sample_width: int) -> np.ndarray:
     """Frames of a PCM WAV (8/16/24/32-bit) → float64 in [-1, 1), all channels interleaved."""
     if sample_width == 1:

@@ -116,6 +116,22 @@ class Settings(BaseSettings):
     transfer_failed_phrase: str = (
         "I'm sorry, I couldn't connect you right now. Let's keep going: how can I help?"
     )
+    # Warm transfer (phonebot.call.warm_transfer, docs/call-control.md): "warm" puts the
+    # caller on hold, calls the person, briefs them and connects them only if they accept
+    # (the LLM may also ask for it per transfer); "cold" hands the caller over at once.
+    transfer_mode: Literal["cold", "warm"] = "cold"
+    # How long the person's phone rings (Twilio's Timeout), then how long they have, once
+    # briefed, to press 1 (accept) or 2 (decline).
+    transfer_ring_timeout_s: int = Field(default=20, ge=5, le=600)
+    transfer_decision_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    warm_transfer_phrase: str = (
+        "Let me see if someone from our team can take your call. Please hold for a moment."
+    )
+    transfer_connecting_phrase: str = "They're here now. Connecting you."
+    transfer_declined_phrase: str = (
+        "I'm sorry, no one from our team can take your call right now. "
+        "Can I take a message for them?"
+    )
 
     # Voice and language for every call, unless the agent sets its own. TTS_VOICE is the
     # active TTS provider's voice (Cartesia voice id, OpenAI voice name, espeak voice).

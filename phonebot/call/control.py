@@ -31,6 +31,13 @@ from phonebot.agents.agent import Agent, outcome_problems
 from phonebot.call.playout import PlayoutTracker
 from phonebot.call.tasks import CallTasks
 from phonebot.call.tools import END_CALL, OPT_OUT, RECORD_OUTCOME, TRANSFER_CALL
+from phonebot.call.warm_transfer import (
+    ACCEPTED,
+    CALLER_LEFT,
+    HoldMusic,
+    WarmTransfer,
+    transfer_summary,
+)
 from phonebot.config import Settings, mask
 from phonebot.phone_numbers import E164
 from phonebot.records.call_log import CallLog
@@ -99,6 +106,7 @@ class CallControl:
         call: CallSession,
         serializer: TwilioMarkSerializer | None = None,
         records: CallLog | None = None,
+        warm: WarmTransfer | None = None,
     ):
         self._worker = worker
         self._context = context
@@ -109,6 +117,7 @@ class CallControl:
         self._serializer = serializer
         # Function calls, re-prompts and the transfer go on the call's record.
         self._records = records or CallLog(None, call.call_sid)
+        self.warm = warm  # None: no shared state to meet the person's call in, cold only
         self._unanswered_reprompts = 0
         self._ending = False
         self._tasks = CallTasks()  # the duration limit, endings and transfers under way
@@ -158,6 +167,10 @@ class CallControl:
     async def end_for_shutdown(self, phrase: str, playout_timeout_s: float) -> None:
         """The server is going away: say `phrase` and hang up, the usual way but bounded."""
         await self.end_call(phrase, EndReason.SHUTDOWN, playout_timeout_s)
+
+    async def say(self, line: str) -> None:
+        """Say `line` and return once Twilio has played it (the call goes on)."""
+        await self._say_and_wait(line)
 
     async def _say_and_wait(
         self,
@@ -234,17 +247,65 @@ class CallControl:
     # --- transfer -----------------------------------------------------------------
 
     async def transfer_call_tool(self, params: FunctionCallParams) -> None:
-        """The `transfer_call` function: hand the caller to a person, if we have one."""
+        """The `transfer_call` function: hand the caller to a person, if we have one; warm
+        (briefed first) when TRANSFER_MODE or the call's `warm` argument says so."""
         target = self._settings.transfer_target
         if target is None or self._serializer is None or self._settings.twilio_credentials is None:
             refused = {"error": "no one to transfer to; keep helping"}
             self._records.function_call(TRANSFER_CALL, params.arguments, refused)
             await params.result_callback(refused)
             return
-        result = {"status": "transferring"}
+        warm = params.arguments.get("warm")
+        warm = self._settings.transfer_mode == "warm" if warm is None else bool(warm)
+        result = {"status": "asking a person to take the call" if warm else "transferring"}
         self._records.function_call(TRANSFER_CALL, params.arguments, result)
         await params.result_callback(result, properties=FunctionCallResultProperties(run_llm=False))
+        if warm and self.warm is not None:
+            summary = transfer_summary(params.arguments.get("summary"), self._context)
+            self._tasks.spawn(self.warm_transfer(target, summary))
+            return
+        if warm:
+            logger.warning(f"Call {self._call.call_sid}: no shared state for a warm transfer; cold")
         self._tasks.spawn(self.transfer(target))
+
+    async def warm_transfer(self, target: str, summary: str) -> None:
+        """Hold the caller, ask the person (phonebot.call.warm_transfer); connect them on
+        "accepted", else tell the caller and go on (offering to take a message)."""
+        if self._ending or self._serializer is None or self.warm is None:
+            return
+        self._ending = True  # nothing else ends the call while the person is asked
+        await self._say_and_wait(self._settings.warm_transfer_phrase)
+        verdict = await self.warm.ask(target, summary, HoldMusic(self._worker.queue_frame))
+        logger.info(f"Call {self._call.call_sid}: warm transfer {verdict.outcome}")
+        if verdict.outcome == CALLER_LEFT:
+            return
+        if verdict.outcome == ACCEPTED and await self._connect_warm():
+            return
+        self._ending = False
+        await self._worker.queue_frames([TTSSpeakFrame(self._settings.transfer_declined_phrase)])
+
+    async def _connect_warm(self) -> bool:
+        """Into the person's room; False (the caller stays with the bot) if Twilio failed."""
+        assert self.warm is not None and self._serializer is not None
+        await self._say_and_wait(self._settings.transfer_connecting_phrase)
+        self._serializer.keep_call_on_end()
+        self.note_end(EndReason.TRANSFER)
+        try:
+            await self.warm.connect()
+        except TwilioUnavailable as error:
+            logger.warning(f"Call {self._call.call_sid}: could not join the person: {error}")
+            await self.warm.hang_up_person()  # not left waiting in the room alone
+            self._serializer.keep_call_on_end(False)
+            self.end_reason = None
+            return False
+        await self._worker.queue_frame(EndFrame(reason=EndReason.TRANSFER))
+        return True
+
+    async def call_over(self) -> None:
+        """The call's pipeline has ended: a caller who hung up on hold stops the person's
+        phone ringing (and tells their call)."""
+        if self.warm is not None:
+            await self.warm.caller_left()
 
     async def transfer(self, target: str) -> None:
         """Say the hand-off line, put `<Dial>` on the call, and leave the caller connected.
@@ -280,7 +341,8 @@ class CallControl:
         self._unanswered_reprompts = 0
 
     async def on_caller_silent(self) -> None:
-        """Re-prompt, and after MAX_REPROMPTS unanswered re-prompts say goodbye."""
+        """Re-prompt, and after MAX_REPROMPTS unanswered re-prompts say goodbye (never to a
+        caller on hold: `_ending` is set while a warm transfer asks)."""
         if self._ending:
             return
         if self._unanswered_reprompts >= self._settings.max_reprompts:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from phonebot.call.control import CallControl
     from phonebot.ops.metrics import Metrics
     from phonebot.records.writer import RecordWriter
-    from phonebot.state import AmdVerdicts
+    from phonebot.state import AmdVerdicts, TransferVerdicts
 
 
 class Agents(Protocol):
@@ -57,13 +57,17 @@ class CallDeps:
     verdicts arrive, `metrics` the app's /metrics, `analyses` where post-call analyses run
     (None: the call awaits its own once it has ended, as in Pipecat Cloud's `bot()`),
     `http` the process's HTTP connection pool its AI services and analysis share (None:
-    each builds its own client).
+    each builds its own client). `transfers` is where warm transfers' verdicts meet
+    (None: no warm transfer, a cold one instead) and `base_url` this server as Twilio
+    reaches it (a warm transfer's person is called through its webhook; None: PUBLIC_URL).
     """
 
     agents: Agents | None = None
     records: RecordWriter | None = None
     calls: CallRegistry | None = None
     verdicts: AmdVerdicts | None = None
+    transfers: TransferVerdicts | None = None
+    base_url: str | None = None
     metrics: Metrics | None = None
     analyses: AnalysisRunner | None = None
     http: HttpPool | None = None

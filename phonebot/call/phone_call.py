@@ -9,6 +9,8 @@ classes and Pipecat's examples read.
 
 from __future__ import annotations
 
+import asyncio
+
 from loguru import logger
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.frames.frames import ErrorFrame
@@ -42,11 +44,14 @@ from phonebot.call.provider_faults import LLM, STT, TTS, ApologyPlayer, Provider
 from phonebot.call.tools import END_CALL, OPT_OUT, RECORD_OUTCOME, TRANSFER_CALL, call_tools
 from phonebot.call.turns import TurnTimeline, TurnTimer, user_turn_params
 from phonebot.call.voicemail import AnsweringMachineScreen, GreetingCheck
+from phonebot.call.warm_transfer import Briefing, WarmTransfer
 from phonebot.config import Settings
 from phonebot.records.call_log import CallLog, ReplyLatencies
 from phonebot.records.recording import CallRecorder
 from phonebot.twilio.stream import CallSession, TwilioMarkSerializer
 
+# The longest a call's end waits to tell a warm transfer's other call about it.
+CALL_OVER_TIMEOUT_S = 5.0
 # A phone's call-screening assistant asks who is calling and why before ringing the person.
 SCREENING_STYLE = (
     "If an automated call-screening assistant answers and asks who is calling or why, "
@@ -55,8 +60,11 @@ SCREENING_STYLE = (
 )
 
 
-def system_prompt(agent: Agent, session: CallSession) -> str:
-    """The agent's instructions plus how this call opens."""
+def system_prompt(agent: Agent, session: CallSession, briefing: Briefing) -> str:
+    """The agent's instructions plus how this call opens (a warm transfer's person is only
+    briefed)."""
+    if briefing.active:
+        return briefing.instructions(agent)
     opening = opening_line(agent, session.parameters)
     if session.direction == "outbound":
         return (
@@ -95,10 +103,13 @@ class PhoneCall:
         self.recorder = recorder
         self.deps = deps or CallDeps()
         call_sid = session.call_sid
-        instructions = {"role": "system", "content": system_prompt(agent, session)}
+        # The person a warm transfer calls is briefed, and offered no transfer of their own.
+        self.briefing = Briefing(session.parameters, settings, self.deps.transfers)
+        instructions = {"role": "system", "content": system_prompt(agent, session, self.briefing)}
+        transfers_to = None if self.briefing.active else serializer
         self.context = LLMContext(
             messages=[instructions],
-            tools=ToolsSchema(standard_tools=call_tools(settings, serializer, agent)),
+            tools=ToolsSchema(standard_tools=call_tools(settings, transfers_to, agent)),
         )
         # A dial-out with a goal first gets through the phone menu that answers (its stage
         # sits in the LLM's place; without a goal, the stage is the LLM).
@@ -129,15 +140,9 @@ class PhoneCall:
         self.worker = call_pipeline(self)  # the parts above in order; the parts below need it
         self.call_log = CallLog(self.deps.records, call_sid)  # the call's record
         self.control = CallControl(
-            self.worker,
-            self.context,
-            agent,
-            settings,
-            self.playout,
-            session,
-            serializer,
-            records=self.call_log,
-        )
+            self.worker, self.context, agent, settings, self.playout, session, serializer,
+            records=self.call_log, warm=self._warm_transfer(),
+        )  # fmt: skip
         self.faults = ProviderFaults(
             call_sid,
             services,
@@ -148,11 +153,24 @@ class PhoneCall:
             self.deps.metrics,
         )
         opening = opening_line(agent, session.parameters)
+        opening = self.briefing.opening(agent) if self.briefing.active else opening
         self.opener = CallOpener(self.worker, opening, session.direction, settings)
+        self.briefing.bind(call_sid, self.worker, self.control, serializer)
         self.navigation.bind(self.worker, self.control, self.context)
         self.greeting_check.bind(self.control, agent, self.call_log)
         self.reply_latencies = ReplyLatencies(self.timeline.logged)  # for the transcript
         self._register_handlers()
+
+    def _warm_transfer(self) -> WarmTransfer | None:
+        """The caller's side of warm transfers, when the person's call can reach it: the
+        shared verdicts and this server's address (PUBLIC_URL, or the stream's host)."""
+        base_url = self.deps.base_url or self.settings.public_url
+        if self.deps.transfers is None or not base_url or self.briefing.active:
+            return None
+        return WarmTransfer(
+            self.settings, self.session, self.agent, self.deps.transfers, base_url,
+            self.call_log, self.screen.gate.set_muted,
+        )  # fmt: skip
 
     def _register_handlers(self) -> None:
         """The functions the LLM may call and the Pipecat events the call answers, all here."""
@@ -189,9 +207,20 @@ class PhoneCall:
         try:
             await runner.run()
         finally:
+            await self._call_over()
             analysis = self._finish()
         if analysis is not None:  # no app to run it in the background: now, the call over
             await analysis.run()
+
+    async def _call_over(self) -> None:
+        """Tell the other call of a warm transfer under way that this one has ended (never
+        holding up the teardown for long: the shared state may be slow or down)."""
+        try:
+            async with asyncio.timeout(CALL_OVER_TIMEOUT_S):
+                await self.briefing.call_over()
+                await self.control.call_over()
+        except Exception as error:  # noqa: BLE001 (the call is over whatever happens)
+            logger.warning(f"Call {self.session.call_sid}: transfer not told of the end: {error}")
 
     def _finish(self) -> PostCallAnalysis | None:
         """Cancel the call's timers and tasks; log and record how it ended; start its
@@ -201,6 +230,7 @@ class PhoneCall:
         if self.deps.calls is not None:
             self.deps.calls.discard(self.session.call_sid)
         self.opener.stop()
+        self.briefing.stop()
         self.navigation.stop()
         self.greeting_check.stop()
         self.screen.stop()
@@ -256,6 +286,7 @@ class PhoneCall:
         goal, first listen for a menu: the opener only speaks to a silent callee)."""
         self.navigation.start()
         self.greeting_check.start()
+        self.briefing.start()
         await self.opener.start()
 
     async def on_client_disconnected(self, transport: BaseTransport, client: object) -> None:

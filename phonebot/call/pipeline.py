@@ -34,6 +34,7 @@ def call_pipeline(call: PhoneCall) -> PipelineWorker:
             call.screen.gate,  # answering-machine screening (dial-outs that ask for it)
             services.stt,
             *([checking.detector] if checking.detector else []),  # machine_detection "bot"
+            *([call.briefing.keys] if call.briefing.keys else []),  # a warm transfer's 1 / 2
             keypad_aggregator([*call.agent.keypad, *call.agent.menu]),  # declared: at once
             call.user_aggregator,
             InputAudioStop(),  # nothing after the user aggregator listens to the caller

@@ -32,9 +32,21 @@ TRANSFER_TOOL = FunctionSchema(
     name=TRANSFER_CALL,
     description=(
         "Connect the caller to a person on our team, when they ask for a human or you "
-        "cannot help. The hand-off line is spoken for you; say nothing else."
+        "cannot help. The hand-off line is spoken for you; say nothing else. A warm "
+        "transfer holds the caller while the person is called and told `summary` first; "
+        "if they can't take it, you are back with the caller to take a message."
     ),
-    properties={},
+    properties={
+        "summary": {
+            "type": "string",
+            "description": "One or two sentences for the person: who is calling and what "
+            "they need.",
+        },
+        "warm": {
+            "type": "boolean",
+            "description": "Brief the person before connecting (default: the agent's setting).",
+        },
+    },
     required=[],
 )
 OPT_OUT_TOOL = FunctionSchema(

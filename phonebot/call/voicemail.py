@@ -80,6 +80,10 @@ class AmdGate(FrameProcessor):
     def unmute(self) -> None:
         self._muted = False
 
+    def set_muted(self, muted: bool) -> None:
+        """Also a caller on hold (phonebot.call.warm_transfer): what they say is no turn."""
+        self._muted = muted
+
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if self._muted and isinstance(frame, InputDTMFFrame):

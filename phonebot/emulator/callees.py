@@ -19,7 +19,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from phonebot.audio import TWILIO_SAMPLE_RATE, tone
-from phonebot.emulator.script import Hangup, Menu, Pause, Speak, Step, WaitForBot, WaitForHangup
+from phonebot.emulator.script import (
+    Dtmf,
+    Hangup,
+    Menu,
+    Pause,
+    Speak,
+    Step,
+    WaitForBot,
+    WaitForHangup,
+)
 
 # What an unanswered call ends as, Twilio's final CallStatus
 # (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
@@ -56,7 +65,19 @@ MENU_GREETING = "Thank you for calling Acme Outdoor."
 TRANSFERRING = "Please hold while I transfer you."
 BILLING_PERSON = "Billing, this is Sam speaking."
 HOLD_S = 3.0  # between "please hold" and the person: longer than a menu's 2 s turn silence
-KINDS = (*CONVERSATIONS, "voicemail", "screening", "silent", *MENUS, *UNANSWERED)
+# The person a warm transfer rings: hears the bot's briefing, then presses 1 to take the
+# call (the server moves them into the conference: the stream ends) or 2 to decline.
+# "no-answer" plays the one who lets it ring.
+TRANSFER_KEYS = {"transfer-accept": "1", "transfer-decline": "2"}
+KINDS = (
+    *CONVERSATIONS,
+    "voicemail",
+    "screening",
+    "silent",
+    *MENUS,
+    *TRANSFER_KEYS,
+    *UNANSWERED,
+)
 # The default rule: a number's last digit picks its behaviour.
 LAST_DIGIT_RULE: dict[str, str] = {
     "0": "interested",
@@ -146,11 +167,25 @@ class Callee:
             return [Pause(SILENT_CALL_S)]
         if self.kind in MENUS:
             return [menu_script(self.kind)]
+        if self.kind in TRANSFER_KEYS:
+            return transfer_script(TRANSFER_KEYS[self.kind])
         steps: list[Step] = [spoken(HELLO), WaitForBot(timeout=BOT_TURN_TIMEOUT_S)]
         lines = CONVERSATIONS[self.kind]
         for line in lines[:-1]:
             steps += [spoken(line), WaitForBot(timeout=BOT_TURN_TIMEOUT_S, require=False)]
         return [*steps, spoken(lines[-1]), WaitForHangup(timeout=HANGUP_TIMEOUT_S)]
+
+
+def transfer_script(key: str) -> list[Step]:
+    """The person a warm transfer rings: "Hello?", the bot's briefing, `key`, and then the
+    end of the stream: the server moves the call into the conference (a REST redirect,
+    which ends the wait as a hang-up) or hangs up."""
+    return [
+        spoken(HELLO),
+        WaitForBot(timeout=BOT_TURN_TIMEOUT_S),
+        Dtmf(key),
+        WaitForHangup(timeout=HANGUP_TIMEOUT_S),
+    ]
 
 
 def menu_script(kind: str) -> Menu:

@@ -7,6 +7,7 @@ and `create_async()` parse it as they would a real answer.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -17,6 +18,7 @@ from phonebot.emulator.twiml import TwiML
 if TYPE_CHECKING:
     from phonebot.emulator.media_stream import MediaStreamCaller
     from phonebot.emulator.result import CallResult
+    from phonebot.emulator.script import Step
 
 API_VERSION = "2010-04-01"
 ACTIVE_STATUSES = frozenset({"queued", "ringing", "in-progress"})
@@ -52,8 +54,11 @@ def utcnow() -> datetime:
 class EmulatedCall:
     """One call the emulator knows: created via REST (outbound) or registered (inbound).
 
-    `result` is the media stream's `CallResult` once the stream ends; `error` says why
-    answering failed (webhook error, TwiML without a stream, script failure).
+    `result` is the media stream's `CallResult` once the stream ends (the last one's, when
+    a redirect opened another: `streams` has every stream's caller, in order); `error` says
+    why answering failed (webhook error, TwiML without a stream, script failure).
+    `conference` names the room the call is in (phonebot.emulator.conference), and
+    `later_scripts` are what the caller says on its next streams (`register_call(then=)`).
     """
 
     sid: str
@@ -73,6 +78,9 @@ class EmulatedCall:
     dialed: list[str] = field(default_factory=list)
     status_callbacks_sent: int = 0  # the next callback's SequenceNumber
     caller: MediaStreamCaller | None = None
+    streams: list[MediaStreamCaller] = field(default_factory=list)
+    later_scripts: list[Sequence[Step]] = field(default_factory=list)
+    conference: str | None = None
     result: CallResult | None = None
     error: str | None = None
     exception: BaseException | None = None

@@ -36,7 +36,7 @@ from phonebot.agents.loader import agent_hints
 from phonebot.audio import TWILIO_SAMPLE_RATE, tone
 from phonebot.config import SHIPPED_AGENTS_DIR, mask
 from phonebot.emulator.callees import KINDS as CALLEE_KINDS
-from phonebot.emulator.callees import Callee
+from phonebot.emulator.callees import Callee, CalleeBook
 from phonebot.emulator.errors import (
     EmulatorError,
     NoBotAudioError,
@@ -91,6 +91,14 @@ def _param(text: str) -> tuple[str, str]:
     return name, value
 
 
+def _number_kind(text: str) -> tuple[str, str]:
+    """`--number NUMBER=KIND`: a number the bot may call, played by a scripted callee."""
+    number, kind = _param(text)
+    if kind not in CALLEE_KINDS:
+        raise argparse.ArgumentTypeError(f"{kind!r} is not one of {', '.join(CALLEE_KINDS)}")
+    return number, kind
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m phonebot.call",
@@ -140,6 +148,15 @@ def _add_call_options(call: argparse._ArgumentGroup) -> None:
         choices=CALLEE_KINDS,
         help="dial-out: the called number is a scripted callee instead of the caller steps "
         "(e.g. opt-out, voicemail, busy; see docs/emulator.md)",
+    )
+    call.add_argument(
+        "--number",
+        action="append",
+        type=_number_kind,
+        default=[],
+        metavar="NUMBER=KIND",
+        help="dial-in: a number the bot may call during the call (a warm transfer's "
+        "TRANSFER_TARGET), played by a scripted callee, e.g. +12025550177=transfer-accept",
     )
     call.add_argument(
         "--rest-port",
@@ -579,7 +596,8 @@ async def start_rest(
 async def run_dial_in(
     args: argparse.Namespace, env: Env, server: str, script: list[Step], printer: TranscriptPrinter
 ) -> CallResult:
-    rest = await start_rest(args, env, server, required=False)
+    callees = CalleeBook(dict(args.number), rule=None) if args.number else None
+    rest = await start_rest(args, env, server, required=bool(callees), callees=callees)
     try:
         account_sid = rest.account_sid if rest else env.account_sid
         call = await dial_in(

@@ -9,7 +9,9 @@ Point the server's Twilio client at `emulator.base_url` (`TWILIO_API_BASE_URL`) 
   `on_answer(call, caller)`, which decides what the callee says.
 - `POST …/Calls/{CallSid}.json` updates it: `Status=completed` stops the media stream the
   way Twilio does (`stop`, then close); new `Twiml`/`Url` (e.g. a `<Dial>` transfer) ends
-  the stream and is recorded.
+  the stream and is recorded. A `<Dial><Conference>` puts the call in that room
+  (`conferences`, phonebot.emulator.conference) where it stays, live, until the room drops
+  it, it is redirected again or it is completed: a warm transfer.
 - `GET …/Calls/{CallSid}.json` fetches it.
 
 The called numbers behave as `outcomes` says: `{"+15551234567": "busy"}` makes that
@@ -33,7 +35,7 @@ import base64
 import binascii
 import hmac
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import format_datetime
 from typing import Any
@@ -47,6 +49,7 @@ from starlette.routing import Route
 
 from phonebot.emulator.callees import Callee, CalleeBook
 from phonebot.emulator.calls import API_VERSION, EmulatedCall, twilio_error, utcnow
+from phonebot.emulator.conference import ConferenceRoom
 from phonebot.emulator.errors import (
     EmulatorError,
     NoStreamError,
@@ -56,9 +59,9 @@ from phonebot.emulator.errors import (
 from phonebot.emulator.ids import new_account_sid, new_call_sid
 from phonebot.emulator.loopback import LoopbackServer
 from phonebot.emulator.media_stream import MediaStreamCaller
-from phonebot.emulator.script import Pause
+from phonebot.emulator.script import Pause, Step
 from phonebot.emulator.signature import SharedKey
-from phonebot.emulator.twiml import TwiML, parse_twiml, stream_url_refusal
+from phonebot.emulator.twiml import ConferenceTarget, TwiML, parse_twiml, stream_url_refusal
 from phonebot.emulator.webhook import (
     local_stream_url,
     post_webhook,
@@ -139,6 +142,15 @@ def _call_form(
     )
 
 
+def _redirect_reason(twiml: TwiML) -> str:
+    """Why a redirect ended the stream, as the caller's hang-up event says it."""
+    if twiml.conference is not None:
+        return f"call redirected to <Dial><Conference> {twiml.conference.name}"
+    if twiml.dials:
+        return f"call redirected to <Dial> {', '.join(twiml.dials)}"
+    return "call redirected"
+
+
 def _rebase(url: str, base: str | None) -> str:
     """Same path and query on `base`'s scheme and host (reach the server on loopback)."""
     if not base:
@@ -164,7 +176,8 @@ class TwilioRestEmulator:
     `set_outcome`); a no-answer rings `no_answer_after` seconds (default: the call's
     `Timeout`, else Twilio's 60 s). `callees` scripts the people behind the numbers
     (outcome, AMD verdict and what they say); `outcomes`, `answered_by` given
-    explicitly and `on_answer` take precedence over it.
+    explicitly and `on_answer` take precedence over it. `conferences` holds the rooms
+    calls were put in, by name (the latest conference of each name).
     """
 
     def __init__(
@@ -207,10 +220,12 @@ class TwilioRestEmulator:
         self.callees = callees
         self.requests: list[RecordedRequest] = []
         self.calls: dict[str, EmulatedCall] = {}
+        self.conferences: dict[str, ConferenceRoom] = {}
         self.status_callbacks: list[StatusCallback] = []
         self.faults: list[Fault] = []
         self._created: asyncio.Queue[EmulatedCall] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
         self.app = Starlette(routes=self._routes())
         self._server = LoopbackServer(self._asgi, host, port, interface="asgi3")
 
@@ -226,7 +241,12 @@ class TwilioRestEmulator:
         return self
 
     async def stop(self) -> None:
-        """Hang up live streams, finish background work, stop serving."""
+        """Hang up live streams, finish background work, stop serving.
+
+        A call held in a conference is left as it is (in-progress, in its room) for a test
+        to look at; it gets no `completed` callback.
+        """
+        self._stopping.set()
         for call in self.calls.values():
             if call.caller is not None:
                 call.caller.request_hangup("emulator stopping", "rest")
@@ -288,13 +308,26 @@ class TwilioRestEmulator:
         from_: str,
         caller: MediaStreamCaller | None = None,
         direction: str = "inbound",
+        then: Sequence[Sequence[Step]] = (),
     ) -> EmulatedCall:
-        """Make a dial-in call known, so the server can update it (e.g. hang it up)."""
+        """Make a dial-in call known, so the server can update it (e.g. hang it up).
+
+        `then` scripts the caller's later streams, in order: what it says when a redirect
+        (e.g. back from a conference's hold) opens a new `<Connect><Stream>` for the call.
+        """
         call = EmulatedCall(call_sid, self.account_sid, to, from_, direction, caller=caller)
+        call.later_scripts.extend(then)
+        if caller is not None:
+            call.streams.append(caller)
         call.set_status("in-progress")
         call.answered.set()
         self.calls[call_sid] = call
         return call
+
+    def hang_up(self, call_sid: str, reason: str = "the caller hung up") -> None:
+        """The person on `call_sid` hangs up (a call on hold in a conference has no script
+        to do it): the call completes and leaves its room, as a hang-up does at Twilio."""
+        self._end_call(self.calls[call_sid], "completed", reason, by="caller")
 
     async def wait_for_call(self, timeout: float = 10.0) -> EmulatedCall:
         """The next call created through the REST API (in creation order)."""
@@ -508,6 +541,10 @@ class TwilioRestEmulator:
         status = record.form.get("Status")
         if status in ("completed", "canceled"):
             self._end_call(call, status)
+        elif not call.active and (record.form.get("Twiml") or record.form.get("Url")):
+            # https://www.twilio.com/docs/api/errors/21220: a call that is over can't be
+            # redirected (e.g. a caller who hung up on hold, then brought back).
+            return self._error(record, 21220, "Call is not in-progress. Cannot redirect.", 400)
         elif record.form.get("Twiml"):
             try:
                 twiml = parse_twiml(record.form["Twiml"])
@@ -525,31 +562,78 @@ class TwilioRestEmulator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _end_call(self, call: EmulatedCall, status: str) -> None:
-        """`Status=completed` hangs up any call; `canceled` only one not yet answered."""
+    def _end_call(
+        self, call: EmulatedCall, status: str, reason: str | None = None, by: str = "rest"
+    ) -> None:
+        """`Status=completed` hangs up any call; `canceled` only one not yet answered.
+        A call in a conference leaves it (which may end the room, see `_leave_conference`)."""
         if not call.active:
             return
         if status == "canceled" and call.status == "in-progress":
             return
         call.set_status(status)
+        reason = reason or f"call {status} via REST"
         if call.caller is not None:
-            call.caller.request_hangup(f"call {status} via REST", "rest")
+            call.caller.request_hangup(reason, by)
+        self._leave_conference(call, reason)
 
     def _redirect(self, call: EmulatedCall, twiml: TwiML) -> None:
-        """New TwiML for a live call: the stream ends (Twilio leaves `<Connect>`)."""
+        """New TwiML for a live call: the stream ends (Twilio leaves `<Connect>`), and so
+        does its place in a conference; a `<Dial><Conference>` puts it in that room."""
         call.twiml = twiml
         call.dialed.extend(twiml.dials)
+        self._leave_conference(call, "call redirected to new TwiML")
         if call.caller is not None:
-            reason = "call redirected" + (
-                f" to <Dial> {', '.join(twiml.dials)}" if twiml.dials else ""
-            )
-            call.caller.request_hangup(reason, "rest")
-        if twiml.stream is not None:
+            call.caller.request_hangup(_redirect_reason(twiml), "rest")
+        if twiml.stream is not None or twiml.conference is not None:
             call.caller = None  # the old stream's end must not complete the call
-        if twiml.has_hangup or not (twiml.dials or twiml.stream):
+        if twiml.conference is not None:
+            self._join_conference(call, twiml.conference)
+        elif twiml.has_hangup or not (twiml.dials or twiml.stream):
             call.set_status("completed")
         elif twiml.stream is not None:
             self._spawn(self._stream(call, twiml, webhook_url=None))
+        elif call.caller is None:
+            call.set_status("completed")  # a <Dial> from a room: no stream end will do it
+
+    # -------------------------------------------------------------- conferences
+
+    def _join_conference(self, call: EmulatedCall, target: ConferenceTarget) -> None:
+        """Put `call` in the room `target` names, opening it (again, once ended) if need be.
+
+        The call stays in-progress while in the room: Twilio's `<Dial>` holds it
+        (https://www.twilio.com/docs/voice/twiml/conference).
+        """
+        if not call.active:
+            return  # over while its TwiML was fetched: nothing to put in the room
+        room = self.conferences.get(target.name)
+        if room is None or room.ended:
+            room = self.conferences[target.name] = ConferenceRoom(target.name)
+        room.join(
+            call.sid,
+            start_on_enter=target.start_on_enter,
+            end_on_exit=target.end_on_exit,
+            wait_url=target.wait_url,
+        )
+        call.conference = target.name
+        logger.debug(f"emulated call {call.sid} joined conference {target.name!r}")
+
+    def _leave_conference(self, call: EmulatedCall, reason: str) -> None:
+        """Take `call` out of its room; complete the calls the room drops because of it.
+
+        A participant with endConferenceOnExit leaving ends the conference, and the others'
+        `<Dial>` ends: with nothing after it in their TwiML, Twilio hangs them up
+        (https://www.twilio.com/docs/voice/twiml/conference#attributes-endconferenceonexit).
+        """
+        name, call.conference = call.conference, None
+        room = self.conferences.get(name) if name is not None else None
+        if room is None:
+            return
+        for sid in room.leave(call.sid, reason):
+            dropped = self.calls.get(sid)
+            if dropped is not None:
+                dropped.conference = None
+                self._end_call(dropped, "completed", f"conference {name!r} ended")
 
     async def _redirect_to_url(self, call: EmulatedCall, url: str) -> None:
         try:
@@ -560,7 +644,12 @@ class TwilioRestEmulator:
         self._redirect(call, twiml)
 
     async def _answer(self, call: EmulatedCall, form_lists: Mapping[str, list[str]]) -> None:
-        """Ring, pick up, get the TwiML, and stream — as Twilio does after a create."""
+        """Ring, pick up, get the TwiML, and stream — as Twilio does after a create.
+
+        The `completed` callback waits for the call's end: a stream's end is not it when a
+        redirect moved the call on (into a conference, or to another stream). A call held
+        in a room is `finished` already: no stream of it runs, its result is final.
+        """
         try:
             events = self._callback_events(form_lists)
             await self._status_callback(call, "initiated", events)
@@ -569,9 +658,25 @@ class TwilioRestEmulator:
                 call.set_status(outcome)  # refused at once: it never rings
             else:
                 await self._ring(call, events, outcome)
-            await self._status_callback(call, "completed", events)
+            if call.conference is not None:
+                call.finished.set()
+            if await self._until_ended(call):
+                await self._status_callback(call, "completed", events)
         finally:
             call.finished.set()
+
+    async def _until_ended(self, call: EmulatedCall) -> bool:
+        """Until `call` is over (True), or the emulator stops first (False)."""
+        if not call.active:
+            return True
+        ended = asyncio.ensure_future(call.ended.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            stopping.cancel()
+        return not call.active
 
     async def _ring(self, call: EmulatedCall, events: set[str], outcome: str) -> None:
         """Ring; then pick up, or give up as no-answer when the call's timeout is over.
@@ -638,6 +743,9 @@ class TwilioRestEmulator:
         if twiml.stream is not None:
             await self._stream(call, twiml, webhook_url)
             return
+        if twiml.conference is not None:
+            self._join_conference(call, twiml.conference)
+            return
         call.dialed.extend(twiml.dials)
         self._fail(call, NoStreamError(f"found: {twiml.describe()}"), status="completed")
 
@@ -676,7 +784,8 @@ class TwilioRestEmulator:
 
         A stream URL Twilio would refuse (not wss://, error 31922) fails the call; the
         TwiML after `</Connect>` runs when the server closes the stream (see
-        `MediaStreamCaller`).
+        `MediaStreamCaller`). The caller's script: `on_answer`'s, else the call's next
+        `later_scripts` (`register_call(then=)`), else its callee's, else silence.
         """
         stream = twiml.require_stream()
         if refusal := stream_url_refusal(stream.url):
@@ -690,11 +799,14 @@ class TwilioRestEmulator:
             **{"after_stream": twiml.after_stream, **self.caller_options},
         )
         call.caller = caller
+        call.streams.append(caller)
         call.answered.set()
         try:
             callee = self._callee(call.to)
             if self.on_answer is not None:
                 await self.on_answer(call, caller)
+            elif call.later_scripts:
+                await caller.run(call.later_scripts.pop(0), check=False)
             elif callee is not None:
                 await caller.run(callee.script(), check=False)
             else:

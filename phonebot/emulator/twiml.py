@@ -2,8 +2,9 @@
 
 Parsed with `defusedxml` because the document comes over the network: entity expansion and
 external entities are refused. Only what the emulator acts on is modelled: the
-`<Connect><Stream>` (URL and `<Parameter>`s) it streams to, plus `<Say>`, `<Pause>`,
-`<Hangup>`, `<Dial>` and friends, reported so a test or the CLI can show them.
+`<Connect><Stream>` (URL and `<Parameter>`s) it streams to, the `<Dial><Conference>` room
+a call is put in (phonebot.emulator.conference), plus `<Say>`, `<Pause>`, `<Hangup>`,
+`<Dial>` and friends, reported so a test or the CLI can show them.
 
 Like Twilio, the emulator goes on with the verbs after `</Connect>` once the media stream
 closes (Twilio error 31921's notes; the `<Connect>` docs): `run_after_stream` makes a
@@ -46,12 +47,30 @@ class StreamTarget:
 
 
 @dataclass(frozen=True)
+class ConferenceTarget:
+    """A `<Dial><Conference>`: the room's name and how this participant takes part.
+
+    Twilio's defaults (https://www.twilio.com/docs/voice/twiml/conference#attributes):
+    `startConferenceOnEnter` true, `endConferenceOnExit` false, `waitUrl` Twilio's hold
+    music (None here), `beep` true.
+    """
+
+    name: str
+    start_on_enter: bool = True
+    end_on_exit: bool = False
+    wait_url: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TwiML:
-    """A parsed `<Response>`; `stream` is None when it has no `<Connect><Stream>`."""
+    """A parsed `<Response>`; `stream` / `conference` are None when it has no
+    `<Connect><Stream>` / `<Dial><Conference>`."""
 
     verbs: tuple[Verb, ...]
     stream: StreamTarget | None
     raw: str
+    conference: ConferenceTarget | None = None
 
     @property
     def says(self) -> list[str]:
@@ -70,12 +89,17 @@ class TwiML:
 
     @property
     def dials(self) -> list[str]:
-        """Targets of every `<Dial>`: its text, or its `<Number>`/`<Client>`/`<Sip>` children."""
+        """Targets of every `<Dial>`: its text, or its `<Number>`/`<Client>`/`<Sip>` children.
+
+        Numbers and addresses dialed only: a `<Conference>` is a room, not a party called
+        (see `conference`).
+        """
         targets: list[str] = []
         for verb in self.verbs:
             if verb.name == "Dial":
-                nested = [child.text for child in verb.children if child.text]
-                targets.extend(nested or ([verb.text] if verb.text else []))
+                nested = [c.text for c in verb.children if c.text and c.name != "Conference"]
+                room = any(c.name == "Conference" for c in verb.children)
+                targets.extend(nested or ([verb.text] if verb.text and not room else []))
         return targets
 
     @property
@@ -105,6 +129,9 @@ class TwiML:
         for verb in self.verbs:
             if verb.name == "Connect" and self.stream is not None:
                 parts.append(f"<Connect><Stream url={self.stream.url!r}>")
+                continue
+            if verb.name == "Dial" and self.conference is not None:
+                parts.append(f"<Dial><Conference {self.conference.name!r}>")
                 continue
             text = f" {verb.text[:40]!r}" if verb.text else ""
             parts.append(f"<{verb.name}>{text}")
@@ -142,6 +169,31 @@ def _find_stream(verbs: tuple[Verb, ...]) -> StreamTarget | None:
     return None
 
 
+def _flag(attributes: dict[str, str], name: str, default: bool) -> bool:
+    """A Twilio true/false attribute; anything else keeps the default (Twilio warns, e.g.
+    13232 "Invalid startConferenceOnEnter value", https://www.twilio.com/docs/errors/13232)."""
+    value = attributes.get(name, "").strip().lower()
+    return {"true": True, "false": False}.get(value, default)
+
+
+def _find_conference(verbs: tuple[Verb, ...]) -> ConferenceTarget | None:
+    """The first `<Dial><Conference>` (https://www.twilio.com/docs/voice/twiml/conference)."""
+    for verb in verbs:
+        if verb.name != "Dial":
+            continue
+        for child in verb.children:
+            if child.name == "Conference" and child.text:
+                attributes = dict(child.attributes)
+                return ConferenceTarget(
+                    name=child.text,
+                    start_on_enter=_flag(attributes, "startConferenceOnEnter", True),
+                    end_on_exit=_flag(attributes, "endConferenceOnExit", False),
+                    wait_url=attributes.get("waitUrl"),
+                    attributes=attributes,
+                )
+    return None
+
+
 def parse_twiml(text: str | bytes) -> TwiML:
     """Parse a TwiML document; `TwiMLError` if it is not XML or not a `<Response>`."""
     raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
@@ -152,7 +204,9 @@ def parse_twiml(text: str | bytes) -> TwiML:
     if _local_name(root.tag) != "Response":
         raise TwiMLError(f"TwiML root element is <{_local_name(root.tag)}>, not <Response>")
     verbs = tuple(_verb(child) for child in root)
-    return TwiML(verbs=verbs, stream=_find_stream(verbs), raw=raw)
+    return TwiML(
+        verbs=verbs, stream=_find_stream(verbs), raw=raw, conference=_find_conference(verbs)
+    )
 
 
 # --- what Twilio does after the stream -------------------------------------------------

@@ -247,6 +247,14 @@ class CallLog:
             data["duration_s"] = duration_s
         self.writer.transcript(self.call_sid, "function", name, data=data)
 
+    def transfer(self, target: str, outcome: str, data: Mapping[str, Any]) -> None:
+        """How a warm transfer went (phonebot.call.warm_transfer): the record's target and
+        result, and a `transfer` entry with the outcome and its timings."""
+        self.update(transfer_target=target, transfer_result=outcome)
+        if self.writer is not None:
+            self._write_playing()
+            self.writer.transcript(self.call_sid, "transfer", outcome, data=dict(data))
+
     def reprompt(self, text: str) -> None:
         if self.writer is not None:
             self._write_playing()

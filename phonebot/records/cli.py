@@ -189,6 +189,8 @@ def describe(entry) -> str:
     """One transcript entry as a line of a conversation."""
     if entry.kind == "keypad":
         return f"caller pressed {entry.text}"
+    if entry.kind == "transfer":
+        return f"warm transfer: {entry.text}{_transfer_timings(entry.data or {})}"
     if entry.kind == "function":
         data = entry.data or {}
         return (
@@ -204,6 +206,16 @@ def describe(entry) -> str:
     if entry.interrupted:
         line += _cut_off(entry.data or {})
     return line
+
+
+def _transfer_timings(data: dict) -> str:
+    """ "  (answered after 4.1s, decided after 9.8s)" from a transfer entry's timings."""
+    parts = [
+        f"{label} after {data[key]:.1f}s"
+        for key, label in (("answered_after_s", "answered"), ("decided_after_s", "decided"))
+        if isinstance(data.get(key), int | float)
+    ]
+    return f"  ({', '.join(parts)})" if parts else ""
 
 
 def _cut_off(data: dict) -> str:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from phonebot.records.schema import CallRecord, TranscriptEntry
 
 Direction = Literal["inbound", "outbound"]
-EntryKind = Literal["caller", "bot", "keypad", "function", "reprompt"]
+EntryKind = Literal["caller", "bot", "keypad", "function", "reprompt", "transfer"]
 
 
 class TranscriptEntryOut(BaseModel):

@@ -88,7 +88,7 @@ class TranscriptEntry(Base):
         String(64), ForeignKey("calls.call_sid", ondelete="CASCADE"), primary_key=True
     )
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    # caller, bot, keypad, function, reprompt
+    # caller, bot, keypad, function, reprompt, transfer (a warm transfer's outcome)
     kind: Mapped[str] = mapped_column(String(16))
     speaker: Mapped[str | None] = mapped_column(String(16))
     text: Mapped[str | None] = mapped_column(Text)

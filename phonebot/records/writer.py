@@ -67,7 +67,7 @@ OPTED_OUT_REASON = "opted out"
 IVR_FAILED_REASON = "ivr failed"
 # Entry kinds and who is speaking in each.
 SPEAKER = {"caller": "caller", "bot": "bot", "keypad": "caller", "function": "bot",
-           "reprompt": "bot"}
+           "reprompt": "bot", "transfer": "bot"}
 # Call-record columns `call_updated` may set.
 UPDATABLE = frozenset(
     {
@@ -195,7 +195,7 @@ class RecordWriter:
         interrupted: bool = False,
         data: dict[str, Any] | None = None,
     ) -> None:
-        """One transcript line: kind is caller, bot, keypad, function or reprompt.
+        """One transcript line: kind is caller, bot, keypad, function, reprompt or transfer.
 
         `at_s` defaults to the seconds since `call_started`; bot latencies feed the call's
         p50/p95 unless `call_ended` is given its own.

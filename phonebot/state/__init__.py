@@ -1,5 +1,6 @@
 """What every server process shares (in memory, or in Redis with REDIS_URL): replays, call
-admission leases, rate limits, the failed-key lockout, web sessions, AMD verdicts."""
+admission leases, rate limits, the failed-key lockout, web sessions, AMD and warm-transfer
+verdicts."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from phonebot.state.base import LeaseCounts, SharedState, StateUnavailable
 from phonebot.state.memory import Clock, MemoryState
 from phonebot.state.ratelimit import AuthLockout, SharedRateLimiter
 from phonebot.state.replays import ReplayGuard
-from phonebot.state.verdicts import AmdVerdicts
+from phonebot.state.verdicts import AmdVerdicts, TransferVerdicts
 
 __all__ = [
     "AmdVerdicts",
@@ -26,6 +27,7 @@ __all__ = [
     "SharedState",
     "StateUnavailable",
     "StreamGate",
+    "TransferVerdicts",
     "build_app_state",
     "build_state",
 ]
@@ -53,6 +55,7 @@ class AppState:
     replays: ReplayGuard
     dialout_limiter: SharedRateLimiter
     amd_verdicts: AmdVerdicts
+    transfer_verdicts: TransferVerdicts
     auth_lockout: AuthLockout
 
 
@@ -73,6 +76,7 @@ def build_app_state(
             settings.dialout_rate_limit_burst,
         ),
         amd_verdicts=AmdVerdicts(shared),
+        transfer_verdicts=TransferVerdicts(shared),
         auth_lockout=auth_lockout(settings, shared),
     )
 

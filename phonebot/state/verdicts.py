@@ -36,8 +36,14 @@ PREFIX = "amd:"
 GIVEN_PREFIX = "amd-given:"
 
 
-class AmdVerdicts:
-    """The app's `amd_verdicts`: `set` from the `/amd` callback, `wait` from the bot."""
+class Verdicts:
+    """One verdict per call, set on any process and awaited by the call's bot, wherever it
+    runs; see the module docstring. Subclasses name their keys and channel."""
+
+    channel = CHANNEL
+    prefix = PREFIX
+    given_prefix = GIVEN_PREFIX
+    what = "AMD verdict"  # for log lines
 
     def __init__(
         self, shared: SharedState, ttl_s: float = VERDICT_TTL_S, poll_s: float = VERDICT_POLL_S
@@ -46,7 +52,7 @@ class AmdVerdicts:
         self._ttl_s = ttl_s
         self._poll_s = poll_s
         self._waiters: dict[str, set[asyncio.Future]] = {}
-        shared.watch(CHANNEL, self._announced)
+        shared.watch(self.channel, self._announced)
 
     async def set(self, call_sid: str, answered_by: str) -> bool:
         """Record Twilio's verdict and wake the call's bot, wherever it runs; False (and
@@ -54,12 +60,16 @@ class AmdVerdicts:
 
         Raises StateUnavailable when the shared state can't be reached.
         """
-        claim = [GIVEN_PREFIX + call_sid]
+        claim = [self.given_prefix + call_sid]
         if await self._shared.claim(claim, self._ttl_s) is not None:
             return False
         try:
             await self._shared.announce(
-                PREFIX + call_sid, answered_by, self._ttl_s, CHANNEL, f"{call_sid} {answered_by}"
+                self.prefix + call_sid,
+                answered_by,
+                self._ttl_s,
+                self.channel,
+                f"{call_sid} {answered_by}",
             )
         except BaseException:
             with contextlib.suppress(StateUnavailable):  # else it expires after the TTL
@@ -69,7 +79,7 @@ class AmdVerdicts:
 
     async def get(self, call_sid: str) -> str | None:
         """The verdict recorded for a call, if any (without waiting)."""
-        return await self._shared.get(PREFIX + call_sid)
+        return await self._shared.get(self.prefix + call_sid)
 
     async def wait(self, call_sid: str, timeout: float) -> str | None:
         """The call's verdict, or None if none came within `timeout` seconds.
@@ -89,7 +99,7 @@ class AmdVerdicts:
                         return verdict
                 except StateUnavailable as error:
                     if not failing:  # once per wait, not once per poll
-                        logger.warning(f"Call {call_sid}: can't read its AMD verdict ({error})")
+                        logger.warning(f"Call {call_sid}: can't read its {self.what} ({error})")
                     failing = True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -112,3 +122,19 @@ class AmdVerdicts:
         for future in self._waiters.get(call_sid, ()):
             if not future.done():
                 future.set_result(answered_by)
+
+
+class AmdVerdicts(Verdicts):
+    """The app's `amd_verdicts`: `set` from the `/amd` callback, `wait` from the bot."""
+
+
+class TransferVerdicts(Verdicts):
+    """The app's `transfer_verdicts`: how a warm transfer went (phonebot.call.warm_transfer),
+    set by the person's call (a key pressed, a hang-up) or by Twilio's status callback for
+    it (no answer, busy), awaited by the caller's call, which may run on another process.
+    The first verdict wins, so a late "accept" after the caller gave up changes nothing."""
+
+    channel = "transfer"
+    prefix = "transfer:"
+    given_prefix = "transfer-given:"
+    what = "transfer verdict"

@@ -13,8 +13,8 @@ from phonebot.twilio.twiml import ParameterError
 CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 
 
-def check_call_sid(call_sid: str) -> str:
-    """`call_sid` if it looks like one; ParameterError names the CallSid field if not."""
+def check_call_sid(call_sid: str, field: str = "CallSid") -> str:
+    """`call_sid` if it looks like one; ParameterError names the field if not."""
     if not CALL_SID.match(call_sid):
-        raise ParameterError("CallSid", "must be CA followed by 32 hex digits")
+        raise ParameterError(field, "must be CA followed by 32 hex digits")
     return call_sid

@@ -340,6 +340,7 @@ async def create_call(
     twiml_url: str,
     amd_callback_url: str | None = None,
     status_callback_url: str | None = None,
+    ring_timeout_s: int | None = None,
     policy: RetryPolicy | None = None,
 ) -> CreatedCall:
     """`calls.create` with a TwiML URL; Twilio fetches it (signed) once the call connects.
@@ -348,12 +349,16 @@ async def create_call(
     background (the call is not held up) and POSTs its verdict there, signed. With
     `status_callback_url`, Twilio POSTs (signed) the call's progress there: initiated,
     ringing, answered, and completed with the final CallStatus (busy, no-answer, … for a
-    call that never connected; https://www.twilio.com/docs/voice/api/call-resource). Not
+    call that never connected; https://www.twilio.com/docs/voice/api/call-resource).
+    `ring_timeout_s` is how long it rings before Twilio gives up with no-answer (its
+    `Timeout`, 60 s when not given). Not
     idempotent: retried only when Twilio was never reached; the error's `detail` says
     whether the call may have been placed.
     """
     arguments: dict[str, Any] = {"to": to, "from_": from_, "url": twiml_url, "method": "POST"}
     arguments.update(amd_arguments(amd_callback_url))
+    if ring_timeout_s is not None:
+        arguments["timeout"] = ring_timeout_s
     if status_callback_url is not None:
         arguments.update(
             status_callback=status_callback_url,

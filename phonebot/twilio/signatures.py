@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from fastapi import Request
+from starlette.requests import HTTPConnection
 from twilio.request_validator import (
     HMAC_SHA1,
     HMAC_SHA256,
@@ -26,16 +27,18 @@ from twilio.request_validator import (
 from phonebot.config import Settings
 
 
-def external_base_url(request: Request, public_url: str | None = None) -> str:
+def external_base_url(request: HTTPConnection, public_url: str | None = None) -> str:
     """This server's scheme and host as the outside world (Twilio) reaches it.
 
     Behind ngrok or a reverse proxy the app sees `http://127.0.0.1:8000`, while Twilio
     uses `https://abc.ngrok.app`; the proxy tells us the outside scheme and host in
-    `X-Forwarded-Proto` / `X-Forwarded-Host`. `PUBLIC_URL`, when set, wins outright.
+    `X-Forwarded-Proto` / `X-Forwarded-Host`. `PUBLIC_URL`, when set, wins outright. On a
+    websocket (`/ws`) the address is the HTTP one its `ws`/`wss` scheme stands for.
     """
     if public_url:
         return public_url
     proto = request.headers.get("x-forwarded-proto", request.url.scheme).split(",")[0].strip()
+    proto = {"ws": "http", "wss": "https"}.get(proto, proto)
     host = request.headers.get("x-forwarded-host") or request.headers.get("host")
     host = (host or request.url.netloc).split(",")[0].strip()
     return f"{proto}://{host}"

@@ -21,12 +21,14 @@ from urllib.parse import urlsplit
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
 from phonebot.config import Settings
+from phonebot.twilio.transfer import TRANSFER_PARAMETERS
 
 LOOPBACK_NAMES = frozenset({"localhost"})
 
 # Names the server sets itself; a caller-supplied value must never override them.
 RESERVED_PARAMETERS = frozenset(
     {"token", "caller_id", "called_number", "call_type", "_pipecatCloudServiceHost"}
+    | set(TRANSFER_PARAMETERS)  # a warm transfer's person: only the server calls one
 )
 PARAMETER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 

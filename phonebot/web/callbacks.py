@@ -2,23 +2,29 @@
 
     POST /amd     its answering-machine verdict (the first one per call counts)
     POST /status  its progress and final CallStatus, recorded also for a call that never
-                  connected (busy, no-answer, ...)
+                  connected (busy, no-answer, ...); for a warm transfer's person
+                  (`?transfer_of=`), one never reached is also the transfer's verdict
 
 A callback is applied only when it moves the call forward (`phonebot.records.callbacks`).
 """
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Depends, Request, status
 from fastapi.responses import Response
 from loguru import logger
 
+from phonebot.call.warm_transfer import TransferVerdict
 from phonebot.records import Records
 from phonebot.records.callbacks import status_refusal, verdict_refusal
-from phonebot.state import CallAdmission, StateUnavailable
+from phonebot.records.writer import NOT_CONNECTED
+from phonebot.state import CallAdmission, StateUnavailable, TransferVerdicts
 from phonebot.twilio.amd import AMD_CALLBACK_PATH, ANSWERED_BY
 from phonebot.twilio.dialout import STATUS_CALLBACK_PATH, StatusCallback
 from phonebot.twilio.ids import check_call_sid
+from phonebot.twilio.transfer import TRANSFER_OF_PARAMETER
 from phonebot.twilio.twiml import ParameterError
 from phonebot.web.auth import require_twilio_signature
 from phonebot.web.services import Services
@@ -49,10 +55,32 @@ async def status_callback(request: Request, services: Services) -> Response:
     """Twilio's status callbacks for a call placed by /dialout: its progress, and its
     final CallStatus, recorded also for a call that never connected (busy, …)."""
     update = StatusCallback.from_form(await request.form())
+    caller_sid = transfer_of(request)
     # Ignored (logged) unless it moves the call on.
     if await record_status(services.records, update) and update.final:
         await end_stream_token(services.admission, update)
+        if caller_sid is not None and update.status in NOT_CONNECTED:
+            await person_not_reached(services.transfer_verdicts, caller_sid, update)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def transfer_of(request: Request) -> str | None:
+    """The caller a warm transfer's person was called for (our own `?transfer_of=` on the
+    status callback URL, covered by Twilio's signature), or None for any other call."""
+    caller_sid = request.query_params.get(TRANSFER_OF_PARAMETER)
+    if caller_sid is None:
+        return None
+    return check_call_sid(caller_sid, f"query.{TRANSFER_OF_PARAMETER}")
+
+
+async def person_not_reached(
+    verdicts: TransferVerdicts, caller_sid: str, update: StatusCallback
+) -> None:
+    """The person's phone was never answered (busy, no-answer, failed, canceled): that is
+    the warm transfer's verdict, unless it already has one."""
+    verdict = TransferVerdict(update.status, update.call_sid, at=time.time())
+    if await verdicts.set(caller_sid, verdict.encode()):
+        logger.info(f"Call {caller_sid}: warm transfer's person {update.status}")
 
 
 async def amd_verdict(request: Request) -> tuple[str, str, str]:

@@ -3,7 +3,8 @@
 A stream runs its call only once admitted: its single-use stream token verified, a slot
 free, the server not draining (`phonebot.state.StreamGate`). The call gets what it needs
 from the app's services: the record writer, the running calls (for the drain), the AMD
-verdicts, the metrics, and the jobs its post-call analysis runs in after it.
+verdicts, where warm transfers meet, the server's public address, the metrics, and the
+jobs its post-call analysis runs in after it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fastapi import APIRouter, WebSocket
 from phonebot.call.deps import CallDeps
 from phonebot.call.serve import serve_call
 from phonebot.state import StreamGate
+from phonebot.twilio.signatures import external_base_url
 from phonebot.web.services import Services
 
 router = APIRouter()
@@ -32,6 +34,8 @@ async def media_stream(websocket: WebSocket, services: Services) -> None:
             records=writer,
             calls=services.calls,
             verdicts=services.amd_verdicts,
+            transfers=services.transfer_verdicts,
+            base_url=external_base_url(websocket, services.settings.public_url),
             metrics=services.metrics,
             analyses=services.analyses,
             http=services.http,

@@ -33,6 +33,7 @@ from phonebot.state import (
     ReplayGuard,
     SharedRateLimiter,
     SharedState,
+    TransferVerdicts,
     build_app_state,
 )
 from phonebot.state.memory import Clock
@@ -60,6 +61,7 @@ class AppServices:
     replays: ReplayGuard
     dialout_limiter: SharedRateLimiter
     amd_verdicts: AmdVerdicts
+    transfer_verdicts: TransferVerdicts  # how warm transfers went (phonebot.call.warm_transfer)
     auth_lockout: AuthLockout  # failed key checks per client (phonebot.web.guards)
     records: Records  # started in the lifespan
     agents: AgentRegistry  # AGENTS_DIR, reloaded on SIGHUP and POST /agents/reload
@@ -95,6 +97,7 @@ class AppServices:
             replays=state.replays,
             dialout_limiter=state.dialout_limiter,
             amd_verdicts=state.amd_verdicts,
+            transfer_verdicts=state.transfer_verdicts,
             auth_lockout=state.auth_lockout,
             records=records if records is not None else Records(settings),
             agents=given.pop("agents", None) or AgentRegistry(settings),

@@ -26,6 +26,7 @@ from phonebot.twilio.amd import AMD_BY_BOT, AMD_PARAMETER, AMD_REQUESTED
 from phonebot.twilio.caller_id import presented_caller_id
 from phonebot.twilio.signatures import external_base_url
 from phonebot.twilio.stream_token import TOKEN_PARAMETER, call_token
+from phonebot.twilio.transfer import TRANSFER_PARAMETERS
 from phonebot.twilio.twiml import (
     ParameterError,
     busy_twiml,
@@ -188,14 +189,18 @@ def server_parameters(
     """Split the query into the caller's parameters and the ones `/dialout` set itself.
 
     `amd=1` (Twilio's AMD) and `amd=bot` (the bot listens) are ours, put on the
-    `/outbound` URL by `/dialout` (which refuses them from its own callers); Twilio's
+    `/outbound` URL by `/dialout` (which refuses them from its own callers); so are a warm
+    transfer's `transfer_of` and `transfer_summary` (phonebot.call.warm_transfer). Twilio's
     signature covers the URL, so they arrive as we wrote them. Anywhere else they are
     refused, so a webhook can't make the bot wait for a verdict that will never come.
     """
     custom = dict(query)
+    own = {name: custom.pop(name) for name in TRANSFER_PARAMETERS if name in custom}
+    if own and call_type != "outbound":
+        raise ParameterError(f"query.{next(iter(own))}", "is reserved; a warm transfer sets it")
     amd = custom.pop(AMD_PARAMETER, None)
     if amd is None:
-        return custom, {}
+        return custom, own
     if call_type != "outbound" or amd not in (AMD_REQUESTED, AMD_BY_BOT):
         raise ParameterError(f"query.{AMD_PARAMETER}", "is reserved; /dialout sets it")
-    return custom, {AMD_PARAMETER: amd}
+    return custom, {**own, AMD_PARAMETER: amd}
