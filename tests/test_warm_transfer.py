@@ -27,6 +27,7 @@ from phonebot.call.warm_transfer import (
     DECLINED,
     DECLINED_LINE,
     TransferVerdict,
+    WarmTransfer,
     transfer_summary,
 )
 from phonebot.config import Settings
@@ -42,10 +43,13 @@ from phonebot.emulator.callees import CalleeBook
 from phonebot.emulator.ids import new_call_sid
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
+from phonebot.records.call_log import CallLog
+from phonebot.state import MemoryState, TransferVerdicts
+from phonebot.twilio.stream import CallSession
 from phonebot.twilio.transfer import TRANSFER_OF_PARAMETER, TRANSFER_SUMMARY_PARAMETER
 from phonebot.twilio.twiml import ParameterError
 from phonebot.web.webhooks import server_parameters
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, shipped_agent
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings, shipped_agent
 from tests.live_server import LiveServer, closed_record, free_port, twilio_for
 from tests.test_calls import CALLER, OUR_NUMBER, call_in, dialin_opening, say, server_env
 
@@ -107,6 +111,53 @@ def hold_notes_heard(samples: np.ndarray) -> int:
         if pure and any(abs(frequency - note) <= 4 for note in HOLD_NOTES_HZ):
             heard += 1
     return heard
+
+
+@pytest.fixture
+async def rest() -> AsyncIterator[TwilioRestEmulator]:
+    async with TwilioRestEmulator(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN) as twilio:
+        yield twilio
+
+
+def caller_side(twilio: TwilioRestEmulator, transfers: TransferVerdicts) -> WarmTransfer:
+    """The caller's side of a warm transfer whose person is on the line (registered)."""
+    settings = make_settings(twilio_api_base_url=twilio.base_url)
+    session = CallSession(new_call_sid(), "MZ" + "0" * 32, {"call_type": "inbound"})
+    warm = WarmTransfer(
+        settings, session, shipped_agent("support"), transfers, "https://bot.example.com",
+        CallLog(None, session.call_sid), mute=lambda muted: None,
+    )  # fmt: skip
+    warm.person_call_sid = twilio.register_call(new_call_sid(), to=PERSON, from_=OUR_NUMBER).sid
+    return warm
+
+
+def hang_ups(twilio: TwilioRestEmulator) -> list[str]:
+    return [r.path for r in twilio.requests if r.form.get("Status") == "completed"]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "connected", "person_hung_up", "told"),
+    [
+        (None, False, True, "caller hung up"),  # still ringing or being briefed
+        (ACCEPTED, False, True, ACCEPTED),  # waiting in the room for a caller who is gone
+        (DECLINED, False, False, DECLINED),  # their call ended itself
+        (ACCEPTED, True, False, ACCEPTED),  # the caller joined: the conference goes on
+    ],
+)
+async def test_a_caller_who_leaves_never_leaves_the_person_waiting(
+    rest, verdict, connected, person_hung_up, told
+):
+    transfers = TransferVerdicts(MemoryState())
+    warm = caller_side(rest, transfers)
+    person = warm.person_call_sid
+    if verdict is not None:
+        await transfers.set(person, TransferVerdict(verdict, person).encode())
+    warm.connected = connected
+
+    await warm.caller_left()
+
+    assert bool(hang_ups(rest)) == person_hung_up
+    assert TransferVerdict.decode(await transfers.get(person) or "").outcome == told
 
 
 # --- end to end -----------------------------------------------------------------------------

@@ -53,6 +53,8 @@ Speak = Callable[[str], Awaitable[None]]
 Send = Callable[[Frame], Awaitable[None]]
 PLAYOUT_SLACK_S = 5.0
 SETTLE_S = 0.5
+# A duration limit reached while the caller holds for a warm transfer waits for its end.
+HOLD_POLL_S = 1.0
 
 
 class EndReason:
@@ -361,6 +363,8 @@ class CallControl:
 
     async def _duration_limit(self) -> None:
         await asyncio.sleep(self._settings.max_call_duration_s)
+        while self.warm is not None and self.warm.holding:  # bounded: the verdict's wait
+            await asyncio.sleep(HOLD_POLL_S)
         await self.end_call(self._settings.duration_limit_phrase, EndReason.LIMIT)
 
     def stop(self) -> None:

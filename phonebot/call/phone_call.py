@@ -41,7 +41,14 @@ from phonebot.call.opener import CallOpener
 from phonebot.call.pipeline import call_pipeline
 from phonebot.call.playout import HeardTurns, PlayoutTracker
 from phonebot.call.provider_faults import LLM, STT, TTS, ApologyPlayer, ProviderFaults
-from phonebot.call.tools import END_CALL, OPT_OUT, RECORD_OUTCOME, TRANSFER_CALL, call_tools
+from phonebot.call.tools import (
+    END_CALL,
+    END_CALL_TOOL,
+    OPT_OUT,
+    RECORD_OUTCOME,
+    TRANSFER_CALL,
+    call_tools,
+)
 from phonebot.call.turns import TurnTimeline, TurnTimer, user_turn_params
 from phonebot.call.voicemail import AnsweringMachineScreen, GreetingCheck
 from phonebot.call.warm_transfer import Briefing, WarmTransfer
@@ -103,14 +110,12 @@ class PhoneCall:
         self.recorder = recorder
         self.deps = deps or CallDeps()
         call_sid = session.call_sid
-        # The person a warm transfer calls is briefed, and offered no transfer of their own.
+        # The person a warm transfer calls is only briefed: the LLM may hang up, nothing else
+        # (a summary holds the caller's words; none of them may reach a tool on this call).
         self.briefing = Briefing(session.parameters, settings, self.deps.transfers)
         instructions = {"role": "system", "content": system_prompt(agent, session, self.briefing)}
-        transfers_to = None if self.briefing.active else serializer
-        self.context = LLMContext(
-            messages=[instructions],
-            tools=ToolsSchema(standard_tools=call_tools(settings, transfers_to, agent)),
-        )
+        tools = [END_CALL_TOOL] if self.briefing.active else call_tools(settings, serializer, agent)
+        self.context = LLMContext(messages=[instructions], tools=ToolsSchema(standard_tools=tools))
         # A dial-out with a goal first gets through the phone menu that answers (its stage
         # sits in the LLM's place; without a goal, the stage is the LLM).
         goal = ivr_goal(agent, session.parameters)

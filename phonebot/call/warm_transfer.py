@@ -6,7 +6,8 @@ Two calls take part, maybe on two processes (or a Pipecat Cloud session and the 
   plays hold music into the stream, and places the person's call through its own
   `/outbound` webhook with the caller's CallSid and a summary (`TRANSFER_OF_PARAMETER`,
   `TRANSFER_SUMMARY_PARAMETER`) and a status callback naming the caller. Then it waits
-  for the transfer's verdict in the shared state (`TransferVerdicts`).
+  for the transfer's verdict in the shared state (`TransferVerdicts`, keyed by the person's
+  CallSid: a caller may be transferred more than once).
 - the person's (`Briefing`): a dial-out whose opening is the briefing (who is waiting and
   why) and "press 1 to take the call, 2 to decline". Key 1 sets the verdict "accepted" and
   moves this call into the conference room; key 2, a hang-up, or no key within
@@ -180,9 +181,10 @@ class WarmTransfer:
         self._transfers = transfers
         self._base_url = base_url.rstrip("/")
         self._records = records
-        self.person_call_sid: str | None = None
+        self.person_call_sid: str | None = None  # the latest transfer's person
         self.holding = False
-        self._settled = False
+        self.connected = False  # the caller went into the person's room
+        self._verdict: TransferVerdict | None = None  # the latest transfer's, once known
 
     @property
     def verdict_wait_s(self) -> float:
@@ -192,18 +194,18 @@ class WarmTransfer:
     async def ask(self, target: str, summary: str, music: HoldMusic) -> TransferVerdict:
         """Call the person and wait for the verdict, the caller hearing `music` meanwhile."""
         started = time.time()
+        self.person_call_sid, self._verdict = None, None
         self.holding = True
         self._mute(True)
         music.start()
         try:
-            verdict = await self._call_and_wait(target, summary)
+            self._verdict = await self._call_and_wait(target, summary)
         finally:
             await music.stop()
             self._mute(False)
             self.holding = False
-        self._settled = True
-        self._record(target, verdict, started)
-        return verdict
+        self._record(target, self._verdict, started)
+        return self._verdict
 
     async def _call_and_wait(self, target: str, summary: str) -> TransferVerdict:
         caller_sid = self._session.call_sid
@@ -222,13 +224,14 @@ class WarmTransfer:
         except TwilioUnavailable as error:
             logger.warning(f"Call {caller_sid}: warm transfer can't call {mask(target)}: {error}")
             return TransferVerdict(FAILED, at=time.time())
-        self.person_call_sid = created.sid
-        logger.info(f"Call {caller_sid}: warm transfer calling {mask(target)} ({created.sid})")
-        text = await self._transfers.wait(caller_sid, self.verdict_wait_s)
-        if text is None and await self._transfers.set(caller_sid, self._gave_up(TIMED_OUT)):
+        person = self.person_call_sid = created.sid
+        logger.info(f"Call {caller_sid}: warm transfer calling {mask(target)} ({person})")
+        # Keyed by the person's call: a caller may be transferred more than once.
+        text = await self._transfers.wait(person, self.verdict_wait_s)
+        if text is None and await self._transfers.set(person, self._gave_up(TIMED_OUT)):
             await self._hang_up_person()
-            return TransferVerdict(TIMED_OUT, created.sid, at=time.time())
-        text = text or await self._transfers.get(caller_sid) or self._gave_up(TIMED_OUT)
+            return TransferVerdict(TIMED_OUT, person, at=time.time())
+        text = text or await self._transfers.get(person) or self._gave_up(TIMED_OUT)
         return TransferVerdict.decode(text)
 
     def _person_parameters(self, summary: str) -> dict[str, str]:
@@ -263,14 +266,20 @@ class WarmTransfer:
         await update_call_twiml(
             self._settings, self._session.call_sid, join_twiml(room, starts=True)
         )
+        self.connected = True
 
     async def caller_left(self) -> None:
-        """The caller hung up while the person was being called: tell the person's call
-        (the verdict) and stop their phone ringing."""
-        if self._settled or self.person_call_sid is None:
+        """The caller's call ended: unless it went into the person's room, a person still
+        ringing, being briefed, or waiting in the room for a caller who is gone is hung up
+        (their call is told first, so a key pressed now hears that the caller left)."""
+        person = self.person_call_sid
+        if person is None or self.connected:
             return
-        self._settled = True
-        if await self._transfers.set(self._session.call_sid, self._gave_up(CALLER_LEFT)):
+        if self._verdict is None and await self._transfers.set(person, self._gave_up(CALLER_LEFT)):
+            await self._hang_up_person()
+            return
+        verdict = self._verdict or TransferVerdict.decode(await self._transfers.get(person) or "")
+        if verdict.outcome == ACCEPTED:  # the person waits in the room: nobody will come
             await self._hang_up_person()
 
     def _record(self, target: str, verdict: TransferVerdict, started: float) -> None:
@@ -389,13 +398,14 @@ class Briefing:
             await self._control.end_call(line, f"transfer {outcome}")
 
     async def _tell_caller(self, outcome: str) -> bool:
-        """Set the verdict; False when the caller's call already has one (it gave up)."""
+        """Set the verdict (keyed by this call); False when it already has one (the caller's
+        call gave up)."""
         if self._transfers is None or self.caller_sid is None:
             return False
         verdict = TransferVerdict(
             outcome, self._call_sid, answered_at=self._answered_at, at=time.time()
         )
-        return await self._transfers.set(self.caller_sid, verdict.encode())
+        return await self._transfers.set(self._call_sid, verdict.encode())
 
     async def _join(self, control: CallControl) -> None:
         """Into the room to wait for the caller, whose entering starts the conference; this

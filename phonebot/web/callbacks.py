@@ -79,7 +79,7 @@ async def person_not_reached(
     """The person's phone was never answered (busy, no-answer, failed, canceled): that is
     the warm transfer's verdict, unless it already has one."""
     verdict = TransferVerdict(update.status, update.call_sid, at=time.time())
-    if await verdicts.set(caller_sid, verdict.encode()):
+    if await verdicts.set(update.call_sid, verdict.encode()):  # keyed by the person's call
         logger.info(f"Call {caller_sid}: warm transfer's person {update.status}")
 
 
