@@ -23,10 +23,10 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from phonebot.audio import HOLD_NOTES_HZ, hold_music
 from phonebot.call.warm_transfer import (
     ACCEPTED,
+    CALLER_LEFT,
     CONNECTING_PERSON_LINE,
     DECLINED,
     DECLINED_LINE,
-    TransferVerdict,
     WarmTransfer,
     transfer_summary,
 )
@@ -45,6 +45,7 @@ from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
 from phonebot.records.call_log import CallLog
 from phonebot.state import MemoryState, TransferVerdicts
+from phonebot.state.verdicts import TransferVerdict
 from phonebot.twilio.stream import CallSession
 from phonebot.twilio.transfer import TRANSFER_OF_PARAMETER, TRANSFER_SUMMARY_PARAMETER
 from phonebot.twilio.twiml import ParameterError
@@ -154,7 +155,7 @@ async def test_a_caller_who_leaves_never_leaves_the_person_waiting(
         await transfers.set(person, TransferVerdict(verdict, person).encode())
     warm.connected = connected
 
-    await warm.caller_left()
+    await warm.abandon(CALLER_LEFT)
 
     assert bool(hang_ups(rest)) == person_hung_up
     assert TransferVerdict.decode(await transfers.get(person) or "").outcome == told
@@ -216,8 +217,15 @@ async def test_a_person_who_presses_1_is_briefed_then_joined_with_the_caller(ser
         result = await ask_for_a_person(server, twilio, [WaitForHangup(timeout=90)])
         callee = person_call(twilio)
         await callee.wait_finished(timeout=30)
+        caller_sid = result.call_sid
+        # Both calls are live in the room, the conference started; when the person hangs
+        # up, it ends for the caller too (endConferenceOnExit), nobody is left on hold.
+        room = twilio.conferences[f"transfer-{caller_sid}"]
+        assert set(room.participants) == {caller_sid, callee.sid} and room.started_at
+        assert twilio.calls[caller_sid].status == callee.status == "in-progress"
+        twilio.hang_up(callee.sid)
+        assert room.ended and twilio.calls[caller_sid].status == "completed"
 
-    caller_sid = result.call_sid
     # The person was called through our webhook, naming the caller, and briefed with what
     # the caller said; they pressed 1 and their call went into the room.
     query = parse_qs(urlsplit(callee.form["Url"]).query)
@@ -226,13 +234,9 @@ async def test_a_person_who_presses_1_is_briefed_then_joined_with_the_caller(ser
     briefing = server.bot_lines(callee.sid)
     assert "real person" in briefing[0] and "Press 1" in briefing[0], briefing  # as heard
     assert briefing[-1] == CONNECTING_PERSON_LINE
-    room = twilio.conferences[f"transfer-{caller_sid}"]
-    assert set(room.participants) >= {caller_sid, callee.sid}
-    assert room.started_at is not None
     # The caller heard the bot say it would look for someone, hold music, then "connecting".
     assert server.bot_lines(caller_sid) == [dialin_opening("support"), WARM_PHRASE, CONNECTING]
     assert hold_notes_heard(result.bot_audio) >= 4, "no hold music while the person was called"
-    assert twilio.calls[caller_sid].status == "in-progress"  # in the conference, not hung up
     record = await closed_record(server, caller_sid, ADMIN_KEY)
     assert record["transfer_target"] == PERSON and record["transfer_result"] == ACCEPTED
     (entry,) = [line for line in record["transcript"] if line["kind"] == "transfer"]
@@ -278,6 +282,9 @@ async def test_a_person_who_never_answers_is_given_up_on_after_the_ring_time(ser
     assert lines[:3] == [dialin_opening("support"), WARM_PHRASE, DECLINED_PHRASE], lines
     record = await closed_record(server, result.call_sid, ADMIN_KEY)
     assert record["transfer_result"] == "no-answer"
+    (entry,) = [line for line in record["transcript"] if line["kind"] == "transfer"]
+    assert entry["data"]["answered_after_s"] is None
+    assert 5 <= entry["data"]["decided_after_s"] < 25  # the ring time, not our 55 s wait
 
 
 async def test_a_caller_who_hangs_up_on_hold_stops_the_persons_phone_ringing(server, person):
@@ -325,3 +332,34 @@ async def test_the_transfer_parameters_are_the_servers_own(server):
     assert dial_in.json()["field"] == f"query.{TRANSFER_OF_PARAMETER}"
     assert callback.status_code == 422
     assert callback.json()["field"] == f"query.{TRANSFER_OF_PARAMETER}"
+
+
+async def test_the_duration_limit_on_hold_calls_the_transfer_off(tmp_path):
+    """The limit is reached while the caller holds: the music stops, the person's phone
+    stops ringing, the caller hears the limit's closing line and the call ends."""
+    rest_port = free_port()
+    env = server_env(
+        rest_port, ADMIN_API_KEY=ADMIN_KEY, DATABASE_URL=f"sqlite:///{tmp_path / 'calls.db'}",
+        TRANSFER_TARGET=PERSON, TRANSFER_MODE="warm", TRANSFER_RING_TIMEOUT_S="60",
+        MAX_CALL_DURATION_S="20",
+    )  # fmt: skip
+    live = LiveServer(env, tmp_path)
+    try:
+        callees = CalleeBook({PERSON: "no-answer"}, rule=None)
+        async with twilio_for(live, rest_port, callees=callees) as twilio:
+            result = await ask_for_a_person(live, twilio, [WaitForHangup(timeout=60)])
+            callee = person_call(twilio)
+            await callee.wait_ended(timeout=10)
+            caller = twilio.calls[result.call_sid]
+        record = await closed_record(live, result.call_sid, ADMIN_KEY)
+        lines = live.bot_lines(result.call_sid)
+    finally:
+        live.stop()
+
+    assert callee.status == "completed"  # hung up by us, long before its 60 s ring time
+    # ... before the closing line, not once the call is over
+    assert caller.end_time is not None and callee.end_time is not None
+    assert (caller.end_time - callee.end_time).total_seconds() > 1.0
+    assert lines[-2:] == [WARM_PHRASE, SETTINGS["duration_limit_phrase"].default], lines
+    assert record["end_reason"] == "duration limit"
+    assert record["transfer_result"] == "call ended"

@@ -33,6 +33,7 @@ from phonebot.call.tasks import CallTasks
 from phonebot.call.tools import END_CALL, OPT_OUT, RECORD_OUTCOME, TRANSFER_CALL
 from phonebot.call.warm_transfer import (
     ACCEPTED,
+    CALL_ENDING,
     CALLER_LEFT,
     HoldMusic,
     WarmTransfer,
@@ -53,8 +54,8 @@ Speak = Callable[[str], Awaitable[None]]
 Send = Callable[[Frame], Awaitable[None]]
 PLAYOUT_SLACK_S = 5.0
 SETTLE_S = 0.5
-# A duration limit reached while the caller holds for a warm transfer waits for its end.
-HOLD_POLL_S = 1.0
+# After a warm transfer's hold, at most this long for the music's last chunk to play.
+HOLD_MUSIC_TAIL_S = 2.0
 
 
 class EndReason:
@@ -120,6 +121,7 @@ class CallControl:
         # Function calls, re-prompts and the transfer go on the call's record.
         self._records = records or CallLog(None, call.call_sid)
         self.warm = warm  # None: no shared state to meet the person's call in, cold only
+        self._warm_task: asyncio.Task | None = None
         self._unanswered_reprompts = 0
         self._ending = False
         self._tasks = CallTasks()  # the duration limit, endings and transfers under way
@@ -151,10 +153,22 @@ class CallControl:
         if self._ending:
             return
         self._ending = True
+        await self._call_off_hold()
         self.note_end(reason)
         logger.info(f"Ending call ({reason}): {closing_line!r}")
         await self._say_and_wait(closing_line, playout_timeout_s, speak, send)
         await self._worker.queue_frame(EndFrame(reason=reason))
+
+    async def _call_off_hold(self) -> None:
+        """A call that ends while the caller holds for a warm transfer (the duration limit,
+        a shutdown) calls the transfer off first: the music stops, the person's phone too."""
+        task = self._warm_task
+        if self.warm is None or task is None or task.done():
+            return
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        await self.warm.abandon(CALL_ENDING)
 
     async def hang_up(self, reason: str) -> None:
         """End the call without a word (a machine on the line: a phone menu that leads
@@ -257,57 +271,63 @@ class CallControl:
             self._records.function_call(TRANSFER_CALL, params.arguments, refused)
             await params.result_callback(refused)
             return
-        warm = params.arguments.get("warm")
-        warm = self._settings.transfer_mode == "warm" if warm is None else bool(warm)
+        # The LLM may ask for warm; it can't make cold what TRANSFER_MODE makes warm.
+        warm = self._settings.transfer_mode == "warm" or params.arguments.get("warm") is True
         result = {"status": "asking a person to take the call" if warm else "transferring"}
         self._records.function_call(TRANSFER_CALL, params.arguments, result)
         await params.result_callback(result, properties=FunctionCallResultProperties(run_llm=False))
         if warm and self.warm is not None:
             summary = transfer_summary(params.arguments.get("summary"), self._context)
-            self._tasks.spawn(self.warm_transfer(target, summary))
+            self._warm_task = self._tasks.spawn(self.warm_transfer(target, summary))
             return
         if warm:
-            logger.warning(f"Call {self._call.call_sid}: no shared state for a warm transfer; cold")
+            logger.warning(
+                f"Call {self._call.call_sid}: a warm transfer needs the shared state and this "
+                "server's address (PUBLIC_URL on Pipecat Cloud); transferring cold"
+            )
         self._tasks.spawn(self.transfer(target))
 
     async def warm_transfer(self, target: str, summary: str) -> None:
         """Hold the caller, ask the person (phonebot.call.warm_transfer); connect them on
         "accepted", else tell the caller and go on (offering to take a message)."""
-        if self._ending or self._serializer is None or self.warm is None:
+        warm = self.warm
+        if self._ending or self._serializer is None or warm is None or warm.holding:
             return
-        self._ending = True  # nothing else ends the call while the person is asked
-        await self._say_and_wait(self._settings.warm_transfer_phrase)
-        verdict = await self.warm.ask(target, summary, HoldMusic(self._worker.queue_frame))
+        phrase = self._settings.warm_transfer_phrase
+        verdict = await warm.ask(
+            target, summary, HoldMusic(self._worker.queue_frame),
+            announce=lambda: self._say_and_wait(phrase),
+        )  # fmt: skip
         logger.info(f"Call {self._call.call_sid}: warm transfer {verdict.outcome}")
-        if verdict.outcome == CALLER_LEFT:
+        if verdict.outcome in (CALLER_LEFT, CALL_ENDING):
             return
-        if verdict.outcome == ACCEPTED and await self._connect_warm():
+        # The music's last chunk plays out first, so the next line's playback is its own.
+        await self._playout.wait_bot_done(SETTLE_S, HOLD_MUSIC_TAIL_S)
+        if verdict.outcome == ACCEPTED and await self._connect_warm(warm):
             return
-        self._ending = False
         await self._worker.queue_frames([TTSSpeakFrame(self._settings.transfer_declined_phrase)])
 
-    async def _connect_warm(self) -> bool:
+    async def _connect_warm(self, warm: WarmTransfer) -> bool:
         """Into the person's room; False (the caller stays with the bot) if Twilio failed."""
-        assert self.warm is not None and self._serializer is not None
+        assert self._serializer is not None
+        self._ending = True
         await self._say_and_wait(self._settings.transfer_connecting_phrase)
         self._serializer.keep_call_on_end()
         self.note_end(EndReason.TRANSFER)
-        try:
-            await self.warm.connect()
-        except TwilioUnavailable as error:
-            logger.warning(f"Call {self._call.call_sid}: could not join the person: {error}")
-            await self.warm.hang_up_person()  # not left waiting in the room alone
+        if not await warm.connect():
             self._serializer.keep_call_on_end(False)
             self.end_reason = None
+            self._ending = False
             return False
         await self._worker.queue_frame(EndFrame(reason=EndReason.TRANSFER))
         return True
 
     async def call_over(self) -> None:
-        """The call's pipeline has ended: a caller who hung up on hold stops the person's
-        phone ringing (and tells their call)."""
+        """The call's pipeline has ended: a warm transfer under way is called off (the
+        person's phone stops ringing; one waiting in the room is not left there)."""
         if self.warm is not None:
-            await self.warm.caller_left()
+            hung_up = self.end_reason == EndReason.CALLER_HUNG_UP
+            await self.warm.abandon(CALLER_LEFT if hung_up else CALL_ENDING)
 
     async def transfer(self, target: str) -> None:
         """Say the hand-off line, put `<Dial>` on the call, and leave the caller connected.
@@ -344,8 +364,8 @@ class CallControl:
 
     async def on_caller_silent(self) -> None:
         """Re-prompt, and after MAX_REPROMPTS unanswered re-prompts say goodbye (never to a
-        caller on hold: `_ending` is set while a warm transfer asks)."""
-        if self._ending:
+        caller on hold for a warm transfer)."""
+        if self._ending or (self.warm is not None and self.warm.holding):
             return
         if self._unanswered_reprompts >= self._settings.max_reprompts:
             await self.end_call(self._agent.goodbye, EndReason.SILENCE)
@@ -363,8 +383,6 @@ class CallControl:
 
     async def _duration_limit(self) -> None:
         await asyncio.sleep(self._settings.max_call_duration_s)
-        while self.warm is not None and self.warm.holding:  # bounded: the verdict's wait
-            await asyncio.sleep(HOLD_POLL_S)
         await self.end_call(self._settings.duration_limit_phrase, EndReason.LIMIT)
 
     def stop(self) -> None:

@@ -2,26 +2,30 @@
 
 Two calls take part, maybe on two processes (or a Pipecat Cloud session and the server):
 
-- the caller's (`WarmTransfer`): the bot says it will look for someone, mutes the caller and
+- the caller's (`WarmTransfer`): the bot mutes the caller, says it will look for someone,
   plays hold music into the stream, and places the person's call through its own
   `/outbound` webhook with the caller's CallSid and a summary (`TRANSFER_OF_PARAMETER`,
   `TRANSFER_SUMMARY_PARAMETER`) and a status callback naming the caller. Then it waits
   for the transfer's verdict in the shared state (`TransferVerdicts`, keyed by the person's
   CallSid: a caller may be transferred more than once).
 - the person's (`Briefing`): a dial-out whose opening is the briefing (who is waiting and
-  why) and "press 1 to take the call, 2 to decline". Key 1 sets the verdict "accepted" and
-  moves this call into the conference room; key 2, a hang-up, or no key within
-  TRANSFER_DECISION_TIMEOUT_S set "declined" / "hung up" / "no decision". Twilio's status
-  callback sets "no-answer", "busy" or "failed" when the phone was never answered
-  (phonebot.web.callbacks).
+  why) and "press 1 to take the call, 2 to decline". Key 1 moves this call into the
+  conference room to wait, then sets the verdict "accepted" (so the caller is only ever
+  sent to a room the person is in); key 2, a hang-up, or no key within
+  TRANSFER_DECISION_TIMEOUT_S set "declined" / "hung up" / "no decision". Twilio's final
+  status callback for it sets "no-answer", "busy", "failed" or "canceled" when the phone
+  was never answered, and "hung up" for an answered call that ended without a verdict
+  (our webhook turned it away, say) (phonebot.web.callbacks).
 
 The caller's bot, given "accepted", says so and moves the caller into the room, whose
 conference then starts (phonebot.twilio.transfer.join_twiml); given anything else (or
 nothing within the ring and decision times), it stops the music, unmutes the caller, says
 no one could take the call and offers to take a message: the same pipeline and LLM context
-go on, so the bot still knows the whole call. The first verdict wins (SET NX), so a key
-pressed after the caller gave up (or hung up) is told the caller is gone. The caller's
-record gets the target, the outcome and its timings (`CallLog.transfer`).
+go on, so the bot still knows the whole call. The first verdict wins (SET NX). A caller's
+call that ends meanwhile (a hang-up, the duration limit, a shutdown) calls the transfer off
+(`abandon`): its verdict is set first, then the person's call is ended, ringing, being
+briefed or waiting in the room alike. The caller's record gets the target, the outcome and
+its timings (`CallLog.transfer`).
 
 Holding the caller on our own stream rather than in a `<Conference waitUrl>` from the start
 keeps the bot, its context and the call's record with the caller the whole time, and
@@ -31,11 +35,9 @@ spares a second media stream (and stream token) for a caller coming back from a 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
@@ -50,9 +52,12 @@ from phonebot.audio import TWILIO_SAMPLE_RATE, hold_music
 from phonebot.call.tasks import CallTasks
 from phonebot.config import Settings, mask
 from phonebot.records.call_log import CallLog
+from phonebot.state.base import StateUnavailable
+from phonebot.state.verdicts import TransferVerdict
 from phonebot.twilio.dialout import STATUS_CALLBACK_PATH
 from phonebot.twilio.keypad import pressed_digits
 from phonebot.twilio.rest import (
+    CreatedCall,
     TwilioAccount,
     TwilioUnavailable,
     create_call,
@@ -83,6 +88,7 @@ NO_DECISION = "no decision"
 PERSON_HUNG_UP = "hung up"
 TIMED_OUT = "timed out"  # no verdict at all within the ring and decision times
 CALLER_LEFT = "caller hung up"
+CALL_ENDING = "call ended"  # the caller's call ended otherwise: duration limit, shutdown
 FAILED = "failed"
 # Beyond the ring and decision times: Twilio's callbacks and the briefing itself.
 VERDICT_SLACK_S = 20.0
@@ -92,28 +98,8 @@ PERSON_LEFT_LINE = "I'm sorry, the caller is no longer on the line. Goodbye."
 DECLINED_LINE = "No problem, I'll take a message for you. Goodbye."
 NO_DECISION_LINE = "I'll take a message for you instead. Goodbye."
 CONNECTING_PERSON_LINE = "Connecting you now."
+JOIN_FAILED_LINE = "Sorry, I couldn't connect you. I'll take a message instead. Goodbye."
 JOINED = "joined the caller"  # the person's call's end reason once connected
-
-
-@dataclass(frozen=True)
-class TransferVerdict:
-    """How a warm transfer went, as stored in the shared state (JSON)."""
-
-    outcome: str
-    person_call_sid: str | None = None
-    answered_at: float | None = None  # Unix time the person's stream started
-    at: float = 0.0  # Unix time of the verdict
-
-    def encode(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def decode(cls, text: str) -> TransferVerdict:
-        try:
-            fields = json.loads(text)
-            return cls(**fields)
-        except (ValueError, TypeError):
-            return cls(outcome=text)
 
 
 def transfer_summary(summary: str | None, context: LLMContext) -> str:
@@ -162,7 +148,11 @@ class HoldMusic:
 
 
 class WarmTransfer:
-    """The caller's side of a warm transfer (see the module docstring)."""
+    """The caller's side of a warm transfer (see the module docstring).
+
+    `ask` runs one transfer (a call may make several, one at a time); `abandon` is how the
+    caller's call ending (a hang-up, the duration limit, a shutdown) stops one under way.
+    """
 
     def __init__(
         self,
@@ -181,57 +171,77 @@ class WarmTransfer:
         self._transfers = transfers
         self._base_url = base_url.rstrip("/")
         self._records = records
-        self.person_call_sid: str | None = None  # the latest transfer's person
         self.holding = False
-        self.connected = False  # the caller went into the person's room
-        self._verdict: TransferVerdict | None = None  # the latest transfer's, once known
+        self.connected = False  # the caller is going (or went) into the person's room
+        self.person_call_sid: str | None = None  # the latest transfer's person
+        self._creating: asyncio.Future | None = None  # the person's calls.create
+        self._verdict: TransferVerdict | None = None  # the latest transfer's, once settled
+        self._target = ""
+        self._started = 0.0
 
     @property
     def verdict_wait_s(self) -> float:
         s = self._settings
         return s.transfer_ring_timeout_s + s.transfer_decision_timeout_s + VERDICT_SLACK_S
 
-    async def ask(self, target: str, summary: str, music: HoldMusic) -> TransferVerdict:
-        """Call the person and wait for the verdict, the caller hearing `music` meanwhile."""
-        started = time.time()
-        self.person_call_sid, self._verdict = None, None
+    async def ask(
+        self, target: str, summary: str, music: HoldMusic, announce: Callable[[], Awaitable[None]]
+    ) -> TransferVerdict:
+        """Mute the caller, `announce` the hold, call the person and wait for the verdict
+        with `music` playing; the caller is unmuted whatever happens."""
+        self._target, self._started = target, time.time()
+        self.person_call_sid, self._creating, self._verdict = None, None, None
+        self.connected = False
         self.holding = True
         self._mute(True)
-        music.start()
         try:
-            self._verdict = await self._call_and_wait(target, summary)
+            await announce()
+            music.start()
+            verdict = await self._call_and_wait(summary)
         finally:
             await music.stop()
             self._mute(False)
             self.holding = False
-        self._record(target, self._verdict, started)
-        return self._verdict
+        return self._settle(verdict)
 
-    async def _call_and_wait(self, target: str, summary: str) -> TransferVerdict:
+    async def _call_and_wait(self, summary: str) -> TransferVerdict:
         caller_sid = self._session.call_sid
+        # Shielded: a caller hanging up meanwhile cancels this task, and `abandon` must still
+        # learn the person's CallSid to stop their phone ringing.
+        self._creating = asyncio.ensure_future(self._create_person_call(summary))
         try:
-            created = await create_call(
-                self._settings,
-                to=target,
-                from_=self._from_number(),
-                twiml_url=f"{self._base_url}/outbound?{urlencode(self._person_parameters(summary))}",
-                status_callback_url=(
-                    f"{self._base_url}{STATUS_CALLBACK_PATH}?"
-                    f"{urlencode({TRANSFER_OF_PARAMETER: caller_sid})}"
-                ),
-                ring_timeout_s=self._settings.transfer_ring_timeout_s,
-            )
+            person = self.person_call_sid = (await asyncio.shield(self._creating)).sid
         except TwilioUnavailable as error:
-            logger.warning(f"Call {caller_sid}: warm transfer can't call {mask(target)}: {error}")
+            target = mask(self._target)
+            logger.warning(f"Call {caller_sid}: warm transfer can't call {target}: {error}")
             return TransferVerdict(FAILED, at=time.time())
-        person = self.person_call_sid = created.sid
-        logger.info(f"Call {caller_sid}: warm transfer calling {mask(target)} ({person})")
-        # Keyed by the person's call: a caller may be transferred more than once.
+        logger.info(f"Call {caller_sid}: warm transfer calling {mask(self._target)} ({person})")
+        try:
+            return await self._verdict_for(person)
+        except StateUnavailable as error:  # the verdict can't reach us: don't keep them on
+            logger.warning(f"Call {caller_sid}: warm transfer verdict unreadable ({error})")
+            await self._hang_up(person)
+            return TransferVerdict(FAILED, person, at=time.time())
+
+    async def _create_person_call(self, summary: str) -> CreatedCall:
+        query = urlencode({TRANSFER_OF_PARAMETER: self._session.call_sid})
+        return await create_call(
+            self._settings,
+            to=self._target,
+            from_=self._from_number(),
+            twiml_url=f"{self._base_url}/outbound?{urlencode(self._person_parameters(summary))}",
+            status_callback_url=f"{self._base_url}{STATUS_CALLBACK_PATH}?{query}",
+            ring_timeout_s=self._settings.transfer_ring_timeout_s,
+        )
+
+    async def _verdict_for(self, person: str) -> TransferVerdict:
+        """The person's call's verdict (keyed by it: a caller may be transferred more than
+        once); none in time is "timed out", and their phone stops ringing."""
         text = await self._transfers.wait(person, self.verdict_wait_s)
-        if text is None and await self._transfers.set(person, self._gave_up(TIMED_OUT)):
-            await self._hang_up_person()
+        if text is None and await self._transfers.set(person, self._gave_up(TIMED_OUT, person)):
+            await self._hang_up(person)
             return TransferVerdict(TIMED_OUT, person, at=time.time())
-        text = text or await self._transfers.get(person) or self._gave_up(TIMED_OUT)
+        text = text or await self._transfers.get(person) or self._gave_up(TIMED_OUT, person)
         return TransferVerdict.decode(text)
 
     def _person_parameters(self, summary: str) -> dict[str, str]:
@@ -244,50 +254,76 @@ class WarmTransfer:
 
     def _from_number(self) -> str:
         """Our number, as the person's phone shows it: TWILIO_PHONE_NUMBER, else the number
-        the caller dialled (on a dial-in, one of ours)."""
-        ours = self._settings.twilio_phone_number
-        return ours or self._session.parameters.get("called_number") or ""
+        of ours this call is on (the one dialled on a dial-in, the one shown on a dial-out)."""
+        ours = "caller_id" if self._session.direction == "outbound" else "called_number"
+        return self._settings.twilio_phone_number or self._session.parameters.get(ours) or ""
 
-    def _gave_up(self, outcome: str) -> str:
-        return TransferVerdict(outcome, self.person_call_sid, at=time.time()).encode()
+    @staticmethod
+    def _gave_up(outcome: str, person: str) -> str:
+        return TransferVerdict(outcome, person, at=time.time()).encode()
 
-    async def hang_up_person(self) -> None:
-        """End the person's call (ringing or briefed): the transfer is off."""
-        await self._hang_up_person()
+    async def _hang_up(self, person: str) -> None:
+        """End the person's call (ringing, briefed or waiting in the room): it is off."""
+        await hang_up_call(TwilioAccount.from_settings(self._settings), person)
 
-    async def _hang_up_person(self) -> None:
-        if self.person_call_sid is not None:
-            account = TwilioAccount.from_settings(self._settings)
-            await hang_up_call(account, self.person_call_sid)
+    def _settle(self, verdict: TransferVerdict) -> TransferVerdict:
+        """The transfer's outcome, once: kept, and written on the caller's record."""
+        if self._verdict is None:
+            self._verdict = verdict
+            self._record(verdict)
+        return self._verdict
 
-    async def connect(self) -> None:
-        """Move the caller into the room the person waits in: the conference starts."""
+    async def connect(self) -> bool:
+        """Move the caller into the room the person waits in: the conference starts.
+        False (and the person's call ended: nobody would join them) if Twilio refused."""
+        self.connected = True  # Twilio may stop our stream before the update returns
         room = conference_room(self._session.call_sid)
-        await update_call_twiml(
-            self._settings, self._session.call_sid, join_twiml(room, starts=True)
-        )
-        self.connected = True
+        try:
+            await update_call_twiml(
+                self._settings, self._session.call_sid, join_twiml(room, starts=True)
+            )
+        except TwilioUnavailable as error:
+            logger.warning(f"Call {self._session.call_sid}: could not join the person: {error}")
+            self.connected = False
+            if self.person_call_sid is not None:
+                await self._hang_up(self.person_call_sid)
+            return False
+        return True
 
-    async def caller_left(self) -> None:
-        """The caller's call ended: unless it went into the person's room, a person still
-        ringing, being briefed, or waiting in the room for a caller who is gone is hung up
-        (their call is told first, so a key pressed now hears that the caller left)."""
-        person = self.person_call_sid
+    async def abandon(self, outcome: str) -> None:
+        """The caller's call is ending (`outcome`: the caller hung up, or the call is being
+        ended). Unless the caller went into the person's room, a person still ringing or
+        being briefed is told (the verdict, first one wins) and hung up, and so is one
+        waiting in the room for a caller who will not come."""
+        person = self.person_call_sid or await self._created_sid()
         if person is None or self.connected:
             return
-        if self._verdict is None and await self._transfers.set(person, self._gave_up(CALLER_LEFT)):
-            await self._hang_up_person()
-            return
-        verdict = self._verdict or TransferVerdict.decode(await self._transfers.get(person) or "")
-        if verdict.outcome == ACCEPTED:  # the person waits in the room: nobody will come
-            await self._hang_up_person()
+        if self._verdict is None:
+            if await self._transfers.set(person, self._gave_up(outcome, person)):
+                self._settle(TransferVerdict(outcome, person, at=time.time()))
+                await self._hang_up(person)
+                return
+            self._settle(TransferVerdict.decode(await self._transfers.get(person) or outcome))
+        if self._verdict is not None and self._verdict.outcome == ACCEPTED:
+            await self._hang_up(person)
 
-    def _record(self, target: str, verdict: TransferVerdict, started: float) -> None:
+    async def _created_sid(self) -> str | None:
+        """The CallSid of a person's call whose `calls.create` was under way, once it is
+        answered (None if there was none, or it failed)."""
+        if self._creating is None:
+            return None
+        try:
+            self.person_call_sid = (await self._creating).sid
+        except Exception:  # noqa: BLE001 (no call was placed: nothing to stop)
+            return None
+        return self.person_call_sid
+
+    def _record(self, verdict: TransferVerdict) -> None:
         def after(moment: float | None) -> float | None:
-            return round(moment - started, 3) if moment else None
+            return round(moment - self._started, 3) if moment else None
 
         self._records.transfer(
-            target,
+            self._target,
             verdict.outcome,
             {
                 "mode": "warm",
@@ -389,17 +425,16 @@ class Briefing:
 
     async def _decide(self, outcome: str) -> None:
         assert self._control is not None, "bind() first"
-        if not await self._tell_caller(outcome):
-            await self._control.end_call(PERSON_LEFT_LINE, "transfer over")
-        elif outcome == ACCEPTED:
-            await self._join(self._control)
-        else:
-            line = DECLINED_LINE if outcome == DECLINED else NO_DECISION_LINE
-            await self._control.end_call(line, f"transfer {outcome}")
+        if outcome == ACCEPTED:
+            await self._accept(self._control)
+            return
+        told = await self._tell_caller(outcome)
+        line = DECLINED_LINE if outcome == DECLINED else NO_DECISION_LINE
+        await self._control.end_call(line if told else PERSON_LEFT_LINE, f"transfer {outcome}")
 
     async def _tell_caller(self, outcome: str) -> bool:
         """Set the verdict (keyed by this call); False when it already has one (the caller's
-        call gave up)."""
+        call gave up first)."""
         if self._transfers is None or self.caller_sid is None:
             return False
         verdict = TransferVerdict(
@@ -407,20 +442,39 @@ class Briefing:
         )
         return await self._transfers.set(self._call_sid, verdict.encode())
 
-    async def _join(self, control: CallControl) -> None:
-        """Into the room to wait for the caller, whose entering starts the conference; this
-        call's pipeline ends without hanging up (as a cold transfer's)."""
+    async def _accept(self, control: CallControl) -> None:
+        """Into the room first, then "accepted": the caller is only sent to a room the
+        person is in, and a person in the room whose caller gave up meanwhile is hung up."""
+        if self._transfers is None or await self._transfers.get(self._call_sid) is not None:
+            await control.end_call(PERSON_LEFT_LINE, "transfer over")
+            return
         await control.say(CONNECTING_PERSON_LINE)
+        if not await self._join(control):
+            await self._tell_caller(FAILED)
+            await control.end_call(JOIN_FAILED_LINE, "transfer failed")
+            return
+        if not await self._tell_caller(ACCEPTED):  # nobody will come into the room
+            await hang_up_call(TwilioAccount.from_settings(self._settings), self._call_sid)
+        if self._worker is not None:
+            await self._worker.queue_frame(EndFrame(reason=JOINED))
+
+    async def _join(self, control: CallControl) -> bool:
+        """Into the room to wait for the caller, whose entering starts the conference; this
+        call's pipeline ends without hanging up (as a cold transfer's). False if Twilio
+        refused (the call goes on, to be ended as usual)."""
         if self._serializer is not None:
             self._serializer.keep_call_on_end()
-        control.note_end(JOINED)
+        control.note_end(JOINED)  # Twilio may stop our stream before the update returns
         room = conference_room(self.caller_sid or "")
         try:
             await update_call_twiml(self._settings, self._call_sid, join_twiml(room, starts=False))
         except TwilioUnavailable as error:
-            logger.error(f"Call {self._call_sid}: could not join the caller: {error}")
-        if self._worker is not None:
-            await self._worker.queue_frame(EndFrame(reason=JOINED))
+            logger.warning(f"Call {self._call_sid}: could not join the caller's room: {error}")
+            if self._serializer is not None:
+                self._serializer.keep_call_on_end(False)
+            control.end_reason = None
+            return False
+        return True
 
     async def call_over(self) -> None:
         """The person's call ended before a key: a hang-up is a decline."""

@@ -7,7 +7,6 @@ and `create_async()` parse it as they would a real answer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -18,7 +17,6 @@ from phonebot.emulator.twiml import TwiML
 if TYPE_CHECKING:
     from phonebot.emulator.media_stream import MediaStreamCaller
     from phonebot.emulator.result import CallResult
-    from phonebot.emulator.script import Step
 
 API_VERSION = "2010-04-01"
 ACTIVE_STATUSES = frozenset({"queued", "ringing", "in-progress"})
@@ -57,8 +55,7 @@ class EmulatedCall:
     `result` is the media stream's `CallResult` once the stream ends (the last one's, when
     a redirect opened another: `streams` has every stream's caller, in order); `error` says
     why answering failed (webhook error, TwiML without a stream, script failure).
-    `conference` names the room the call is in (phonebot.emulator.conference), and
-    `later_scripts` are what the caller says on its next streams (`register_call(then=)`).
+    `conference` names the room the call is in (phonebot.emulator.conference).
     """
 
     sid: str
@@ -79,7 +76,6 @@ class EmulatedCall:
     status_callbacks_sent: int = 0  # the next callback's SequenceNumber
     caller: MediaStreamCaller | None = None
     streams: list[MediaStreamCaller] = field(default_factory=list)
-    later_scripts: list[Sequence[Step]] = field(default_factory=list)
     conference: str | None = None
     result: CallResult | None = None
     error: str | None = None

@@ -1,11 +1,12 @@
 """Twilio conference rooms, as the REST emulator plays them for a warm transfer.
 
-A warm transfer parks the caller in a room (`<Dial><Conference
-startConferenceOnEnter="false">`), rings the person, and puts them in the same room once
-they accept; a decline brings the caller back to the bot. `ConferenceRoom` keeps the rules
-of one room and nothing else: who is in it, when it started and ended, and what happened,
-so they unit-test without a loop or a socket. The emulator (phonebot.emulator.rest) applies
-their consequences to the calls: it completes the calls a room drops.
+A warm transfer (phonebot.call.warm_transfer) puts the person who accepted in a room to
+wait (`<Dial><Conference startConferenceOnEnter="false">`), then the caller, whose entering
+starts the conference; either one leaving ends it for both (`endConferenceOnExit`).
+`ConferenceRoom` keeps the rules of one room and nothing else: who is in it, when it
+started and ended, and what happened, so they unit-test without a loop or a socket. The
+emulator (phonebot.emulator.rest) applies their consequences to the calls: it completes
+the calls a room drops.
 
 The rules, from https://www.twilio.com/docs/voice/twiml/conference#attributes:
 

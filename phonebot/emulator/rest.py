@@ -35,7 +35,7 @@ import base64
 import binascii
 import hmac
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import format_datetime
 from typing import Any
@@ -59,7 +59,7 @@ from phonebot.emulator.errors import (
 from phonebot.emulator.ids import new_account_sid, new_call_sid
 from phonebot.emulator.loopback import LoopbackServer
 from phonebot.emulator.media_stream import MediaStreamCaller
-from phonebot.emulator.script import Pause, Step
+from phonebot.emulator.script import Pause
 from phonebot.emulator.signature import SharedKey
 from phonebot.emulator.twiml import ConferenceTarget, TwiML, parse_twiml, stream_url_refusal
 from phonebot.emulator.webhook import (
@@ -308,15 +308,9 @@ class TwilioRestEmulator:
         from_: str,
         caller: MediaStreamCaller | None = None,
         direction: str = "inbound",
-        then: Sequence[Sequence[Step]] = (),
     ) -> EmulatedCall:
-        """Make a dial-in call known, so the server can update it (e.g. hang it up).
-
-        `then` scripts the caller's later streams, in order: what it says when a redirect
-        (e.g. back from a conference's hold) opens a new `<Connect><Stream>` for the call.
-        """
+        """Make a dial-in call known, so the server can update it (e.g. hang it up)."""
         call = EmulatedCall(call_sid, self.account_sid, to, from_, direction, caller=caller)
-        call.later_scripts.extend(then)
         if caller is not None:
             call.streams.append(caller)
         call.set_status("in-progress")
@@ -784,8 +778,8 @@ class TwilioRestEmulator:
 
         A stream URL Twilio would refuse (not wss://, error 31922) fails the call; the
         TwiML after `</Connect>` runs when the server closes the stream (see
-        `MediaStreamCaller`). The caller's script: `on_answer`'s, else the call's next
-        `later_scripts` (`register_call(then=)`), else its callee's, else silence.
+        `MediaStreamCaller`). The caller's script: `on_answer`'s, else its callee's, else
+        silence.
         """
         stream = twiml.require_stream()
         if refusal := stream_url_refusal(stream.url):
@@ -805,8 +799,6 @@ class TwilioRestEmulator:
             callee = self._callee(call.to)
             if self.on_answer is not None:
                 await self.on_answer(call, caller)
-            elif call.later_scripts:
-                await caller.run(call.later_scripts.pop(0), check=False)
             elif callee is not None:
                 await caller.run(callee.script(), check=False)
             else:

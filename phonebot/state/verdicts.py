@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
+from dataclasses import asdict, dataclass
 
 from loguru import logger
 
@@ -126,6 +128,28 @@ class Verdicts:
 
 class AmdVerdicts(Verdicts):
     """The app's `amd_verdicts`: `set` from the `/amd` callback, `wait` from the bot."""
+
+
+@dataclass(frozen=True)
+class TransferVerdict:
+    """How a warm transfer went, as `TransferVerdicts` store it (JSON): the outcome, the
+    person's CallSid, and when they answered and decided (Unix times)."""
+
+    outcome: str
+    person_call_sid: str | None = None
+    answered_at: float | None = None  # Unix time the person's stream started
+    at: float = 0.0  # Unix time of the verdict
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str) -> TransferVerdict:
+        try:
+            fields = json.loads(text)
+            return cls(**fields)
+        except (ValueError, TypeError):
+            return cls(outcome=text)
 
 
 class TransferVerdicts(Verdicts):

@@ -454,12 +454,13 @@ class BargeInOutputTransport(FastAPIWebsocketOutputTransport):
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         """Drop (and don't report as played) a chunk of the interrupted reply; put each
-        chunk sent on the playout clock."""
+        chunk of speech sent on the playout clock (hold music and key tones are not the
+        bot's words: Pipecat cuts a frame into chunks of its own class)."""
         if not self.gate.may_send(frame):
             return False
         sent_at = self.ledger.now()
         sent = await super().write_audio_frame(frame)
-        if sent:
+        if sent and isinstance(frame, TTSAudioRawFrame):
             self.ledger.wrote(_seconds(frame), sent_at)
         return sent
 

@@ -16,11 +16,12 @@ from fastapi import APIRouter, Depends, Request, status
 from fastapi.responses import Response
 from loguru import logger
 
-from phonebot.call.warm_transfer import TransferVerdict
+from phonebot.call.warm_transfer import PERSON_HUNG_UP
 from phonebot.records import Records
 from phonebot.records.callbacks import status_refusal, verdict_refusal
 from phonebot.records.writer import NOT_CONNECTED
 from phonebot.state import CallAdmission, StateUnavailable, TransferVerdicts
+from phonebot.state.verdicts import TransferVerdict
 from phonebot.twilio.amd import AMD_CALLBACK_PATH, ANSWERED_BY
 from phonebot.twilio.dialout import STATUS_CALLBACK_PATH, StatusCallback
 from phonebot.twilio.ids import check_call_sid
@@ -59,8 +60,8 @@ async def status_callback(request: Request, services: Services) -> Response:
     # Ignored (logged) unless it moves the call on.
     if await record_status(services.records, update) and update.final:
         await end_stream_token(services.admission, update)
-        if caller_sid is not None and update.status in NOT_CONNECTED:
-            await person_not_reached(services.transfer_verdicts, caller_sid, update)
+        if caller_sid is not None:
+            await person_call_over(services.transfer_verdicts, caller_sid, update)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -73,12 +74,14 @@ def transfer_of(request: Request) -> str | None:
     return check_call_sid(caller_sid, f"query.{TRANSFER_OF_PARAMETER}")
 
 
-async def person_not_reached(
+async def person_call_over(
     verdicts: TransferVerdicts, caller_sid: str, update: StatusCallback
 ) -> None:
-    """The person's phone was never answered (busy, no-answer, failed, canceled): that is
-    the warm transfer's verdict, unless it already has one."""
-    verdict = TransferVerdict(update.status, update.call_sid, at=time.time())
+    """A warm transfer's person's call is over: unless its briefing gave the verdict, that
+    is it: never answered (busy, no-answer, failed, canceled), or answered and over without
+    a key (our own webhook turned it away, say, or the stream never started)."""
+    outcome = update.status if update.status in NOT_CONNECTED else PERSON_HUNG_UP
+    verdict = TransferVerdict(outcome, update.call_sid, at=time.time())
     if await verdicts.set(update.call_sid, verdict.encode()):  # keyed by the person's call
         logger.info(f"Call {caller_sid}: warm transfer's person {update.status}")
 
