@@ -25,10 +25,44 @@ import pytest
 
 from phonebot.call.bot_speech import bot_lines
 from phonebot.emulator import CalleeBook, TwilioRestEmulator
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 90
+CALLER = "+15557654321"
+OUR_NUMBER = "+15550001111"
+
+
+def server_env(rest_port: int, **settings: str) -> dict[str, str]:
+    """A server with a Twilio account whose REST API is the emulator on `rest_port`."""
+    return {
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_PHONE_NUMBER": OUR_NUMBER,
+        "TWILIO_API_BASE_URL": f"http://127.0.0.1:{rest_port}",
+        "DIALOUT_API_KEY": DIALOUT_KEY,
+        **settings,
+    }
+
+
+def records_server(name: str, **settings: str) -> tuple[Callable, Callable]:
+    """A module's `rest_port` and `server` fixtures: `python server.py` with Twilio's REST
+    API on the emulator's port, call records in a SQLite file of its own (folder `name`),
+    and `settings` (e.g. ADMIN_API_KEY to read the records)."""
+
+    @pytest.fixture(scope="module")
+    def rest_port() -> int:
+        return free_port()
+
+    @pytest.fixture(scope="module")
+    def server(rest_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+        folder = tmp_path_factory.mktemp(name)
+        database = f"sqlite:///{folder / 'calls.db'}"
+        live = LiveServer(server_env(rest_port, DATABASE_URL=database, **settings), folder)
+        yield live
+        live.stop()
+
+    return rest_port, server
 
 
 def free_port() -> int:
@@ -138,7 +172,6 @@ class LiveServer:
                 self._process.kill()
                 self._process.wait()
         self._reader.join(timeout=5)
-
 
 
 def twilio_for(server: LiveServer, rest_port: int, **options: Any) -> TwilioRestEmulator:

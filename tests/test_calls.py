@@ -34,22 +34,13 @@ from phonebot.emulator import (
 )
 from phonebot.emulator.caller_voice import caller_pcm
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, shipped_agent
-from tests.live_server import LiveServer, free_port
-
-CALLER = "+15557654321"
-OUR_NUMBER = "+15550001111"
-
-
-def server_env(rest_port: int, **settings: str) -> dict[str, str]:
-    """A server with a Twilio account whose REST API is the emulator on `rest_port`."""
-    return {
-        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-        "TWILIO_PHONE_NUMBER": OUR_NUMBER,
-        "TWILIO_API_BASE_URL": f"http://127.0.0.1:{rest_port}",
-        "DIALOUT_API_KEY": DIALOUT_KEY,
-        **settings,
-    }
+from tests.live_server import (  # noqa: F401 (CALLER, OUR_NUMBER, server_env: re-exported)
+    CALLER,
+    OUR_NUMBER,
+    LiveServer,
+    free_port,
+    server_env,
+)
 
 
 @pytest.fixture(scope="module")

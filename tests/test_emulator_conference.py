@@ -17,6 +17,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from phonebot import audio
 from phonebot.emulator import (
+    CallResult,
     Dtmf,
     EmulatedCall,
     MediaStreamCaller,
@@ -233,6 +234,17 @@ async def dial_in(
     return call, task
 
 
+async def on_hold(
+    twilio: TwilioRestEmulator, ws_url: str, wait_url: str | None = None
+) -> tuple[EmulatedCall, CallResult]:
+    """CA1, streaming, then moved into ROOM to wait (startConferenceOnEnter false): the
+    call and its first stream's result."""
+    first, first_run = await dial_in(twilio, ws_url)
+    hold = conference_twiml(False, wait_url=wait_url)
+    await asyncio.to_thread(twilio.client().calls(first.sid).update, twiml=hold)
+    return first, await asyncio.wait_for(first_run, 5)
+
+
 async def ring(twilio: TwilioRestEmulator, client: Any, ws_url: str, number: str) -> Any:
     """The server ringing the person (CA2), as `calls.create` with a status callback."""
     created = await asyncio.to_thread(
@@ -264,10 +276,7 @@ async def test_a_warm_transfer_accepted_then_ended_by_the_caller() -> None:
     bot = Bot()
     async with twilio_and_bot(bot) as (twilio, ws_url):
         client = twilio.client()
-        first, first_run = await dial_in(twilio, ws_url)
-        hold = conference_twiml(False, wait_url=WAIT_URL)
-        await asyncio.to_thread(client.calls(first.sid).update, twiml=hold)
-        held = await asyncio.wait_for(first_run, 5)
+        first, held = await on_hold(twilio, ws_url, wait_url=WAIT_URL)
         await settle()
         room = twilio.conferences[ROOM]
         assert first.status == "in-progress" and first.conference == ROOM
@@ -304,10 +313,7 @@ async def test_a_call_redirected_from_a_room_to_a_stream_leaves_it_on_a_new_stre
     bot = Bot(hang_up_on="2")
     async with twilio_and_bot(bot) as (twilio, ws_url):
         client = twilio.client()
-        first, first_run = await dial_in(twilio, ws_url)
-        hold = conference_twiml(False)
-        await asyncio.to_thread(client.calls(first.sid).update, twiml=hold)
-        await asyncio.wait_for(first_run, 5)
+        first, _ = await on_hold(twilio, ws_url)
         room = twilio.conferences[ROOM]
         assert room.events[1] == (room.events[1].t, first.sid, "wait", DEFAULT_WAIT)
 
@@ -337,9 +343,7 @@ async def test_a_caller_hanging_up_on_hold_ends_the_room_and_cannot_be_redirecte
     bot = Bot()
     async with twilio_and_bot(bot) as (twilio, ws_url):
         client = twilio.client()
-        first, first_run = await dial_in(twilio, ws_url)
-        await asyncio.to_thread(client.calls(first.sid).update, twiml=conference_twiml(False))
-        await asyncio.wait_for(first_run, 5)
+        first, _ = await on_hold(twilio, ws_url)
         created = await asyncio.to_thread(
             client.calls.create, to="+15553330000", from_=BOT_NUMBER, twiml=conference_twiml(True)
         )
@@ -362,9 +366,7 @@ async def test_calls_held_in_a_room_are_left_there_when_the_emulator_stops() -> 
     """For a test to look at after the `async with`; stopping does not wait on them."""
     async with twilio_and_bot(Bot()) as (twilio, ws_url):
         client = twilio.client()
-        first, first_run = await dial_in(twilio, ws_url)
-        await asyncio.to_thread(client.calls(first.sid).update, twiml=conference_twiml(False))
-        await asyncio.wait_for(first_run, 5)
+        first, _ = await on_hold(twilio, ws_url)
         created = await asyncio.to_thread(
             client.calls.create,
             to="+15553330000",
@@ -386,9 +388,7 @@ async def test_a_call_sent_from_a_room_to_a_number_leaves_it_and_ends() -> None:
     """No stream's end completes it there (a cold transfer from hold): the redirect does."""
     async with twilio_and_bot(Bot()) as (twilio, ws_url):
         client = twilio.client()
-        first, first_run = await dial_in(twilio, ws_url)
-        await asyncio.to_thread(client.calls(first.sid).update, twiml=conference_twiml(False))
-        await asyncio.wait_for(first_run, 5)
+        first, _ = await on_hold(twilio, ws_url)
         dial = "<Response><Dial>+15559990000</Dial></Response>"
         await asyncio.to_thread(client.calls(first.sid).update, twiml=dial)
         assert first.status == "completed" and first.dialed == ["+15559990000"]

@@ -42,7 +42,7 @@ from phonebot.records.call_log import CallLog, HeardSpeech
 from phonebot.twilio.transport import PlayoutLedger, SpokenContext, SpokenPart
 from tests.browser import records_app
 from tests.conftest import make_settings, shipped_agent
-from tests.live_server import LiveServer, ai_api_process, free_port, twilio_for
+from tests.live_server import LiveServer, ai_api_process, records_server, twilio_for
 from tests.test_calls import call_in, dialin_opening, say
 from tests.test_records_calls import ADMIN_KEY, record_of, records_env
 
@@ -321,17 +321,7 @@ def test_the_page_strikes_out_what_the_caller_did_not_hear(tmp_path: Path) -> No
 # --- whole calls ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rest_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def server(rest_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    folder = tmp_path_factory.mktemp("interrupted")
-    live = LiveServer(records_env(rest_port, f"sqlite:///{folder / 'records.db'}"), folder)
-    yield live
-    live.stop()
+rest_port, server = records_server("interrupted", ADMIN_API_KEY=ADMIN_KEY)
 
 
 @pytest.fixture

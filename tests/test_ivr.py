@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import wave
-from collections.abc import Iterator
 from importlib.resources import files
 
 import httpx
@@ -43,8 +42,7 @@ from phonebot.emulator.keytones import keys_in
 from phonebot.records.schema import CallRecord
 from phonebot.twilio.dialout import DialoutRequest
 from tests.conftest import DIALOUT_KEY, make_settings, shipped_agent
-from tests.live_server import LiveServer, closed_record, free_port, scripted_callees
-from tests.test_calls import server_env
+from tests.live_server import LiveServer, closed_record, records_server, scripted_callees
 
 ADMIN_KEY = "test-admin-key-ivr"
 MENU = "+15551230101"
@@ -288,22 +286,7 @@ def test_a_goal_and_machine_detection_are_refused_together():
 # --- end to end ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rest_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def server(rest_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    folder = tmp_path_factory.mktemp("ivr")
-    env = server_env(
-        rest_port,
-        ADMIN_API_KEY=ADMIN_KEY,
-        DATABASE_URL=f"sqlite:///{folder / 'calls.db'}",
-    )
-    live = LiveServer(env, folder)
-    yield live
-    live.stop()
+rest_port, server = records_server("ivr", ADMIN_API_KEY=ADMIN_KEY)
 
 
 twilio = scripted_callees({MENU: "menu", NO_MATCH: "menu-no-match"})
@@ -365,4 +348,3 @@ async def test_a_menu_without_the_goal_is_hung_up_on_as_ivr_failed(
     assert record["end_reason"] == EndReason.IVR_FAILED == "ivr failed"
     assert server.bot_lines(call_sid) == []  # not a word to a machine
     assert server.error_lines() == []
-

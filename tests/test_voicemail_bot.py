@@ -11,7 +11,6 @@ then talks as the agent).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -35,8 +34,7 @@ from phonebot.pipecat_compat import assume_conversation
 from phonebot.twilio.amd import AMD_BY_BOT, AMD_PARAMETER
 from phonebot.twilio.dialout import DialoutRequest
 from tests.conftest import DIALOUT_KEY, shipped_agent
-from tests.live_server import LiveServer, closed_record, free_port, scripted_callees
-from tests.test_calls import server_env
+from tests.live_server import LiveServer, closed_record, records_server, scripted_callees
 from tests.test_voicemail import created_form, twilio_rest  # noqa: F401  (fixture)
 
 ADMIN_KEY = "test-admin-key-voicemail-bot"
@@ -145,18 +143,7 @@ async def test_a_callee_who_says_nothing_is_taken_for_a_person_waiting_for_us():
 # --- end to end ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rest_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def server(rest_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    folder = tmp_path_factory.mktemp("voicemail-bot")
-    database = f"sqlite:///{folder / 'calls.db'}"
-    live = LiveServer(server_env(rest_port, ADMIN_API_KEY=ADMIN_KEY, DATABASE_URL=database), folder)
-    yield live
-    live.stop()
+rest_port, server = records_server("voicemail-bot", ADMIN_API_KEY=ADMIN_KEY)
 
 
 twilio = scripted_callees({VOICEMAIL: "voicemail", SCREENED: "screening"})

@@ -11,7 +11,7 @@ record holds the outcome and its timings.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs, urlsplit
 
@@ -51,7 +51,7 @@ from phonebot.twilio.transfer import TRANSFER_OF_PARAMETER, TRANSFER_SUMMARY_PAR
 from phonebot.twilio.twiml import ParameterError
 from phonebot.web.webhooks import server_parameters
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, DIALOUT_KEY, make_settings, shipped_agent
-from tests.live_server import LiveServer, closed_record, free_port, twilio_for
+from tests.live_server import LiveServer, closed_record, free_port, records_server, twilio_for
 from tests.test_calls import CALLER, OUR_NUMBER, call_in, dialin_opening, say, server_env
 
 ADMIN_KEY = "test-admin-key-warm-transfer"
@@ -164,25 +164,13 @@ async def test_a_caller_who_leaves_never_leaves_the_person_waiting(
 # --- end to end -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rest_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def server(rest_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    folder = tmp_path_factory.mktemp("warm-transfer")
-    env = server_env(
-        rest_port,
-        ADMIN_API_KEY=ADMIN_KEY,
-        DATABASE_URL=f"sqlite:///{folder / 'calls.db'}",
-        TRANSFER_TARGET=PERSON,
-        TRANSFER_MODE="warm",
-        TRANSFER_RING_TIMEOUT_S="5",
-    )
-    live = LiveServer(env, folder)
-    yield live
-    live.stop()
+rest_port, server = records_server(
+    "warm-transfer",
+    ADMIN_API_KEY=ADMIN_KEY,
+    TRANSFER_TARGET=PERSON,
+    TRANSFER_MODE="warm",
+    TRANSFER_RING_TIMEOUT_S="5",
+)
 
 
 @pytest.fixture

@@ -17,18 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from phonebot.audio import TWILIO_SAMPLE_RATE, tone
-from phonebot.emulator.script import (
-    Dtmf,
-    Hangup,
-    Menu,
-    Pause,
-    Speak,
-    Step,
-    WaitForBot,
-    WaitForHangup,
-)
+from phonebot.emulator.script import Dtmf, Hangup, Menu, Pause, Speak, WaitForBot, WaitForHangup
+
+if TYPE_CHECKING:  # annotations only
+    from phonebot.emulator.script import Step
 
 # What an unanswered call ends as, Twilio's final CallStatus
 # (https://www.twilio.com/docs/voice/api/call-resource#call-status-values).
