@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from phonebot.campaigns.cli import main
+from phonebot.campaigns.cli import build_parser, campaign_options, main
 
 pytest_plugins = ["tests.campaigns_fixtures"]
 
@@ -90,3 +90,20 @@ def test_start_names_the_agent_of_every_call(database: Path, capsys):
     assert code == 0 and out.splitlines()[0].endswith("  agent sales")
     code, _, err = run(capsys, "start", str(contacts), "--agent", "nobody")
     assert code == 1 and "error: agent: no agent named 'nobody'" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "detection"),
+    [([], False), (["--machine-detection"], True), (["--bot-machine-detection"], "bot")],
+)
+def test_start_asks_for_twilios_or_the_bots_machine_detection(flags, detection):
+    args = build_parser().parse_args(["start", "contacts.csv", *flags])
+    assert campaign_options(args)["machine_detection"] == detection
+
+
+def test_machine_detection_is_twilios_or_the_bots_not_both(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["start", "contacts.csv", "--machine-detection", "--bot-machine-detection"]
+        )
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import asyncio
 import json
 import wave
 from importlib.resources import files
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -34,11 +35,13 @@ from phonebot.call.ivr import (
     MenuNavigation,
     words_after_transfer,
 )
+from phonebot.call.phone_call import PhoneCall
 from phonebot.campaigns.models import CampaignIn
 from phonebot.campaigns.store import outcome_of
 from phonebot.emulator import TwilioRestEmulator
 from phonebot.emulator.callees import BILLING_PERSON
 from phonebot.emulator.keytones import keys_in
+from phonebot.emulator.media_stream import spoken_choice
 from phonebot.records.schema import CallRecord
 from phonebot.twilio.dialout import DialoutRequest
 from tests.conftest import DIALOUT_KEY, make_settings, shipped_agent
@@ -47,6 +50,7 @@ from tests.live_server import LiveServer, closed_record, records_server, scripte
 ADMIN_KEY = "test-admin-key-ivr"
 MENU = "+15551230101"
 NO_MATCH = "+15551230102"
+SAY_MENU = "+15551230103"
 GOAL = "Reach a person in billing"
 SALE = shipped_agent("summer_sale")
 KEYS = "0123456789*#"
@@ -283,13 +287,41 @@ def test_a_goal_and_machine_detection_are_refused_together():
     assert ivr_goal(agent, {"call_type": "outbound", "amd": "1"}) is None  # the file's gives way
 
 
+def test_a_speech_menu_takes_a_choice_said_in_any_case_among_other_words():
+    choices = {"sales": [], "billing": [], "store hours": []}
+    assert spoken_choice("Billing.", choices) == "billing"
+    assert spoken_choice("I'd like the store hours, please", choices) == "store hours"
+    assert spoken_choice("hours of the store?", choices) == "store hours"
+    assert spoken_choice("bill me", choices) is None  # a word, not a part of one
+    assert spoken_choice("", choices) is None
+
+
+async def test_a_phone_menu_is_never_re_prompted_only_the_person_once_reached():
+    """A menu may take longer than SILENCE_TIMEOUT_S to answer (a speech menu deciding, a
+    hold); IVR_TIMEOUT_S bounds it, a re-prompt would only talk to a machine."""
+    prompted: list[str] = []
+
+    async def on_caller_silent() -> None:
+        prompted.append("re-prompt")
+
+    call = SimpleNamespace(
+        navigation=SimpleNamespace(navigating=True),
+        control=SimpleNamespace(on_caller_silent=on_caller_silent),
+    )
+    await PhoneCall.on_user_turn_idle(call, None)  # type: ignore[arg-type]
+    assert prompted == []
+    call.navigation.navigating = False  # talking to the person now
+    await PhoneCall.on_user_turn_idle(call, None)  # type: ignore[arg-type]
+    assert prompted == ["re-prompt"]
+
+
 # --- end to end ---------------------------------------------------------------------------
 
 
 rest_port, server = records_server("ivr", ADMIN_API_KEY=ADMIN_KEY)
 
 
-twilio = scripted_callees({MENU: "menu", NO_MATCH: "menu-no-match"})
+twilio = scripted_callees({MENU: "menu", NO_MATCH: "menu-no-match", SAY_MENU: "menu-say"})
 
 
 async def dial(server: LiveServer, twilio: TwilioRestEmulator, to: str, goal: str):
@@ -334,6 +366,25 @@ async def test_the_bot_presses_through_nested_menus_to_a_person_then_talks_as_th
     assert any("Sam" in line for line in callee_lines), json.dumps(record["transcript"])
     assert record["end_reason"] == EndReason.BOT_ENDED  # after the person's goodbye
     assert server.wait_for_log(f"Call {call_sid}: reached a person after the menu")
+
+
+async def test_a_menu_that_asks_for_words_hears_the_bot_say_its_choice(
+    server: LiveServer, twilio: TwilioRestEmulator
+):
+    call_sid, result = await dial(server, twilio, SAY_MENU, GOAL)
+
+    assert result.error is None, result.error
+    assert result.bot_dtmf == []  # said, not pressed
+    assert len(result.events_of("menu")) == 1  # and understood the first time
+    (choice,) = result.events_of("menu_choice")  # heard by the menu's own recogniser
+    assert choice.data["word"] == "billing", choice.data
+    said = server.bot_lines(call_sid)
+    assert said[0] == "Billing.", said  # the choice, then the agent once a person answers
+    assert said[1] == opening_line(SALE, {"call_type": "outbound"}), said
+    record = await record_of(server, call_sid)
+    callee_lines = [e["text"] for e in record["transcript"] if e["kind"] == "caller"]
+    assert any("Sam" in line for line in callee_lines), json.dumps(record["transcript"])
+    assert record["end_reason"] == EndReason.BOT_ENDED
 
 
 async def test_a_menu_without_the_goal_is_hung_up_on_as_ivr_failed(

@@ -307,6 +307,10 @@ class PhoneCall:
         self.faults.caller_turn_started()
 
     async def on_user_turn_idle(self, aggregator: LLMUserAggregator) -> None:
+        """The callee said nothing for SILENCE_TIMEOUT_S after the bot: a re-prompt (never to
+        a phone menu, which may take its time to answer: IVR_TIMEOUT_S bounds it)."""
+        if self.navigation.navigating:
+            return
         await self.control.on_caller_silent()
 
     async def on_user_turn_stopped(

@@ -122,7 +122,11 @@ def _start_parser(start: argparse.ArgumentParser) -> None:
     start.add_argument("--retry-delay", type=int, default=3600, metavar="SECONDS")
     start.add_argument("--retry-on", default="busy,no-answer,failed,voicemail",
                        help="outcomes tried again: busy, no-answer, failed, voicemail, ivr_failed")
-    start.add_argument("--machine-detection", action="store_true")
+    detection = start.add_mutually_exclusive_group()
+    detection.add_argument("--machine-detection", action="store_true",
+                           help="Twilio's answering-machine detection (paid)")
+    detection.add_argument("--bot-machine-detection", action="store_true",
+                           help="the bot listens for voicemail itself")
     start.add_argument("--from", dest="from_", help="caller ID (default: the server's "
                        "TWILIO_PHONE_NUMBER)")
     start.add_argument("--start-at", type=parse_when, help="ISO date-time (UTC if no zone)")
@@ -141,7 +145,7 @@ def campaign_options(args: argparse.Namespace) -> dict[str, Any]:
         "calls_per_minute": args.calls_per_minute,
         "retry": {"attempts": args.attempts, "delay_s": args.retry_delay,
                   "on": [o.strip() for o in args.retry_on.split(",") if o.strip()]},
-        "machine_detection": args.machine_detection,
+        "machine_detection": "bot" if args.bot_machine_detection else args.machine_detection,
         "from": args.from_,
         "start_at": args.start_at.isoformat() if args.start_at else None,
         "end_at": args.end_at.isoformat() if args.end_at else None,

@@ -19,7 +19,12 @@ from phonebot.agents.agent import IVR_GOAL_PARAMETER
 from phonebot.agents.selection import AGENT_PARAMETER
 from phonebot.campaigns.windows import DAYS, parse_hhmm
 from phonebot.phone_numbers import E164
-from phonebot.twilio.dialout import menus_or_machines, one_agent, same_as_parameter
+from phonebot.twilio.dialout import (
+    MachineDetection,
+    menus_or_machines,
+    one_agent,
+    same_as_parameter,
+)
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 Outcome = Literal["busy", "no-answer", "failed", "voicemail", "ivr_failed"]
@@ -108,7 +113,11 @@ class CampaignIn(BaseModel):
     max_concurrent: int = Field(5, ge=1, le=1000)
     calls_per_minute: int = Field(10, ge=1, le=6000)
     retry: RetryIn = Field(default_factory=RetryIn)
-    machine_detection: bool = False
+    machine_detection: MachineDetection = Field(
+        False,
+        description="true or \"twilio\": Twilio's answering-machine detection; \"bot\": the "
+        "bot listens and decides itself (as POST /dialout's)",
+    )
     from_: str | None = Field(None, alias="from", pattern=E164, description="Caller ID")
     start_at: datetime | None = Field(None, description="ISO 8601 with a zone offset")
     end_at: datetime | None = Field(None, description="ISO 8601 with a zone offset")
@@ -142,7 +151,7 @@ class CampaignIn(BaseModel):
 
     @field_validator("machine_detection")
     @classmethod
-    def _no_goal(cls, detection: bool, info: ValidationInfo) -> bool:
+    def _no_goal(cls, detection: MachineDetection, info: ValidationInfo) -> MachineDetection:
         """Not with a phone-menu goal: the campaign's, or any contact's own."""
         goals = [info.data.get("ivr_goal"), info.data.get("parameters", {}).get(IVR_GOAL_PARAMETER)]
         goals += [c.parameters.get(IVR_GOAL_PARAMETER) for c in info.data.get("contacts", [])]
@@ -206,7 +215,7 @@ class CampaignDetail(CampaignSummary):
     max_concurrent: int
     calls_per_minute: int
     retry: RetryIn
-    machine_detection: bool
+    machine_detection: MachineDetection
     start_at: datetime | None
     end_at: datetime | None
     duplicates: list[dict[str, Any]]

@@ -50,6 +50,8 @@ class Campaign(Base):
     # Outcomes worth another attempt: busy, no-answer, failed, voicemail.
     retry_on: Mapped[list[str]] = mapped_column(JSON)
     machine_detection: Mapped[bool] = mapped_column(default=False)
+    # Who listens for a machine when machine_detection is on: NULL (Twilio's AMD) or "bot".
+    machine_detection_by: Mapped[str | None] = mapped_column(String(8))
     # Duplicate numbers merged at creation: [{"to", "rows": [..]}], reported back.
     duplicates: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 

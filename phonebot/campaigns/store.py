@@ -46,7 +46,9 @@ from phonebot.dnc.store import listed, opted_out_since
 from phonebot.records.events import EventDeliverer
 from phonebot.records.schema import CallRecord
 from phonebot.records.writer import IVR_FAILED_REASON, OPTED_OUT_REASON
+from phonebot.twilio.amd import AMD_BY_BOT as BOT
 from phonebot.twilio.dial_guard import check_destination
+from phonebot.twilio.dialout import MachineDetection
 from phonebot.twilio.statuses import FINAL_STATUSES
 
 # Beyond MAX_CALL_DURATION_S, how long a placed call may go without a final status before
@@ -83,7 +85,15 @@ class Claim:
     from_number: str | None
     parameters: dict[str, str]
     customer_id: str | None
-    machine_detection: bool
+    machine_detection: MachineDetection
+
+
+def detection_of(campaign: Campaign) -> MachineDetection:
+    """The campaign's `machine_detection` as its calls ask for it: False, True (Twilio's
+    AMD) or "bot"."""
+    if campaign.machine_detection and campaign.machine_detection_by == BOT:
+        return BOT
+    return campaign.machine_detection
 
 
 def new_id() -> str:
@@ -142,7 +152,8 @@ class CampaignStore:
             window_days=list(body.window.days), start_at=start_at, end_at=body.end_at,
             max_concurrent=body.max_concurrent, calls_per_minute=body.calls_per_minute,
             retry_attempts=body.retry.attempts, retry_delay_s=body.retry.delay_s,
-            retry_on=list(body.retry.on), machine_detection=body.machine_detection,
+            retry_on=list(body.retry.on), machine_detection=bool(body.machine_detection),
+            machine_detection_by=BOT if body.machine_detection == BOT else None,
             duplicates=prepared.duplicates,
         )
         rows = [
@@ -183,7 +194,7 @@ class CampaignStore:
             max_concurrent=campaign.max_concurrent, calls_per_minute=campaign.calls_per_minute,
             retry=RetryIn(attempts=campaign.retry_attempts, delay_s=campaign.retry_delay_s,
                           on=campaign.retry_on),
-            machine_detection=campaign.machine_detection, start_at=campaign.start_at,
+            machine_detection=detection_of(campaign), start_at=campaign.start_at,
             end_at=campaign.end_at, duplicates=campaign.duplicates or [], contacts=outs,
         )
 
@@ -367,7 +378,7 @@ class CampaignStore:
         return Claim(
             campaign_id=campaign.id, contact_id=contact.id, number=contact.attempts,
             to=contact.to_number, from_number=campaign.from_number, parameters=parameters,
-            customer_id=contact.customer_id, machine_detection=campaign.machine_detection,
+            customer_id=contact.customer_id, machine_detection=detection_of(campaign),
         )
 
     async def placed(self, claim: Claim, call_sid: str, now: datetime) -> None:

@@ -53,9 +53,10 @@ CONVERSATIONS: dict[str, tuple[str, ...]] = {
     "opt-out": ("please stop calling me remove me from your list",),
 }
 # A business number answered by a phone menu (IVR), for dial-outs with an `ivr_goal`:
-# "menu" leads to a person in billing (2, then 3); "menu-no-match" offers nothing that
-# matches a billing goal, and hangs up after its third reading, as real menus do.
-MENUS = ("menu", "menu-no-match")
+# "menu" leads to a person in billing (2, then 3); "menu-say" asks for its choice in words
+# (say "billing"), then rings the same person; "menu-no-match" offers nothing that matches a
+# billing goal, and hangs up after its third reading, as real menus do.
+MENUS = ("menu", "menu-say", "menu-no-match")
 MENU_GREETING = "Thank you for calling Acme Outdoor."
 TRANSFERRING = "Please hold while I transfer you."
 BILLING_PERSON = "Billing, this is Sam speaking."
@@ -184,7 +185,7 @@ def transfer_script(key: str) -> list[Step]:
 
 
 def menu_script(kind: str) -> Menu:
-    """The phone menus a dial-out with a goal meets (`MENUS`): nested, keys only."""
+    """The phone menus a dial-out with a goal meets (`MENUS`): nested and pressed, or said."""
     person: list[Step] = [
         spoken(TRANSFERRING),
         Pause(HOLD_S),
@@ -194,6 +195,13 @@ def menu_script(kind: str) -> Menu:
         WaitForHangup(timeout=HANGUP_TIMEOUT_S),
     ]
     goodbye: list[Step] = [spoken("Goodbye."), Hangup()]
+    if kind == "menu-say":
+        return Menu(
+            spoken(f"{MENU_GREETING} For sales, say sales. For billing, say billing."),
+            {},
+            spoken={"sales": goodbye, "billing": person},
+            otherwise=goodbye,
+        )
     if kind == "menu-no-match":
         return Menu(
             spoken(f"{MENU_GREETING} For store hours, press 1. For directions, press 2."),

@@ -22,8 +22,9 @@ import binascii
 import contextlib
 import json
 import math
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,9 @@ LATE_MEDIA_GAP_S = 0.25
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 EventCallback = Callable[[CallEvent], None]
+# How the called side hears what the bot says to a menu that asks for a spoken choice:
+# 8 kHz 16-bit PCM and the words the menu listens for in, words out.
+Hear = Callable[[bytes, Sequence[str]], Awaitable[str]]
 
 
 class _HangupRequested(Exception):
@@ -100,6 +104,25 @@ class _HangupRequested(Exception):
 
 class _ServerHungUp(Exception):
     """Internal: the server closed the stream while the script expected it to."""
+
+
+def spoken_choice(said: str, choices: Iterable[str]) -> str | None:
+    """The first of `choices` whose words are all in `said` (case and punctuation aside)."""
+    words = set(re.findall(r"[a-z0-9']+", said.lower()))
+    for choice in choices:
+        if set(re.findall(r"[a-z0-9']+", choice.lower())) <= words:
+            return choice
+    return None
+
+
+async def hear_offline(pcm: bytes, choices: Sequence[str] = ()) -> str:
+    """What the bot said, by the offline recogniser the server's STT uses (Whisper tiny.en),
+    on its decoding threads: the 20 ms frame clock keeps its pace meanwhile. The menu's
+    `choices` are its hints, as a speech menu listens for its own words (a grammar): tiny.en
+    hears Piper's "Billing." as "building." without them."""
+    from phonebot.ai.offline.stt import transcribe_in_thread  # the model loads on first use
+
+    return await transcribe_in_thread(pcm, RATE, hints=choices)
 
 
 def _frames(seconds: float) -> int:
@@ -160,8 +183,10 @@ class MediaStreamCaller:
         connect_timeout: float = 10.0,
         headers: Mapping[str, str] | None = None,
         after_stream: Sequence[Verb] | None = None,
+        hear: Hear | None = None,
     ) -> None:
         self.url = url
+        self._hear = hear or hear_offline  # for menus that ask the bot to say its choice
         self.stream_sid = stream_sid or new_stream_sid()
         self.result = CallResult(
             url=url,
@@ -559,29 +584,49 @@ class MediaStreamCaller:
 
     async def _menu(self, step: Menu) -> None:
         """Play a phone menu: its prompt, then the bot's key (heard in its audio, from the
-        prompt's start on: menus take a key pressed over them); a listed key runs its
-        steps, anything else plays the prompt again, up to `repeats` times."""
+        prompt's start on: menus take a key pressed over them) or, when it has `spoken`
+        choices, the bot's words; a listed choice runs its steps, anything else plays the
+        prompt again, up to `repeats` times."""
         for attempt in range(step.repeats + 1):
-            heard_before = len(self.result.bot_dtmf)
+            keys_before = len(self.result.bot_dtmf)
+            said_before = len(self.result.bot_utterances)
             self._emit("menu", prompt=step.prompt.text, attempt=attempt + 1)
             await self._speak(step.prompt)
-            key = await self._wait_for_key(heard_before, step.timeout)
-            if key is not None and key in step.options:
-                self._emit("menu_choice", key=key)
-                for chosen in step.options[key]:
+            choice = await self._wait_for_choice(step, keys_before, said_before)
+            if choice is not None:
+                for chosen in choice:
                     await self._step(chosen)
                 return
-            self._emit("menu_retry", key=key)
         for fallback in step.otherwise:
             await self._step(fallback)
 
-    async def _wait_for_key(self, heard_before: int, timeout: float) -> str | None:
-        """The first key the bot pressed after `heard_before` presses, waiting up to
-        `timeout` seconds of silence for it."""
-        for _ in range(_frames(timeout)):
-            if len(self.result.bot_dtmf) > heard_before:
-                return self.result.bot_dtmf[heard_before][1]
+    async def _wait_for_choice(
+        self, step: Menu, keys_before: int, said_before: int
+    ) -> Sequence[Step] | None:
+        """The steps of the first choice the bot makes after `keys_before` keys and
+        `said_before` utterances, waiting up to the menu's `timeout` of our silence: a key
+        (one not listed: None at once) or, on a menu with `spoken` choices, an utterance
+        whose words hold one (others are let by, as a speech menu waits for a choice)."""
+        hearing: asyncio.Task[str] | None = None
+        for _ in range(_frames(step.timeout)):
+            if len(self.result.bot_dtmf) > keys_before:
+                key = self.result.bot_dtmf[keys_before][1]
+                self._emit("menu_choice" if key in step.options else "menu_retry", key=key)
+                return step.options.get(key)
+            utterances = self.result.bot_utterances
+            if hearing is None and step.spoken and len(utterances) > said_before:
+                pcm, choices = utterances[said_before].pcm, tuple(step.spoken)
+                hearing = asyncio.create_task(self._hear(pcm, choices))
+            if hearing is not None and hearing.done():
+                said, hearing, said_before = hearing.result(), None, said_before + 1
+                if (word := spoken_choice(said, step.spoken)) is not None:
+                    self._emit("menu_choice", said=said, word=word)
+                    return step.spoken[word]
+                self._emit("menu_heard", said=said)
             await self._tick()
+        if hearing is not None:
+            hearing.cancel()
+        self._emit("menu_retry", key=None)
         return None
 
     async def _wait_for_hangup(self, step: WaitForHangup) -> None:

@@ -8,7 +8,7 @@ on. Build scripts in code (tests) or from the command line (`phonebot.emulator.c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -118,9 +118,11 @@ class WaitForHangup:
 class Menu:
     """A phone menu (IVR) on the called side: say `prompt`, then wait up to `timeout` s for
     a key the bot presses (tones in its audio, decoded as a real menu does:
-    phonebot.emulator.keytones). A key in `options` runs that option's steps (a nested
-    `Menu`, a person answering, …); no key or another key plays the prompt again, up to
-    `repeats` more times, then `otherwise` runs (a real menu hangs up or goes to an
+    phonebot.emulator.keytones) or, for a menu that asks to "say" a choice, for what the bot
+    says (heard by the offline recogniser, as a speech-enabled menu hears a caller). A key
+    in `options`, or a word of `spoken` in the bot's words, runs that option's steps (a
+    nested `Menu`, a person answering, …); nothing or anything else plays the prompt again,
+    up to `repeats` more times, then `otherwise` runs (a real menu hangs up or goes to an
     operator)."""
 
     prompt: Speak
@@ -128,11 +130,14 @@ class Menu:
     timeout: float = 10.0
     repeats: int = 2
     otherwise: Sequence[Step] = ()
+    spoken: Mapping[str, Sequence[Step]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [key for key in self.options if len(key) != 1 or key not in DTMF_DIGITS]
         if bad:
             raise ValueError(f"menu options must be single keys from 0-9 * # A-D, got {bad}")
+        if any(not word.strip() for word in self.spoken):
+            raise ValueError("a spoken menu option needs a word")
 
 
 @dataclass(frozen=True)

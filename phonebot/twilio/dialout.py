@@ -52,6 +52,11 @@ STATUS_CALLBACK_PATH = "/status"
 MENUS_OR_MACHINES = "can't be combined with machine_detection (a phone menu is a machine to it)"
 
 
+# Answering-machine detection for a dial-out: false; true or "twilio" (Twilio's AMD, paid);
+# "bot" (the bot listens: phonebot.call.voicemail.GreetingCheck).
+MachineDetection = bool | Literal["twilio", "bot"]
+
+
 class DialoutRequest(BaseModel):
     """Body of `POST /dialout`."""
 
@@ -64,7 +69,7 @@ class DialoutRequest(BaseModel):
     parameters: dict[str, str] = Field(
         default_factory=dict, description="Stream parameters, e.g. campaign_id, customer_id"
     )
-    machine_detection: bool | Literal["twilio", "bot"] = Field(
+    machine_detection: MachineDetection = Field(
         default=False,
         description="Leave the agent's voicemail message on a machine, talk to a person: "
         "true or \"twilio\" asks Twilio's answering-machine detection (paid, and the bot "
