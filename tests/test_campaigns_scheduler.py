@@ -252,11 +252,14 @@ async def test_a_call_whose_end_never_arrives_does_not_hold_its_place(harness):
     assert await harness.states(campaign) == {NY[0]: "unknown", NY[1]: "calling"}
 
 
-@pytest.mark.parametrize("detection", [False, True, "bot"])
-async def test_each_call_asks_for_the_campaigns_machine_detection(harness, detection):
-    """Twilio's AMD (true), the bot listening itself ("bot", kept in its own column since
-    revision 0004) or none: stored, shown, and asked for on every call."""
-    campaign = await harness.create(contacts=[{"to": NY[0]}], machine_detection=detection)
+@pytest.mark.parametrize(
+    ("given", "detection"), [(False, False), (True, True), ("twilio", True), ("bot", "bot")]
+)
+async def test_each_call_asks_for_the_campaigns_machine_detection(harness, given, detection):
+    """Twilio's AMD (true, or "twilio"; a campaign from before revision 0004 reads so too),
+    the bot listening itself ("bot", kept in its own column since 0004) or none: stored,
+    shown, and asked for on every call."""
+    campaign = await harness.create(contacts=[{"to": NY[0]}], machine_detection=given)
     assert (await harness.store.get(campaign)).machine_detection == detection
     await harness.tick()
     assert [r.machine_detection for r in harness.twilio.requests] == [detection]

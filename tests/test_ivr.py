@@ -30,6 +30,7 @@ from phonebot.call.control import EndReason
 from phonebot.call.ivr import (
     FAILED,
     HOLDING,
+    LISTENING,
     NAVIGATING,
     TALKING,
     MenuNavigation,
@@ -38,7 +39,7 @@ from phonebot.call.ivr import (
 from phonebot.call.phone_call import PhoneCall
 from phonebot.campaigns.models import CampaignIn
 from phonebot.campaigns.store import outcome_of
-from phonebot.emulator import TwilioRestEmulator
+from phonebot.emulator import MediaStreamCaller, Menu, Speak, TwilioRestEmulator
 from phonebot.emulator.callees import BILLING_PERSON
 from phonebot.emulator.keytones import keys_in
 from phonebot.emulator.media_stream import spoken_choice
@@ -296,23 +297,45 @@ def test_a_speech_menu_takes_a_choice_said_in_any_case_among_other_words():
     assert spoken_choice("", choices) is None
 
 
-async def test_a_phone_menu_is_never_re_prompted_only_the_person_once_reached():
+@pytest.mark.parametrize(
+    ("state", "re_prompted"),
+    [(LISTENING, True), (NAVIGATING, False), (HOLDING, False), (TALKING, True)],
+)
+async def test_a_phone_menu_is_never_re_prompted_a_silent_callee_is(state, re_prompted):
     """A menu may take longer than SILENCE_TIMEOUT_S to answer (a speech menu deciding, a
-    hold); IVR_TIMEOUT_S bounds it, a re-prompt would only talk to a machine."""
+    hold; IVR_TIMEOUT_S bounds it); a callee who picked up and says nothing, or the person
+    reached, is re-prompted as on any call."""
     prompted: list[str] = []
 
     async def on_caller_silent() -> None:
         prompted.append("re-prompt")
 
+    navigation = MenuNavigation("CA1", GOAL, OfflineResponder(agent=SALE), make_settings(), {})
+    navigation.state = state
     call = SimpleNamespace(
-        navigation=SimpleNamespace(navigating=True),
-        control=SimpleNamespace(on_caller_silent=on_caller_silent),
+        navigation=navigation, control=SimpleNamespace(on_caller_silent=on_caller_silent)
     )
     await PhoneCall.on_user_turn_idle(call, None)  # type: ignore[arg-type]
-    assert prompted == []
-    call.navigation.navigating = False  # talking to the person now
-    await PhoneCall.on_user_turn_idle(call, None)  # type: ignore[arg-type]
-    assert prompted == ["re-prompt"]
+    assert prompted == (["re-prompt"] if re_prompted else [])
+
+
+def test_a_speech_menu_choice_needs_words():
+    with pytest.raises(ValueError, match="need words"):
+        Menu(Speak(b"\0\0", 8000, "Say billing."), {}, spoken={"?": []})
+    assert spoken_choice("anything at all", {"": [], "?!": []}) is None
+
+
+async def test_a_recogniser_that_fails_is_a_menu_that_did_not_understand():
+    async def broken(pcm: bytes, choices) -> str:
+        raise RuntimeError("no model here")
+
+    caller = MediaStreamCaller("ws://127.0.0.1:9/ws", hear=broken)
+    hearing = asyncio.create_task(broken(b"\0\0", ("billing",)))
+    await asyncio.wait({hearing})
+    menu = Menu(Speak(b"\0\0", 8000, "Say billing."), {}, spoken={"billing": []})
+    assert caller._heard_choice(hearing, menu) is None  # the menu plays again, as unheard
+    (heard,) = caller.result.events_of("menu_heard")
+    assert "no model here" in heard.data["error"]
 
 
 # --- end to end ---------------------------------------------------------------------------

@@ -107,6 +107,13 @@ class MenuNavigation:
         """Until the agent talks to a person, or the bot has given up."""
         return self.state in (LISTENING, NAVIGATING, HOLDING)
 
+    @property
+    def at_a_menu(self) -> bool:
+        """A menu answered and no person yet: it may take its time (a speech menu deciding,
+        a hold), and is never re-prompted; IVR_TIMEOUT_S bounds it. Not while LISTENING:
+        a callee who picked up and says nothing is re-prompted as on any call."""
+        return self.state in (NAVIGATING, HOLDING)
+
     def bind(self, worker: PipelineWorker, control: CallControl, context: LLMContext) -> None:
         self._worker, self._control, self._context = worker, control, context
 

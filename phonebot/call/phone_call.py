@@ -309,7 +309,7 @@ class PhoneCall:
     async def on_user_turn_idle(self, aggregator: LLMUserAggregator) -> None:
         """The callee said nothing for SILENCE_TIMEOUT_S after the bot: a re-prompt (never to
         a phone menu, which may take its time to answer: IVR_TIMEOUT_S bounds it)."""
-        if self.navigation.navigating:
+        if self.navigation.at_a_menu:
             return
         await self.control.on_caller_silent()
 

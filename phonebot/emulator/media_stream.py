@@ -20,9 +20,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import importlib
 import json
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -63,7 +63,16 @@ from phonebot.emulator.result import (
     MarkRecord,
     Utterance,
 )
-from phonebot.emulator.script import Dtmf, Hangup, Menu, Pause, Speak, WaitForBot, WaitForHangup
+from phonebot.emulator.script import (
+    Dtmf,
+    Hangup,
+    Menu,
+    Pause,
+    Speak,
+    WaitForBot,
+    WaitForHangup,
+    words_of,
+)
 from phonebot.emulator.timeline import (
     LateMediaWatch,
     Playback,
@@ -82,6 +91,9 @@ RATE = TWILIO_SAMPLE_RATE
 FRAME = FRAME_SAMPLES
 FRAME_S = FRAME / RATE
 UTTERANCE_GAP_S = 0.4
+# A speech menu's timeout running out while the bot's words are being recognised waits this
+# much longer for them (a decode takes ~0.6 s; more on a busy machine).
+HEARING_GRACE_S = 5.0
 # A pause in the bot's media this long after a `clear` ends what is charged to it as the
 # interrupted reply's tail (see timeline.LateMediaWatch).
 LATE_MEDIA_GAP_S = 0.25
@@ -89,7 +101,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 EventCallback = Callable[[CallEvent], None]
 # How the called side hears what the bot says to a menu that asks for a spoken choice:
-# 8 kHz 16-bit PCM and the words the menu listens for in, words out.
+# 8 kHz 16-bit PCM and the words the menu listens for in, words out (empty PCM: get ready).
 Hear = Callable[[bytes, Sequence[str]], Awaitable[str]]
 
 
@@ -107,10 +119,10 @@ class _ServerHungUp(Exception):
 
 
 def spoken_choice(said: str, choices: Iterable[str]) -> str | None:
-    """The first of `choices` whose words are all in `said` (case and punctuation aside)."""
-    words = set(re.findall(r"[a-z0-9']+", said.lower()))
+    """The first of `choices` whose words are all in `said`."""
+    words = words_of(said)
     for choice in choices:
-        if set(re.findall(r"[a-z0-9']+", choice.lower())) <= words:
+        if (wanted := words_of(choice)) and wanted <= words:
             return choice
     return None
 
@@ -119,10 +131,19 @@ async def hear_offline(pcm: bytes, choices: Sequence[str] = ()) -> str:
     """What the bot said, by the offline recogniser the server's STT uses (Whisper tiny.en),
     on its decoding threads: the 20 ms frame clock keeps its pace meanwhile. The menu's
     `choices` are its hints, as a speech menu listens for its own words (a grammar): tiny.en
-    hears Piper's "Billing." as "building." without them."""
-    from phonebot.ai.offline.stt import transcribe_in_thread  # the model loads on first use
+    hears Piper's "Billing." as "building." without them. Empty `pcm` only loads the model."""
+    stt = await asyncio.to_thread(_offline_recogniser)
+    return await stt.transcribe_in_thread(pcm, RATE, hints=choices) if pcm else ""
 
-    return await transcribe_in_thread(pcm, RATE, hints=choices)
+
+@lru_cache(maxsize=1)
+def _offline_recogniser() -> Any:
+    """The offline STT module, its model loaded. Imported on first use, on a thread: most
+    emulated callers (a load test's hundreds) never meet a speech menu, and the import and
+    the model's load would stall the 20 ms clock of every call on the loop."""
+    stt = importlib.import_module("phonebot.ai.offline.stt")
+    stt.warm_up()
+    return stt
 
 
 def _frames(seconds: float) -> int:
@@ -587,16 +608,22 @@ class MediaStreamCaller:
         prompt's start on: menus take a key pressed over them) or, when it has `spoken`
         choices, the bot's words; a listed choice runs its steps, anything else plays the
         prompt again, up to `repeats` times."""
-        for attempt in range(step.repeats + 1):
-            keys_before = len(self.result.bot_dtmf)
-            said_before = len(self.result.bot_utterances)
-            self._emit("menu", prompt=step.prompt.text, attempt=attempt + 1)
-            await self._speak(step.prompt)
-            choice = await self._wait_for_choice(step, keys_before, said_before)
-            if choice is not None:
-                for chosen in choice:
-                    await self._step(chosen)
-                return
+        # The recogniser loads while the prompt plays, not when the bot has answered.
+        warming = asyncio.create_task(self._hear(b"", ())) if step.spoken else None
+        try:
+            for attempt in range(step.repeats + 1):
+                keys_before = len(self.result.bot_dtmf)
+                said_before = len(self.result.bot_utterances)
+                self._emit("menu", prompt=step.prompt.text, attempt=attempt + 1)
+                await self._speak(step.prompt)
+                choice = await self._wait_for_choice(step, keys_before, said_before)
+                if choice is not None:
+                    for chosen in choice:
+                        await self._step(chosen)
+                    return
+        finally:
+            if warming is not None:
+                warming.cancel()
         for fallback in step.otherwise:
             await self._step(fallback)
 
@@ -604,29 +631,48 @@ class MediaStreamCaller:
         self, step: Menu, keys_before: int, said_before: int
     ) -> Sequence[Step] | None:
         """The steps of the first choice the bot makes after `keys_before` keys and
-        `said_before` utterances, waiting up to the menu's `timeout` of our silence: a key
-        (one not listed: None at once) or, on a menu with `spoken` choices, an utterance
-        whose words hold one (others are let by, as a speech menu waits for a choice)."""
+        `said_before` utterances, waiting up to the menu's `timeout` of our silence (and for
+        an utterance being heard when it runs out): a key (one not listed: None at once)
+        or, on a menu with `spoken` choices, an utterance whose words hold one (others are
+        let by, as a speech menu waits for a choice)."""
         hearing: asyncio.Task[str] | None = None
-        for _ in range(_frames(step.timeout)):
-            if len(self.result.bot_dtmf) > keys_before:
-                key = self.result.bot_dtmf[keys_before][1]
-                self._emit("menu_choice" if key in step.options else "menu_retry", key=key)
-                return step.options.get(key)
-            utterances = self.result.bot_utterances
-            if hearing is None and step.spoken and len(utterances) > said_before:
-                pcm, choices = utterances[said_before].pcm, tuple(step.spoken)
-                hearing = asyncio.create_task(self._hear(pcm, choices))
-            if hearing is not None and hearing.done():
-                said, hearing, said_before = hearing.result(), None, said_before + 1
-                if (word := spoken_choice(said, step.spoken)) is not None:
-                    self._emit("menu_choice", said=said, word=word)
-                    return step.spoken[word]
-                self._emit("menu_heard", said=said)
-            await self._tick()
-        if hearing is not None:
-            hearing.cancel()
+        frames = _frames(step.timeout) + (_frames(HEARING_GRACE_S) if step.spoken else 0)
+        try:
+            for frame in range(frames):
+                if len(self.result.bot_dtmf) > keys_before:
+                    key = self.result.bot_dtmf[keys_before][1]
+                    self._emit("menu_choice" if key in step.options else "menu_retry", key=key)
+                    return step.options.get(key)
+                utterances = self.result.bot_utterances
+                if hearing is None and step.spoken and len(utterances) > said_before:
+                    pcm, choices = utterances[said_before].pcm, tuple(step.spoken)
+                    hearing = asyncio.create_task(self._hear(pcm, choices))
+                if hearing is not None and hearing.done():
+                    word = self._heard_choice(hearing, step)
+                    if word is not None:
+                        return step.spoken[word]
+                    hearing, said_before = None, said_before + 1
+                if hearing is None and frame >= _frames(step.timeout):
+                    break  # the grace is only for an utterance being heard
+                await self._tick()
+        finally:
+            if hearing is not None:
+                hearing.cancel()
         self._emit("menu_retry", key=None)
+        return None
+
+    def _heard_choice(self, hearing: asyncio.Task[str], step: Menu) -> str | None:
+        """The choice in what `hearing` heard, or None; a recogniser that failed is one
+        line in the call's events (`menu_heard` with its error), not the script's end."""
+        try:
+            said = hearing.result()
+        except Exception as error:  # noqa: BLE001 (the menu just did not understand)
+            self._emit("menu_heard", said="", error=f"{type(error).__name__}: {error}")
+            return None
+        if (word := spoken_choice(said, step.spoken)) is not None:
+            self._emit("menu_choice", said=said, word=word)
+            return word
+        self._emit("menu_heard", said=said)
         return None
 
     async def _wait_for_hangup(self, step: WaitForHangup) -> None:

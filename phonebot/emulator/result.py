@@ -22,10 +22,11 @@ class CallEvent:
     Kinds: start, caller_speech, pause, dtmf, wait, wait_timeout, bot_speech_start,
     bot_utterance, clear, mark, mark_answered, stop_sent, hangup, closed, unknown_event,
     streamsid_mismatch, bad_message; a phone menu's (callee scripts): menu (prompt,
-    attempt), menu_choice (key), menu_retry (key or None), bot_dtmf (digit: a key the bot
-    pressed, heard as tones); after the server closed the stream, Twilio running
-    the TwiML after `</Connect>`: say (text, duration), twiml_pause (seconds),
-    twiml_unsupported (verb), then hangup (by "twiml").
+    attempt), menu_choice (key; or said and word, for a spoken choice), menu_heard (said,
+    and error when the recogniser failed: words that held no choice), menu_retry (key or
+    None), bot_dtmf (digit: a key the bot pressed, heard as tones); after the server closed
+    the stream, Twilio running the TwiML after `</Connect>`: say (text, duration),
+    twiml_pause (seconds), twiml_unsupported (verb), then hangup (by "twiml").
     """
 
     t: float

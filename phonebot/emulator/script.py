@@ -7,6 +7,7 @@ on. Build scripts in code (tests) or from the command line (`phonebot.emulator.c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,12 @@ import numpy as np
 from phonebot.audio import TWILIO_SAMPLE_RATE, read_wav, tone
 
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
+
+
+def words_of(text: str) -> set[str]:
+    """The words of `text`, case and punctuation aside (a speech menu's choices, what the
+    bot said to it)."""
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,8 @@ class Menu:
         bad = [key for key in self.options if len(key) != 1 or key not in DTMF_DIGITS]
         if bad:
             raise ValueError(f"menu options must be single keys from 0-9 * # A-D, got {bad}")
-        if any(not word.strip() for word in self.spoken):
-            raise ValueError("a spoken menu option needs a word")
+        if any(not words_of(choice) for choice in self.spoken):
+            raise ValueError(f"spoken menu choices need words, got {list(self.spoken)}")
 
 
 @dataclass(frozen=True)

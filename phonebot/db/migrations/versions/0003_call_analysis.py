@@ -27,6 +27,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_calls_success", table_name="calls")
-    with op.batch_alter_table("calls") as batch:  # SQLite can't drop a column in place
-        batch.drop_column("success")
-        batch.drop_column("analysis")
+    # In place, not in batch mode: on SQLite a batch copies the table and drops the old one,
+    # and with foreign keys on (phonebot.db.engine) that drop deletes every call's
+    # transcript (ON DELETE CASCADE). SQLite drops a column since 3.35.
+    op.drop_column("calls", "success")
+    op.drop_column("calls", "analysis")

@@ -23,5 +23,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("campaigns") as batch:  # SQLite can't drop a column in place
-        batch.drop_column("machine_detection_by")
+    # In place, not in batch mode: on SQLite a batch copies the table and drops the old one,
+    # and with foreign keys on (phonebot.db.engine) that drop deletes every contact and
+    # attempt of every campaign (ON DELETE CASCADE). SQLite drops a column since 3.35.
+    op.drop_column("campaigns", "machine_detection_by")
