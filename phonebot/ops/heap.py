@@ -16,7 +16,9 @@ often. `FULL_COLLECTION_EVERY` (the generation-2 threshold, 10 by default: full
 collections are considered every 10 generation-1 ones) puts them back to about as rare as
 before, each now over the calls' objects only. Measured, 40 calls on one process
 (`bench/load.py --pattern steady --steps 40 --no-baseline --runs 1`, p95 reply):
-unchanged 0.81-1.14 s, frozen 1.08-2.03 s, frozen with the threshold 0.76-0.85 s.
+unchanged 0.81-1.14 s, frozen 1.08-2.03 s, frozen with the threshold 0.76-0.85 s. A
+threshold of 30 instead (2 runs each, interleaved): 1.50-1.62 s against 1.03-1.22 s, for
+~15 MB less peak RSS (docs/scaling.md).
 """
 
 from __future__ import annotations
