@@ -212,10 +212,14 @@ async def test_sigterm_lets_the_call_run_its_grace_period_then_says_goodbye(live
     assert twiml_children(webhook) == ["Say", "Hangup"]
     assert dialout.status_code == 503
     assert health.status_code == 503 and health.json()["active_calls"] == 1
-    assert len(result.bot_utterances) == 2, "expected the opening, then the goodbye"
     assert server.bot_lines(result.call_sid) == [OPENING, SHUTDOWN_PHRASE]
-    goodbye_at = result.started_at + result.bot_utterances[1].start
-    assert goodbye_at - signalled >= 2 - 0.3, "the goodbye came before the grace period ended"
+    # The goodbye is two sentences, synthesised one by one: on a busy machine a pause
+    # between them can split it into two heard utterances, so it is what starts after the
+    # signal, and nothing may start in the grace period.
+    starts = [round(result.started_at + u.start - signalled, 2) for u in result.bot_utterances]
+    after_signal = [start for start in starts if start > 0]
+    assert after_signal, f"no goodbye was heard (utterances start at {starts} s from SIGTERM)"
+    assert after_signal[0] >= 2 - 0.3, f"the goodbye came in the grace period: {starts}"
     assert_hung_up_after_playout(result, twilio)
     assert status == 0
     assert exited - signalled < 2 + 10 + 8
