@@ -309,18 +309,35 @@ class CallControl:
 
     async def _connect_warm(self, warm: WarmTransfer) -> bool:
         """Into the person's room; False (the caller stays with the bot) if Twilio failed."""
-        assert self._serializer is not None
         self._ending = True
         await self._say_and_wait(self._settings.transfer_connecting_phrase)
-        self._serializer.keep_call_on_end()
-        self.note_end(EndReason.TRANSFER)
-        if not await warm.connect():
-            self._serializer.keep_call_on_end(False)
-            self.end_reason = None
+        try:
+            await self.hand_over(warm.joining(), EndReason.TRANSFER)
+        except TwilioUnavailable as error:
+            await warm.not_joined(error)
             self._ending = False
             return False
         await self._worker.queue_frame(EndFrame(reason=EndReason.TRANSFER))
         return True
+
+    async def hand_over(self, twiml: str, reason: str) -> None:
+        """Give the live call to other TwiML (a `<Dial>`, a conference room): the pipeline
+        will end without the REST hang-up it usually ends with, for `reason`.
+
+        The reason is in place before the update: Twilio stops our stream as soon as the
+        new TwiML runs, maybe before the REST call returns. If Twilio refused, all of it is
+        undone (the call goes on with the bot) and `TwilioUnavailable` is raised.
+        """
+        if self._serializer is not None:
+            self._serializer.keep_call_on_end()
+        self.note_end(reason)
+        try:
+            await update_call_twiml(self._settings, self._call.call_sid, twiml)
+        except TwilioUnavailable:
+            if self._serializer is not None:
+                self._serializer.keep_call_on_end(False)
+            self.end_reason = None
+            raise
 
     async def call_over(self) -> None:
         """The call's pipeline has ended: a warm transfer under way is called off (the
@@ -338,19 +355,13 @@ class CallControl:
             return
         self._ending = True
         await self._say_and_wait(self._settings.transfer_phrase)
-        self._serializer.keep_call_on_end()
-        # Twilio stops our stream as soon as it starts dialing, maybe before the REST
-        # call returns: the reason must be in place by then.
-        self.note_end(EndReason.TRANSFER)
         try:
-            await update_call_twiml(self._settings, self._call.call_sid, dial_twiml(target))
+            await self.hand_over(dial_twiml(target), EndReason.TRANSFER)
         except TwilioUnavailable as error:
             logger.warning(f"Transfer of {self._call.call_sid} failed: {error.code} {error}")
             failed = f"failed (Twilio {error.code})" if error.code else "failed"
             self._records.update(transfer_target=target, transfer_result=failed)
-            self._serializer.keep_call_on_end(False)
             self._ending = False
-            self.end_reason = None
             await self._worker.queue_frames([TTSSpeakFrame(self._settings.transfer_failed_phrase)])
             return
         logger.info(f"Call {self._call.call_sid} transferred to {mask(target)}")

@@ -160,7 +160,7 @@ class PhoneCall:
         opening = opening_line(agent, session.parameters)
         opening = self.briefing.opening(agent) if self.briefing.active else opening
         self.opener = CallOpener(self.worker, opening, session.direction, settings)
-        self.briefing.bind(call_sid, self.worker, self.control, serializer)
+        self.briefing.bind(call_sid, self.worker, self.control)
         self.navigation.bind(self.worker, self.control, self.context)
         self.greeting_check.bind(self.control, agent, self.call_log)
         self.reply_latencies = ReplyLatencies(self.timeline.logged)  # for the transcript

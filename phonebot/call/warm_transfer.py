@@ -62,9 +62,8 @@ from phonebot.twilio.rest import (
     TwilioUnavailable,
     create_call,
     hang_up_call,
-    update_call_twiml,
 )
-from phonebot.twilio.stream import CallSession, TwilioMarkSerializer
+from phonebot.twilio.stream import CallSession
 from phonebot.twilio.transfer import (
     SUMMARY_MAX_CHARS,
     TRANSFER_OF_PARAMETER,
@@ -273,22 +272,20 @@ class WarmTransfer:
             self._record(verdict)
         return self._verdict
 
-    async def connect(self) -> bool:
-        """Move the caller into the room the person waits in: the conference starts.
-        False (and the person's call ended: nobody would join them) if Twilio refused."""
-        self.connected = True  # Twilio may stop our stream before the update returns
-        room = conference_room(self._session.call_sid)
-        try:
-            await update_call_twiml(
-                self._settings, self._session.call_sid, join_twiml(room, starts=True)
-            )
-        except TwilioUnavailable as error:
-            logger.warning(f"Call {self._session.call_sid}: could not join the person: {error}")
-            self.connected = False
-            if self.person_call_sid is not None:
-                await self._hang_up(self.person_call_sid)
-            return False
-        return True
+    def joining(self) -> str:
+        """The TwiML that moves the caller into the room the person waits in (the caller's
+        entering starts the conference). From now on the caller counts as gone into the
+        room: Twilio may stop our stream before the update returns."""
+        self.connected = True
+        return join_twiml(conference_room(self._session.call_sid), starts=True)
+
+    async def not_joined(self, error: TwilioUnavailable) -> None:
+        """Twilio refused to move the caller: the person's call is ended too (nobody would
+        come into their room)."""
+        logger.warning(f"Call {self._session.call_sid}: could not join the person: {error}")
+        self.connected = False
+        if self.person_call_sid is not None:
+            await self._hang_up(self.person_call_sid)
 
     async def abandon(self, outcome: str) -> None:
         """The caller's call is ending (`outcome`: the caller hung up, or the call is being
@@ -370,7 +367,6 @@ class Briefing:
         self._call_sid = ""
         self._worker: PipelineWorker | None = None
         self._control: CallControl | None = None
-        self._serializer: TwilioMarkSerializer | None = None
 
     @property
     def active(self) -> bool:
@@ -391,17 +387,10 @@ class Briefing:
             "or 2 to decline. You have already said: " + self.opening(agent)
         )
 
-    def bind(
-        self,
-        call_sid: str,
-        worker: PipelineWorker,
-        control: CallControl,
-        serializer: TwilioMarkSerializer | None,
-    ) -> None:
+    def bind(self, call_sid: str, worker: PipelineWorker, control: CallControl) -> None:
         self._call_sid = call_sid
         self._worker = worker
         self._control = control
-        self._serializer = serializer
 
     def start(self) -> None:
         """The person picked up: the decision time starts."""
@@ -462,17 +451,11 @@ class Briefing:
         """Into the room to wait for the caller, whose entering starts the conference; this
         call's pipeline ends without hanging up (as a cold transfer's). False if Twilio
         refused (the call goes on, to be ended as usual)."""
-        if self._serializer is not None:
-            self._serializer.keep_call_on_end()
-        control.note_end(JOINED)  # Twilio may stop our stream before the update returns
         room = conference_room(self.caller_sid or "")
         try:
-            await update_call_twiml(self._settings, self._call_sid, join_twiml(room, starts=False))
+            await control.hand_over(join_twiml(room, starts=False), JOINED)
         except TwilioUnavailable as error:
             logger.warning(f"Call {self._call_sid}: could not join the caller's room: {error}")
-            if self._serializer is not None:
-                self._serializer.keep_call_on_end(False)
-            control.end_reason = None
             return False
         return True
 
