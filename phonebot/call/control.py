@@ -312,7 +312,7 @@ class CallControl:
         self._ending = True
         await self._say_and_wait(self._settings.transfer_connecting_phrase)
         try:
-            await self.hand_over(warm.joining(), EndReason.TRANSFER)
+            await self.hand_over(warm.enter_room_twiml(), EndReason.TRANSFER)
         except TwilioUnavailable as error:
             await warm.not_joined(error)
             self._ending = False

@@ -272,7 +272,7 @@ class WarmTransfer:
             self._record(verdict)
         return self._verdict
 
-    def joining(self) -> str:
+    def enter_room_twiml(self) -> str:
         """The TwiML that moves the caller into the room the person waits in (the caller's
         entering starts the conference). From now on the caller counts as gone into the
         room: Twilio may stop our stream before the update returns."""
