@@ -457,6 +457,14 @@ class Line:
         await self.spoken.wait()
         return time.monotonic()
 
+    async def pause(self, seconds: float) -> None:
+        """`seconds` of silence between two things said, counted in audio: a wall-clock
+        sleep sends fewer silent frames when the loop runs the line late under load (the
+        VAD then heard one segment where the caller made two)."""
+        self.spoken.clear()
+        self.pending += bytes(2 * round(seconds * RATE))
+        await self.spoken.wait()
+
     async def press(self, keys: str) -> float:
         for key in keys:
             await self.worker.queue_frame(InputDTMFFrame(KeypadEntry(key)))
@@ -744,7 +752,7 @@ async def test_a_caller_who_goes_on_while_the_model_judges_is_not_answered_mid_s
         monkeypatch, [first, second], [SAYS_COMPLETE, SAYS_COMPLETE], inference_s=2.0
     ) as line:
         await line.say(first)
-        await asyncio.sleep(0.35)  # the VAD has stopped: the model is judging the pause
+        await line.pause(0.35)  # the VAD has stopped: the model is judging the pause
         await line.say(second)
         _, text = await line.answer(timeout=8)
     assert text == f"{first} {second}"
@@ -772,9 +780,9 @@ async def test_a_turn_the_vad_splits_ends_only_with_its_last_segments_transcript
         stt_p99_s=2.0,
     ) as line:
         await line.say(first)
-        # A VAD stop (0.2 s of silence; 0.45 s leaves room for a loaded machine's late
-        # frames), and the first transcript, 0.6 s away, arrives during the second half.
-        await asyncio.sleep(0.45)
+        # A VAD stop (0.2 s of silence), and the first transcript, 0.6 s away, arrives
+        # during the second half.
+        await line.pause(0.45)
         end = await line.say(second)
         answered_at, text = await line.answer(timeout=8)
         await asyncio.sleep(1.0)  # no second answer follows
@@ -803,7 +811,7 @@ async def test_a_segment_whose_transcript_never_comes_holds_the_turn_only_for_th
         stt_p99_s=p99_s,
     ) as line:
         await line.say(first)
-        await asyncio.sleep(0.35)
+        await line.pause(0.35)
         # Long enough that the VAD hears it as speech whatever the load (a short "and
         # then" went unheard once under the whole suite: one segment, "model_complete").
         end = await line.say("and then there is one more thing")
