@@ -506,7 +506,7 @@ class PhoneTurnStopStrategy(BaseUserTurnStopStrategy):
     build it with `stop_secs` = `policy.dangling_wait_s`.
 
     The model runs beside the user aggregator, not inside it: Pipecat's strategy awaits
-    the inference (~110-145 ms of CPU, longer when other calls' turns end too) inside
+    the inference (~57 ms of CPU, longer when other calls' turns end too) inside
     the aggregator's `process_frame`, so the call's audio, its VAD and its transcript
     queued behind it. Here each VAD stop's analysis is a task of its own; frames go on
     meanwhile (Pipecat's strategy already re-checks a transcript that came in while its

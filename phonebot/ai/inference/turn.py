@@ -1,7 +1,8 @@
 """Smart Turn v3 for every call of a process: one session, one pool of threads per core.
 
-Why a pool and not batches: an end-of-turn prediction is ~110-145 ms of CPU, nearly all of
-it the model's matrix products on 8 s of features; measured with `bench/inference.py`,
+Why a pool and not batches: an end-of-turn prediction is ~57 ms of CPU on a 2-core AMD EPYC
+(~110-145 ms before `single_threaded_blas`, most of the difference OpenBLAS spinning), nearly
+all of it the model's matrix products on 8 s of features; measured with `bench/inference.py`,
 scoring 2, 4 or 8 turns in one ONNX run costs the same CPU per turn as scoring them one by
 one (the model is compute-bound, not overhead-bound like Silero). So batching would only
 make the first caller wait for the last one's features. What keeps simultaneous turn ends
