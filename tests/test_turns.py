@@ -452,17 +452,19 @@ class Line:
 
     async def say(self, text: str) -> float:
         """Speak `text` (espeak); returns when its last frame went out (the speech end)."""
-        self.spoken.clear()
-        self.pending += speech(text)
-        await self.spoken.wait()
+        await self._send(speech(text))
         return time.monotonic()
 
     async def pause(self, seconds: float) -> None:
         """`seconds` of silence between two things said, counted in audio: a wall-clock
         sleep sends fewer silent frames when the loop runs the line late under load (the
         VAD then heard one segment where the caller made two)."""
+        await self._send(bytes(2 * round(seconds * RATE)))
+
+    async def _send(self, pcm: bytes) -> None:
+        """Queue `pcm` and wait until its last frame has gone out."""
         self.spoken.clear()
-        self.pending += bytes(2 * round(seconds * RATE))
+        self.pending += pcm
         await self.spoken.wait()
 
     async def press(self, keys: str) -> float:
