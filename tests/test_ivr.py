@@ -23,7 +23,13 @@ from pipecat.frames.frames import LLMMessagesUpdateFrame
 from pipecat.processors.aggregators.llm_context import LLMContext
 
 from phonebot.agents.agent import IVR_GOAL_PARAMETER, ivr_goal, opening_line
-from phonebot.ai.offline.menus import classify, menu_options, navigate, only_navigation_tags
+from phonebot.ai.offline.menus import (
+    classify,
+    menu_options,
+    navigate,
+    only_navigation_tags,
+    turns_since_action,
+)
 from phonebot.ai.offline.responder import OfflineResponder
 from phonebot.audio import FRAME_SAMPLES, TWILIO_SAMPLE_RATE, tone, ulaw_decode, ulaw_encode
 from phonebot.call.control import EndReason
@@ -137,6 +143,35 @@ def test_the_offline_navigator_presses_the_key_that_fits_the_goal(heard, expecte
     assert navigate(GOAL, heard) == expected
     responder = OfflineResponder(agent=SALE)
     assert responder.reply_to(navigator_context(navigation_prompt(GOAL), *heard)).text == expected
+
+
+def test_a_menu_cut_between_two_turns_is_read_across_them_until_the_bot_acts():
+    """Under load the turn may end between two of the recogniser's segments ("… for
+    billing" | "press 2"): the navigator waited on the first, so it reads both, as an LLM
+    reads its context. Turns before its last key belong to the menu it left."""
+    cut = "Thank you for calling Acme Outdoor for sales press 1 for billing"
+    waited = [
+        {"role": "user", "content": cut},
+        {"role": "assistant", "content": "<ivr>wait</ivr>"},
+        {"role": "user", "content": "Press 2"},
+    ]
+    assert turns_since_action(waited) == 2
+    assert navigate(GOAL, [cut, "Press 2"], unanswered=2) == "<dtmf>2</dtmf>"
+    responder = OfflineResponder(agent=SALE)
+    context = LLMContext(messages=[{"role": "developer", "content": navigation_prompt(GOAL)}])
+    context.add_messages(waited)
+    assert responder.reply_to(context).text == "<dtmf>2</dtmf>"
+    pressed = [
+        {"role": "user", "content": "For billing, press 2."},
+        {"role": "assistant", "content": "<dtmf>2</dtmf>"},
+        {"role": "user", "content": "Please enter your account number."},
+    ]
+    assert turns_since_action(pressed) == 1
+    context = LLMContext(messages=[{"role": "developer", "content": navigation_prompt(GOAL)}])
+    context.add_messages(pressed)
+    assert responder.reply_to(context).text == "<ivr>wait</ivr>"  # not 2 again
+    # "Please hold" after a menu the bot waited on is still the menu putting it through.
+    assert navigate(GOAL, [cut, "Please hold while I transfer you."], 2) == "<ivr>completed</ivr>"
 
 
 def test_options_are_read_in_the_order_said_with_spoken_keys():

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 
 from pipecat.extensions.ivr.ivr_navigator import IVRNavigator
 
+from phonebot.agents.analysis import message_text
+
 GOAL_MARKER = "YOUR NAVIGATION GOAL:"
+WAIT = "<ivr>wait</ivr>"  # the navigator waiting for more of the menu: not an action
 CLASSIFY, NAVIGATE = "classify", "navigate"
 MENU_CUES = (
     "press",
@@ -163,16 +166,22 @@ def classify(heard: str) -> str:
     )
 
 
-def navigate(goal: str, heard: Sequence[str]) -> str:
-    """The navigator's answer to the menu's latest words (`heard[-1]`), given all it said."""
+def navigate(goal: str, heard: Sequence[str], unanswered: int = 1) -> str:
+    """The navigator's answer to the menu's latest words, given all it said (`heard`).
+
+    The menu is read over the last `unanswered` turns, those the navigator has not acted
+    on yet (it waited): the recogniser may cut an option in two when the caller's turn
+    ends between segments ("… for sales press 1 for billing" | "press 2"), and an LLM
+    reads the two together in its context, so the offline navigator does too."""
     latest = _plain(heard[-1]) if heard else ""
-    options = menu_options(latest)
+    latest_options = menu_options(latest)
+    if not latest_options and any(cue in latest for cue in TRANSFER_CUES + PERSON_CUES):
+        return "<ivr>completed</ivr>"
+    options = _distinct(menu_options(_plain(" ".join(heard[-max(1, unanswered) :]))))
     if not options:
-        if any(cue in latest for cue in TRANSFER_CUES + PERSON_CUES):
-            return "<ivr>completed</ivr>"
         return "<ivr>wait</ivr>"
     offers = [o for o in (menu_options(_plain(text)) for text in heard) if o]
-    if sum(offer == options for offer in offers) >= SAME_MENU_LIMIT:
+    if latest_options and sum(offer == latest_options for offer in offers) >= SAME_MENU_LIMIT:
         return "<ivr>stuck</ivr>"
     best = best_option(goal, options)
     if best is None:
@@ -186,6 +195,24 @@ def navigate(goal: str, heard: Sequence[str]) -> str:
     if best.key is None:
         return f"{best.words.capitalize()}."
     return f"<dtmf>{best.key}</dtmf>"
+
+
+def turns_since_action(messages: Sequence) -> int:
+    """How many of the callee's latest turns (user messages) came after the navigator's
+    last action: a key, a spoken choice or "completed"; its `<ivr>wait</ivr>` is none."""
+    turns = 0
+    for message in reversed(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "user":
+            turns += 1
+        elif role == "assistant" and message_text(message.get("content")) != WAIT:
+            break
+    return turns
+
+
+def _distinct(options: Sequence[Option]) -> list[Option]:
+    """`options` without repeats (a menu read across turns may say one twice), in order."""
+    return list(dict.fromkeys(options))
 
 
 def menu_options(text: str) -> list[Option]:

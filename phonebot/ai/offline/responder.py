@@ -40,6 +40,7 @@ from phonebot.ai.offline.menus import (
     navigate,
     navigation_goal,
     only_navigation_tags,
+    turns_since_action,
 )
 from phonebot.twilio.keypad import pressed_digits, spoken_digits
 
@@ -99,7 +100,8 @@ class OfflineResponder(LLMService):
         if (mode := menu_mode(messages)) is not None:  # a phone menu (phonebot.call.ivr)
             if mode == CLASSIFY:
                 return Reply(classify(last))
-            return Reply(navigate(navigation_goal(messages), user_turns))
+            goal, unanswered = navigation_goal(messages), turns_since_action(messages)
+            return Reply(navigate(goal, user_turns, unanswered))
         if messages and _message_role(messages[-1]) == "tool":
             return self._after_function(_function_of(messages, messages[-1]), last)
         if _wants_opt_out(last):  # even before our opening: "who's this? stop calling me"
