@@ -410,7 +410,8 @@ async def test_the_bot_presses_through_nested_menus_to_a_person_then_talks_as_th
     # Each key after its own menu's options were said (the menu took the key it heard).
     menus = result.events_of("menu")
     choices = [event.data["key"] for event in result.events_of("menu_choice")]
-    assert choices == ["2", "3"] and len(menus) == 2
+    menu_trace = [(round(e.t, 2), e.kind, e.data) for e in result.events if "menu" in e.kind]
+    assert choices == ["2", "3"] and len(menus) == 2, menu_trace
     prompts = [e for e in result.events_of("caller_speech") if "press" in e.data["text"]]
     for (pressed_at, _), prompt in zip(result.bot_dtmf, prompts, strict=True):
         assert pressed_at > prompt.t + prompt.data["duration"]  # once the options were said
