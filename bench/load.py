@@ -111,6 +111,7 @@ from load_server import (  # noqa: E402
     ai_api_process,
     baseline_process,
     cpu_seconds,
+    env_assignments,
     instant_env,
     ours_process,
     rss_by_process,
@@ -166,6 +167,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run ours with CALL_RECORDS=false, interleaved, to compare records on / off",
     )
     parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for our server (repeatable), e.g. TURN_INCOMPLETE_WAIT_S=0.5: the "
+        "server starts with a clean environment, so the shell's variables don't reach it",
+    )
+    parser.add_argument(
+        "--compare-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also run ours with this setting on top (repeatable), interleaved with ours: "
+        "an A/B of a setting under the same load",
+    )
+    parser.add_argument(
         "--workers", type=int, default=0, help="caller processes (0: 1 up to 50 calls, else 2)"
     )
     parser.add_argument(
@@ -191,6 +208,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.server_workers < 1:
         parser.error("--server-workers must be at least 1")
+    try:
+        args.server_env = env_assignments(args.server_env)
+        args.compare_env = env_assignments(args.compare_env)
+    except ValueError as error:
+        parser.error(f"--server-env / --compare-env: {error}")
     args.runs = args.runs or (1 if args.quick else RUNS)
     args.seed_s = (
         args.seed_s if args.seed_s is not None else (QUICK_SEED_S if args.quick else SEED_S)
@@ -467,19 +489,23 @@ def build_series(
     workers, redis_url = args.server_workers, redis.url if redis else None
     series = []
     if ai_api is not None:
-        env = instant_env(ai_api.base_url + "/v1")
+        services = instant_env(ai_api.base_url + "/v1")
+        env = {**services, **args.server_env}  # ours only: the baseline has no settings
         ours = ours_process(largest, env, workers, redis_url)
         series.append(Series("ours-instant", ours, args.max_calls, ai_api))
+        if args.compare_env:
+            variant = ours_process(largest, {**env, **args.compare_env}, workers, redis_url)
+            series.append(Series("ours-variant", variant, args.max_calls, ai_api))
         if args.records_off:
             off = ours_process(largest, {**env, "CALL_RECORDS": "false"}, workers, redis_url)
             series.append(Series("ours-norecords", off, args.max_calls, ai_api))
         if not args.no_baseline:
             limit = min(args.max_calls, BASELINE_MAX_CALLS)
-            baseline = baseline_process(env, workers)
+            baseline = baseline_process(services, workers)
             series.append(Series("baseline-instant", baseline, limit, ai_api))
     if args.mode in ("offline", "both"):
         limit = min(args.max_calls, OFFLINE_MAX_CALLS)
-        offline = ours_process(largest, {}, workers, redis_url)
+        offline = ours_process(largest, args.server_env, workers, redis_url)
         series.append(Series("ours-offline", offline, limit))
     return series
 

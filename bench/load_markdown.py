@@ -24,6 +24,7 @@ NAMES = {
     "baseline-instant": "baseline",
     "ours-offline": "ours offline",
     "ours-norecords": "ours, records off",
+    "ours-variant": "ours with --compare-env",
     "ours-1proc": "ours, 1 process",
     "ours-2proc": "ours, 2 processes",
     "ours-3proc": "ours, 3 processes",

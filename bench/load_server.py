@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,6 +178,15 @@ def workers_env(workers: int, redis_url: str | None, max_calls: int) -> dict[str
         env |= {"REDIS_URL": redis_url, "STREAM_SECRET": secrets.token_hex(32)}
         env |= {"MAX_CALLS_PER_PROCESS": cap}
     return env
+
+
+def env_assignments(pairs: Sequence[str]) -> dict[str, str]:
+    """`--server-env` / `--compare-env` arguments (NAME=VALUE) as a mapping; ValueError
+    naming the first one without a name and an `=`."""
+    bad = next((pair for pair in pairs if not pair.partition("=")[0] or "=" not in pair), None)
+    if bad is not None:
+        raise ValueError(f"expected NAME=VALUE, got {bad!r}")
+    return dict(pair.split("=", 1) for pair in pairs)
 
 
 def ours_process(

@@ -40,7 +40,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +56,7 @@ from load_markdown import load_average, machine_description  # noqa: E402
 from load_server import (  # noqa: E402
     ServerProcess,
     ai_api_process,
+    env_assignments,
     instant_env,
     ours_process,
     rss_mb,
@@ -107,8 +108,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.calls is None:
         args.calls = QUICK_CALLS if args.quick else CALLS
-    if any("=" not in pair for pair in args.server_env):
-        parser.error("--server-env takes NAME=VALUE")
+    try:
+        args.server_env = env_assignments(args.server_env)
+    except ValueError as error:
+        parser.error(f"--server-env: {error}")
     if args.calls < 1 or args.batch < 1:
         parser.error("--calls and --batch must be >= 1")
     if args.warmup_calls is None:
@@ -476,14 +479,14 @@ def args_record(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def server_env(ai_url: str, frames: int, extra: Sequence[str] = ()) -> dict[str, str]:
+def server_env(ai_url: str, frames: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {
         **instant_env(ai_url),
         "LOG_TURN_TIMING": "false",
         "LOG_RESOURCE_USAGE": "true",
         "LOG_RESOURCE_USAGE_EVERY_S": "0",  # readings on SIGUSR1 only, between batches
         "TRACEMALLOC_FRAMES": str(frames),
-        **dict(pair.split("=", 1) for pair in extra),
+        **(extra or {}),
     }
 
 

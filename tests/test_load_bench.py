@@ -793,6 +793,25 @@ def test_default_and_quick_plans() -> None:
         load.parse_args(["--server-workers", "0"])
 
 
+def test_settings_reach_our_server_and_a_compared_setting_runs_interleaved() -> None:
+    """The server starts with a clean environment: a setting reaches it only as an
+    argument, and `--compare-env` adds ours with it on top, as its own series."""
+    args = load.parse_args(
+        ["--server-env", "TURN_INCOMPLETE_WAIT_S=0.5", "--compare-env", "VAD_STOP_SECS=0.3"]
+    )
+    ai_api = load_server.ai_api_process("hello")
+    names = {series.name: series for series in load.build_series(args, ai_api, None)}
+    assert set(names) == {"ours-instant", "ours-variant", "baseline-instant"}
+    ours, variant = names["ours-instant"].server.env, names["ours-variant"].server.env
+    assert ours["TURN_INCOMPLETE_WAIT_S"] == variant["TURN_INCOMPLETE_WAIT_S"] == "0.5"
+    assert "VAD_STOP_SECS" not in ours and variant["VAD_STOP_SECS"] == "0.3"
+    assert "TURN_INCOMPLETE_WAIT_S" not in names["baseline-instant"].server.env
+    assert load_server.env_assignments(["A=b=c"]) == {"A": "b=c"}
+    for bad in ("NOEQUALS", "=value"):
+        with pytest.raises(SystemExit):
+            load.parse_args(["--server-env", bad])
+
+
 class FakeServer:
     name = "fake"
 

@@ -233,7 +233,7 @@ def test_plans_and_short_calls() -> None:
         soak.parse_args(["--calls", "0"])
     with pytest.raises(SystemExit):
         soak.parse_args(["--server-env", "MALLOC_ARENA_MAX"])
-    env = soak.server_env("http://127.0.0.1:1/v1", 0, ["MALLOC_ARENA_MAX=2"])
+    env = soak.server_env("http://127.0.0.1:1/v1", 0, {"MALLOC_ARENA_MAX": "2"})
     assert env["LOG_RESOURCE_USAGE"] == "true" and env["LOG_RESOURCE_USAGE_EVERY_S"] == "0"
     assert env["MALLOC_ARENA_MAX"] == "2" and env["TRACEMALLOC_FRAMES"] == "0"
     speak = {key: Speak.tone(0.5) for key in load_calls.PHRASES}
