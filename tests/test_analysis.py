@@ -294,6 +294,18 @@ async def test_one_request_asks_for_json_and_a_failed_try_is_retried(ai_api):
     assert not sent.get("stream")
 
 
+async def test_the_instant_emulator_answers_json_mode_with_an_analysis_at_the_first_try(ai_api):
+    """OpenAI's JSON mode only writes a JSON object; the emulator does too (no script), so
+    a benchmark's call ends with one analysis request, not three failed ones."""
+    base_url, control = ai_api
+    analysis = await llm_analysis(SUPPORT, facts(), endpoint(base_url), base_backoff_s=0.01)
+    assert (analysis["method"], analysis["attempts"], analysis["error"]) == ("llm", 1, None)
+    assert analysis["summary"].startswith("You said: ")
+    assert analysis["success"]["value"] is True
+    assert analysis["fields"] == {"topic": None}
+    assert (await control.get("/_emulator/requests")).json()["llm"] == 1
+
+
 async def test_an_answer_that_is_not_json_is_tried_again(ai_api):
     base_url, control = ai_api
     await script_reply(control, "Here you go: the caller was happy.", json.dumps(GOOD_ANSWER))

@@ -11,7 +11,8 @@ and failing on demand. "Instant test services" mode for a server:
 
 Served routes (OpenAI's wire format, what Pipecat 1.14's OpenAI services send):
 - `POST /v1/chat/completions`: "You said: <last user message>. " plus a fixed answer, as SSE
-  chunks (with the `include_usage` chunk and `data: [DONE]`) or one JSON body;
+  chunks (with the `include_usage` chunk and `data: [DONE]`) or one JSON body; in JSON
+  mode (`response_format` json_object) a JSON object holding it (`json_mode_reply`);
 - `POST /v1/audio/transcriptions`: the configured transcript (json, verbose_json or text);
 - `POST /v1/audio/speech` (`response_format` pcm): 24 kHz 16-bit mono speech-like
   audio, ~65 ms per input character (at most 8 s), cut from one cached signal (ai_speech).
@@ -116,6 +117,17 @@ def reply_for(messages: list, answer: str = ANSWER) -> str:
             said = " ".join(_text_of(message.get("content")).split())[:MAX_ECHO_CHARS]
             return f"You said: {said.rstrip('.?! ')}. {answer}"
     return GREETING
+
+
+def json_mode_reply(messages: list, answer: str = ANSWER) -> str:
+    """The deterministic answer in JSON mode (`response_format: {"type": "json_object"}`),
+    where OpenAI's model only writes a JSON object
+    (https://platform.openai.com/docs/guides/structured-outputs#json-mode): the shape of a
+    post-call analysis (phonebot.agents.analysis), the echo as its summary, and no fields,
+    so a benchmark's calls end with one analysis request, as with a real model."""
+    summary = reply_for(messages, answer)
+    success = {"value": True, "reason": "the instant emulator judges every call a success"}
+    return json.dumps({"summary": summary, "success": success, "fields": {}})
 
 
 def _usage(messages: list, reply: str) -> dict:
@@ -239,9 +251,12 @@ class AIApiControls:
     def scripted(self) -> list[dict]:
         return [reply.shown() for reply in self.replies]
 
-    def answer(self, messages: list) -> str | ToolCall:
-        """The next scripted reply if one waits, else the deterministic one."""
+    def answer(self, messages: list, *, json_mode: bool = False) -> str | ToolCall:
+        """The next scripted reply if one waits, else the deterministic one (in JSON mode,
+        `json_mode_reply`)."""
         if not self.replies:
+            if json_mode:
+                return json_mode_reply(messages, self.fixed_answer)
             return reply_for(messages, self.fixed_answer)
         reply = self.replies.popleft()
         if reply.function is None:
@@ -329,7 +344,9 @@ async def chat_completions(request: Request) -> Response:
         return _error(400, "messages: expected a list of messages", "messages")
     controls: AIApiControls = request.app.state.controls
     controls.chats.append(payload)
-    reply = controls.answer(payload["messages"])
+    response_format = payload.get("response_format")
+    json_mode = isinstance(response_format, dict) and response_format.get("type") == "json_object"
+    reply = controls.answer(payload["messages"], json_mode=json_mode)
     if not payload.get("stream"):
         return JSONResponse(_completion(payload, reply))
     if isinstance(reply, ToolCall):
