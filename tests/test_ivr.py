@@ -170,8 +170,16 @@ def test_a_menu_cut_between_two_turns_is_read_across_them_until_the_bot_acts():
     context = LLMContext(messages=[{"role": "developer", "content": navigation_prompt(GOAL)}])
     context.add_messages(pressed)
     assert responder.reply_to(context).text == "<ivr>wait</ivr>"  # not 2 again
-    # "Please hold" after a menu the bot waited on is still the menu putting it through.
+    # Only the unfinished words carry over: each turn keeps its own way of saying options,
+    # and an option cut in two is read whole even when "please hold" follows it.
+    assert navigate(GOAL, ["Press 1 for sales.", "For billing, press 2."], 2) == "<dtmf>2</dtmf>"
+    held = "press 2. For everything else, please hold."
+    assert navigate(GOAL, ["For sales press 1 for billing", held], 2) == "<dtmf>2</dtmf>"
     assert navigate(GOAL, [cut, "Please hold while I transfer you."], 2) == "<ivr>completed</ivr>"
+    assert navigate(GOAL, [cut, "Press 2"], unanswered=0) == "<ivr>wait</ivr>"  # nothing new
+    assert turns_since_action([*waited, {"role": "assistant", "content": "<dtmf>2</dtmf>"}]) == 0
+    function_call = {"role": "assistant", "content": None, "tool_calls": []}
+    assert turns_since_action([waited[0], function_call, waited[2]]) == 2
 
 
 def test_options_are_read_in_the_order_said_with_spoken_keys():

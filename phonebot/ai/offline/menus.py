@@ -30,6 +30,7 @@ from phonebot.agents.analysis import message_text
 
 GOAL_MARKER = "YOUR NAVIGATION GOAL:"
 WAIT = "<ivr>wait</ivr>"  # the navigator waiting for more of the menu: not an action
+ONLY_WAITS = re.compile(r"(?:\s*<ivr>wait</ivr>)*\s*")
 CLASSIFY, NAVIGATE = "classify", "navigate"
 MENU_CUES = (
     "press",
@@ -170,16 +171,18 @@ def navigate(goal: str, heard: Sequence[str], unanswered: int = 1) -> str:
     """The navigator's answer to the menu's latest words, given all it said (`heard`).
 
     The menu is read over the last `unanswered` turns, those the navigator has not acted
-    on yet (it waited): the recogniser may cut an option in two when the caller's turn
-    ends between segments ("… for sales press 1 for billing" | "press 2"), and an LLM
-    reads the two together in its context, so the offline navigator does too."""
-    latest = _plain(heard[-1]) if heard else ""
+    on yet (it waited; 0: nothing new, so it waits): the recogniser may cut an option in
+    two when the callee's turn ends between its segments ("… for sales press 1 for
+    billing" | "press 2"), and an LLM reads the two together in its context, so the
+    offline navigator does too (`menu_reading`)."""
+    if unanswered <= 0 or not heard:
+        return WAIT
+    options, latest = menu_reading(heard[-unanswered:])
     latest_options = menu_options(latest)
     if not latest_options and any(cue in latest for cue in TRANSFER_CUES + PERSON_CUES):
         return "<ivr>completed</ivr>"
-    options = _distinct(menu_options(_plain(" ".join(heard[-max(1, unanswered) :]))))
     if not options:
-        return "<ivr>wait</ivr>"
+        return WAIT
     offers = [o for o in (menu_options(_plain(text)) for text in heard) if o]
     if latest_options and sum(offer == latest_options for offer in offers) >= SAME_MENU_LIMIT:
         return "<ivr>stuck</ivr>"
@@ -191,46 +194,74 @@ def navigate(goal: str, heard: Sequence[str], unanswered: int = 1) -> str:
         missed = len(recent) == SAME_MENU_LIMIT and all(
             best_option(goal, o) is None for o in recent
         )
-        return "<ivr>stuck</ivr>" if missed else "<ivr>wait</ivr>"
+        return "<ivr>stuck</ivr>" if missed else WAIT
     if best.key is None:
         return f"{best.words.capitalize()}."
     return f"<dtmf>{best.key}</dtmf>"
 
 
+def menu_reading(turns: Sequence[str]) -> tuple[list[Option], str]:
+    """The options of one menu said over `turns`, and its last turn as read.
+
+    Each turn is read on its own (its own way of saying options wins, `menu_options`),
+    after the words its predecessor left unfinished ("… for billing"): an option cut
+    where the recogniser's segments ended is read whole, and nothing else carries over.
+    """
+    options: list[Option] = []
+    unfinished = read = ""
+    for turn in turns:
+        read = f"{unfinished} {_plain(turn)}".strip()
+        options += menu_options(read)
+        unfinished = _unfinished(read)
+    return list(dict.fromkeys(options)), read  # a repeated option once, in order
+
+
+def _unfinished(text: str) -> str:
+    """The words after a turn's last option and last sentence end: the start of an option
+    the turn was cut in, or ""."""
+    spans = _option_spans(text)
+    tail = text[spans[-1][1] :] if spans else text
+    return re.split(r"[.;:!?]", tail)[-1].strip()
+
+
 def turns_since_action(messages: Sequence) -> int:
     """How many of the callee's latest turns (user messages) came after the navigator's
-    last action: a key, a spoken choice or "completed"; its `<ivr>wait</ivr>` is none."""
+    last action: a key, a spoken choice or "completed". Its `<ivr>wait</ivr>`s are none,
+    nor is an assistant message without text (a function call)."""
     turns = 0
     for message in reversed(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role == "user":
             turns += 1
-        elif role == "assistant" and message_text(message.get("content")) != WAIT:
+        elif role == "assistant" and not ONLY_WAITS.fullmatch(message_text(message.get("content"))):
             break
     return turns
-
-
-def _distinct(options: Sequence[Option]) -> list[Option]:
-    """`options` without repeats (a menu read across turns may say one twice), in order."""
-    return list(dict.fromkeys(options))
 
 
 def menu_options(text: str) -> list[Option]:
     """The choices in a menu's words, in the order said. A menu says them one way ("for
     billing, press 2" or "press 2 for billing"): the way its first choice is said wins, so
     "press 2 for billing, press 1 for sales" is not also read as "billing, press 1"."""
+    return [option for _, _, option in _option_spans(text)]
+
+
+def _option_spans(text: str) -> list[tuple[int, int, Option]]:
+    """`menu_options` with where each choice starts and ends in `text`."""
     before = [
-        (m.start(), Option(_key(m.group(2)), m.group(1).strip()))
+        (m.start(), m.end(), Option(_key(m.group(2)), m.group(1).strip()))
         for m in OPTION_BEFORE.finditer(text)
     ]
     after = [
-        (m.start(), Option(_key(m.group(1)), m.group(2).strip()))
+        (m.start(), m.end(), Option(_key(m.group(1)), m.group(2).strip()))
         for m in OPTION_AFTER.finditer(text)
     ]
     found = before if before and (not after or before[0][0] < after[0][0]) else after
     if not found:
-        found = [(m.start(), Option(None, m.group(1).strip())) for m in SAY_OPTION.finditer(text)]
-    return [option for _, option in found]
+        found = [
+            (m.start(), m.end(), Option(None, m.group(1).strip()))
+            for m in SAY_OPTION.finditer(text)
+        ]
+    return found
 
 
 def best_option(goal: str, options: Sequence[Option]) -> Option | None:
