@@ -208,11 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.server_workers < 1:
         parser.error("--server-workers must be at least 1")
-    try:
-        args.server_env = env_assignments(args.server_env)
-        args.compare_env = env_assignments(args.compare_env)
-    except ValueError as error:
-        parser.error(f"--server-env / --compare-env: {error}")
+    _read_settings(parser, args)
     args.runs = args.runs or (1 if args.quick else RUNS)
     args.seed_s = (
         args.seed_s if args.seed_s is not None else (QUICK_SEED_S if args.quick else SEED_S)
@@ -226,6 +222,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     args.max_calls = max(args.max_calls, max(args.steps)) if args.steps else args.max_calls
     return args
+
+
+def _read_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--server-env` / `--compare-env` as mappings; a command that would drop them is
+    refused rather than run without them."""
+    try:
+        args.server_env = env_assignments(args.server_env)
+        args.compare_env = env_assignments(args.compare_env)
+    except ValueError as error:
+        parser.error(f"--server-env / --compare-env: {error}")
+    if args.processes and (args.server_env or args.compare_env):
+        parser.error("--processes runs its own servers: --server-env / --compare-env not taken")
+    if args.compare_env and args.mode != "instant":
+        parser.error("--compare-env compares ours on the instant services: --mode instant")
 
 
 def _steps(text: str) -> tuple[int, ...]:

@@ -793,7 +793,7 @@ def test_default_and_quick_plans() -> None:
         load.parse_args(["--server-workers", "0"])
 
 
-def test_settings_reach_our_server_and_a_compared_setting_runs_interleaved() -> None:
+def test_settings_reach_our_server_and_a_compared_setting_is_a_series_of_its_own() -> None:
     """The server starts with a clean environment: a setting reaches it only as an
     argument, and `--compare-env` adds ours with it on top, as its own series."""
     args = load.parse_args(
@@ -810,6 +810,13 @@ def test_settings_reach_our_server_and_a_compared_setting_runs_interleaved() -> 
     for bad in ("NOEQUALS", "=value"):
         with pytest.raises(SystemExit):
             load.parse_args(["--server-env", bad])
+    # Where a setting would be dropped silently, the command is refused instead.
+    for dropped in (
+        ["--processes", "1,2", "--server-env", "A=1"],
+        ["--mode", "both", "--compare-env", "A=1"],
+    ):
+        with pytest.raises(SystemExit):
+            load.parse_args(dropped)
 
 
 class FakeServer:
