@@ -16,8 +16,12 @@ check against Pipecat and against every Pipecat subclass in the project.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
 from typing import TYPE_CHECKING, Any
+
+from loguru import logger
 
 if TYPE_CHECKING:  # Only for types: importing this module must stay cheap.
     import onnxruntime
@@ -93,6 +97,29 @@ def replace_websocket_output(transport: Any, output_class: type) -> Any:
     )
     transport._output = output
     return output
+
+
+def quiet_close_after_the_far_end(transport: Any) -> None:
+    """A websocket Twilio already closed is not an error to close again.
+
+    When a call ends from both sides at once (our REST hang-up, or the caller's, makes
+    Twilio close the stream while the pipeline's end closes it too), the socket is gone
+    before Pipecat's client closes it, uvicorn raises `ClientDisconnected` (an OSError
+    with no message), and Pipecat's done callback for the close (`_on_close_done`, bound
+    when the close starts) logs "exception while closing the websocket: " at ERROR: a
+    line per such call that says nothing went wrong. A close that fails with an OSError
+    (the connection is already gone: uvicorn's, a reset, a broken pipe) becomes a DEBUG
+    line; any other failure still goes to Pipecat's callback.
+    """
+    client = transport._client
+    client._on_close_done = functools.partial(_close_done, client, client._on_close_done)
+
+
+def _close_done(client: Any, pipecat_callback: Any, task: asyncio.Task) -> None:
+    if not task.cancelled() and isinstance(task.exception(), OSError):
+        logger.debug(f"{client}: the websocket was already closed by the far end")
+        return
+    pipecat_callback(task)
 
 
 # ------------------------------------------------------------------------- analyzers

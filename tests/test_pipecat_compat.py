@@ -34,7 +34,10 @@ from pipecat.frames.frames import EndFrame
 from pipecat.processors.aggregators.dtmf_aggregator import DTMFAggregator
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.services.tts_service import TTSService
+from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
 from pipecat.utils.text.base_text_filter import BaseTextFilter
+from starlette.websockets import WebSocketState
+from uvicorn.protocols.utils import ClientDisconnected
 
 import phonebot
 from phonebot import pipecat_compat as compat
@@ -43,6 +46,7 @@ from phonebot.ai.offline.stt import OfflineSTTService
 from phonebot.ai.offline.tts import OfflineTTSService
 from phonebot.ai.voice_text import voice_text_filters
 from phonebot.twilio.stream import TwilioMarkSerializer
+from phonebot.twilio.transport import barge_in_transport
 
 ROOT = Path(__file__).resolve().parent.parent
 CALL_SID, STREAM_SID = "CA" + "1" * 32, "MZ" + "2" * 32
@@ -283,3 +287,33 @@ def test_what_the_shared_model_tests_read_is_there():
     assert compat.stop_strategy_turn_analyzer(strategy) is turn
     result = compat.predict_endpoint(turn, np.zeros(16000, dtype=np.float32))
     assert set(result) >= {"prediction", "probability"}
+
+
+class ClosingSocket:
+    """A FastAPI websocket whose close fails with `error` (None: closes)."""
+
+    def __init__(self, error: Exception | None) -> None:
+        self.client_state = self.application_state = WebSocketState.CONNECTED
+        self.error = error
+
+    async def close(self, code: int = 1000) -> None:
+        if self.error is not None:
+            raise self.error
+        self.client_state = WebSocketState.DISCONNECTED
+
+
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [(ClientDisconnected(), "DEBUG"), (RuntimeError("boom"), "ERROR"), (None, None)],
+)
+async def test_closing_a_socket_the_far_end_already_closed_is_not_an_error(error, level, logs):
+    """Pipecat's client logs any failed close at ERROR; uvicorn's `ClientDisconnected`
+    (Twilio closed first) is a DEBUG line, anything else still Pipecat's ERROR."""
+    transport = barge_in_transport(ClosingSocket(error), FastAPIWebsocketParams())  # type: ignore[arg-type]
+    await transport._client.disconnect()
+    await asyncio.sleep(0)  # the close task's done callback
+    closing = [line for line in logs if "clos" in line]
+    if level is None:
+        assert closing == [], closing
+    else:
+        assert [line.split(" ", 1)[0] for line in closing] == [level], closing

@@ -88,7 +88,7 @@ from pipecat.transports.websocket.fastapi import (
 )
 
 from phonebot.audio import TWILIO_SAMPLE_RATE
-from phonebot.pipecat_compat import replace_websocket_output
+from phonebot.pipecat_compat import quiet_close_after_the_far_end, replace_websocket_output
 
 # μ-law at Twilio's 8 kHz, one byte a sample: 8 bytes per millisecond.
 ULAW_BYTES_PER_MS = TWILIO_SAMPLE_RATE // 1000
@@ -474,7 +474,9 @@ def _seconds(frame: OutputAudioRawFrame) -> float:
 def barge_in_transport(
     websocket: WebSocket, params: FastAPIWebsocketParams
 ) -> FastAPIWebsocketTransport:
-    """Pipecat's FastAPI websocket transport with `BargeInOutputTransport` as its output."""
+    """Pipecat's FastAPI websocket transport with `BargeInOutputTransport` as its output,
+    closing without an ERROR a socket Twilio has already closed."""
     transport = FastAPIWebsocketTransport(websocket=websocket, params=params)
     replace_websocket_output(transport, BargeInOutputTransport)
+    quiet_close_after_the_far_end(transport)
     return transport
