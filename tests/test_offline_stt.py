@@ -377,17 +377,26 @@ async def test_the_service_starts_without_waiting_for_the_model(
 
 async def test_the_emulator_hears_the_bot_with_the_same_recogniser() -> None:
     """`python -m phonebot.call` prints what the bot said (the bot's voice, with Piper's
-    noise), transcribed off the emulator's event loop, which paces the caller's audio."""
+    noise), transcribed off the emulator's event loop, which paces the caller's audio.
+
+    Piper's noise makes every rendition of the line different, and Whisper ended one in
+    80 after its second sentence (word accuracy 0.67; the others 0.96-1.0), so the median
+    of three renditions is held to 0.9: one such miss passes, a recogniser that mishears
+    the bot does not."""
     transcriber = load_transcriber()
     assert transcriber is not None
     try:
         await transcriber(bytes(1600))  # the model loaded
-        bot = phone_channel(piper_voice.synthesize_at(OFFLINE_FALLBACK, RATE), RATE)
-        gap, duration = await _max_loop_gap(transcriber(bot))
-        heard = await transcriber(bot)
+        renditions = [
+            phone_channel(piper_voice.synthesize_at(OFFLINE_FALLBACK, RATE), RATE)
+            for _ in range(3)
+        ]
+        gap, duration = await _max_loop_gap(transcriber(renditions[0]))
+        heard = [await transcriber(bot) for bot in renditions]
     finally:
         transcriber.close()
-    assert word_accuracy(OFFLINE_FALLBACK, heard) >= 0.9, heard
+    median = sorted(word_accuracy(OFFLINE_FALLBACK, text) for text in heard)[1]
+    assert median >= 0.9, heard
     assert duration > 0.15 and gap < 0.1, (gap, duration)
 
 
