@@ -30,7 +30,7 @@ from phonebot.agents.analysis import message_text
 
 GOAL_MARKER = "YOUR NAVIGATION GOAL:"
 WAIT = "<ivr>wait</ivr>"  # the navigator waiting for more of the menu: not an action
-ONLY_WAITS = re.compile(r"(?:\s*<ivr>wait</ivr>)*\s*")
+ONLY_WAITS = re.compile(rf"(?:\s*{re.escape(WAIT)})*\s*")
 CLASSIFY, NAVIGATE = "classify", "navigate"
 MENU_CUES = (
     "press",
@@ -177,8 +177,7 @@ def navigate(goal: str, heard: Sequence[str], unanswered: int = 1) -> str:
     offline navigator does too (`menu_reading`)."""
     if unanswered <= 0 or not heard:
         return WAIT
-    options, latest = menu_reading(heard[-unanswered:])
-    latest_options = menu_options(latest)
+    options, latest, latest_options = menu_reading(heard[-unanswered:])
     if not latest_options and any(cue in latest for cue in TRANSFER_CUES + PERSON_CUES):
         return "<ivr>completed</ivr>"
     if not options:
@@ -200,8 +199,9 @@ def navigate(goal: str, heard: Sequence[str], unanswered: int = 1) -> str:
     return f"<dtmf>{best.key}</dtmf>"
 
 
-def menu_reading(turns: Sequence[str]) -> tuple[list[Option], str]:
-    """The options of one menu said over `turns`, and its last turn as read.
+def menu_reading(turns: Sequence[str]) -> tuple[list[Option], str, list[Option]]:
+    """The options of one menu said over `turns`, its last turn as read, and that turn's
+    own options.
 
     Each turn is read on its own (its own way of saying options wins, `menu_options`),
     after the words its predecessor left unfinished ("… for billing"): an option cut
@@ -209,17 +209,19 @@ def menu_reading(turns: Sequence[str]) -> tuple[list[Option], str]:
     """
     options: list[Option] = []
     unfinished = read = ""
+    found: list[Option] = []
     for turn in turns:
         read = f"{unfinished} {_plain(turn)}".strip()
-        options += menu_options(read)
-        unfinished = _unfinished(read)
-    return list(dict.fromkeys(options)), read  # a repeated option once, in order
+        spans = _option_spans(read)
+        found = [option for _, _, option in spans]
+        options += found
+        unfinished = _unfinished(read, spans)
+    return list(dict.fromkeys(options)), read, found  # a repeated option once, in order
 
 
-def _unfinished(text: str) -> str:
-    """The words after a turn's last option and last sentence end: the start of an option
-    the turn was cut in, or ""."""
-    spans = _option_spans(text)
+def _unfinished(text: str, spans: Sequence[tuple[int, int, Option]]) -> str:
+    """The words after a turn's last option (`spans`: its options, `_option_spans`) and
+    last sentence end: the start of an option the turn was cut in, or ""."""
     tail = text[spans[-1][1] :] if spans else text
     return re.split(r"[.;:!?]", tail)[-1].strip()
 
