@@ -22,6 +22,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
+from starlette.websockets import WebSocketDisconnect
 
 if TYPE_CHECKING:  # Only for types: importing this module must stay cheap.
     import onnxruntime
@@ -104,19 +105,24 @@ def quiet_close_after_the_far_end(transport: Any) -> None:
 
     When a call ends from both sides at once (our REST hang-up, or the caller's, makes
     Twilio close the stream while the pipeline's end closes it too), the socket is gone
-    before Pipecat's client closes it, uvicorn raises `ClientDisconnected` (an OSError
-    with no message), and Pipecat's done callback for the close (`_on_close_done`, bound
-    when the close starts) logs "exception while closing the websocket: " at ERROR: a
-    line per such call that says nothing went wrong. A close that fails with an OSError
-    (the connection is already gone: uvicorn's, a reset, a broken pipe) becomes a DEBUG
-    line; any other failure still goes to Pipecat's callback.
+    before Pipecat's client closes it: uvicorn raises `ClientDisconnected` (an OSError),
+    Starlette's `WebSocket.send` turns that into `WebSocketDisconnect(1006)` (no
+    message), and Pipecat's done callback for the close (`_on_close_done`, bound when
+    the close starts) logs "exception while closing the websocket: " at ERROR: a line
+    per such call that says nothing went wrong. A close that fails because the
+    connection is already gone (Starlette's `WebSocketDisconnect`, or an OSError from a
+    server that doesn't wrap it) becomes a DEBUG line; any other failure still goes to
+    Pipecat's callback.
     """
     client = transport._client
     client._on_close_done = functools.partial(_close_done, client, client._on_close_done)
 
 
+ALREADY_CLOSED = (WebSocketDisconnect, OSError)
+
+
 def _close_done(client: Any, pipecat_callback: Any, task: asyncio.Task) -> None:
-    if not task.cancelled() and isinstance(task.exception(), OSError):
+    if not task.cancelled() and isinstance(task.exception(), ALREADY_CLOSED):
         logger.debug(f"{client}: the websocket was already closed by the far end")
         return
     pipecat_callback(task)

@@ -36,7 +36,7 @@ from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.services.tts_service import TTSService
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
 from pipecat.utils.text.base_text_filter import BaseTextFilter
-from starlette.websockets import WebSocketState
+from starlette.websockets import WebSocket, WebSocketState
 from uvicorn.protocols.utils import ClientDisconnected
 
 import phonebot
@@ -289,17 +289,21 @@ def test_what_the_shared_model_tests_read_is_there():
     assert set(result) >= {"prediction", "probability"}
 
 
-class ClosingSocket:
-    """A FastAPI websocket whose close fails with `error` (None: closes)."""
+def closing_socket(error: Exception | None) -> WebSocket:
+    """Starlette's own websocket, accepted, over an ASGI `send` whose close fails with
+    `error` (None: closes). Starlette turns the server's OSError into its own
+    `WebSocketDisconnect(1006)` (empty message), which is what Pipecat's client sees."""
 
-    def __init__(self, error: Exception | None) -> None:
-        self.client_state = self.application_state = WebSocketState.CONNECTED
-        self.error = error
+    async def receive() -> dict:
+        return {"type": "websocket.disconnect", "code": 1006}
 
-    async def close(self, code: int = 1000) -> None:
-        if self.error is not None:
-            raise self.error
-        self.client_state = WebSocketState.DISCONNECTED
+    async def send(message: dict) -> None:
+        if error is not None:
+            raise error
+
+    socket = WebSocket({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
+    socket.client_state = socket.application_state = WebSocketState.CONNECTED
+    return socket
 
 
 @pytest.mark.parametrize(
@@ -309,7 +313,7 @@ class ClosingSocket:
 async def test_closing_a_socket_the_far_end_already_closed_is_not_an_error(error, level, logs):
     """Pipecat's client logs any failed close at ERROR; uvicorn's `ClientDisconnected`
     (Twilio closed first) is a DEBUG line, anything else still Pipecat's ERROR."""
-    transport = barge_in_transport(ClosingSocket(error), FastAPIWebsocketParams())  # type: ignore[arg-type]
+    transport = barge_in_transport(closing_socket(error), FastAPIWebsocketParams())
     await transport._client.disconnect()
     await asyncio.sleep(0)  # the close task's done callback
     closing = [line for line in logs if "clos" in line]
