@@ -106,6 +106,7 @@ from load_report import (  # noqa: E402
     write_plot,
 )
 from load_server import (  # noqa: E402
+    MachineCpu,
     ProcessMeter,
     ServerProcess,
     ai_api_process,
@@ -353,6 +354,7 @@ def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> 
     meter = ProcessMeter(server.pid)
     offset = server.log_size()
     meter.begin()
+    machine_start = MachineCpu.read()
     started = time.monotonic()
     if pattern == "steady":
         plan = steady_plan(SteadyPlan(n, args.seed_s, args.steady_s), f"{args.seed}:{n}")
@@ -366,19 +368,23 @@ def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> 
             window = (t0 + args.seed_s, t0 + args.seed_s + args.steady_s)
             watch_until(window[0], meter, server, futures)
             cpu_start, helper_start = cpu_of(server), cpu_of(series.ai_api)
+            machine_start = MachineCpu.read()
             watch_until(window[1], meter, server, futures)
             cpu_end, helper_end = cpu_of(server), cpu_of(series.ai_api)
+            machine_end = MachineCpu.read()
         else:
             cpu_start, helper_start = meter.cpu_start, cpu_of(series.ai_api)
         watch_until(math.inf, meter, server, futures)
         if pattern != "steady":
             cpu_end, helper_end = cpu_of(server), cpu_of(series.ai_api)
+            machine_end = MachineCpu.read()
         reports = [future.result() for future in futures]
     finally:
         pool.shutdown()
     wall = time.monotonic() - started
     cpu = float("nan") if cpu_start is None or cpu_end is None else cpu_end - cpu_start
     helper = None if helper_start is None or helper_end is None else helper_end - helper_start
+    outside_s, steal_s = machine_end.outside_since(machine_start)
     time.sleep(SETTLE_S)
     series.last_run_s[pattern] = time.monotonic() - started
     timings = turn_timings(server.log_since(offset))
@@ -391,6 +397,8 @@ def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> 
         helper,
         window=window,
         rss_process_peak_mb=meter.peak_process_rss(),
+        outside_cpu_s=outside_s,
+        steal_s=steal_s,
     )
 
 

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from load_cluster import HeldTarget
-from load_report import MARKS, StepResult, fmt, fmt_range
+from load_report import MARKS, OUTSIDE_WARN_CORES, StepResult, fmt, fmt_range
 from load_stats import SLOW_TURN_S, STAGES, StopRule
 
 NAMES = {
@@ -178,6 +178,8 @@ def render(
     ]
     if section:
         lines += [*section, ""]
+    if outside := outside_line(series):
+        lines += [outside, ""]
     timing = stage_rows(series)
     if timing:
         lines += [
@@ -196,6 +198,34 @@ def render(
         lines += ["", "Targets (ours, instant services):", ""]
         lines += [f"- **{MARKS[t['met']]}**: {t['target']}: {t['detail']}" for t in targets]
     return "\n".join(lines) + "\n"
+
+
+def outside_line(series: dict[str, list[StepResult]]) -> str | None:
+    """How much CPU went elsewhere during the runs (other processes, other guests), and
+    which runs that disturbed: a reader's way to weigh the figures."""
+    taken = [
+        (
+            f"{label(name)} N = {step.n} run {run.run}",
+            (run.outside_cores or 0) + (run.steal_cores or 0),
+        )
+        for name, steps in series.items()
+        for step in steps
+        for run in step.runs
+        if run.outside_cores is not None
+    ]
+    if not taken:
+        return None
+    disturbed = [f"{where} ({cores:.2f})" for where, cores in taken if cores > OUTSIDE_WARN_CORES]
+    most = max(cores for _, cores in taken)
+    verdict = (
+        f"disturbed: {', '.join(disturbed)}"
+        if disturbed
+        else f"no run over {OUTSIDE_WARN_CORES} cores"
+    )
+    return (
+        "CPU taken from the benchmark during the runs (processes outside it, and steal): "
+        f"at most {most:.2f} cores; {verdict}."
+    )
 
 
 def _note(series: dict[str, list[StepResult]]) -> str:

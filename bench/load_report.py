@@ -53,6 +53,13 @@ class RunData:
     ai_api_cpu_s: float | None = None
     window: tuple[float, float] | None = None
     rss_process_peak_mb: float | None = None  # the largest single server process
+    outside_cpu_s: float | None = None  # used by processes outside the benchmark meanwhile
+    steal_s: float | None = None  # the hypervisor's, meanwhile
+
+    @property
+    def measured_s(self) -> float:
+        """How long the readings cover: the steady window, or the whole burst run."""
+        return self.window[1] - self.window[0] if self.window is not None else self.wall_s
 
     @property
     def calls(self) -> list[CallSummary]:
@@ -83,6 +90,8 @@ class RunFigures:
     cpu_per_call_min: float | None
     greeting_p95: float | None = None
     turn_interval_s: float | None = None
+    outside_cores: float | None = None  # CPU others used, in cores (load_server.MachineCpu)
+    steal_cores: float | None = None
 
 
 @dataclass
@@ -189,7 +198,13 @@ def run_figures(index: int, run: RunData) -> RunFigures:
         cpu_per_call_min=run.cpu_s / minutes if minutes else None,
         greeting_p95=percentile(greetings_of(calls), 95),
         turn_interval_s=turn_interval(calls),
+        outside_cores=_cores(run.outside_cpu_s, run.measured_s),
+        steal_cores=_cores(run.steal_s, run.measured_s),
     )
+
+
+def _cores(cpu_s: float | None, span_s: float) -> float | None:
+    return None if cpu_s is None or span_s <= 0 else cpu_s / span_s
 
 
 def step_result(
@@ -314,7 +329,24 @@ def format_run(series: str, n: int, run: RunFigures, runs: int, pattern: str = "
         f"  {series} {pattern} N = {n} run {run.run}/{runs}: {run.turns} turns, p50 "
         f"{fmt(run.p50)} s, p95 {fmt(run.p95)} s, greeting p95 {fmt(run.greeting_p95)} s, "
         f"a reply every {fmt(run.turn_interval_s, '.1f')} s per call, "
-        f"{run.failed + run.dropped} failed/dropped ({run.wall_s:.0f} s)"
+        f"{run.failed + run.dropped} failed/dropped ({run.wall_s:.0f} s); outside the "
+        f"benchmark {fmt(run.outside_cores)} cores, steal {fmt(run.steal_cores)}"
+        + (disturbed_note(run) or "")
+    )
+
+
+# Other processes using more than this much CPU during a run make its figures suspect.
+OUTSIDE_WARN_CORES = 0.1
+
+
+def disturbed_note(run: RunFigures) -> str | None:
+    """A warning when something besides the benchmark took CPU during the run."""
+    taken = (run.outside_cores or 0.0) + (run.steal_cores or 0.0)
+    if taken <= OUTSIDE_WARN_CORES:
+        return None
+    return (
+        f"\n  ! {taken:.2f} cores went to other processes or guests during this run: "
+        "its figures are not this code's alone"
     )
 
 

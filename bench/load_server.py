@@ -242,6 +242,38 @@ def cpu_seconds(pid: int) -> float:
     return total / CLOCK_TICKS
 
 
+@dataclass(frozen=True)
+class MachineCpu:
+    """A reading of the whole machine (/proc/stat) and of this benchmark's processes.
+
+    Why: on a shared or virtual machine, what else runs moves a run's figures more than
+    most changes to the server do (a filesystem scan during one steady run at 40 calls
+    made a 19 s episode of 1.2-2.3 s replies, where the rest of the run answered in
+    0.3-0.7 s). The difference between the two readings over a run says whether anything
+    outside the benchmark (its server, AI emulator and callers are all descendants of
+    this process) took CPU meanwhile; steal is what the hypervisor gave to other guests.
+    """
+
+    busy_s: float  # user + nice + system, every core
+    steal_s: float
+    own_s: float  # this process's tree: the server, the AI emulator, the callers
+
+    @classmethod
+    def read(cls, root: int | None = None, stat_path: Path = Path("/proc/stat")) -> MachineCpu:
+        fields = stat_path.read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, _irq, _softirq, steal = (
+            int(value) / CLOCK_TICKS for value in fields[:8]
+        )
+        own = cpu_seconds(os.getpid() if root is None else root)
+        return cls(busy_s=user + nice + system, steal_s=steal, own_s=own)
+
+    def outside_since(self, start: MachineCpu) -> tuple[float, float]:
+        """CPU seconds (outside processes, stolen) between `start` and this reading."""
+        busy = self.busy_s - start.busy_s
+        own = self.own_s - start.own_s
+        return max(0.0, busy - own), self.steal_s - start.steal_s
+
+
 def rss_by_process(pid: int) -> dict[int, float]:
     """Resident set size (VmRSS) of each process of a tree, in MB."""
     sizes = {}

@@ -521,6 +521,55 @@ def test_process_readings_come_from_proc_and_include_child_processes() -> None:
         sleeper.wait()
 
 
+def test_cpu_used_outside_the_benchmark_is_read_from_the_machine() -> None:
+    """A process that is not the benchmark's (reparented, as a filesystem scan or another
+    job would be) shows as CPU outside it; the benchmark's own children do not."""
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
+    start = load_server.MachineCpu.read()
+    own = subprocess.Popen([sys.executable, "-c", burn])
+    own.wait()
+    middle = load_server.MachineCpu.read()
+    assert middle.own_s - start.own_s >= 0.5  # the child's CPU is the benchmark's own
+    detach = (
+        "import subprocess, sys\n"
+        f"subprocess.Popen([sys.executable, '-c', {burn!r}], start_new_session=True)"
+    )
+    subprocess.run([sys.executable, "-c", detach], check=True)  # its parent exits at once
+    time.sleep(1.5)  # the orphan burns 0.6 s of CPU meanwhile
+    outside, steal = load_server.MachineCpu.read().outside_since(middle)
+    assert outside >= 0.5, outside
+    assert steal >= 0
+    # The arithmetic: what the machine spent minus what the benchmark's processes spent.
+    before = load_server.MachineCpu(busy_s=10.0, steal_s=1.0, own_s=4.0)
+    after = load_server.MachineCpu(busy_s=16.0, steal_s=1.5, own_s=8.5)
+    assert after.outside_since(before) == (1.5, 0.5)
+
+
+def test_a_run_disturbed_from_outside_is_flagged_in_its_line_and_the_markdown() -> None:
+    calls = [summary(0, [0.4, 0.5])]
+    quiet = load_report.run_figures(1, run_data(calls, outside_cpu_s=1.2, steal_s=0.0))
+    busy = load_report.run_figures(
+        2, run_data(calls, outside_cpu_s=9.0, steal_s=3.0, window=(100.0, 160.0))
+    )
+    assert quiet.outside_cores == pytest.approx(0.04)  # over the run's 30 s
+    assert busy.outside_cores == pytest.approx(0.15) and busy.steal_cores == pytest.approx(0.05)
+    assert "outside the benchmark 0.04 cores, steal 0.00" in load_report.format_run(
+        "ours", 1, quiet, 2
+    )
+    assert "!" not in load_report.format_run("ours", 1, quiet, 2)
+    line = load_report.format_run("ours", 1, busy, 2)
+    assert "\n  ! 0.20 cores went to other processes or guests during this run" in line
+    step = step_with([0.5, 0.7], n=40)
+    step.series, step.runs = "ours-instant", [quiet, busy]
+    text = load_markdown.outside_line({"ours-instant": [step]})
+    assert text is not None and "at most 0.20 cores" in text
+    assert "disturbed: ours N = 40 run 2 (0.20)" in text
+    step.runs = [quiet]
+    assert "no run over 0.1 cores" in (load_markdown.outside_line({"ours-instant": [step]}) or "")
+    step.runs = [load_report.run_figures(1, run_data(calls))]  # not measured: no line
+    assert load_markdown.outside_line({"ours-instant": [step]}) is None
+
+
 def test_several_server_workers_get_redis_and_a_stream_secret() -> None:
     assert load_server.workers_env(1, None, 40) == {"WORKERS": "1"}
     env = load_server.workers_env(2, "redis://127.0.0.1:7000/0", 80)
