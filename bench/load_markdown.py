@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from load_cluster import HeldTarget
-from load_report import MARKS, OUTSIDE_WARN_CORES, StepResult, fmt, fmt_range
+from load_report import MARKS, OUTSIDE_WARN_CORES, StepResult, fmt, fmt_range, taken_cores
 from load_stats import SLOW_TURN_S, STAGES, StopRule
 
 NAMES = {
@@ -204,10 +204,7 @@ def outside_line(series: dict[str, list[StepResult]]) -> str | None:
     """How much CPU went elsewhere during the runs (other processes, other guests), and
     which runs that disturbed: a reader's way to weigh the figures."""
     taken = [
-        (
-            f"{label(name)} N = {step.n} run {run.run}",
-            (run.outside_cores or 0) + (run.steal_cores or 0),
-        )
+        (f"{label(name)} N = {step.n} run {run.run}", taken_cores(run))
         for name, steps in series.items()
         for step in steps
         for run in step.runs

@@ -329,8 +329,15 @@ def format_run(series: str, n: int, run: RunFigures, runs: int, pattern: str = "
         f"  {series} {pattern} N = {n} run {run.run}/{runs}: {run.turns} turns, p50 "
         f"{fmt(run.p50)} s, p95 {fmt(run.p95)} s, greeting p95 {fmt(run.greeting_p95)} s, "
         f"a reply every {fmt(run.turn_interval_s, '.1f')} s per call, "
-        f"{run.failed + run.dropped} failed/dropped ({run.wall_s:.0f} s); outside the "
-        f"benchmark {fmt(run.outside_cores)} cores, steal {fmt(run.steal_cores)}"
+        f"{run.failed + run.dropped} failed/dropped ({run.wall_s:.0f} s)" + _outside_text(run)
+    )
+
+
+def _outside_text(run: RunFigures) -> str:
+    if run.outside_cores is None:
+        return ""
+    return (
+        f"; outside the benchmark {fmt(run.outside_cores)} cores, steal {fmt(run.steal_cores)}"
         + (disturbed_note(run) or "")
     )
 
@@ -339,9 +346,15 @@ def format_run(series: str, n: int, run: RunFigures, runs: int, pattern: str = "
 OUTSIDE_WARN_CORES = 0.1
 
 
+def taken_cores(run: RunFigures) -> float:
+    """Cores that went elsewhere during the run (other processes, other guests), to the
+    two decimals they are shown with, so a run listed as over the threshold shows it."""
+    return round((run.outside_cores or 0.0) + (run.steal_cores or 0.0), 2)
+
+
 def disturbed_note(run: RunFigures) -> str | None:
     """A warning when something besides the benchmark took CPU during the run."""
-    taken = (run.outside_cores or 0.0) + (run.steal_cores or 0.0)
+    taken = taken_cores(run)
     if taken <= OUTSIDE_WARN_CORES:
         return None
     return (

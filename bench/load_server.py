@@ -254,24 +254,30 @@ class MachineCpu:
     this process) took CPU meanwhile; steal is what the hypervisor gave to other guests.
     """
 
-    busy_s: float  # user + nice + system, every core
+    busy_s: float  # user + nice + system + irq + softirq, every core
     steal_s: float
     own_s: float  # this process's tree: the server, the AI emulator, the callers
 
     @classmethod
     def read(cls, root: int | None = None, stat_path: Path = Path("/proc/stat")) -> MachineCpu:
         fields = stat_path.read_text().splitlines()[0].split()[1:]
-        user, nice, system, _idle, _iowait, _irq, _softirq, steal = (
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
             int(value) / CLOCK_TICKS for value in fields[:8]
         )
         own = cpu_seconds(os.getpid() if root is None else root)
-        return cls(busy_s=user + nice + system, steal_s=steal, own_s=own)
+        # A tick that lands in an interrupt is also charged to the running task's stime
+        # (tick-based accounting), so irq and softirq count as busy like it.
+        busy = user + nice + system + irq + softirq
+        return cls(busy_s=busy, steal_s=steal, own_s=own)
 
     def outside_since(self, start: MachineCpu) -> tuple[float, float]:
-        """CPU seconds (outside processes, stolen) between `start` and this reading."""
+        """CPU seconds (outside processes, stolen) between `start` and this reading.
+
+        Not clamped at zero: a slightly negative figure is the tick granularity of the
+        two counts, and hiding it would hide an accounting error too."""
         busy = self.busy_s - start.busy_s
         own = self.own_s - start.own_s
-        return max(0.0, busy - own), self.steal_s - start.steal_s
+        return busy - own, self.steal_s - start.steal_s
 
 
 def rss_by_process(pid: int) -> dict[int, float]:

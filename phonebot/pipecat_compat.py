@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from starlette.websockets import WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
 
 if TYPE_CHECKING:  # Only for types: importing this module must stay cheap.
     import onnxruntime
@@ -110,22 +111,28 @@ def quiet_close_after_the_far_end(transport: Any) -> None:
     message), and Pipecat's done callback for the close (`_on_close_done`, bound when
     the close starts) logs "exception while closing the websocket: " at ERROR: a line
     per such call that says nothing went wrong. A close that fails because the
-    connection is already gone (Starlette's `WebSocketDisconnect`, or an OSError from a
-    server that doesn't wrap it) becomes a DEBUG line; any other failure still goes to
+    connection is already gone becomes a DEBUG line naming the error; any other failure
+    (a timeout among them, which Python counts as an OSError too) still goes to
     Pipecat's callback.
     """
     client = transport._client
     client._on_close_done = functools.partial(_close_done, client, client._on_close_done)
 
 
-ALREADY_CLOSED = (WebSocketDisconnect, OSError)
-
-
 def _close_done(client: Any, pipecat_callback: Any, task: asyncio.Task) -> None:
-    if not task.cancelled() and isinstance(task.exception(), ALREADY_CLOSED):
-        logger.debug(f"{client}: the websocket was already closed by the far end")
+    error = None if task.cancelled() else task.exception()
+    if error is not None and _already_closed(error):
+        logger.debug(f"{client}: the websocket was already closed by the far end ({error!r})")
         return
     pipecat_callback(task)
+
+
+def _already_closed(error: BaseException) -> bool:
+    """The connection was gone: uvicorn's `ClientDisconnected` or a reset / broken pipe,
+    raised as is or as the cause of Starlette's `WebSocketDisconnect(1006)`."""
+    if isinstance(error, WebSocketDisconnect) and error.code == 1006:
+        error = error.__context__ or error
+    return isinstance(error, (ClientDisconnected, ConnectionError))
 
 
 # ------------------------------------------------------------------------- analyzers

@@ -308,7 +308,13 @@ def closing_socket(error: Exception | None) -> WebSocket:
 
 @pytest.mark.parametrize(
     ("error", "level"),
-    [(ClientDisconnected(), "DEBUG"), (RuntimeError("boom"), "ERROR"), (None, None)],
+    [
+        (ClientDisconnected(), "DEBUG"),
+        (ConnectionResetError(104, "reset"), "DEBUG"),
+        (TimeoutError(), "ERROR"),  # an OSError too, but not a connection already gone
+        (RuntimeError("boom"), "ERROR"),
+        (None, None),
+    ],
 )
 async def test_closing_a_socket_the_far_end_already_closed_is_not_an_error(error, level, logs):
     """Pipecat's client logs any failed close at ERROR; uvicorn's `ClientDisconnected`
