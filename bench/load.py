@@ -111,9 +111,11 @@ from load_server import (  # noqa: E402
     ServerProcess,
     ai_api_process,
     baseline_process,
+    busiest_loop_cpu,
     cpu_seconds,
     env_assignments,
     instant_env,
+    main_thread_cpu,
     ours_process,
     rss_by_process,
     wait_until_quiet,
@@ -354,7 +356,7 @@ def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> 
     meter = ProcessMeter(server.pid)
     offset = server.log_size()
     meter.begin()
-    machine_start = MachineCpu.read()
+    machine_start, loops_start = MachineCpu.read(), main_thread_cpu(server.pid)
     started = time.monotonic()
     if pattern == "steady":
         plan = steady_plan(SteadyPlan(n, args.seed_s, args.steady_s), f"{args.seed}:{n}")
@@ -368,16 +370,16 @@ def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> 
             window = (t0 + args.seed_s, t0 + args.seed_s + args.steady_s)
             watch_until(window[0], meter, server, futures)
             cpu_start, helper_start = cpu_of(server), cpu_of(series.ai_api)
-            machine_start = MachineCpu.read()
+            machine_start, loops_start = MachineCpu.read(), main_thread_cpu(server.pid)
             watch_until(window[1], meter, server, futures)
             cpu_end, helper_end = cpu_of(server), cpu_of(series.ai_api)
-            machine_end = MachineCpu.read()
+            machine_end, loops_end = MachineCpu.read(), main_thread_cpu(server.pid)
         else:
             cpu_start, helper_start = meter.cpu_start, cpu_of(series.ai_api)
         watch_until(math.inf, meter, server, futures)
         if pattern != "steady":
             cpu_end, helper_end = cpu_of(server), cpu_of(series.ai_api)
-            machine_end = MachineCpu.read()
+            machine_end, loops_end = MachineCpu.read(), main_thread_cpu(server.pid)
         reports = [future.result() for future in futures]
     finally:
         pool.shutdown()
@@ -399,6 +401,7 @@ def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> 
         rss_process_peak_mb=meter.peak_process_rss(),
         outside_cpu_s=outside_s,
         steal_s=steal_s,
+        loop_cpu_s=busiest_loop_cpu(loops_start, loops_end),
     )
 
 

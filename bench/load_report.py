@@ -55,6 +55,7 @@ class RunData:
     rss_process_peak_mb: float | None = None  # the largest single server process
     outside_cpu_s: float | None = None  # used by processes outside the benchmark meanwhile
     steal_s: float | None = None  # the hypervisor's, meanwhile
+    loop_cpu_s: float | None = None  # the busiest server process's main thread (its loop)
 
     @property
     def measured_s(self) -> float:
@@ -92,6 +93,7 @@ class RunFigures:
     turn_interval_s: float | None = None
     outside_cores: float | None = None  # CPU others used, in cores (load_server.MachineCpu)
     steal_cores: float | None = None
+    loop_busy: float | None = None  # share of the time the busiest event loop was on a core
 
 
 @dataclass
@@ -200,6 +202,7 @@ def run_figures(index: int, run: RunData) -> RunFigures:
         turn_interval_s=turn_interval(calls),
         outside_cores=_cores(run.outside_cpu_s, run.measured_s),
         steal_cores=_cores(run.steal_s, run.measured_s),
+        loop_busy=_cores(run.loop_cpu_s, run.measured_s),
     )
 
 
@@ -329,7 +332,9 @@ def format_run(series: str, n: int, run: RunFigures, runs: int, pattern: str = "
         f"  {series} {pattern} N = {n} run {run.run}/{runs}: {run.turns} turns, p50 "
         f"{fmt(run.p50)} s, p95 {fmt(run.p95)} s, greeting p95 {fmt(run.greeting_p95)} s, "
         f"a reply every {fmt(run.turn_interval_s, '.1f')} s per call, "
-        f"{run.failed + run.dropped} failed/dropped ({run.wall_s:.0f} s)" + _outside_text(run)
+        f"{run.failed + run.dropped} failed/dropped ({run.wall_s:.0f} s)"
+        + (f"; event loop busy {run.loop_busy:.0%}" if run.loop_busy is not None else "")
+        + _outside_text(run)
     )
 
 

@@ -209,7 +209,11 @@ def baseline_process(extra_env: dict[str, str], workers: int = 1) -> ServerProce
 
 def _stat(pid: int) -> list[str]:
     """Fields of /proc/<pid>/stat after the command name (which may contain spaces)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+    return _stat_of(Path(f"/proc/{pid}/stat"))
+
+
+def _stat_of(path: Path) -> list[str]:
+    stat = path.read_text()
     return stat[stat.rindex(")") + 2 :].split()
 
 
@@ -240,6 +244,27 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += sum(int(fields[k]) for k in (11, 12, 13, 14))  # utime stime cutime cstime
     return total / CLOCK_TICKS
+
+
+def main_thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each process's main thread in `pid`'s tree: the thread that runs a
+    server's event loop (the models' inference threads are others). Why: a process
+    saturates when its loop does, long before the process's CPU reaches its cores."""
+    seconds = {}
+    for member in process_tree(pid):
+        try:
+            fields = _stat_of(Path(f"/proc/{member}/task/{member}/stat"))
+        except OSError:
+            continue
+        seconds[member] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime stime
+    return seconds
+
+
+def busiest_loop_cpu(start: dict[int, float], end: dict[int, float]) -> float | None:
+    """The largest main-thread CPU between two `main_thread_cpu` readings (the processes
+    in both), in seconds; None if none was in both."""
+    deltas = [end[pid] - start[pid] for pid in end.keys() & start.keys()]
+    return max(deltas, default=None)
 
 
 @dataclass(frozen=True)

@@ -558,6 +558,40 @@ def test_cpu_used_outside_the_benchmark_is_read_from_the_machine(tmp_path: Path)
     assert before.outside_since(after) == (-1.5, -0.5)  # not clamped: an error shows
 
 
+def test_the_event_loop_is_the_main_thread_and_the_busiest_one_is_reported() -> None:
+    """A server saturates when its loop's thread does: only main threads count (the
+    models' inference threads are others), and of the processes, the busiest."""
+    burn = "end = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    side = f"import threading, time\ndef burn():\n    {burn.replace(chr(10), chr(10) + '    ')}\n"
+    side += "t = threading.Thread(target=burn)\nt.start()\nt.join()\ntime.sleep(0.3)"
+    main = f"import time\ntime.sleep(0.2)\n{burn}\ntime.sleep(0.3)"
+    children = [subprocess.Popen([sys.executable, "-c", code]) for code in (side, main)]
+    try:
+        time.sleep(0.1)  # both started, neither burning yet
+        start = load_server.main_thread_cpu(os.getpid())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(
+            load_server.main_thread_cpu(os.getpid()).get(c.pid, 0) - start.get(c.pid, 0) < 0.45
+            and c.poll() is None
+            for c in children[1:]
+        ):
+            time.sleep(0.05)
+        end = load_server.main_thread_cpu(os.getpid())
+        side_cpu = end[children[0].pid] - start[children[0].pid]
+        main_cpu = end[children[1].pid] - start[children[1].pid]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert main_cpu >= 0.45 and side_cpu < 0.2, (main_cpu, side_cpu)
+    assert load_server.busiest_loop_cpu({1: 1.0, 2: 5.0}, {1: 4.0, 2: 5.5, 3: 9.0}) == 3.0
+    assert load_server.busiest_loop_cpu({1: 1.0}, {2: 2.0}) is None
+    calls = [summary(0, [0.4, 0.5])]
+    run = load_report.run_figures(1, run_data(calls, loop_cpu_s=18.0, window=(0.0, 30.0)))
+    assert run.loop_busy == pytest.approx(0.6)
+    assert "; event loop busy 60%" in load_report.format_run("ours", 1, run, 1)
+
+
 def test_a_run_disturbed_from_outside_is_flagged_in_its_line_and_the_markdown() -> None:
     calls = [summary(0, [0.4, 0.5])]
     quiet = load_report.run_figures(1, run_data(calls, outside_cpu_s=1.2, steal_s=0.0))
