@@ -207,6 +207,11 @@ def baseline_process(extra_env: dict[str, str], workers: int = 1) -> ServerProce
 # ------------------------------------------------------------------ measuring
 
 
+# Indexes into `_stat_of`'s fields (proc(5) fields 14-17, counted after the command name):
+OWN_TIMES = (11, 12)  # utime, stime: the process's (or the thread's) own CPU
+REAPED_TIMES = (13, 14)  # cutime, cstime: its children that it has waited for
+
+
 def _stat(pid: int) -> list[str]:
     """Fields of /proc/<pid>/stat after the command name (which may contain spaces)."""
     return _stat_of(Path(f"/proc/{pid}/stat"))
@@ -242,7 +247,7 @@ def cpu_seconds(pid: int) -> float:
             fields = _stat(member)
         except OSError:
             continue
-        total += sum(int(fields[k]) for k in (11, 12, 13, 14))  # utime stime cutime cstime
+        total += sum(int(fields[k]) for k in (*OWN_TIMES, *REAPED_TIMES))
     return total / CLOCK_TICKS
 
 
@@ -256,7 +261,7 @@ def main_thread_cpu(pid: int) -> dict[int, float]:
             fields = _stat_of(Path(f"/proc/{member}/task/{member}/stat"))
         except OSError:
             continue
-        seconds[member] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime stime
+        seconds[member] = sum(int(fields[k]) for k in OWN_TIMES) / CLOCK_TICKS
     return seconds
 
 
