@@ -79,7 +79,13 @@ from load_cluster import (  # noqa: E402
     run_processes,
     series_name,
 )
-from load_markdown import load_average, machine_description, render, write_markdown  # noqa: E402
+from load_markdown import (  # noqa: E402
+    load_average,
+    machine_description,
+    render,
+    settings_text,
+    write_markdown,
+)
 from load_patterns import (  # noqa: E402
     SEED_S,
     STEADY_S,
@@ -667,7 +673,7 @@ def main_processes(args: argparse.Namespace, machine: dict, started: float) -> i
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = machine_description(argv)
+    machine = machine_description(argv, args.compare_env)
     logger.remove()  # the emulator's and espeak's debug lines would drown the tables
     logger.add(sys.stderr, level="WARNING")
     caller_audio()  # generate the caller WAVs before any worker forks
@@ -682,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steady_s:g} s, --seed {args.seed}; {args.server_workers} server process(es)",
         flush=True,
     )
+    if args.compare_env:
+        print(f"ours-variant: ours with {settings_text(args.compare_env)} on top", flush=True)
     ai_api = ai_api_process(TRANSCRIPT) if args.mode in ("instant", "both") else None
     redis = start_redis() if args.server_workers > 1 else None
     try:

@@ -10,7 +10,7 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -58,8 +58,11 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def machine_description(argv: Sequence[str] | None = None) -> dict:
-    """What a reader needs to reproduce the figures: hardware, software, the command."""
+def machine_description(
+    argv: Sequence[str] | None = None, compared: Mapping[str, str] | None = None
+) -> dict:
+    """What a reader needs to reproduce the figures: hardware, software, the command, and
+    the settings `--compare-env` put on top of ours (`compared`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     return {
         "cpu_model": cpu_model(),
@@ -69,7 +72,25 @@ def machine_description(argv: Sequence[str] | None = None) -> dict:
         "pipecat": package_version("pipecat-ai"),
         "command": shlex.join([".venv/bin/python", "bench/load.py", *args]),
         "load_average_start": load_average(),
+        "compared": dict(compared or {}),
     }
+
+
+def compared_line(machine: dict) -> str | None:
+    """What "ours with --compare-env" ran with, under the tables: the series' name can't
+    say it, and a reader comparing pairs needs it next to the figures."""
+    compared = machine.get("compared")
+    if not compared:
+        return None
+    return (
+        f"{NAMES['ours-variant']}: ours with {settings_text(compared, '`')} on top, "
+        "run after ours at each step."
+    )
+
+
+def settings_text(settings: Mapping[str, str], quote: str = "") -> str:
+    """`NAME=VALUE` pairs as a reader would type them."""
+    return " ".join(f"{quote}{name}={value}{quote}" for name, value in settings.items())
 
 
 def label(name: str) -> str:
@@ -176,6 +197,8 @@ def render(
         "",
         *pattern_tables(series, _note(series)),
     ]
+    if compared := compared_line(machine):
+        lines += [compared, ""]
     if section:
         lines += [*section, ""]
     if outside := outside_line(series):
