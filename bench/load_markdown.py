@@ -72,25 +72,27 @@ def machine_description(
         "pipecat": package_version("pipecat-ai"),
         "command": shlex.join([".venv/bin/python", "bench/load.py", *args]),
         "load_average_start": load_average(),
-        "compared": dict(compared or {}),
+        "compare_env": dict(compared or {}),
     }
 
 
+def settings_text(settings: Mapping[str, str], quote: str = "") -> str:
+    """`NAME=VALUE` pairs as a shell would take them (each in `quote` for Markdown)."""
+    return " ".join(
+        f"{quote}{shlex.quote(f'{name}={value}')}{quote}" for name, value in settings.items()
+    )
+
+
 def compared_line(machine: dict) -> str | None:
-    """What "ours with --compare-env" ran with, under the tables: the series' name can't
-    say it, and a reader comparing pairs needs it next to the figures."""
-    compared = machine.get("compared")
+    """What "ours with --compare-env" ran with, under the reply tables: the series' name
+    can't say it, and a reader comparing pairs needs it next to the figures."""
+    compared = machine.get("compare_env")
     if not compared:
         return None
     return (
         f"{NAMES['ours-variant']}: ours with {settings_text(compared, '`')} on top, "
         "run after ours at each step."
     )
-
-
-def settings_text(settings: Mapping[str, str], quote: str = "") -> str:
-    """`NAME=VALUE` pairs as a reader would type them."""
-    return " ".join(f"{quote}{name}={value}{quote}" for name, value in settings.items())
 
 
 def label(name: str) -> str:

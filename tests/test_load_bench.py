@@ -465,17 +465,20 @@ def test_markdown_is_generated_with_machine_command_and_rule() -> None:
 
 
 def test_markdown_names_the_setting_the_compared_series_ran_with() -> None:
-    """"ours with --compare-env" alone doesn't say what was compared: the page says it."""
+    """The series "ours with --compare-env" doesn't say what was compared: a line under
+    the reply tables does, as a shell would take it."""
     series = two_series()
     variant = step_with([0.4, 0.5], n=1)
     variant.series = "ours-variant"
     series["ours-variant"] = [variant]
     rule = load_stats.StopRule()
-    argv = ["--steps", "1", "--compare-env", "VAD_X=1"]
-    machine = load_markdown.machine_description(argv, {"VAD_X": "1", "OTHER": "a b"})
-    text = load_markdown.render(series, machine, {}, [], rule, 1.0)
-    assert "| ours with --compare-env, 1 |" in text
-    assert "ours with --compare-env: ours with `VAD_X=1` `OTHER=a b` on top" in text
+    compared = {"VAD_X": "1", "OTHER": "a b"}
+    argv = ["--steps", "1", "--compare-env", "VAD_X=1", "--compare-env", "OTHER=a b"]
+    text = load_markdown.render(
+        series, load_markdown.machine_description(argv, compared), {}, [], rule, 1.0
+    )
+    line = "ours with --compare-env: ours with `VAD_X=1` `'OTHER=a b'` on top"
+    assert text.index("| ours with --compare-env, 1 |") < text.index(line)
     plain = load_markdown.render(series, load_markdown.machine_description([]), {}, [], rule, 1.0)
     assert "on top" not in plain
 

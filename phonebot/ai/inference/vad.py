@@ -256,8 +256,8 @@ class SharedSileroVADAnalyzer(SileroVADAnalyzer):
             # it, the call is behind real time. Catch up inline, as before batching: going
             # through the batcher costs a few loop turns per buffer, which an overloaded
             # loop can't spare (the greeting and transcripts queue behind the audio). Sending
-            # a behind call's windows to the batcher unwaited instead was measured worse in
-            # 3 of 5 pairs (docs/scaling.md, "Where the tail comes from").
+            # a behind call's windows to the batcher unwaited instead was no better in 5
+            # benchmark pairs (docs/scaling.md, "Where the tail comes from").
             state = run_silero(self, buffer)
             self._vad_idle_since = time.monotonic()
             return state
