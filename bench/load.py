@@ -30,7 +30,7 @@ series' own 1-call p95, p95 greeting <= 1 s and no failed or dropped call); and 
 target lines (40 calls on one process under both patterns; 80 on two worker processes
 when run with `--server-workers 2 --steps 1,...,80`).
 
-Series (servers stay up for the whole run; their runs are interleaved A B A B at each N
+Series (servers stay up for the whole run; their runs are interleaved A B, B A, … at each N
 and pattern, so a disturbance on a shared machine lands on both, not on one series' step):
 - ours-instant: `server.py` (WORKERS=`--server-workers`) with every OpenAI service on the
   instant AI API (`phonebot.emulator.ai_api`), so the figures measure this project and
@@ -161,6 +161,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-calls", type=int, default=max(STEPS), help="largest N to try")
     parser.add_argument("--steps", type=_steps, help="the N to try, e.g. 1,10 (default 1,20,40)")
     parser.add_argument("--runs", type=int, help=f"burst runs per step (default {RUNS}; quick: 1)")
+    parser.add_argument(
+        "--steady-runs",
+        type=int,
+        default=1,
+        help="steady runs per step (default 1); with a compared series, 2 makes the pair "
+        "A B B A",
+    )
     parser.add_argument(
         "--seed-s", type=float, help=f"steady: seeding time before the window (default {SEED_S:g})"
     )
@@ -422,18 +429,21 @@ def run_step(
     deadline: float = math.inf,
     servers: list[ServerProcess] | None = None,
 ) -> dict[str, StepResult]:
-    """The runs of N calls in `pattern` per series, interleaved: A B A B … (a burst
-    `args.runs` times; a steady run once, its window being the repeat). Each run starts
+    """The runs of N calls in `pattern` per series, interleaved with the order turned at
+    every repeat: A B, B A, A B … (a burst `args.runs` times, a steady run
+    `args.steady_runs` times). The turn is there because the run that goes second in a
+    pair was the slower one in 4 of 5 pairs of identical servers (docs/benchmark.md): a
+    series always second would be judged by its position. Each run starts
     once every server in `servers` is idle (`wait_until_quiet`): a baseline still grinding
     on the calls it failed would otherwise take CPU from our next run.
 
     A step that runs much slower than estimated (calls timing out) gives up its remaining
     runs once the next one would end `OVERRUN_S` past `deadline`: the budget is a promise.
     """
-    count = args.runs if pattern == "burst" else 1
+    count = repeats(pattern, args)
     runs: dict[str, list[RunData]] = {series.name: [] for series in active}
     for k in range(count):
-        for series in active:
+        for series in active if k % 2 == 0 else active[::-1]:
             if not series.server.alive():
                 continue
             if (
@@ -456,11 +466,16 @@ def run_step(
     return steps
 
 
+def repeats(pattern: str, args: argparse.Namespace) -> int:
+    """How many runs of each series a step of `pattern` has."""
+    return args.runs if pattern == "burst" else args.steady_runs
+
+
 def step_fits(
     active: list[Series], pattern: str, args: argparse.Namespace, deadline: float
 ) -> bool:
     """Whether every run of this step, at the series' recent pace, ends before `deadline`."""
-    count = args.runs if pattern == "burst" else 1
+    count = repeats(pattern, args)
     estimate = count * sum(series.run_estimate(pattern, args) for series in active)
     return time.monotonic() + estimate <= deadline
 

@@ -969,7 +969,11 @@ def test_runs_are_interleaved_and_budgeted(monkeypatch: pytest.MonkeyPatch) -> N
     series = [load.Series(name, FakeServer(), 100) for name in ("ours", "baseline")]
     args = load.parse_args(["--runs", "3"])
     steps = load.run_step(series, 10, "burst", args)
-    assert order == ["ours burst", "baseline burst"] * 3
+    # the order turns at every repeat: no series is always the one that goes second
+    assert order == ["ours burst", "baseline burst", "baseline burst", "ours burst"] + [
+        "ours burst",
+        "baseline burst",
+    ]
     assert [len(step.runs) for step in steps.values()] == [3, 3]
     assert {step.pattern for step in steps.values()} == {"burst"}
     now = time.monotonic()
@@ -981,6 +985,10 @@ def test_runs_are_interleaved_and_budgeted(monkeypatch: pytest.MonkeyPatch) -> N
     steps = load.run_step(series, 10, "steady", args)
     assert order == ["ours steady", "baseline steady"]
     assert [step.pattern for step in steps.values()] == ["steady", "steady"]
+    order.clear()  # `--steady-runs 2`: a pair A B B A
+    steps = load.run_step(series, 10, "steady", load.parse_args(["--steady-runs", "2"]))
+    assert order == ["ours steady", "baseline steady", "baseline steady", "ours steady"]
+    assert [len(step.runs) for step in steps.values()] == [2, 2]
     fresh = [load.Series("ours", FakeServer(), 100)]
     first = args.seed_s + args.steady_s + load.STEADY_OVERHEAD_S
     assert fresh[0].run_estimate("steady", args) == first
