@@ -165,8 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--steady-runs",
         type=int,
         default=1,
-        help="steady runs per step (default 1); with a compared series, 2 makes the pair "
-        "A B B A",
+        help="steady runs per step (default 1); with --no-baseline and --compare-env, 2 "
+        "makes the pair A B B A",
     )
     parser.add_argument(
         "--seed-s", type=float, help=f"steady: seeding time before the window (default {SEED_S:g})"
@@ -224,6 +224,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.server_workers < 1:
         parser.error("--server-workers must be at least 1")
+    if args.steady_runs < 1:
+        parser.error("--steady-runs must be at least 1")
+    if args.processes and args.steady_runs != 1:
+        parser.error("--processes runs one steady run per step: --steady-runs not taken")
     _read_settings(parser, args)
     args.runs = args.runs or (1 if args.quick else RUNS)
     args.seed_s = (
@@ -699,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stop rule: {rule.describe()}", flush=True)
     print(
         f"steps {', '.join(map(str, args.steps))}; patterns {', '.join(args.patterns)}; "
-        f"burst: {args.runs} run(s) each; steady: seed {args.seed_s:g} s + window "
+        f"burst: {args.runs} run(s) each; steady: {args.steady_runs} run(s) each, seed "
+        f"{args.seed_s:g} s + window "
         f"{args.steady_s:g} s, --seed {args.seed}; {args.server_workers} server process(es)",
         flush=True,
     )

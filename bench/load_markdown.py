@@ -91,7 +91,7 @@ def compared_line(machine: dict) -> str | None:
         return None
     return (
         f"{NAMES['ours-variant']}: ours with {settings_text(compared, '`')} on top, "
-        "run after ours at each step."
+        "interleaved with ours, the order turned at every repeat."
     )
 
 

@@ -1,8 +1,9 @@
 """Figures for one load step, the printed tables, the ours/baseline ratios, JSON and plot.
 
 A step is N concurrent calls under one arrival pattern (`load_patterns`: a burst, repeated
-`runs` times, or a steady run measured over its window), ours and the baseline interleaved
-run by run, so a disturbance on the shared machine lands on both. Latency percentiles are
+`runs` times, or a steady run measured over its window, `steady_runs` times), ours and
+the baseline interleaved run by run (the order turned at every repeat), so a disturbance
+on the shared machine lands on both. Latency percentiles are
 pooled over every answered turn of every run (replies to caller speech; replies to DTMF
 keys are kept apart, as the baseline doesn't answer keys), and each run's own p50/p95 give
 the spread (min / median / max across runs); greetings (stream start -> first bot audio)

@@ -979,7 +979,7 @@ def test_runs_are_interleaved_and_budgeted(monkeypatch: pytest.MonkeyPatch) -> N
     now = time.monotonic()
     assert load.step_fits(series, "burst", args, now + 3 * 2 * 40 * load.RUN_GROWTH + 5)
     assert not load.step_fits(series, "burst", args, now + 3 * 2 * 40)
-    # A steady step is one run per series (its window is the repeat), estimated from its
+    # A steady step is one run per series by default (its window is the repeat), estimated from its
     # seed and window until it has run once.
     order.clear()
     steps = load.run_step(series, 10, "steady", args)
@@ -989,6 +989,9 @@ def test_runs_are_interleaved_and_budgeted(monkeypatch: pytest.MonkeyPatch) -> N
     steps = load.run_step(series, 10, "steady", load.parse_args(["--steady-runs", "2"]))
     assert order == ["ours steady", "baseline steady", "baseline steady", "ours steady"]
     assert [len(step.runs) for step in steps.values()] == [2, 2]
+    for refused in (["--steady-runs", "0"], ["--processes", "1", "--steady-runs", "2"]):
+        with pytest.raises(SystemExit):
+            load.parse_args(refused)
     fresh = [load.Series("ours", FakeServer(), 100)]
     first = args.seed_s + args.steady_s + load.STEADY_OVERHEAD_S
     assert fresh[0].run_estimate("steady", args) == first
