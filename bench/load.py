@@ -160,21 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-calls", type=int, default=max(STEPS), help="largest N to try")
     parser.add_argument("--steps", type=_steps, help="the N to try, e.g. 1,10 (default 1,20,40)")
-    parser.add_argument("--runs", type=int, help=f"burst runs per step (default {RUNS}; quick: 1)")
-    parser.add_argument(
-        "--steady-runs",
-        type=int,
-        default=1,
-        help="steady runs per step (default 1); with --no-baseline and --compare-env, 2 "
-        "makes the pair A B B A",
-    )
-    parser.add_argument(
-        "--seed-s", type=float, help=f"steady: seeding time before the window (default {SEED_S:g})"
-    )
-    parser.add_argument(
-        "--steady-s", type=float, help=f"steady: the measured window (default {STEADY_S:g} s)"
-    )
-    parser.add_argument("--seed", type=int, default=1, help="steady: the arrivals' random seed")
+    _add_run_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="development: N = 1, 2, short runs")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline server")
     parser.add_argument(
@@ -222,12 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--markdown", type=Path, help="also write the results tables as Markdown to this path"
     )
     args = parser.parse_args(argv)
-    if args.server_workers < 1:
-        parser.error("--server-workers must be at least 1")
-    if args.steady_runs < 1:
-        parser.error("--steady-runs must be at least 1")
-    if args.processes and args.steady_runs != 1:
-        parser.error("--processes runs one steady run per step: --steady-runs not taken")
+    _check_counts(parser, args)
     _read_settings(parser, args)
     args.runs = args.runs or (1 if args.quick else RUNS)
     args.seed_s = (
@@ -242,6 +223,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     args.max_calls = max(args.max_calls, max(args.steps)) if args.steps else args.max_calls
     return args
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How often and how long each step runs."""
+    parser.add_argument("--runs", type=int, help=f"burst runs per step (default {RUNS}; quick: 1)")
+    parser.add_argument(
+        "--steady-runs",
+        type=int,
+        default=1,
+        help="steady runs per step (default 1); with --no-baseline and --compare-env, 2 "
+        "makes the pair A B B A",
+    )
+    parser.add_argument(
+        "--seed-s", type=float, help=f"steady: seeding time before the window (default {SEED_S:g})"
+    )
+    parser.add_argument(
+        "--steady-s", type=float, help=f"steady: the measured window (default {STEADY_S:g} s)"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="steady: the arrivals' random seed")
+
+
+def _check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts that would make an empty or a silently different run are refused."""
+    if args.server_workers < 1:
+        parser.error("--server-workers must be at least 1")
+    if args.steady_runs < 1:
+        parser.error("--steady-runs must be at least 1")
+    if args.processes and args.steady_runs != 1:
+        parser.error("--processes runs one steady run per step: --steady-runs not taken")
 
 
 def _read_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
