@@ -375,6 +375,12 @@ def cpu_of(process: ServerProcess | None) -> float | None:
     return cpu_seconds(process.pid) if process is not None and process.alive() else None
 
 
+def machine_readings(server: ServerProcess) -> tuple[MachineCpu, dict[int, float]]:
+    """The machine's CPU and the server's main threads' (its event loops) at one moment:
+    read at each end of what a run measures."""
+    return MachineCpu.read(), main_thread_cpu(server.pid)
+
+
 def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> RunData:
     """N calls in `pattern` against the series' server, sampling its RSS; its CPU over the
     run (burst) or the measured window (steady); then the turn-timing lines it logged
@@ -383,7 +389,7 @@ def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> 
     meter = ProcessMeter(server.pid)
     offset = server.log_size()
     meter.begin()
-    machine_start, loops_start = MachineCpu.read(), main_thread_cpu(server.pid)
+    machine_start, loops_start = machine_readings(server)
     started = time.monotonic()
     if pattern == "steady":
         plan = steady_plan(SteadyPlan(n, args.seed_s, args.steady_s), f"{args.seed}:{n}")
@@ -397,16 +403,16 @@ def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> 
             window = (t0 + args.seed_s, t0 + args.seed_s + args.steady_s)
             watch_until(window[0], meter, server, futures)
             cpu_start, helper_start = cpu_of(server), cpu_of(series.ai_api)
-            machine_start, loops_start = MachineCpu.read(), main_thread_cpu(server.pid)
+            machine_start, loops_start = machine_readings(server)
             watch_until(window[1], meter, server, futures)
             cpu_end, helper_end = cpu_of(server), cpu_of(series.ai_api)
-            machine_end, loops_end = MachineCpu.read(), main_thread_cpu(server.pid)
+            machine_end, loops_end = machine_readings(server)
         else:
             cpu_start, helper_start = meter.cpu_start, cpu_of(series.ai_api)
         watch_until(math.inf, meter, server, futures)
         if pattern != "steady":
             cpu_end, helper_end = cpu_of(server), cpu_of(series.ai_api)
-            machine_end, loops_end = MachineCpu.read(), main_thread_cpu(server.pid)
+            machine_end, loops_end = machine_readings(server)
         reports = [future.result() for future in futures]
     finally:
         pool.shutdown()
