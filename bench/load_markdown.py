@@ -19,6 +19,8 @@ from load_cluster import HeldTarget
 from load_report import MARKS, OUTSIDE_WARN_CORES, StepResult, fmt, fmt_range, taken_cores
 from load_stats import SLOW_TURN_S, STAGES, StopRule
 
+from phonebot.config import shown_setting
+
 NAMES = {
     "ours-instant": "ours",
     "baseline-instant": "baseline",
@@ -63,7 +65,7 @@ def machine_description(
 ) -> dict:
     """What a reader needs to reproduce the figures: hardware, software, the command, and
     the settings `--compare-env` put on top of ours (`compared`)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = [shown_argument(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     return {
         "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
@@ -72,14 +74,33 @@ def machine_description(
         "pipecat": package_version("pipecat-ai"),
         "command": shlex.join([".venv/bin/python", "bench/load.py", *args]),
         "load_average_start": load_average(),
-        "compare_env": dict(compared or {}),
+        "compare_env": shown_settings(compared or {}),
     }
 
 
+def shown_settings(settings: Mapping[str, str]) -> dict[str, str]:
+    """Settings as the benchmark prints them: a secret's value masked, so a key passed
+    with `--server-env` / `--compare-env` doesn't end up in a published page."""
+    return {name: shown_setting(name, value) for name, value in settings.items()}
+
+
+def shown_argument(arg: str) -> str:
+    """One command-line argument as printed: `NAME=VALUE` (or `--flag=NAME=VALUE`) with a
+    secret setting's value masked; anything else unchanged."""
+    flag, assignment = arg.split("=", 1) if arg.startswith("--") and "=" in arg else ("", arg)
+    name, equals, value = assignment.partition("=")
+    if not equals:
+        return arg
+    shown = f"{name}={shown_setting(name, value)}"
+    return f"{flag}={shown}" if flag else shown
+
+
 def settings_text(settings: Mapping[str, str], quote: str = "") -> str:
-    """`NAME=VALUE` pairs as a shell would take them (each in `quote` for Markdown)."""
+    """`NAME=VALUE` pairs as a shell would take them (each in `quote` for Markdown), a
+    secret's value masked."""
     return " ".join(
-        f"{quote}{shlex.quote(f'{name}={value}')}{quote}" for name, value in settings.items()
+        f"{quote}{shlex.quote(f'{name}={value}')}{quote}"
+        for name, value in shown_settings(settings).items()
     )
 
 

@@ -11,7 +11,7 @@ import re
 import secrets
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from dotenv import load_dotenv
 from pydantic import Field, SecretStr, field_validator
@@ -417,6 +417,18 @@ def mask(secret: str | None, keep: int = 4) -> str:
     if not secret:
         return "<unset>"
     return f"…{secret[-keep:]}" if len(secret) > keep * 2 else "…"
+
+
+def is_secret_setting(name: str) -> bool:
+    """Whether the environment variable `name` holds a secret (a `SecretStr` setting), so a
+    tool that prints settings it was given (the benchmarks) shows it masked."""
+    field = Settings.model_fields.get(name.lower())
+    return field is not None and SecretStr in (field.annotation, *get_args(field.annotation))
+
+
+def shown_setting(name: str, value: str) -> str:
+    """`value` as it may be printed: masked (`mask`) when `name` is a secret setting."""
+    return mask(value) if is_secret_setting(name) else value
 
 
 def for_agent(settings: Settings, agent) -> Settings:

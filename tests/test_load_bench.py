@@ -483,6 +483,19 @@ def test_markdown_names_the_setting_the_compared_series_ran_with() -> None:
     assert "on top" not in plain
 
 
+def test_a_secret_given_to_the_servers_is_printed_masked() -> None:
+    """A key passed with --server-env / --compare-env would otherwise land in the console,
+    the JSON and a published page: its value is masked wherever the benchmark prints it."""
+    key = "sk-benchmark-secret-0123456789"
+    argv = ["--server-env", f"OPENAI_API_KEY={key}", f"--compare-env=DEEPGRAM_API_KEY={key}"]
+    argv += ["--compare-env", "VAD_X=1"]
+    machine = load_markdown.machine_description(argv, {"DEEPGRAM_API_KEY": key, "VAD_X": "1"})
+    printed = json.dumps(machine) + load_markdown.settings_text(machine["compare_env"])
+    printed += load_markdown.settings_text({"OPENAI_API_KEY": key})
+    assert key not in printed and "…6789" in printed
+    assert "VAD_X=1" in machine["command"] and machine["compare_env"]["VAD_X"] == "1"
+
+
 def test_json_holds_the_distribution_the_runs_and_the_server_timing(tmp_path: Path) -> None:
     series = two_series()
     extra = {"machine": {"cores": 2}, "stop_rule": load_stats.StopRule().as_dict()}
