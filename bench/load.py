@@ -556,10 +556,13 @@ def build_series(
         ours = ours_process(largest, env, workers, redis_url)
         series.append(Series("ours-instant", ours, args.max_calls, ai_api))
         if args.compare_env:
-            variant = ours_process(largest, {**env, **args.compare_env}, workers, redis_url)
+            variant = ours_process(
+                largest, {**env, **args.compare_env}, workers, redis_url, "ours-variant"
+            )
             series.append(Series("ours-variant", variant, args.max_calls, ai_api))
         if args.records_off:
-            off = ours_process(largest, {**env, "CALL_RECORDS": "false"}, workers, redis_url)
+            no_records = {**env, "CALL_RECORDS": "false"}
+            off = ours_process(largest, no_records, workers, redis_url, "ours-norecords")
             series.append(Series("ours-norecords", off, args.max_calls, ai_api))
         if not args.no_baseline:
             limit = min(args.max_calls, BASELINE_MAX_CALLS)
@@ -567,7 +570,7 @@ def build_series(
             series.append(Series("baseline-instant", baseline, limit, ai_api))
     if args.mode in ("offline", "both"):
         limit = min(args.max_calls, OFFLINE_MAX_CALLS)
-        offline = ours_process(largest, args.server_env, workers, redis_url)
+        offline = ours_process(largest, args.server_env, workers, redis_url, "ours-offline")
         series.append(Series("ours-offline", offline, limit))
     return series
 

@@ -190,12 +190,17 @@ def env_assignments(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def ours_process(
-    max_calls: int, extra_env: dict[str, str], workers: int = 1, redis_url: str | None = None
+    max_calls: int,
+    extra_env: dict[str, str],
+    workers: int = 1,
+    redis_url: str | None = None,
+    name: str = "ours",
 ) -> ServerProcess:
-    """`python server.py` (WORKERS=`workers`), logging the per-turn timing lines (`ours_env`)."""
+    """`python server.py` (WORKERS=`workers`), logging the per-turn timing lines (`ours_env`);
+    `name` tells it apart in messages and its log folder (`ours-variant`, …)."""
     command = [sys.executable, str(ROOT / "server.py")]
     env = {**ours_env(max_calls), **workers_env(workers, redis_url, max_calls), **extra_env}
-    return ServerProcess("ours", command, env)
+    return ServerProcess(name, command, env)
 
 
 def baseline_process(extra_env: dict[str, str], workers: int = 1) -> ServerProcess:
@@ -340,9 +345,11 @@ def wait_until_quiet(servers: list[ServerProcess], timeout_s: float = QUIET_TIME
     deadline = time.monotonic() + timeout_s
     while True:
         live = [server for server in servers if server.alive()]
-        before = {server.name: cpu_seconds(server.pid) for server in live}
+        # Keyed by process, not name: a cluster's processes and ours with --compare-env
+        # share a name, and keying by it compared one server's CPU with another's.
+        before = {server.pid: cpu_seconds(server.pid) for server in live}
         time.sleep(1.0)
-        busy = [s.name for s in live if cpu_seconds(s.pid) - before[s.name] > QUIET_CORES]
+        busy = [s.name for s in live if cpu_seconds(s.pid) - before[s.pid] > QUIET_CORES]
         if not busy or time.monotonic() >= deadline:
             return busy
 
