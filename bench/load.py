@@ -84,6 +84,8 @@ from load_markdown import (  # noqa: E402
     machine_description,
     render,
     settings_text,
+    shown_arguments,
+    shown_settings,
     write_markdown,
 )
 from load_patterns import (  # noqa: E402
@@ -581,7 +583,7 @@ def run_facts(args: argparse.Namespace, machine: dict, started: float) -> tuple[
     duration."""
     duration = time.monotonic() - started
     machine = {**machine, "load_average_end": load_average()}
-    args_text = {k: str(v) for k, v in vars(args).items()}
+    args_text = {k: str(v) for k, v in shown_arguments(args).items()}
     return duration, {"machine": machine, "args": args_text, "duration_s": round(duration, 1)}
 
 
@@ -728,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     if args.compare_env:
-        print(f"ours-variant: ours with {settings_text(args.compare_env)} on top", flush=True)
+        compared = settings_text(shown_settings(args.compare_env))
+        print(f"ours-variant: ours with {compared} on top", flush=True)
     ai_api = ai_api_process(TRANSCRIPT) if args.mode in ("instant", "both") else None
     redis = start_redis() if args.server_workers > 1 else None
     try:

@@ -6,6 +6,7 @@ the machine described and compare. The file says when, where and how it was made
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shlex
@@ -14,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from load_cluster import HeldTarget
 from load_report import MARKS, OUTSIDE_WARN_CORES, StepResult, fmt, fmt_range, taken_cores
@@ -84,6 +86,15 @@ def shown_settings(settings: Mapping[str, str]) -> dict[str, str]:
     return {name: shown_setting(name, value) for name, value in settings.items()}
 
 
+def shown_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Parsed options as the JSON records them: `--server-env` / `--compare-env` masked."""
+    options = dict(vars(args))
+    for name in ("server_env", "compare_env"):
+        if isinstance(options.get(name), Mapping):
+            options[name] = shown_settings(options[name])
+    return options
+
+
 def shown_argument(arg: str) -> str:
     """One command-line argument as printed: `NAME=VALUE` (or `--flag=NAME=VALUE`) with a
     secret setting's value masked; anything else unchanged."""
@@ -96,18 +107,17 @@ def shown_argument(arg: str) -> str:
 
 
 def settings_text(settings: Mapping[str, str], quote: str = "") -> str:
-    """`NAME=VALUE` pairs as a shell would take them (each in `quote` for Markdown), a
-    secret's value masked."""
+    """`NAME=VALUE` pairs as a shell would take them (each in `quote` for Markdown). Only
+    formats: give it settings already masked (`shown_settings`), masked once."""
     return " ".join(
-        f"{quote}{shlex.quote(f'{name}={value}')}{quote}"
-        for name, value in shown_settings(settings).items()
+        f"{quote}{shlex.quote(f'{name}={value}')}{quote}" for name, value in settings.items()
     )
 
 
 def compared_line(machine: dict) -> str | None:
     """What "ours with --compare-env" ran with, under the reply tables: the series' name
     can't say it, and a reader comparing pairs needs it next to the figures."""
-    compared = machine.get("compare_env")
+    compared = machine.get("compare_env")  # masked by `machine_description`
     if not compared:
         return None
     return (

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+from phonebot.config import mask
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 STARTUP_TIMEOUT_S = 120.0
@@ -184,8 +186,8 @@ def env_assignments(pairs: Sequence[str]) -> dict[str, str]:
     """`--server-env` / `--compare-env` arguments (NAME=VALUE) as a mapping; ValueError
     naming the first one without a name and an `=`."""
     bad = next((pair for pair in pairs if not pair.partition("=")[0] or "=" not in pair), None)
-    if bad is not None:
-        raise ValueError(f"expected NAME=VALUE, got {bad!r}")
+    if bad is not None:  # the argument may be a key given without its name: not echoed
+        raise ValueError(f"expected NAME=VALUE (e.g. WORKERS=2), got {mask(bad)!r}")
     return dict(pair.split("=", 1) for pair in pairs)
 
 
@@ -345,8 +347,9 @@ def wait_until_quiet(servers: list[ServerProcess], timeout_s: float = QUIET_TIME
     deadline = time.monotonic() + timeout_s
     while True:
         live = [server for server in servers if server.alive()]
-        # Keyed by process, not name: a cluster's processes and ours with --compare-env
-        # share a name, and keying by it compared one server's CPU with another's.
+        # Keyed by process, not name: servers may share one (until 2026-12-07 ours with
+        # --compare-env, --records-off or --mode both were all "ours"), and keying by it
+        # compared one server's CPU with another's.
         before = {server.pid: cpu_seconds(server.pid) for server in live}
         time.sleep(1.0)
         busy = [s.name for s in live if cpu_seconds(s.pid) - before[s.pid] > QUIET_CORES]

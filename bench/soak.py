@@ -52,7 +52,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
 from load_calls import NO_REPLY, CallSummary, caller_audio, run_call  # noqa: E402
-from load_markdown import load_average, machine_description  # noqa: E402
+from load_markdown import load_average, machine_description, shown_arguments  # noqa: E402
 from load_server import (  # noqa: E402
     ServerProcess,
     ai_api_process,
@@ -476,7 +476,8 @@ def render_markdown(readings: list[Reading], result: dict, extra: dict) -> str:
 
 def args_record(args: argparse.Namespace) -> dict:
     """The options as JSON can hold them (paths as text)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    options = shown_arguments(args)  # a secret given with --server-env is masked
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
 
 
 def server_env(ai_url: str, frames: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:

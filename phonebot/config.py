@@ -419,16 +419,30 @@ def mask(secret: str | None, keep: int = 4) -> str:
     return f"…{secret[-keep:]}" if len(secret) > keep * 2 else "…"
 
 
+# Names of environment variables that hold credentials whoever reads them (the AWS keys
+# behind RECORDINGS_S3_URL, a provider's token), beyond this server's own SecretStr settings.
+_SECRET_NAME = re.compile(
+    r"(?:^|_)(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(?:$|_)", re.IGNORECASE
+)
+# A URL with a password in it (scheme://user:password@host).
+_URL_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")
+
+
 def is_secret_setting(name: str) -> bool:
-    """Whether the environment variable `name` holds a secret (a `SecretStr` setting), so a
+    """Whether the environment variable `name` holds a secret: one of this server's
+    `SecretStr` settings, or a name that says so (`…_KEY`, `…_TOKEN`, `…SECRET…`), so a
     tool that prints settings it was given (the benchmarks) shows it masked."""
-    field = Settings.model_fields.get(name.lower())
-    return field is not None and SecretStr in (field.annotation, *get_args(field.annotation))
+    field = Settings.model_fields.get(name.strip().lower())
+    if field is not None and SecretStr in (field.annotation, *get_args(field.annotation)):
+        return True
+    return bool(_SECRET_NAME.search(name))
 
 
 def shown_setting(name: str, value: str) -> str:
-    """`value` as it may be printed: masked (`mask`) when `name` is a secret setting."""
-    return mask(value) if is_secret_setting(name) else value
+    """`value` as it may be printed: masked (`mask`) when `name` is a secret setting or the
+    value is a URL with a password in it."""
+    secret = is_secret_setting(name) or _URL_PASSWORD.search(value)
+    return mask(value) if secret else value
 
 
 def for_agent(settings: Settings, agent) -> Settings:
