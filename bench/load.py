@@ -85,7 +85,6 @@ from load_markdown import (  # noqa: E402
     render,
     settings_text,
     shown_arguments,
-    shown_settings,
     write_markdown,
 )
 from load_patterns import (  # noqa: E402
@@ -729,9 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steady_s:g} s, --seed {args.seed}; {args.server_workers} server process(es)",
         flush=True,
     )
-    if args.compare_env:
-        compared = settings_text(shown_settings(args.compare_env))
-        print(f"ours-variant: ours with {compared} on top", flush=True)
+    if compared := machine["compare_env"]:  # masked by machine_description
+        print(f"ours-variant: ours with {settings_text(compared)} on top", flush=True)
     ai_api = ai_api_process(TRANSCRIPT) if args.mode in ("instant", "both") else None
     redis = start_redis() if args.server_workers > 1 else None
     try:

@@ -428,14 +428,18 @@ _SECRET_NAME = re.compile(
 _URL_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")
 
 
+def is_secret_field(name: str) -> bool:
+    """Whether `name` is one of this server's `SecretStr` settings (field name, or its
+    environment variable in any case): keys, tokens, URLs that may carry a password."""
+    field = Settings.model_fields.get(name.strip().lower())
+    return field is not None and SecretStr in (field.annotation, *get_args(field.annotation))
+
+
 def is_secret_setting(name: str) -> bool:
     """Whether the environment variable `name` holds a secret: one of this server's
     `SecretStr` settings, or a name that says so (`…_KEY`, `…_TOKEN`, `…SECRET…`), so a
     tool that prints settings it was given (the benchmarks) shows it masked."""
-    field = Settings.model_fields.get(name.strip().lower())
-    if field is not None and SecretStr in (field.annotation, *get_args(field.annotation)):
-        return True
-    return bool(_SECRET_NAME.search(name))
+    return is_secret_field(name) or bool(_SECRET_NAME.search(name))
 
 
 def shown_setting(name: str, value: str) -> str:

@@ -29,7 +29,7 @@ from phonebot.agents.knowledge import KnowledgeBase
 from phonebot.agents.selection import AgentSet
 from phonebot.agents.spec import AgentSpec
 from phonebot.agents.tools import PythonTool, load_python_tool
-from phonebot.config import Settings
+from phonebot.config import Settings, is_secret_field
 
 AGENT_FILE_PATTERNS = ("*.yaml", "*.yml")
 # File fields that are settings under another name (TTS_VOICE, LANGUAGE, TRANSFER_TARGET).
@@ -236,7 +236,7 @@ def _settings_problems(spec: AgentSpec, settings: Settings) -> list[tuple[tuple,
     for name in spec.settings:
         if name not in Settings.model_fields:
             problems.append((("settings", name), f"settings.{name}: not a setting"))
-        elif name in PROCESS_SETTINGS or _is_secret(name):
+        elif name in PROCESS_SETTINGS or is_secret_field(name):  # keys stay in the env
             problems.append((("settings", name), f"settings.{name}: a server-wide setting, "
                              "not one an agent can change for its calls"))  # fmt: skip
     if problems:
@@ -249,11 +249,6 @@ def _settings_problems(spec: AgentSpec, settings: Settings) -> list[tuple[tuple,
     except ValidationError as error:
         return [_override_problem(spec, item) for item in error.errors()]
     return []
-
-
-def _is_secret(name: str) -> bool:
-    """Keys and passwords stay in the environment, never in an agent file."""
-    return "SecretStr" in str(Settings.model_fields[name].annotation)
 
 
 def _override_problem(spec: AgentSpec, item: Any) -> tuple[tuple, str]:
