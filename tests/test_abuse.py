@@ -482,6 +482,8 @@ async def main(url, path):
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 FLOOD_RETRIES_ALLOWED = 5  # of 2,000 requests; each one is printed when the test fails
+MAX_AUDIO_STALL_S = 0.25
+MAX_HEALTH_S = 2.0
 
 
 async def flood(url: str, requests: list, workdir: Path) -> list[int]:
@@ -500,9 +502,11 @@ async def flood(url: str, requests: list, workdir: Path) -> list[int]:
 
 
 async def sample_health(server: LiveServer, samples: list[dict]) -> None:
+    """GET /health every 0.1 s; each sample also holds how long it took (`took_s`)."""
     async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
         while True:
-            samples.append((await client.get(f"{server.base_url}/health")).json())
+            response = await client.get(f"{server.base_url}/health")
+            samples.append({**response.json(), "took_s": response.elapsed.total_seconds()})
             await asyncio.sleep(0.1)
 
 
@@ -521,7 +525,9 @@ async def test_a_webhook_flood_is_refused_cheaply_while_a_real_call_goes_on(live
                          from_=CALLER, to=OUR_NUMBER)
     caller = dial.caller()
     twilio.register_call(dial.call_sid, to=OUR_NUMBER, from_=CALLER, caller=caller)
-    call = asyncio.create_task(caller.run([WaitForBot(timeout=20), Hangup()]))
+    # Quiet for 2.5 s before hanging up: a stall of the server's audio shorter than that
+    # is heard as late audio (underrun), or as a gap too long for one (a long gap).
+    call = asyncio.create_task(caller.run([WaitForBot(timeout=20, quiet=2.5), Hangup()]))
 
     await wait_for_call(server)
 
@@ -537,7 +543,18 @@ async def test_a_webhook_flood_is_refused_cheaply_while_a_real_call_goes_on(live
     assert codes[1000:] == [403] * 1000
     opening = opening_line(shipped_agent("general"), {"caller_id": CALLER})
     assert server.bot_lines(dial.call_sid) == [opening]
-    assert len(result.bot_utterances) == 1, "the opening was broken up"
+    # The server's audio never stopped for long: a full garbage collection (0.6-0.7 s on a
+    # loaded machine) once did. On 2 cores shared with the flood's sender and the other
+    # test worker, audio ~0.1 s late happens, and at the comma after "Hello," that is
+    # enough to split the opening, so the test counts the stalls, not the splits; and not
+    # the stalls of the emulated caller (this test's own process) either.
+    stalls = [round(end - start, 2) for start, end in result.underruns_of_the_server()]
+    assert max(stalls, default=0) <= MAX_AUDIO_STALL_S, (
+        f"the opening stalled: {stalls} s; the caller's own stalls: {result.caller_stalls}"
+    )
+    assert result.bot_long_gaps == 0, "the opening stopped for over 2 s"
+    # A stall longer than the caller's 2.5 s of patience shows here instead.
+    assert max(h["took_s"] for h in health) <= MAX_HEALTH_S
     assert max(h["active_streams"] for h in health) <= 1
     assert all(h["reserved_calls"] == 0 and h["active_calls"] <= 1 for h in health)
     assert server.wait_for_log(f"Call {dial.call_sid} ended")

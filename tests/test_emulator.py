@@ -289,6 +289,13 @@ def test_summary_counts_turns_latency_and_only_real_barge_ins() -> None:
         "bot turns: 3; response latency 0.50 / 1.50 s (mean 1.00 s, max 1.50 s)",
         "barge-ins: 1 (clear messages: 3)",
     ]
+    result.caller_stalls = [(0.1, 0.25), (7.0, 7.6)]
+    out = io.StringIO()
+    print_summary(result, out)
+    assert out.getvalue().splitlines()[-1] == (
+        "warning: this caller itself stalled 2 time(s), the longest 0.60 s: bot audio that "
+        "came meanwhile is timed late"
+    )
 
 
 def test_the_bot_hanging_up_during_the_last_wait_is_not_an_error() -> None:

@@ -130,6 +130,29 @@ async def test_a_stall_mid_reply_is_underrun_and_the_turn_gap_is_not() -> None:
     assert result.bot_underrun_share == pytest.approx(
         result.bot_underrun / (result.bot_audio_received + result.bot_underrun)
     )
+    # The caller's loop ran on time through it: the stall is the server's.
+    assert sum(end - start for start, end in result.underruns_of_the_server()) >= 0.18
+
+
+@pytest.mark.asyncio
+async def test_a_stall_of_the_callers_own_loop_is_told_from_the_servers() -> None:
+    """The bot sends on time, but the process both run in blocks for 0.6 s mid-reply (as a
+    busy machine or a GC pause can stall a test's emulated caller): the bot's audio plays
+    late and the reply breaks in two, and the caller knows that late audio for its own."""
+
+    async def bot(ws: ServerConnection) -> None:
+        json.loads(await ws.recv())
+        sid = json.loads(await ws.recv())["streamSid"]
+        asyncio.get_running_loop().call_later(0.5, time.sleep, 0.6)
+        await paced_reply(ws, sid, 30)
+        await ws.wait_closed()
+
+    async with ws_server(bot) as url:
+        result = await MediaStreamCaller(url).run([WaitForBot(timeout=3, quiet=1.0)])
+    assert len(result.bot_utterances) == 2 and result.bot_underrun >= 0.4
+    assert any(end - start >= 0.55 for start, end in result.caller_stalls)
+    # Sent exactly in real time, a chunk can come a few ms after the last one ran out.
+    assert [u for u in result.underruns_of_the_server() if u[1] - u[0] > 0.02] == []
 
 
 # ------------------------------------------------------------------ caller frames

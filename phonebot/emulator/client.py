@@ -523,6 +523,13 @@ def print_summary(result: CallResult, out: TextIO = sys.stdout) -> None:
             f"warning: {result.streamsid_mismatches} server messages had a wrong streamSid",
             file=out,
         )
+    if result.caller_stalls:
+        longest = max(end - start for start, end in result.caller_stalls)
+        print(
+            f"warning: this caller itself stalled {len(result.caller_stalls)} time(s), the "
+            f"longest {longest:.2f} s: bot audio that came meanwhile is timed late",
+            file=out,
+        )
 
 
 def record_pointer(server: str, call_sid: str) -> str:

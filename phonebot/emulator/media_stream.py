@@ -97,6 +97,10 @@ HEARING_GRACE_S = 5.0
 # A pause in the bot's media this long after a `clear` ends what is charged to it as the
 # interrupted reply's tail (see timeline.LateMediaWatch).
 LATE_MEDIA_GAP_S = 0.25
+# A frame slot the caller's own event loop reached this late is the caller's stall, not the
+# server's: the frames it owed went out late, and bot audio that came meanwhile was only
+# read (and timed) when it woke. Scheduling jitter on a busy machine is a few ms.
+CALLER_STALL_S = 0.05
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 EventCallback = Callable[[CallEvent], None]
@@ -468,9 +472,22 @@ class MediaStreamCaller:
         """Sleep until the next frame's slot on the absolute clock (no drift)."""
         assert self._t0 is not None
         loop = asyncio.get_running_loop()
-        delay = self._t0 + (self._frames_sent + 1) * FRAME_S - loop.time()
+        due = (self._frames_sent + 1) * FRAME_S
+        delay = self._t0 + due - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        elif -delay >= CALLER_STALL_S:
+            self._note_own_stall(due - FRAME_S, due - delay)
+
+    def _note_own_stall(self, start: float, end: float) -> None:
+        """Record that this caller's loop ran nothing from about `start` (its last frame's
+        slot) to `end`; the catch-up frames after a stall are late too, so spans that
+        overlap are one stall."""
+        stalls = self.result.caller_stalls
+        if stalls and start <= stalls[-1][1]:
+            stalls[-1] = (stalls[-1][0], max(end, stalls[-1][1]))
+        else:
+            stalls.append((start, end))
 
     async def _tick(
         self,
@@ -861,6 +878,7 @@ class MediaStreamCaller:
         result.late_bot_chunks = self._playback.late_chunks
         result.bot_underrun = self._playback.underrun / RATE
         result.bot_long_gaps = self._playback.long_gaps
+        result.bot_underruns = [(a / RATE, b / RATE) for a, b in self._playback.underruns]
         result.caller_audio = self._caller_track.view(0, self._frames_sent * FRAME)
         result.bot_audio = self._bot_track.view(0, end)
         result.caller_segments = [(s.start / RATE, s.end / RATE) for s in self._caller_vad.segments]

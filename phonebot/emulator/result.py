@@ -130,6 +130,11 @@ class CallResult:
     late_bot_chunks: int = 0
     bot_underrun: float = 0.0
     bot_long_gaps: int = 0
+    # Each underrun's span (seconds), and the spans in which the caller's own event loop
+    # stalled (a frame slot reached `CALLER_STALL_S` late or more): on a busy machine the
+    # emulated caller, not the server, can be why bot audio was timed late.
+    bot_underruns: list[tuple[float, float]] = field(default_factory=list)
+    caller_stalls: list[tuple[float, float]] = field(default_factory=list)
     first_bot_audio: float | None = None
     caller_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
     bot_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
@@ -145,6 +150,21 @@ class CallResult:
         """Share of the bot's speaking time that was silence waiting for late audio."""
         speaking = self.bot_audio_received + self.bot_underrun
         return self.bot_underrun / speaking if speaking > 0 else 0.0
+
+    def underruns_of_the_server(self, slack: float = 0.04) -> list[tuple[float, float]]:
+        """The underruns the caller's own stalls don't explain.
+
+        A caller whose loop stalls reads the bot audio that came meanwhile only when it
+        wakes, so its playout runs dry inside the stall even when the server sent on time;
+        an underrun that lies within one of `caller_stalls` (give or take `slack`, for
+        where the stall really began) is the caller's. Any other is the server's or the
+        network's.
+        """
+        return [
+            (start, end)
+            for start, end in self.bot_underruns
+            if not any(s - slack <= start and end <= e + slack for s, e in self.caller_stalls)
+        ]
 
     @property
     def said(self) -> list[str]:

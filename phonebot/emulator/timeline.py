@@ -74,7 +74,8 @@ class Playback:
     first chunk until the caller speaks, presses a key or a `clear` comes, see
     `end_reply`), a chunk that arrives after the buffer ran dry is *late* and the silence
     before it is *underrun*. A gap longer than `max_gap` is taken for a new bot turn (a
-    re-prompt, say), not a stall, and is only counted in `long_gaps`.
+    re-prompt, say), not a stall, and is only counted in `long_gaps`. `underruns` keeps
+    each underrun's span [start, end), so a stall can be laid beside the caller's own.
     """
 
     def __init__(self, track: Track, max_gap: int = 16000) -> None:
@@ -86,13 +87,14 @@ class Playback:
         self.late_chunks = 0
         self.underrun = 0  # samples of silence inside replies, waiting for late audio
         self.long_gaps = 0
+        self.underruns: list[tuple[int, int]] = []
         self.max_gap = max_gap
         self._in_reply = False
 
     def enqueue(self, now: int, samples: np.ndarray) -> int:
         """Queue a chunk; returns the sample at which it starts playing."""
         if self._in_reply and now > self.end:
-            self._count_gap(now - self.end)
+            self._count_gap(self.end, now)
         self._in_reply = True
         start = max(now, self.end)
         self.track.write(start, samples)
@@ -101,12 +103,13 @@ class Playback:
         self.chunks += 1
         return start
 
-    def _count_gap(self, gap: int) -> None:
-        if gap > self.max_gap:
+    def _count_gap(self, start: int, end: int) -> None:
+        if end - start > self.max_gap:
             self.long_gaps += 1
             return
         self.late_chunks += 1
-        self.underrun += gap
+        self.underrun += end - start
+        self.underruns.append((start, end))
 
     def end_reply(self) -> None:
         """The caller took the turn: the next chunk starts a new reply, not a late one."""
