@@ -483,6 +483,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 FLOOD_RETRIES_ALLOWED = 5  # of 2,000 requests; each one is printed when the test fails
 MAX_AUDIO_STALL_S = 0.25
+MAX_CALLER_STALLS_S = 1.0
 MAX_HEALTH_S = 2.0
 
 
@@ -536,8 +537,8 @@ async def test_a_webhook_flood_is_refused_cheaply_while_a_real_call_goes_on(live
     health: list[dict] = []
     sampler = asyncio.create_task(sample_health(server, health))
     codes = await flood(url, [replayed] * 1000 + unsigned, tmp_path)
-    sampler.cancel()
     result = await call
+    sampler.cancel()  # after the call: a server stall after the flood shows in it too
 
     assert codes[:1000] == [409] * 1000  # the real call's own webhook, replayed
     assert codes[1000:] == [403] * 1000
@@ -547,8 +548,11 @@ async def test_a_webhook_flood_is_refused_cheaply_while_a_real_call_goes_on(live
     # loaded machine) once did. On 2 cores shared with the flood's sender and the other
     # test worker, audio ~0.1 s late happens, and at the comma after "Hello," that is
     # enough to split the opening, so the test counts the stalls, not the splits; and not
-    # the stalls of the emulated caller (this test's own process) either.
-    stalls = [round(end - start, 2) for start, end in result.underruns_of_the_server()]
+    # the stalls of the emulated caller (this test's own process) either, unless there
+    # were so many that the caller heard little on time.
+    own = sum(end - start for start, end in result.caller_stalls)
+    assert own <= MAX_CALLER_STALLS_S, f"the caller itself stalled {own:.2f} s: no measure"
+    stalls = [round(end - start, 2) for start, end in result.server_underruns()]
     assert max(stalls, default=0) <= MAX_AUDIO_STALL_S, (
         f"the opening stalled: {stalls} s; the caller's own stalls: {result.caller_stalls}"
     )

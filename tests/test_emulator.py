@@ -290,11 +290,12 @@ def test_summary_counts_turns_latency_and_only_real_barge_ins() -> None:
         "barge-ins: 1 (clear messages: 3)",
     ]
     result.caller_stalls = [(0.1, 0.25), (7.0, 7.6)]
+    result.bot_underrun_spans = [(7.2, 7.62), (8.0, 8.1)]  # 0.42 s in the stall, 0.1 s not
     out = io.StringIO()
     print_summary(result, out)
     assert out.getvalue().splitlines()[-1] == (
-        "warning: this caller itself stalled 2 time(s), the longest 0.60 s: bot audio that "
-        "came meanwhile is timed late"
+        "warning: this caller itself stalled 2 time(s), the longest 0.60 s; of the bot's "
+        "0.52 s of late audio, 0.42 s fell in those stalls (run fewer callers on this machine)"
     )
 
 

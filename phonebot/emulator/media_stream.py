@@ -99,7 +99,7 @@ HEARING_GRACE_S = 5.0
 LATE_MEDIA_GAP_S = 0.25
 # A frame slot the caller's own event loop reached this late is the caller's stall, not the
 # server's: the frames it owed went out late, and bot audio that came meanwhile was only
-# read (and timed) when it woke. Scheduling jitter on a busy machine is a few ms.
+# read (and timed) when it woke. Jitter on a loaded 2-core test machine reaches tens of ms.
 CALLER_STALL_S = 0.05
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -148,6 +148,18 @@ def _offline_recogniser() -> Any:
     stt = importlib.import_module("phonebot.ai.offline.stt")
     stt.warm_up()
     return stt
+
+
+def note_stall(stalls: list[tuple[float, float]], start: float, end: float) -> None:
+    """Add the span [start, end) in which the caller's loop ran nothing to `stalls`.
+
+    `start` is the slot before the late one: the loop last ran about then. The catch-up
+    frames after a stall are late too, so a span overlapping the last one extends it.
+    """
+    if stalls and start <= stalls[-1][1]:
+        stalls[-1] = (stalls[-1][0], max(end, stalls[-1][1]))
+    else:
+        stalls.append((start, end))
 
 
 def _frames(seconds: float) -> int:
@@ -476,18 +488,9 @@ class MediaStreamCaller:
         delay = self._t0 + due - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        elif -delay >= CALLER_STALL_S:
-            self._note_own_stall(due - FRAME_S, due - delay)
-
-    def _note_own_stall(self, start: float, end: float) -> None:
-        """Record that this caller's loop ran nothing from about `start` (its last frame's
-        slot) to `end`; the catch-up frames after a stall are late too, so spans that
-        overlap are one stall."""
-        stalls = self.result.caller_stalls
-        if stalls and start <= stalls[-1][1]:
-            stalls[-1] = (stalls[-1][0], max(end, stalls[-1][1]))
-        else:
-            stalls.append((start, end))
+        now = loop.time() - self._t0
+        if now - due >= CALLER_STALL_S:  # the sleep overran, or we came late to it
+            note_stall(self.result.caller_stalls, due - FRAME_S, now)
 
     async def _tick(
         self,
@@ -878,7 +881,7 @@ class MediaStreamCaller:
         result.late_bot_chunks = self._playback.late_chunks
         result.bot_underrun = self._playback.underrun / RATE
         result.bot_long_gaps = self._playback.long_gaps
-        result.bot_underruns = [(a / RATE, b / RATE) for a, b in self._playback.underruns]
+        result.bot_underrun_spans = [(a / RATE, b / RATE) for a, b in self._playback.underrun_spans]
         result.caller_audio = self._caller_track.view(0, self._frames_sent * FRAME)
         result.bot_audio = self._bot_track.view(0, end)
         result.caller_segments = [(s.start / RATE, s.end / RATE) for s in self._caller_vad.segments]

@@ -14,6 +14,12 @@ import numpy as np
 
 from phonebot.audio import TWILIO_SAMPLE_RATE, write_stereo_wav
 
+# [start, end) in seconds on the call's clock.
+Span = tuple[float, float]
+# How far a caller stall is widened when it excuses late audio (`server_underruns`): two
+# 20 ms frames.
+STALL_SLACK_S = 0.04
+
 
 @dataclass(frozen=True)
 class CallEvent:
@@ -130,11 +136,12 @@ class CallResult:
     late_bot_chunks: int = 0
     bot_underrun: float = 0.0
     bot_long_gaps: int = 0
-    # Each underrun's span (seconds), and the spans in which the caller's own event loop
-    # stalled (a frame slot reached `CALLER_STALL_S` late or more): on a busy machine the
-    # emulated caller, not the server, can be why bot audio was timed late.
-    bot_underruns: list[tuple[float, float]] = field(default_factory=list)
-    caller_stalls: list[tuple[float, float]] = field(default_factory=list)
+    # Each underrun's [start, end) in seconds (gaps over 2 s are `bot_long_gaps`, not
+    # underruns), and the spans in which the caller's own event loop stalled (a frame slot
+    # reached `CALLER_STALL_S` late or more): on a busy machine the emulated caller, not
+    # the server, can be why bot audio was timed late.
+    bot_underrun_spans: list[Span] = field(default_factory=list)
+    caller_stalls: list[Span] = field(default_factory=list)
     first_bot_audio: float | None = None
     caller_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
     bot_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int16))
@@ -151,19 +158,19 @@ class CallResult:
         speaking = self.bot_audio_received + self.bot_underrun
         return self.bot_underrun / speaking if speaking > 0 else 0.0
 
-    def underruns_of_the_server(self, slack: float = 0.04) -> list[tuple[float, float]]:
-        """The underruns the caller's own stalls don't explain.
+    def server_underruns(self, slack: float = STALL_SLACK_S) -> list[Span]:
+        """The bot's late audio that the caller's own stalls don't explain: each underrun
+        span less the parts of it inside a caller stall (widened by `slack` both ways).
 
         A caller whose loop stalls reads the bot audio that came meanwhile only when it
-        wakes, so its playout runs dry inside the stall even when the server sent on time;
-        an underrun that lies within one of `caller_stalls` (give or take `slack`, for
-        where the stall really began) is the caller's. Any other is the server's or the
-        network's.
+        wakes, so its playout runs dry inside the stall even when the server sent on time.
+        The slack is for where a stall is not seen exactly: it began up to a frame before
+        the slot it was noticed at, and the audio is read just after the catch-up frames.
+        What is left is the server's (or the network's).
         """
+        widened = [(start - slack, end + slack) for start, end in self.caller_stalls]
         return [
-            (start, end)
-            for start, end in self.bot_underruns
-            if not any(s - slack <= start and end <= e + slack for s, e in self.caller_stalls)
+            piece for span in self.bot_underrun_spans for piece in _outside(span, widened)
         ]
 
     @property
@@ -183,3 +190,16 @@ class CallResult:
     def save_wav(self, path: str | Path) -> Path:
         """Stereo 8 kHz WAV: caller on the left, bot (as played) on the right."""
         return write_stereo_wav(path, self.caller_audio, self.bot_audio, TWILIO_SAMPLE_RATE)
+
+
+def _outside(span: Span, holes: list[Span]) -> list[Span]:
+    """The parts of `span` that no hole covers, in order."""
+    pieces = [span]
+    for hole_start, hole_end in holes:
+        pieces = [
+            part
+            for start, end in pieces
+            for part in ((start, min(end, hole_start)), (max(start, hole_end), end))
+            if part[1] > part[0]
+        ]
+    return pieces

@@ -74,8 +74,8 @@ class Playback:
     first chunk until the caller speaks, presses a key or a `clear` comes, see
     `end_reply`), a chunk that arrives after the buffer ran dry is *late* and the silence
     before it is *underrun*. A gap longer than `max_gap` is taken for a new bot turn (a
-    re-prompt, say), not a stall, and is only counted in `long_gaps`. `underruns` keeps
-    each underrun's span [start, end), so a stall can be laid beside the caller's own.
+    re-prompt, say), not a stall, and is only counted in `long_gaps`. `underrun_spans`
+    keeps each underrun's [start, end), so a stall can be laid beside the caller's own.
     """
 
     def __init__(self, track: Track, max_gap: int = 16000) -> None:
@@ -87,7 +87,7 @@ class Playback:
         self.late_chunks = 0
         self.underrun = 0  # samples of silence inside replies, waiting for late audio
         self.long_gaps = 0
-        self.underruns: list[tuple[int, int]] = []
+        self.underrun_spans: list[tuple[int, int]] = []
         self.max_gap = max_gap
         self._in_reply = False
 
@@ -109,7 +109,7 @@ class Playback:
             return
         self.late_chunks += 1
         self.underrun += end - start
-        self.underruns.append((start, end))
+        self.underrun_spans.append((start, end))
 
     def end_reply(self) -> None:
         """The caller took the turn: the next chunk starts a new reply, not a late one."""
