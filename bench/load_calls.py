@@ -215,7 +215,10 @@ class CallSummary:
     greeting: float | None = None  # stream `start` -> first bot audio (seconds)
     duration: float = 0.0
     bot_audio: float = 0.0
+    # The server's late bot audio: the caller's own stalls (the load generator starved on
+    # the same machine) are left out, and their length kept in `own_stall_s`.
     bot_underrun: float = 0.0
+    own_stall_s: float = 0.0
     bot_chunks: int = 0
     late_chunks: int = 0
     long_gaps: int = 0
@@ -279,7 +282,8 @@ def summarize(index: int, kind: str, result: CallResult) -> CallSummary:
         greeting=greeting_latency(result),
         duration=result.duration,
         bot_audio=result.bot_audio_received,
-        bot_underrun=result.bot_underrun,
+        bot_underrun=sum(end - start for start, end in result.server_underruns()),
+        own_stall_s=sum(end - start for start, end in result.caller_stalls),
         bot_chunks=result.bot_chunks,
         late_chunks=result.late_bot_chunks,
         long_gaps=result.bot_long_gaps,

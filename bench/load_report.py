@@ -143,6 +143,9 @@ class StepResult:
     loadgen_cpu_per_call_min: float | None = None
     loadgen_lag_p99_ms: float | None = None
     loadgen_lag_max_ms: float | None = None
+    # Seconds the callers' own loop stalled (a frame slot 50 ms late or more), summed over
+    # calls; the late audio inside those stalls is not in `underrun_share`.
+    loadgen_stall_call_s: float = 0.0
     ai_api_cpu_per_call_min: float | None = None  # the instant services' own process
     errors: list[str] = field(default_factory=list)
     runs: list[RunFigures] = field(default_factory=list)
@@ -274,6 +277,7 @@ def step_result(
         loadgen_cpu_per_call_min=loadgen_cpu / call_minutes if call_minutes else None,
         loadgen_lag_p99_ms=_ms(percentile(lags, 99)),
         loadgen_lag_max_ms=_ms(max(lags, default=None)),
+        loadgen_stall_call_s=round(sum((call.own_stall_s for call in calls), 0.0), 2),
         errors=distinct_errors(calls),
         runs=per_run,
         latencies=[round(lat, 4) for lat in speech],

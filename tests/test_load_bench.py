@@ -276,6 +276,17 @@ def test_replies_to_keys_are_told_apart_from_replies_to_speech() -> None:
     assert not summary.failed and not summary.dropped and summary.error is None
 
 
+def test_a_calls_late_audio_is_the_servers_less_what_fell_in_the_callers_own_stall() -> None:
+    result = call_result(
+        bot_underrun=0.6,
+        bot_underrun_spans=[(1.0, 1.5), (3.0, 3.1)],
+        caller_stalls=[(0.9, 1.6)],  # the load generator starved through the first
+    )
+    summary_ = load_calls.summarize(0, "steady", result)
+    assert summary_.bot_underrun == pytest.approx(0.1)
+    assert summary_.own_stall_s == pytest.approx(0.7)
+
+
 def test_failed_and_dropped_calls_are_classified() -> None:
     replied = [utterance(0, 0.5, None), utterance(1, 4.0, 0.6)]
     dropped = call_result(
@@ -304,7 +315,10 @@ def test_step_figures_pool_the_runs_and_keep_their_spread() -> None:
     first = load_report.RunData(
         [
             load_calls.WorkerReport(
-                [summary(0, [0.4, 0.5]), summary(2, [0.6], bot_underrun=1.0, late_chunks=4)],
+                [
+                    summary(0, [0.4, 0.5], own_stall_s=0.25),
+                    summary(2, [0.6], bot_underrun=1.0, late_chunks=4, own_stall_s=0.5),
+                ],
                 cpu_s=1.5,
                 lags=[0.001, 0.002],
             ),
@@ -342,6 +356,7 @@ def test_step_figures_pool_the_runs_and_keep_their_spread() -> None:
     assert step.rss_per_call_mb == pytest.approx(30.0)  # (320 - 200) / 4: the highest run
     assert step.rss_slope_mb == pytest.approx(35.0)  # (320 - 250) / (4 - 2)
     assert step.underrun_share == pytest.approx(1.0 / 55.0) and step.late_chunks == 4
+    assert step.loadgen_stall_call_s == 0.75
     assert step.server_turns["turns"] == 1 and step.turn_timings[0]["turn_end_s"] == 0.3
 
 
