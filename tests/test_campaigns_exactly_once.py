@@ -61,15 +61,18 @@ class Callees:
     """The people called: answer after a moment, busy on the first try for some numbers;
     counts how many calls are in progress at once across every scheduler."""
 
-    def __init__(self, records, busy_first: set[str]) -> None:
-        self.records = records
+    def __init__(self, busy_first: set[str]) -> None:
         self.busy_first = busy_first
         self.live = 0
         self.most = 0
         self.tries: Counter[str] = Counter()
         self.tasks: set[asyncio.Task] = set()
 
-    def dialed(self, twilio: FakeTwilio):
+    def dialed(self, twilio: FakeTwilio, records):
+        """The scheduler's dial, through `twilio`; the call ends through `records`, the
+        placing process's, whose writer holds the record's start (`end_call` waits for it,
+        as a real status callback comes after it: through the other process, its insert
+        and the record's start could collide)."""
         original = twilio.__call__
 
         async def dial(request):
@@ -77,17 +80,17 @@ class Callees:
             self.tries[request.to] += 1
             self.live += 1
             self.most = max(self.most, self.live)
-            task = asyncio.create_task(self._talk(placed.call_sid, request.to))
+            task = asyncio.create_task(self._talk(records, placed.call_sid, request.to))
             self.tasks.add(task)
             return placed
 
         return dial
 
-    async def _talk(self, call_sid: str, number: str) -> None:
+    async def _talk(self, records, call_sid: str, number: str) -> None:
         await asyncio.sleep(random.uniform(0.01, 0.05))
         status = "busy" if number in self.busy_first and self.tries[number] == 1 else "completed"
         self.live -= 1
-        await end_call(self.records, call_sid, status)
+        await end_call(records, call_sid, status)
 
 
 async def test_two_schedulers_on_one_postgresql_never_ring_anyone_twice(postgres_server):
@@ -95,9 +98,9 @@ async def test_two_schedulers_on_one_postgresql_never_ring_anyone_twice(postgres
     numbers = NY[:30]
     one, close_one = await build_harness(url)
     two, close_two = await build_harness(url)
-    callees = Callees(one.records, busy_first=set(numbers[::3]))
+    callees = Callees(busy_first=set(numbers[::3]))
     for harness in (one, two):
-        harness.scheduler.dial = callees.dialed(harness.twilio)
+        harness.scheduler.dial = callees.dialed(harness.twilio, harness.records)
         harness.scheduler.name = f"scheduler-{id(harness)}"
     try:
         campaign = await one.create(contacts=[{"to": n} for n in numbers], max_concurrent=5,
