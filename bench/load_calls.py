@@ -41,6 +41,7 @@ from phonebot.emulator import (
     dial_in,
 )
 from phonebot.emulator.media_stream import speech_frames
+from phonebot.emulator.result import total_seconds
 
 AUDIO_DIR = Path(__file__).resolve().parent / "audio"
 # What the caller says: ordinary support phrases, so the offline mode hears real speech;
@@ -282,8 +283,8 @@ def summarize(index: int, kind: str, result: CallResult) -> CallSummary:
         greeting=greeting_latency(result),
         duration=result.duration,
         bot_audio=result.bot_audio_received,
-        bot_underrun=sum(end - start for start, end in result.server_underruns()),
-        own_stall_s=sum(end - start for start, end in result.caller_stalls),
+        bot_underrun=total_seconds(result.server_underruns()),
+        own_stall_s=total_seconds(result.caller_stalls),
         bot_chunks=result.bot_chunks,
         late_chunks=result.late_bot_chunks,
         long_gaps=result.bot_long_gaps,

@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from phonebot.agents.agent import opening_line
 from phonebot.emulator import Hangup, TwilioRestEmulator, WaitForBot, dial_in
 from phonebot.emulator.ids import new_call_sid
+from phonebot.emulator.result import total_seconds
 from phonebot.emulator.signature import signed_headers
 from phonebot.emulator.webhook import voice_webhook_form
 from phonebot.state import MemoryState, ReplayGuard
@@ -550,7 +551,7 @@ async def test_a_webhook_flood_is_refused_cheaply_while_a_real_call_goes_on(live
     # enough to split the opening, so the test counts the stalls, not the splits; and not
     # the stalls of the emulated caller (this test's own process) either, unless there
     # were so many that the caller heard little on time.
-    own = sum(end - start for start, end in result.caller_stalls)
+    own = total_seconds(result.caller_stalls)
     assert own <= MAX_CALLER_STALLS_S, f"the caller itself stalled {own:.2f} s: no measure"
     stalls = [round(end - start, 2) for start, end in result.server_underruns()]
     assert max(stalls, default=0) <= MAX_AUDIO_STALL_S, (

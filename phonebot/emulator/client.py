@@ -47,7 +47,13 @@ from phonebot.emulator.errors import (
 )
 from phonebot.emulator.media_stream import MediaStreamCaller
 from phonebot.emulator.rest import TwilioRestEmulator
-from phonebot.emulator.result import CallEvent, CallResult, ClearRecord, Utterance
+from phonebot.emulator.result import (
+    CallEvent,
+    CallResult,
+    ClearRecord,
+    Utterance,
+    total_seconds,
+)
 from phonebot.emulator.script import (
     Dtmf,
     Hangup,
@@ -530,17 +536,13 @@ def print_summary(result: CallResult, out: TextIO = sys.stdout) -> None:
 def caller_stall_warning(result: CallResult) -> str:
     """One line on the caller's own stalls: a busy machine times the bot's audio late."""
     longest = max(end - start for start, end in result.caller_stalls)
-    late = _seconds(result.bot_underrun_spans)
-    theirs = late - _seconds(result.server_underruns())
+    late = total_seconds(result.bot_underrun_spans)
+    theirs = late - total_seconds(result.server_underruns())
     return (
         f"warning: this caller itself stalled {len(result.caller_stalls)} time(s), the "
         f"longest {longest:.2f} s; of the bot's {late:.2f} s of late audio, {theirs:.2f} s "
         "fell in those stalls (run fewer callers on this machine)"
     )
-
-
-def _seconds(spans: list[tuple[float, float]]) -> float:
-    return sum(end - start for start, end in spans)
 
 
 def record_pointer(server: str, call_sid: str) -> str:

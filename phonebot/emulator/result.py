@@ -192,6 +192,11 @@ class CallResult:
         return write_stereo_wav(path, self.caller_audio, self.bot_audio, TWILIO_SAMPLE_RATE)
 
 
+def total_seconds(spans: list[Span]) -> float:
+    """How long `spans` last together (they don't overlap: each list here is disjoint)."""
+    return sum((end - start for start, end in spans), 0.0)
+
+
 def _outside(span: Span, holes: list[Span]) -> list[Span]:
     """The parts of `span` that no hole covers, in order."""
     pieces = [span]
