@@ -290,6 +290,10 @@ def test_summary_counts_turns_latency_and_only_real_barge_ins() -> None:
         "barge-ins: 1 (clear messages: 3)",
     ]
     result.caller_stalls = [(0.1, 0.25), (7.0, 7.6)]
+    result.bot_underrun_spans = [(8.0, 8.1)]  # the caller stalled, but no audio then
+    out = io.StringIO()
+    print_summary(result, out)
+    assert "warning" not in out.getvalue()
     result.bot_underrun_spans = [(7.2, 7.62), (8.0, 8.1)]  # 0.42 s in the stall, 0.1 s not
     out = io.StringIO()
     print_summary(result, out)

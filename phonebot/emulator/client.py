@@ -66,6 +66,9 @@ from phonebot.emulator.script import (
 from phonebot.emulator.webhook import dial_in
 
 DEFAULT_REST_PORT = 8099
+# Late audio inside the caller's own stalls, in seconds, worth a warning (the summary
+# prints hundredths).
+MIN_SHOWN_S = 0.01
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_SERVER_DOWN, EXIT_NO_STREAM, EXIT_CLOSED_EARLY, EXIT_NO_BOT_AUDIO = 3, 4, 5, 6
 
@@ -529,15 +532,19 @@ def print_summary(result: CallResult, out: TextIO = sys.stdout) -> None:
             f"warning: {result.streamsid_mismatches} server messages had a wrong streamSid",
             file=out,
         )
-    if result.caller_stalls:
-        print(caller_stall_warning(result), file=out)
+    if (warning := caller_stall_warning(result)) is not None:
+        print(warning, file=out)
 
 
-def caller_stall_warning(result: CallResult) -> str:
-    """One line on the caller's own stalls: a busy machine times the bot's audio late."""
-    longest = max(end - start for start, end in result.caller_stalls)
+def caller_stall_warning(result: CallResult) -> str | None:
+    """One line when the bot's audio played late inside the caller's own stalls (a busy
+    machine); None when it didn't, even if the caller stalled (loading a model, say):
+    then nothing the call measured was the caller's doing."""
     late = total_seconds(result.bot_underrun_spans)
     theirs = late - total_seconds(result.server_underruns())
+    if theirs < MIN_SHOWN_S:
+        return None
+    longest = max(end - start for start, end in result.caller_stalls)
     return (
         f"warning: this caller itself stalled {len(result.caller_stalls)} time(s), the "
         f"longest {longest:.2f} s; of the bot's {late:.2f} s of late audio, {theirs:.2f} s "
