@@ -84,8 +84,6 @@ class Playback:
         self.received = 0
         self.dropped = 0
         self.chunks = 0
-        self.late_chunks = 0
-        self.underrun = 0  # samples of silence inside replies, waiting for late audio
         self.long_gaps = 0
         self.underrun_spans: list[tuple[int, int]] = []
         self.max_gap = max_gap
@@ -107,9 +105,17 @@ class Playback:
         if end - start > self.max_gap:
             self.long_gaps += 1
             return
-        self.late_chunks += 1
-        self.underrun += end - start
         self.underrun_spans.append((start, end))
+
+    @property
+    def late_chunks(self) -> int:
+        """Chunks that came after the buffer ran dry mid-reply: one per underrun."""
+        return len(self.underrun_spans)
+
+    @property
+    def underrun(self) -> int:
+        """Samples of silence inside replies, waiting for late audio."""
+        return sum(end - start for start, end in self.underrun_spans)
 
     def end_reply(self) -> None:
         """The caller took the turn: the next chunk starts a new reply, not a late one."""
