@@ -45,9 +45,9 @@ from phonebot.call.ivr import (
 from phonebot.call.phone_call import PhoneCall
 from phonebot.campaigns.models import CampaignIn
 from phonebot.campaigns.store import outcome_of
-from phonebot.emulator import MediaStreamCaller, Menu, Speak, TwilioRestEmulator
-from phonebot.emulator.callees import BILLING_PERSON
-from phonebot.emulator.keytones import keys_in
+from phonebot.emulator import MediaStreamCaller, Menu, Speak, TwilioRestEmulator, keytones
+from phonebot.emulator.callees import BILLING_PERSON, spoken
+from phonebot.emulator.keytones import MIN_RMS, KeyToneListener, keys_in
 from phonebot.emulator.media_stream import spoken_choice
 from phonebot.records.schema import CallRecord
 from phonebot.twilio.dialout import DialoutRequest
@@ -95,6 +95,32 @@ def test_speech_and_single_tones_are_not_keys():
     for frequency in (440.0, 697.0, 1209.0, 1000.0):
         single = np.frombuffer(tone(frequency, 1.0, TWILIO_SAMPLE_RATE), np.int16)
         assert keys_in(single, TWILIO_SAMPLE_RATE, FRAME_SAMPLES) == [], frequency
+
+
+def test_a_frame_the_caller_knows_is_quiet_is_no_key_without_decoding_it(monkeypatch):
+    speech = np.frombuffer(spoken("Press one.").pcm, np.int16)
+    quiet = np.zeros(TWILIO_SAMPLE_RATE // 2, np.int16)
+    audio = np.concatenate([quiet, pipecat_key_tones("1#"), speech, pipecat_key_tones("5")])
+    # The emulated caller hands each frame's RMS along (it has it for its own VAD): the
+    # same presses as decoding every frame.
+    listener = KeyToneListener(TWILIO_SAMPLE_RATE)
+    presses = []
+    for start in range(0, len(audio) - FRAME_SAMPLES + 1, FRAME_SAMPLES):
+        frame = audio[start : start + FRAME_SAMPLES]
+        level = float(np.sqrt(np.mean(frame.astype(np.float64) ** 2)))
+        presses.append(listener.feed(frame, start, level))
+    heard = [press for press in presses if press is not None]
+    assert heard == keys_in(audio, TWILIO_SAMPLE_RATE, FRAME_SAMPLES)
+    assert "".join(key for _, key in heard) == "1#5"
+
+    # A frame below the keypad's level is not decoded at all (every bot frame of every
+    # emulated call comes through here, in the load generator's CPU).
+    def decode(frame, rate):
+        raise AssertionError("a quiet frame was decoded")
+
+    monkeypatch.setattr(keytones, "key_in_frame", decode)
+    tone_frame = pipecat_key_tones("1")[:FRAME_SAMPLES]
+    assert KeyToneListener(TWILIO_SAMPLE_RATE).feed(tone_frame, 0, MIN_RMS / 2) is None
 
 
 # --- the offline responder answers the navigator's prompts ---------------------------------

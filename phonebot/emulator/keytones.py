@@ -40,22 +40,27 @@ def _probes(n: int, rate: int) -> np.ndarray:
     return np.exp(-2j * np.pi * np.outer(ROWS + COLUMNS, t))
 
 
-def _powers(frame: np.ndarray, rate: int) -> np.ndarray:
+def _powers(samples: np.ndarray, energy: float, rate: int) -> np.ndarray:
     """Each DTMF frequency's power, normalised so a pure tone's is its share of the frame's
-    energy (1.0 for a sine alone); rows first, then columns."""
-    samples = frame.astype(np.float64)
-    energy = float(np.dot(samples, samples))
-    if energy == 0:
-        return np.zeros(len(ROWS) + len(COLUMNS))
+    `energy` (1.0 for a sine alone); rows first, then columns."""
     bins = _probes(len(samples), rate) @ samples
     return 2.0 * np.abs(bins) ** 2 / (len(samples) * energy)
 
 
 def key_in_frame(frame: np.ndarray, rate: int) -> str | None:
-    """The keypad key whose tone fills `frame` (16-bit samples), or None."""
-    if len(frame) == 0 or math.sqrt(float(np.mean(frame.astype(np.float64) ** 2))) < MIN_RMS:
+    """The keypad key whose tone fills `frame` (16-bit samples), or None.
+
+    The frame's energy is summed once: it gates quiet frames (its RMS) and normalises the
+    tones' powers. Every frame of the bot's audio comes through here in the emulated
+    caller, so in a load run this is the load generator's own CPU, taken from the server's.
+    """
+    if len(frame) == 0:
         return None
-    powers = _powers(frame, rate)
+    samples = frame.astype(np.float64)
+    energy = float(np.dot(samples, samples))
+    if energy == 0 or math.sqrt(energy / len(samples)) < MIN_RMS:
+        return None
+    powers = _powers(samples, energy, rate)
     rows, columns = powers[: len(ROWS)], powers[len(ROWS) :]
     row, column = int(np.argmax(rows)), int(np.argmax(columns))
     low, high = rows[row], columns[column]
@@ -78,10 +83,14 @@ class KeyToneListener:
         self._began = 0  # the first sample of the current run of frames
         self._reported = False
 
-    def feed(self, frame: np.ndarray, at: int) -> tuple[float, str] | None:
+    def feed(
+        self, frame: np.ndarray, at: int, level: float | None = None
+    ) -> tuple[float, str] | None:
         """The press this frame confirms (once per press): when it began, in seconds, and
-        its key; else None. `at` is the frame's first sample on the track."""
-        key = key_in_frame(frame, self.rate)
+        its key; else None. `at` is the frame's first sample on the track; `level`, the
+        frame's RMS if the caller has it already: a quiet frame is then no key at once."""
+        quiet = level is not None and level < MIN_RMS
+        key = None if quiet else key_in_frame(frame, self.rate)
         if key != self._key:
             self._key, self._run, self._began, self._reported = key, 0, at, False
         if key is None:

@@ -833,7 +833,8 @@ class MediaStreamCaller:
     def _scan_bot_frame(self) -> None:
         start = self._bot_scanned * FRAME
         level = self._bot_track.rms(start, start + FRAME)
-        if press := self._bot_keys.feed(self._bot_track.view(start, start + FRAME), start):
+        frame = self._bot_track.view(start, start + FRAME)
+        if press := self._bot_keys.feed(frame, start, level):
             self.result.bot_dtmf.append(press)
             self._emit("bot_dtmf", t=press[0], digit=press[1])
         started, ended = self._bot_vad.feed_level(start, start + FRAME, level)
