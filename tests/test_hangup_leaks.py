@@ -3,7 +3,7 @@
 Half hang up as Twilio does (`stop`, then close), half just drop the socket. The server
 runs in this process (uvicorn on a loopback port, in the test's event loop) so the test
 can count its asyncio tasks and measure its memory with tracemalloc and RSS. The slow
-test of the suite (~1 min): marked `slow`, deselect it with `-m "not slow"`.
+test of the suite (1.5-2.5 min): marked `slow`, deselect it with `-m "not slow"`.
 """
 
 from __future__ import annotations

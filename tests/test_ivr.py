@@ -49,6 +49,7 @@ from phonebot.emulator import MediaStreamCaller, Menu, Speak, TwilioRestEmulator
 from phonebot.emulator.callees import BILLING_PERSON, spoken
 from phonebot.emulator.keytones import MIN_RMS, KeyToneListener, keys_in
 from phonebot.emulator.media_stream import spoken_choice
+from phonebot.emulator.timeline import Track
 from phonebot.records.schema import CallRecord
 from phonebot.twilio.dialout import DialoutRequest
 from tests.conftest import DIALOUT_KEY, make_settings, shipped_agent
@@ -101,26 +102,30 @@ def test_a_frame_the_caller_knows_is_quiet_is_no_key_without_decoding_it(monkeyp
     speech = np.frombuffer(spoken("Press one.").pcm, np.int16)
     quiet = np.zeros(TWILIO_SAMPLE_RATE // 2, np.int16)
     audio = np.concatenate([quiet, pipecat_key_tones("1#"), speech, pipecat_key_tones("5")])
-    # The emulated caller hands each frame's RMS along (it has it for its own VAD): the
-    # same presses as decoding every frame.
+    # As the emulated caller scans the bot's track: each frame's view and the RMS it has
+    # for its own VAD (`Track.rms`), up to a frame past the written end, which ends
+    # mid-frame: the same presses as decoding every frame.
+    track = Track()
+    track.write(0, audio[: len(audio) - FRAME_SAMPLES // 2])
     listener = KeyToneListener(TWILIO_SAMPLE_RATE)
     presses = []
-    for start in range(0, len(audio) - FRAME_SAMPLES + 1, FRAME_SAMPLES):
-        frame = audio[start : start + FRAME_SAMPLES]
-        level = float(np.sqrt(np.mean(frame.astype(np.float64) ** 2)))
-        presses.append(listener.feed(frame, start, level))
+    for start in range(0, track.length + FRAME_SAMPLES, FRAME_SAMPLES):
+        end = start + FRAME_SAMPLES
+        presses.append(listener.feed(track.view(start, end), start, track.rms(start, end)))
     heard = [press for press in presses if press is not None]
-    assert heard == keys_in(audio, TWILIO_SAMPLE_RATE, FRAME_SAMPLES)
+    played = track.view(0, track.length + FRAME_SAMPLES)
+    assert heard == keys_in(played, TWILIO_SAMPLE_RATE, FRAME_SAMPLES)
     assert "".join(key for _, key in heard) == "1#5"
 
     # A frame below the keypad's level is not decoded at all (every bot frame of every
-    # emulated call comes through here, in the load generator's CPU).
+    # emulated call comes through here, in the load generator's CPU). The check is that
+    # the decoder is never called: one frame alone never confirms a press anyway.
     def decode(frame, rate):
         raise AssertionError("a quiet frame was decoded")
 
     monkeypatch.setattr(keytones, "key_in_frame", decode)
     tone_frame = pipecat_key_tones("1")[:FRAME_SAMPLES]
-    assert KeyToneListener(TWILIO_SAMPLE_RATE).feed(tone_frame, 0, MIN_RMS / 2) is None
+    KeyToneListener(TWILIO_SAMPLE_RATE).feed(tone_frame, 0, MIN_RMS / 2)
 
 
 # --- the offline responder answers the navigator's prompts ---------------------------------

@@ -42,7 +42,8 @@ def _probes(n: int, rate: int) -> np.ndarray:
 
 def _powers(samples: np.ndarray, energy: float, rate: int) -> np.ndarray:
     """Each DTMF frequency's power, normalised so a pure tone's is its share of the frame's
-    `energy` (1.0 for a sine alone); rows first, then columns."""
+    `energy` (> 0, the sum of its squared samples; 1.0 for a sine alone); rows first, then
+    columns."""
     bins = _probes(len(samples), rate) @ samples
     return 2.0 * np.abs(bins) ** 2 / (len(samples) * energy)
 
@@ -58,7 +59,7 @@ def key_in_frame(frame: np.ndarray, rate: int) -> str | None:
         return None
     samples = frame.astype(np.float64)
     energy = float(np.dot(samples, samples))
-    if energy == 0 or math.sqrt(energy / len(samples)) < MIN_RMS:
+    if math.sqrt(energy / len(samples)) < MIN_RMS:  # also a frame of zeros
         return None
     powers = _powers(samples, energy, rate)
     rows, columns = powers[: len(ROWS)], powers[len(ROWS) :]
