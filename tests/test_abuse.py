@@ -547,7 +547,7 @@ async def test_a_webhook_flood_is_refused_cheaply_while_a_real_call_goes_on(live
     assert server.bot_lines(dial.call_sid) == [opening]
     # The server's audio never stopped for long: a full garbage collection (0.6-0.7 s on a
     # loaded machine) once did. On 2 cores shared with the flood's sender and the other
-    # test workers (three at `-n 4`), audio ~0.1 s late happens, and at the comma after
+    # test workers (two at `-n 3`), audio ~0.1 s late happens, and at the comma after
     # "Hello," that is enough to split the opening, so the test counts the stalls, not the
     # splits; and not the stalls of the emulated caller (this test's own process) either,
     # unless there were so many that the caller heard little on time.

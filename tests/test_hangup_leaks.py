@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 CALLS = 200
 # Up to 10 calls at once, arriving 10 a second, not all in the same instant: this process
 # is the server and all its callers, under tracemalloc for half of the calls, on 2 cores
-# shared with three other test workers (`-n 4`). With 20 at once, greetings synthesised
+# shared with two other test workers (`-n 3`). With 20 at once, greetings synthesised
 # together overran the TTS's 3 s first-audio timeout, and once (at `-n 4`, with more load
 # beside it) a webhook went unanswered for 10 s: load, not a leak. Beside three busy
 # loops the test took 168 s with 10 at once, 195 s with 20.

@@ -660,7 +660,7 @@ def server(ai_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Li
         "SILENCE_TIMEOUT_S": "30",
         "LOG_LEVEL": "DEBUG",  # the turn timing lines
         # The real model must have its say: on a starved machine (four test workers on 2
-        # cores) its verdict (~0.3 s after the speech when idle) once came after the
+        # cores, `-n 4`) its verdict (~0.3 s after the speech when idle) once came after the
         # default 0.7 s, and the turn ended without it (`model_late`, "unscored").
         "TURN_INCOMPLETE_WAIT_S": "1.5",
     }
