@@ -60,6 +60,7 @@ import math
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -382,6 +383,22 @@ def machine_readings(server: ServerProcess) -> tuple[MachineCpu, dict[int, float
     return MachineCpu.read(), main_thread_cpu(server.pid)
 
 
+def start_run(
+    url: str, n: int, pattern: str, args: argparse.Namespace
+) -> tuple[ProcessPoolExecutor, list, tuple[float, float] | None]:
+    """Start the run's callers: the pool, their futures, and the measured window in wall
+    clock seconds (steady) or None (burst)."""
+    if pattern == "steady":
+        plan = steady_plan(SteadyPlan(n, args.seed_s, args.steady_s), f"{args.seed}:{n}")
+        window_s = (args.seed_s, args.seed_s + args.steady_s)
+    else:
+        plan, window_s = burst_plan(n, BURST_S), None
+    workers = workers_for(n, args.workers)
+    pool, futures, t0 = start_calls(url, plan, workers, QUERY, args.seed, window_s=window_s)
+    window = None if window_s is None else (t0 + window_s[0], t0 + window_s[1])
+    return pool, futures, window
+
+
 def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> RunData:
     """N calls in `pattern` against the series' server, sampling its RSS; its CPU over the
     run (burst) or the measured window (steady); then the turn-timing lines it logged
@@ -392,16 +409,9 @@ def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> 
     meter.begin()
     machine_start, loops_start = machine_readings(server)
     started = time.monotonic()
-    if pattern == "steady":
-        plan = steady_plan(SteadyPlan(n, args.seed_s, args.steady_s), f"{args.seed}:{n}")
-    else:
-        plan = burst_plan(n, BURST_S)
-    url = server.base_url + "/"
-    pool, futures, t0 = start_calls(url, plan, workers_for(n, args.workers), QUERY, args.seed)
-    window = None
+    pool, futures, window = start_run(server.base_url + "/", n, pattern, args)
     try:
-        if pattern == "steady":
-            window = (t0 + args.seed_s, t0 + args.seed_s + args.steady_s)
+        if window is not None:
             watch_until(window[0], meter, server, futures)
             cpu_start, helper_start = cpu_of(server), cpu_of(series.ai_api)
             machine_start, loops_start = machine_readings(server)
@@ -411,7 +421,7 @@ def run_once(series: Series, n: int, pattern: str, args: argparse.Namespace) -> 
         else:
             cpu_start, helper_start = meter.cpu_start, cpu_of(series.ai_api)
         watch_until(math.inf, meter, server, futures)
-        if pattern != "steady":
+        if window is None:
             cpu_end, helper_end = cpu_of(server), cpu_of(series.ai_api)
             machine_end, loops_end = machine_readings(server)
         reports = [future.result() for future in futures]

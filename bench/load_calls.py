@@ -21,7 +21,7 @@ import math
 import random
 import time
 import wave
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -338,11 +338,17 @@ async def run_call(
 
 @dataclass
 class WorkerReport:
-    """One worker process's calls, its CPU seconds and its event loop's lag (seconds)."""
+    """One worker process's calls, its CPU seconds and its event loop's lag (seconds).
+
+    `window_cpu_s`: its CPU inside a steady run's measured window, where the server's CPU
+    and the call-minutes are counted too (`cpu_s` also holds the seed before it and the
+    calls running on after it).
+    """
 
     calls: list[CallSummary]
     cpu_s: float
     lags: list[float]
+    window_cpu_s: float | None = None
 
 
 async def watch_lag(lags: list[float], stop: asyncio.Event) -> None:
@@ -354,26 +360,61 @@ async def watch_lag(lags: list[float], stop: asyncio.Event) -> None:
         lags.append(loop.time() - before - LAG_INTERVAL_S)
 
 
-async def _worker(url: str, calls: Sequence[PlannedCall], query: dict, t0: float, seed: int):
+async def cpu_over(
+    window: tuple[float, float],
+    *,
+    clock: Callable[[], float] = time.time,
+    cpu: Callable[[], float] = time.process_time,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> float:
+    """This process's CPU seconds between two wall-clock moments (a steady run's window)."""
+    await sleep(max(0.0, window[0] - clock()))
+    start = cpu()
+    await sleep(max(0.0, window[1] - clock()))
+    return cpu() - start
+
+
+@dataclass(frozen=True)
+class WorkerShare:
+    """One worker process's part of a run: its calls, the moment t0 (wall clock) their
+    start times count from, and a steady run's measured window (seconds after t0)."""
+
+    url: str
+    calls: Sequence[PlannedCall]
+    query: dict
+    t0: float
+    seed: int
+    window_s: tuple[float, float] | None = None
+
+
+async def _worker(share: WorkerShare) -> WorkerReport:
     caller_audio()  # before the start moment, so no call pays for loading audio
     lags: list[float] = []
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch_lag(lags, stop))
+    t0, window_s = share.t0, share.window_s
+    in_window = (
+        asyncio.create_task(cpu_over((t0 + window_s[0], t0 + window_s[1])))
+        if window_s is not None
+        else None
+    )
     cpu = time.process_time()
     base = t0 - time.time()
     tasks = [
-        run_call(url, c.index, c.kind, max(0.0, base + c.start_s), query, c.length_s, seed)
-        for c in calls
-    ]
+        run_call(share.url, c.index, c.kind, max(0.0, base + c.start_s), share.query,
+                 c.length_s, share.seed)
+        for c in share.calls
+    ]  # fmt: skip
     summaries = await asyncio.gather(*tasks)
     stop.set()
     await watcher
-    return WorkerReport(list(summaries), time.process_time() - cpu, lags)
+    window_cpu = await in_window if in_window is not None else None
+    return WorkerReport(list(summaries), time.process_time() - cpu, lags, window_cpu)
 
 
-def worker_main(url: str, calls: Sequence[PlannedCall], query: dict, t0: float, seed: int):
-    """Entry point of one worker process: run its share of the calls, starting at `t0`."""
-    return asyncio.run(_worker(url, calls, query, t0, seed))
+def worker_main(share: WorkerShare) -> WorkerReport:
+    """Entry point of one worker process: run its share of the calls."""
+    return asyncio.run(_worker(share))
 
 
 def start_calls(
@@ -383,16 +424,21 @@ def start_calls(
     query: dict,
     seed: int = 0,
     lead_s: float = 1.0,
+    window_s: tuple[float, float] | None = None,
 ) -> tuple[ProcessPoolExecutor, list, float]:
     """Fork `workers` processes sharing the planned calls round-robin; returns the pool,
     the futures and t0, the wall-clock moment the plan's times count from.
 
     t0 is `lead_s` from now, so forking the workers doesn't skew the start times.
+    `window_s`: a steady run's measured window, in seconds after t0.
     """
     shares = [list(plan[w::workers]) for w in range(workers) if plan[w::workers]]
     pool = ProcessPoolExecutor(len(shares), mp_context=get_context("fork"))
     t0 = time.time() + lead_s
-    futures = [pool.submit(worker_main, url, share, query, t0, seed) for share in shares]
+    futures = [
+        pool.submit(worker_main, WorkerShare(url, share, query, t0, seed, window_s))
+        for share in shares
+    ]
     return pool, futures, t0
 
 

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from load_cluster import HeldTarget
-from load_report import MARKS, OUTSIDE_WARN_CORES, StepResult, fmt, fmt_range, taken_cores
+from load_report import (
+    MARKS,
+    OUTSIDE_WARN_CORES,
+    MachineBudget,
+    StepResult,
+    fmt,
+    fmt_range,
+    taken_cores,
+)
 from load_stats import SLOW_TURN_S, STAGES, StopRule
 
 from phonebot.config import shown_setting
@@ -186,6 +194,40 @@ def pattern_tables(series: dict[str, list[StepResult]], note: str) -> list[str]:
     return [*lines, note, ""]
 
 
+def budget_table(series: dict[str, list[StepResult]], cores: int) -> list[str]:
+    """Each step's CPU per call-minute on the machine, split between the server, the load
+    generator and the AI services that share its cores, and the calls those cores could
+    carry at that cost with every core busy (`MachineBudget`)."""
+    rows = []
+    for steps in series.values():
+        for step in steps:
+            if (budget := MachineBudget.of(step)) is None:
+                continue
+            calls = step.calls_up_mean or step.n
+            cells = [
+                f"{label(step.series)} {step.pattern}, {step.n}",
+                *(f"{part:.2f}" for part in (budget.server, budget.load_generator,
+                                             budget.ai_services, budget.total)),
+                f"{budget.cores_at(calls):.2f}",
+                str(budget.calls_at_most(cores)),
+            ]  # fmt: skip
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        f"The machine's CPU, shared: CPU seconds per call-minute of the server, the load "
+        f"generator and the instant AI services, which all ran on these {cores} cores; the "
+        f"cores all three need with N calls up; and the most calls the {cores} cores could "
+        "carry at that cost, every core busy:",
+        "",
+        "| server, N | server | load generator | AI services | total | cores at N "
+        f"| calls {cores} cores carry at most |",
+        "| --- " * 7 + "|",
+        *rows,
+        "",
+    ]
+
+
 def stage_rows(series: dict[str, list[StepResult]]) -> list[str]:
     """The server's turn-timing summary per step (only servers that log it: ours)."""
     rows = []
@@ -236,6 +278,7 @@ def render(
         lines += [*section, ""]
     if outside := outside_line(series):
         lines += [outside, ""]
+    lines += budget_table(series, machine["cores"])
     timing = stage_rows(series)
     if timing:
         lines += [

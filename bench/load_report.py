@@ -15,6 +15,7 @@ time) and the chunks that came after the buffer had run dry (`late`).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -159,6 +160,41 @@ class StepResult:
         return self.failed > 0 or self.dropped > 0
 
 
+@dataclass(frozen=True)
+class MachineBudget:
+    """What one call-minute cost the machine the benchmark ran on, in CPU seconds: the
+    server's, the load generator's and the instant AI services', all on the same cores.
+
+    Why: the targets put the callers on the server's machine, so a number of calls that
+    needs more CPU than the machine has can't be held at any latency, whatever the
+    server does; `calls_at_most` is that ceiling, with every core busy.
+    """
+
+    server: float
+    load_generator: float
+    ai_services: float
+
+    @classmethod
+    def of(cls, step: StepResult) -> MachineBudget | None:
+        """The step's budget; None without the server's and the generator's CPU."""
+        if step.cpu_per_call_min is None or step.loadgen_cpu_per_call_min is None:
+            return None
+        return cls(step.cpu_per_call_min, step.loadgen_cpu_per_call_min,
+                   step.ai_api_cpu_per_call_min or 0.0)  # fmt: skip
+
+    @property
+    def total(self) -> float:
+        return self.server + self.load_generator + self.ai_services
+
+    def cores_at(self, calls: float) -> float:
+        """Cores all three use with `calls` calls up."""
+        return self.total * calls / 60
+
+    def calls_at_most(self, cores: int) -> int:
+        """The most calls `cores` can carry at this cost, every core busy."""
+        return int(cores * 60 / self.total) if self.total > 0 else 0
+
+
 def pacing(calls: Sequence[CallSummary]) -> tuple[float, int, int, int]:
     """(underrun share of bot speaking time, late chunks, chunks, long mid-reply gaps)."""
     underrun = sum(c.bot_underrun for c in calls)
@@ -210,6 +246,17 @@ def run_figures(index: int, run: RunData) -> RunFigures:
     )
 
 
+def loadgen_cpu_s(run: RunData) -> float:
+    """The load generator's CPU over what the run measures: its window (steady), where the
+    server's CPU and the call-minutes are counted, or the whole run (burst)."""
+    return sum(
+        report.window_cpu_s
+        if run.window is not None and report.window_cpu_s is not None
+        else report.cpu_s
+        for report in run.reports
+    )
+
+
 def _cores(cpu_s: float | None, span_s: float) -> float | None:
     return None if cpu_s is None or span_s <= 0 else cpu_s / span_s
 
@@ -232,7 +279,7 @@ def step_result(
     share, late, chunks, long_gaps = pacing(calls)
     call_minutes = sum(call.duration for call in calls) / 60
     lags = [lag for run in runs for report in run.reports for lag in report.lags]
-    loadgen_cpu = sum(report.cpu_s for run in runs for report in run.reports)
+    loadgen_cpu = sum(loadgen_cpu_s(run) for run in runs)
     cpu_s = sum(run.cpu_s for run in runs)
     rss_peak = max((run.rss_peak_mb for run in runs), default=rss_idle_mb)
     per_run = [run_figures(k + 1, run) for k, run in enumerate(runs)]
@@ -392,11 +439,29 @@ def print_header(note: str = "") -> None:
     print(HEADER, flush=True)
 
 
-def print_row(step: StepResult) -> None:
+def format_budget(step: StepResult, cores: int) -> str | None:
+    """The machine's CPU per call-minute, split, and the calls it could carry at most."""
+    budget = MachineBudget.of(step)
+    if budget is None:
+        return None
+    calls = step.calls_up_mean or step.n
+    return (
+        f"     machine CPU s/call-min: server {budget.server:.2f} + load generator "
+        f"{budget.load_generator:.2f} + AI services {budget.ai_services:.2f} = "
+        f"{budget.total:.2f}; at that cost {cores} cores carry at most "
+        f"{budget.calls_at_most(cores)} calls "
+        f"(at N = {step.n}: {budget.cores_at(calls):.2f} cores)"
+    )
+
+
+def print_row(step: StepResult, cores: int | None = None) -> None:
     print(format_row(step), flush=True)
-    breakdown = format_server_turns(step.server_turns)
-    if breakdown:
-        print(breakdown, flush=True)
+    for line in (
+        format_server_turns(step.server_turns),
+        format_budget(step, cores or os.cpu_count() or 1),
+    ):
+        if line:
+            print(line, flush=True)
     for error in step.errors:
         print(f"     ! {error}", flush=True)
 
@@ -413,7 +478,9 @@ audio. underrun: share of the bot's speaking time the caller's playout buffer sa
 waiting for late audio. CPU s/call-min and RSS are the server's processes only (its
 workers included); MB/call = (peak - idle) / N. gen lag: the load generator's event-loop
 lag p99/max (high lag inflates latency and underrun). 'server': stages of the server's
-turn-timing log lines (seconds after the caller's speech ended)."""
+turn-timing log lines (seconds after the caller's speech ended). 'machine': CPU seconds
+per call-minute of the server, the load generator and the AI services, which share this
+machine's cores, and the most calls the cores could carry at that cost."""
 
 
 def ratio(ours: float | None, base: float | None) -> str:

@@ -892,6 +892,66 @@ def test_call_minutes_and_cpu_integrate_over_the_window() -> None:
     assert (burst.greeting_p50, burst.greeting_p95) == (pytest.approx(0.25), pytest.approx(0.295))
 
 
+def test_a_steady_runs_load_generator_cpu_is_what_it_used_inside_the_window() -> None:
+    """The callers' CPU per call-minute is counted over what the server's is: a steady
+    run's window (its seed and the calls running on after it are not in the call-minutes),
+    or a burst's whole run."""
+    window = (1000.0, 1060.0)
+    calls = [
+        load_calls.CallSummary(0, "steady", [0.5], speech_at=[30.0], started_at=970.0,
+                               duration=120.0),  # up the whole window: 60 s
+        load_calls.CallSummary(1, "steady", [0.7], speech_at=[5.0], started_at=1030.0,
+                               duration=45.0),  # 30 s in it
+    ]  # fmt: skip
+    report = load_calls.WorkerReport(calls, cpu_s=30.0, lags=[0.001], window_cpu_s=0.75)
+    steady = load_report.RunData([report], 80.0, 9.0, 300.0, window=window)
+    step = load_report.step_result("ours", 2, [steady], 200.0, None, "steady")
+    assert step.call_minutes == pytest.approx(1.5)
+    assert step.loadgen_cpu_per_call_min == pytest.approx(0.75 / 1.5)
+    burst = load_report.step_result(
+        "ours", 2, [load_report.RunData([report], 80.0, 9.0, 300.0)], 200.0, None
+    )
+    assert burst.loadgen_cpu_per_call_min == pytest.approx(30.0 / (165 / 60))
+
+
+async def test_the_callers_cpu_is_read_at_the_windows_two_moments() -> None:
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    def cpu() -> float:
+        return 7.0 + 0.5 * now[0]  # half a core, from the start
+
+    used = await load_calls.cpu_over((10.0, 70.0), clock=lambda: now[0], cpu=cpu, sleep=sleep)
+    assert used == pytest.approx(30.0) and now[0] == 70.0
+
+
+def budget_step(**fields) -> load_report.StepResult:
+    values = {"cpu_per_call_min": 1.2, "loadgen_cpu_per_call_min": 0.4,
+              "ai_api_cpu_per_call_min": 0.1, "pattern": "steady", "calls_up_mean": 40.0}
+    return load_report.StepResult("ours-instant", 40, 60.0, **{**values, **fields})  # fmt: skip
+
+
+def test_the_machines_cpu_is_split_and_caps_the_calls_it_can_carry(capsys) -> None:
+    """The server, the load generator and the AI services share the machine's cores: 1.7
+    CPU-s per call-minute in all, so 2 cores carry at most 70 calls, every core busy."""
+    budget = load_report.MachineBudget.of(budget_step())
+    assert budget.total == pytest.approx(1.7)
+    assert budget.calls_at_most(2) == 70 and budget.calls_at_most(4) == 141
+    assert budget.cores_at(40) == pytest.approx(1.7 * 40 / 60)
+    assert load_report.MachineBudget.of(budget_step(loadgen_cpu_per_call_min=None)) is None
+    assert load_report.MachineBudget.of(budget_step(ai_api_cpu_per_call_min=None)).total == 1.6
+    load_report.print_row(budget_step(), cores=2)
+    assert (
+        "machine CPU s/call-min: server 1.20 + load generator 0.40 + AI services 0.10 = 1.70; "
+        "at that cost 2 cores carry at most 70 calls (at N = 40: 1.13 cores)"
+    ) in capsys.readouterr().out
+    table = load_markdown.budget_table({"ours-instant": [budget_step()]}, 2)
+    assert "| ours steady, 40 | 1.20 | 0.40 | 0.10 | 1.70 | 1.13 | 70 |" in table
+    assert load_markdown.budget_table({"x": [budget_step(cpu_per_call_min=None)]}, 2) == []
+
+
 def test_the_greeting_is_the_first_bot_audio_before_the_caller_speaks() -> None:
     greeted = call_result(
         bot_utterances=[
