@@ -195,33 +195,35 @@ def pattern_tables(series: dict[str, list[StepResult]], note: str) -> list[str]:
 
 
 def budget_table(series: dict[str, list[StepResult]], cores: int) -> list[str]:
-    """Each step's CPU per call-minute on the machine, split between the server, the load
-    generator and the AI services that share its cores, and the calls those cores could
-    carry at that cost with every core busy (`MachineBudget`)."""
+    """Each step's CPU per call-minute on the machine, split between the server and the
+    benchmark's own callers and AI emulator, which share its cores; the cores all three
+    used; and about how many calls the cores would carry at that cost (`MachineBudget`)."""
     rows = []
     for steps in series.values():
         for step in steps:
             if (budget := MachineBudget.of(step)) is None:
                 continue
-            calls = step.calls_up_mean or step.n
             cells = [
                 f"{label(step.series)} {step.pattern}, {step.n}",
-                *(f"{part:.2f}" for part in (budget.server, budget.load_generator,
-                                             budget.ai_services, budget.total)),
-                f"{budget.cores_at(calls):.2f}",
-                str(budget.calls_at_most(cores)),
-            ]  # fmt: skip
+                f"{budget.server:.2f}",
+                f"{budget.load_generator:.2f}",
+                fmt(budget.ai_services),
+                f"{budget.total:.2f}",
+                fmt(budget.cores_used),
+                f"~{budget.calls_at_this_cost(cores)}",
+            ]
             rows.append("| " + " | ".join(cells) + " |")
     if not rows:
         return []
     return [
-        f"The machine's CPU, shared: CPU seconds per call-minute of the server, the load "
-        f"generator and the instant AI services, which all ran on these {cores} cores; the "
-        f"cores all three need with N calls up; and the most calls the {cores} cores could "
-        "carry at that cost, every core busy:",
+        "The machine's CPU, shared: CPU seconds per call-minute of the server, of the "
+        f"benchmark's callers and of its instant AI emulator, which all ran on these {cores} "
+        f"cores; the cores the three used together; and about how many calls the {cores} "
+        "cores would carry, every core busy, if each call-minute cost what it did at that "
+        "step (an estimate: a call-minute costs less as N grows):",
         "",
-        "| server, N | server | load generator | AI services | total | cores at N "
-        f"| calls {cores} cores carry at most |",
+        "| series, N | server | callers | AI emulator | total | cores used "
+        f"| calls {cores} cores would carry at this cost |",
         "| --- " * 7 + "|",
         *rows,
         "",
@@ -278,7 +280,7 @@ def render(
         lines += [*section, ""]
     if outside := outside_line(series):
         lines += [outside, ""]
-    lines += budget_table(series, machine["cores"])
+    lines += budget_table(series, machine["cores"] or 1)
     timing = stage_rows(series)
     if timing:
         lines += [

@@ -148,6 +148,7 @@ class StepResult:
     # calls; the late audio inside those stalls is not in `underrun_share`.
     loadgen_stall_call_s: float = 0.0
     ai_api_cpu_per_call_min: float | None = None  # the instant services' own process
+    machine_cores: float | None = None  # the server, callers and AI emulator together
     errors: list[str] = field(default_factory=list)
     runs: list[RunFigures] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # every turn, sorted, seconds
@@ -162,17 +163,20 @@ class StepResult:
 
 @dataclass(frozen=True)
 class MachineBudget:
-    """What one call-minute cost the machine the benchmark ran on, in CPU seconds: the
-    server's, the load generator's and the instant AI services', all on the same cores.
+    """One step's CPU on the benchmark's machine: per call-minute, the server's, the load
+    generator's (the emulated callers) and the instant AI emulator's, which exist only in
+    the benchmark but share the server's cores; and the cores all three used.
 
-    Why: the targets put the callers on the server's machine, so a number of calls that
-    needs more CPU than the machine has can't be held at any latency, whatever the
-    server does; `calls_at_most` is that ceiling, with every core busy.
+    Why: the targets put the callers on the server's machine, so a step whose three
+    processes together use every core is saturated whatever its latencies say, and
+    `calls_at_this_cost` estimates where that happens. It is an estimate: a call-minute
+    costs less as N grows (the processes' idle work is spread over more calls).
     """
 
     server: float
     load_generator: float
-    ai_services: float
+    ai_services: float | None  # None: no AI emulator process (offline engines)
+    cores_used: float | None = None  # all three, over what the step measured
 
     @classmethod
     def of(cls, step: StepResult) -> MachineBudget | None:
@@ -180,18 +184,15 @@ class MachineBudget:
         if step.cpu_per_call_min is None or step.loadgen_cpu_per_call_min is None:
             return None
         return cls(step.cpu_per_call_min, step.loadgen_cpu_per_call_min,
-                   step.ai_api_cpu_per_call_min or 0.0)  # fmt: skip
+                   step.ai_api_cpu_per_call_min, step.machine_cores)  # fmt: skip
 
     @property
     def total(self) -> float:
-        return self.server + self.load_generator + self.ai_services
+        return self.server + self.load_generator + (self.ai_services or 0.0)
 
-    def cores_at(self, calls: float) -> float:
-        """Cores all three use with `calls` calls up."""
-        return self.total * calls / 60
-
-    def calls_at_most(self, cores: int) -> int:
-        """The most calls `cores` can carry at this cost, every core busy."""
+    def calls_at_this_cost(self, cores: int) -> int:
+        """About how many calls `cores` would carry, every core busy, if each call-minute
+        cost what it did at this step."""
         return int(cores * 60 / self.total) if self.total > 0 else 0
 
 
@@ -246,15 +247,25 @@ def run_figures(index: int, run: RunData) -> RunFigures:
     )
 
 
-def loadgen_cpu_s(run: RunData) -> float:
+def loadgen_cpu_s(run: RunData) -> float | None:
     """The load generator's CPU over what the run measures: its window (steady), where the
-    server's CPU and the call-minutes are counted, or the whole run (burst)."""
-    return sum(
-        report.window_cpu_s
-        if run.window is not None and report.window_cpu_s is not None
-        else report.cpu_s
-        for report in run.reports
-    )
+    server's CPU and the call-minutes are counted, or the whole run (burst). None when a
+    caller process did not read its window (its whole run's CPU would overstate it)."""
+    if run.window is None:
+        return sum(report.cpu_s for report in run.reports)
+    in_window = [report.window_cpu_s for report in run.reports]
+    return None if None in in_window else sum(in_window)
+
+
+def machine_cores(runs: Sequence[RunData]) -> float | None:
+    """Cores the server, the load generator and the AI emulator used together, over what
+    the runs measured (steady: the windows; burst: the whole runs)."""
+    span = sum(run.measured_s for run in runs)
+    parts = [run.cpu_s for run in runs] + [loadgen_cpu_s(run) for run in runs]
+    parts += [run.ai_api_cpu_s or 0.0 for run in runs]
+    if span <= 0 or any(part is None or part != part for part in parts):  # None or NaN
+        return None
+    return sum(parts) / span
 
 
 def _cores(cpu_s: float | None, span_s: float) -> float | None:
@@ -279,7 +290,8 @@ def step_result(
     share, late, chunks, long_gaps = pacing(calls)
     call_minutes = sum(call.duration for call in calls) / 60
     lags = [lag for run in runs for report in run.reports for lag in report.lags]
-    loadgen_cpu = sum(loadgen_cpu_s(run) for run in runs)
+    loadgen_parts = [loadgen_cpu_s(run) for run in runs]
+    loadgen_cpu = None if None in loadgen_parts else sum(loadgen_parts)
     cpu_s = sum(run.cpu_s for run in runs)
     rss_peak = max((run.rss_peak_mb for run in runs), default=rss_idle_mb)
     per_run = [run_figures(k + 1, run) for k, run in enumerate(runs)]
@@ -321,7 +333,9 @@ def step_result(
         rss_peak_mb=rss_peak,
         rss_per_call_mb=(rss_peak - rss_idle_mb) / n,
         rss_process_peak_mb=max(largest, default=None),
-        loadgen_cpu_per_call_min=loadgen_cpu / call_minutes if call_minutes else None,
+        loadgen_cpu_per_call_min=(
+            loadgen_cpu / call_minutes if call_minutes and loadgen_cpu is not None else None
+        ),
         loadgen_lag_p99_ms=_ms(percentile(lags, 99)),
         loadgen_lag_max_ms=_ms(max(lags, default=None)),
         loadgen_stall_call_s=round(sum((call.own_stall_s for call in calls), 0.0), 2),
@@ -335,6 +349,7 @@ def step_result(
     helper_cpu = [run.ai_api_cpu_s for run in runs if run.ai_api_cpu_s is not None]
     if helper_cpu and call_minutes:
         result.ai_api_cpu_per_call_min = sum(helper_cpu) / call_minutes
+    result.machine_cores = machine_cores(runs)
     if previous is not None and n > previous.n and previous.pattern == pattern:
         result.rss_slope_mb = (rss_peak - previous.rss_peak_mb) / (n - previous.n)
     return result
@@ -440,17 +455,16 @@ def print_header(note: str = "") -> None:
 
 
 def format_budget(step: StepResult, cores: int) -> str | None:
-    """The machine's CPU per call-minute, split, and the calls it could carry at most."""
+    """The machine's CPU per call-minute, split; the cores used; the calls at this cost."""
     budget = MachineBudget.of(step)
     if budget is None:
         return None
-    calls = step.calls_up_mean or step.n
+    used = f"{budget.cores_used:.2f}" if budget.cores_used is not None else "–"
     return (
-        f"     machine CPU s/call-min: server {budget.server:.2f} + load generator "
-        f"{budget.load_generator:.2f} + AI services {budget.ai_services:.2f} = "
-        f"{budget.total:.2f}; at that cost {cores} cores carry at most "
-        f"{budget.calls_at_most(cores)} calls "
-        f"(at N = {step.n}: {budget.cores_at(calls):.2f} cores)"
+        f"     machine CPU s/call-min: server {budget.server:.2f} + callers "
+        f"{budget.load_generator:.2f} + AI emulator {fmt(budget.ai_services)} = "
+        f"{budget.total:.2f}; all three used {used} of {cores} cores; at this cost "
+        f"{cores} cores would carry ~{budget.calls_at_this_cost(cores)} calls"
     )
 
 
@@ -480,7 +494,9 @@ workers included); MB/call = (peak - idle) / N. gen lag: the load generator's ev
 lag p99/max (high lag inflates latency and underrun). 'server': stages of the server's
 turn-timing log lines (seconds after the caller's speech ended). 'machine': CPU seconds
 per call-minute of the server, the load generator and the AI services, which share this
-machine's cores, and the most calls the cores could carry at that cost."""
+machine's cores (the callers and the AI emulator exist only in the benchmark), the cores
+all three used, and about how many calls the cores would carry, every core busy, if each
+call-minute cost what it did at that step (it costs less as N grows)."""
 
 
 def ratio(ours: float | None, base: float | None) -> str:

@@ -929,27 +929,78 @@ async def test_the_callers_cpu_is_read_at_the_windows_two_moments() -> None:
 
 def budget_step(**fields) -> load_report.StepResult:
     values = {"cpu_per_call_min": 1.2, "loadgen_cpu_per_call_min": 0.4,
-              "ai_api_cpu_per_call_min": 0.1, "pattern": "steady", "calls_up_mean": 40.0}
+              "ai_api_cpu_per_call_min": 0.1, "pattern": "steady", "machine_cores": 1.13}
     return load_report.StepResult("ours-instant", 40, 60.0, **{**values, **fields})  # fmt: skip
 
 
-def test_the_machines_cpu_is_split_and_caps_the_calls_it_can_carry(capsys) -> None:
-    """The server, the load generator and the AI services share the machine's cores: 1.7
-    CPU-s per call-minute in all, so 2 cores carry at most 70 calls, every core busy."""
+def test_the_machines_cpu_is_split_and_estimates_the_calls_its_cores_carry(capsys) -> None:
+    """The server, the callers and the AI emulator share the machine's cores: 1.7 CPU-s
+    per call-minute in all, so at that cost 2 cores would carry ~70 calls."""
     budget = load_report.MachineBudget.of(budget_step())
-    assert budget.total == pytest.approx(1.7)
-    assert budget.calls_at_most(2) == 70 and budget.calls_at_most(4) == 141
-    assert budget.cores_at(40) == pytest.approx(1.7 * 40 / 60)
+    assert budget.total == pytest.approx(1.7) and budget.cores_used == 1.13
+    assert budget.calls_at_this_cost(2) == 70 and budget.calls_at_this_cost(4) == 141
     assert load_report.MachineBudget.of(budget_step(loadgen_cpu_per_call_min=None)) is None
-    assert load_report.MachineBudget.of(budget_step(ai_api_cpu_per_call_min=None)).total == 1.6
+    offline = load_report.MachineBudget.of(budget_step(ai_api_cpu_per_call_min=None))
+    assert offline.total == pytest.approx(1.6) and offline.ai_services is None
     load_report.print_row(budget_step(), cores=2)
+    load_report.print_row(budget_step(ai_api_cpu_per_call_min=None, machine_cores=None), cores=2)
+    out = capsys.readouterr().out
     assert (
-        "machine CPU s/call-min: server 1.20 + load generator 0.40 + AI services 0.10 = 1.70; "
-        "at that cost 2 cores carry at most 70 calls (at N = 40: 1.13 cores)"
-    ) in capsys.readouterr().out
+        "machine CPU s/call-min: server 1.20 + callers 0.40 + AI emulator 0.10 = 1.70; "
+        "all three used 1.13 of 2 cores; at this cost 2 cores would carry ~70 calls"
+    ) in out
+    assert "+ AI emulator – = 1.60; all three used – of 2 cores" in out
     table = load_markdown.budget_table({"ours-instant": [budget_step()]}, 2)
-    assert "| ours steady, 40 | 1.20 | 0.40 | 0.10 | 1.70 | 1.13 | 70 |" in table
+    assert "| ours steady, 40 | 1.20 | 0.40 | 0.10 | 1.70 | 1.13 | ~70 |" in table
     assert load_markdown.budget_table({"x": [budget_step(cpu_per_call_min=None)]}, 2) == []
+
+
+def test_the_cores_used_are_all_three_processes_cpu_over_what_was_measured() -> None:
+    """Steady: CPU in the window over the window; burst: over the whole run. A caller
+    process that did not read its window leaves the callers' figure out, not overstated."""
+    steady = load_report.RunData(
+        [load_calls.WorkerReport([], cpu_s=50.0, lags=[], window_cpu_s=6.0),
+         load_calls.WorkerReport([], cpu_s=50.0, lags=[], window_cpu_s=4.0)],
+        wall_s=200.0, cpu_s=60.0, rss_peak_mb=300.0, ai_api_cpu_s=2.0, window=(100.0, 160.0),
+    )  # fmt: skip
+    assert load_report.machine_cores([steady]) == pytest.approx((60 + 10 + 2) / 60)
+    burst = load_report.RunData(
+        [load_calls.WorkerReport([], cpu_s=9.0, lags=[])], wall_s=30.0, cpu_s=27.0,
+        rss_peak_mb=300.0, ai_api_cpu_s=1.5,
+    )  # fmt: skip
+    assert load_report.machine_cores([burst]) == pytest.approx((27 + 9 + 1.5) / 30)
+    assert load_report.machine_cores([steady, burst]) == pytest.approx((72 + 37.5) / 90)
+    unread = load_report.RunData(
+        [load_calls.WorkerReport([], cpu_s=50.0, lags=[])], wall_s=200.0, cpu_s=60.0,
+        rss_peak_mb=300.0, window=(100.0, 160.0),
+    )  # fmt: skip
+    assert load_report.loadgen_cpu_s(unread) is None
+    assert load_report.machine_cores([unread]) is None
+    step = load_report.step_result("ours", 2, [unread], 200.0, None, "steady")
+    assert step.loadgen_cpu_per_call_min is None and step.machine_cores is None
+
+
+async def test_a_caller_process_reads_its_cpu_in_the_window_it_is_given() -> None:
+    share = load_calls.WorkerShare("http://127.0.0.1:9/", [], {}, time.time(), 0, (0.0, 0.05))
+    report = await load_calls._worker(share)
+    assert report.window_cpu_s is not None and 0.0 <= report.window_cpu_s <= report.cpu_s + 0.01
+    burst = load_calls.WorkerShare("http://127.0.0.1:9/", [], {}, time.time(), 0)
+    assert (await load_calls._worker(burst)).window_cpu_s is None
+
+
+def test_a_steady_run_gives_its_callers_the_window_and_a_burst_none(monkeypatch) -> None:
+    started = []
+
+    def start_calls(url, plan, workers, query, seed, window_s=None):
+        started.append(window_s)
+        return None, [], 1000.0
+
+    monkeypatch.setattr(load, "start_calls", start_calls)
+    args = load.parse_args(["--seed-s", "20", "--steady-s", "60"])
+    _, _, window = load.start_run("http://x/", 4, "steady", args)
+    assert started[-1] == (20.0, 80.0) and window == (1020.0, 1080.0)
+    _, _, window = load.start_run("http://x/", 4, "burst", args)
+    assert started[-1] is None and window is None
 
 
 def test_the_greeting_is_the_first_bot_audio_before_the_caller_speaks() -> None:
