@@ -247,14 +247,20 @@ def run_figures(index: int, run: RunData) -> RunFigures:
     )
 
 
-def loadgen_cpu_s(run: RunData) -> float | None:
-    """The load generator's CPU over what the run measures: its window (steady), where the
-    server's CPU and the call-minutes are counted, or the whole run (burst). None when a
-    caller process did not read its window (its whole run's CPU would overstate it)."""
-    if run.window is None:
-        return sum(report.cpu_s for report in run.reports)
-    in_window = [report.window_cpu_s for report in run.reports]
-    return None if None in in_window else sum(in_window)
+def loadgen_cpu_s(*runs: RunData) -> float | None:
+    """The load generator's CPU over what the runs measure: their windows (steady), where
+    the server's CPU and the call-minutes are counted, or the whole runs (burst). None when
+    a caller process did not read its window (its whole run's CPU would overstate it)."""
+    parts = [
+        report.cpu_s if run.window is None else report.window_cpu_s
+        for run in runs
+        for report in run.reports
+    ]
+    return None if None in parts else sum(parts)
+
+
+def per_call_minute(cpu_s: float | None, call_minutes: float) -> float | None:
+    return cpu_s / call_minutes if cpu_s is not None and call_minutes else None
 
 
 def machine_cores(runs: Sequence[RunData]) -> float | None:
@@ -290,8 +296,6 @@ def step_result(
     share, late, chunks, long_gaps = pacing(calls)
     call_minutes = sum(call.duration for call in calls) / 60
     lags = [lag for run in runs for report in run.reports for lag in report.lags]
-    loadgen_parts = [loadgen_cpu_s(run) for run in runs]
-    loadgen_cpu = None if None in loadgen_parts else sum(loadgen_parts)
     cpu_s = sum(run.cpu_s for run in runs)
     rss_peak = max((run.rss_peak_mb for run in runs), default=rss_idle_mb)
     per_run = [run_figures(k + 1, run) for k, run in enumerate(runs)]
@@ -333,9 +337,7 @@ def step_result(
         rss_peak_mb=rss_peak,
         rss_per_call_mb=(rss_peak - rss_idle_mb) / n,
         rss_process_peak_mb=max(largest, default=None),
-        loadgen_cpu_per_call_min=(
-            loadgen_cpu / call_minutes if call_minutes and loadgen_cpu is not None else None
-        ),
+        loadgen_cpu_per_call_min=per_call_minute(loadgen_cpu_s(*runs), call_minutes),
         loadgen_lag_p99_ms=_ms(percentile(lags, 99)),
         loadgen_lag_max_ms=_ms(max(lags, default=None)),
         loadgen_stall_call_s=round(sum((call.own_stall_s for call in calls), 0.0), 2),
