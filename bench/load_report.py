@@ -260,6 +260,7 @@ def loadgen_cpu_s(*runs: RunData) -> float | None:
 
 
 def per_call_minute(cpu_s: float | None, call_minutes: float) -> float | None:
+    """CPU seconds per call-minute; None without the CPU or the call-minutes."""
     return cpu_s / call_minutes if cpu_s is not None and call_minutes else None
 
 
@@ -269,9 +270,9 @@ def machine_cores(runs: Sequence[RunData]) -> float | None:
     span = sum(run.measured_s for run in runs)
     parts = [run.cpu_s for run in runs] + [loadgen_cpu_s(run) for run in runs]
     parts += [run.ai_api_cpu_s or 0.0 for run in runs]
-    if span <= 0 or any(part is None or part != part for part in parts):  # None or NaN
+    if any(part is None or part != part for part in parts):  # None or NaN
         return None
-    return sum(parts) / span
+    return _cores(sum(parts), span)
 
 
 def _cores(cpu_s: float | None, span_s: float) -> float | None:
@@ -332,7 +333,7 @@ def step_result(
         calls_up_mean=mean_calls_up(call_minutes, sum(windows)) if windows else None,
         turn_interval_s=turn_interval(calls),
         cpu_s=cpu_s,
-        cpu_per_call_min=cpu_s / call_minutes if call_minutes else None,
+        cpu_per_call_min=per_call_minute(cpu_s, call_minutes),
         rss_idle_mb=rss_idle_mb,
         rss_peak_mb=rss_peak,
         rss_per_call_mb=(rss_peak - rss_idle_mb) / n,
@@ -349,8 +350,9 @@ def step_result(
         turn_timings=timings,
     )
     helper_cpu = [run.ai_api_cpu_s for run in runs if run.ai_api_cpu_s is not None]
-    if helper_cpu and call_minutes:
-        result.ai_api_cpu_per_call_min = sum(helper_cpu) / call_minutes
+    result.ai_api_cpu_per_call_min = per_call_minute(
+        sum(helper_cpu) if helper_cpu else None, call_minutes
+    )
     result.machine_cores = machine_cores(runs)
     if previous is not None and n > previous.n and previous.pattern == pattern:
         result.rss_slope_mb = (rss_peak - previous.rss_peak_mb) / (n - previous.n)
@@ -461,12 +463,11 @@ def format_budget(step: StepResult, cores: int) -> str | None:
     budget = MachineBudget.of(step)
     if budget is None:
         return None
-    used = f"{budget.cores_used:.2f}" if budget.cores_used is not None else "–"
     return (
         f"     machine CPU s/call-min: server {budget.server:.2f} + callers "
         f"{budget.load_generator:.2f} + AI emulator {fmt(budget.ai_services)} = "
-        f"{budget.total:.2f}; all three used {used} of {cores} cores; at this cost "
-        f"{cores} cores would carry ~{budget.calls_at_this_cost(cores)} calls"
+        f"{budget.total:.2f}; all three used {fmt(budget.cores_used)} of {cores} cores; "
+        f"at this cost {cores} cores would carry ~{budget.calls_at_this_cost(cores)} calls"
     )
 
 

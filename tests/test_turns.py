@@ -685,7 +685,7 @@ async def test_live_every_stage_of_a_reply_is_in_the_log_and_no_3_s_tail(server,
     result, timings = await call_once(server, ai_api, sentence, sentence)
     if timings[0]["rule"] == "model_late":
         # The turn ended without the model, as designed when its verdict is later than
-        # the transcript's wait: the machine was starved (four test workers on 2 cores).
+        # the transcript's wait: the machine was starved (other test workers on 2 cores).
         # A model that never answers fails the second call too.
         result, timings = await call_once(server, ai_api, sentence, sentence)
 
