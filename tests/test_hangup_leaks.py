@@ -146,7 +146,12 @@ async def settled(server: InProcessServer, baseline: set[asyncio.Task] | None = 
         if app_services(server.app).active_streams == 0:
             if baseline is not None and not leftover_tasks(baseline):
                 await engines_idle()
-                return
+                # Checked again after the wait: a record written meanwhile runs briefly as
+                # a task of its own (SQLAlchemy runs a session's exit so, to finish it even
+                # if cancelled): work in flight, not a leak. Return only with none left,
+                # so the caller's count, taken with no await between, sees the same.
+                if not leftover_tasks(baseline):
+                    return
             if baseline is None and len(counts) == 10 and len(set(counts)) == 1:
                 return
         await asyncio.sleep(0.1)
