@@ -113,6 +113,14 @@ def test_the_server_runs_on_uvloop(server):
     assert any("Event loop: uvloop.Loop" in line for line in server.logs), server.log_text()
 
 
+def test_the_server_says_how_many_cores_its_inference_pools_use(server):
+    """Fewer than the machine's in a container with a CPU limit (phonebot.ops.cores)."""
+    line = next((line for line in server.logs if "Cores usable: " in line), None)
+    assert line is not None, server.log_text()
+    usable, machine = re.search(r"Cores usable: (\d+) of the machine's (\d+)", line).groups()
+    assert 1 <= int(usable) <= int(machine)
+
+
 async def test_dialin_support_greeting_is_spoken_to_the_right_stream(server, twilio):
     result = await call_in(server, twilio, [WaitForBot(), Hangup()], session_type="support")
 

@@ -7,8 +7,9 @@ scoring 2, 4 or 8 turns in one ONNX run costs the same CPU per turn as scoring t
 one (the model is compute-bound, not overhead-bound like Silero). So batching would only
 make the first caller wait for the last one's features. What keeps simultaneous turn ends
 from queueing behind each other is running them side by side on every core: a process-wide
-pool of ``os.cpu_count()`` threads (Pipecat gives each analyzer a thread of its own, which
-lets hundreds of inferences overlap and grows memory arenas without adding throughput).
+pool of one thread per core the process may use (`phonebot.ops.cores`; Pipecat gives each
+analyzer a thread of its own, which lets hundreds of inferences overlap and grows memory
+arenas without adding throughput).
 The other half, not holding the caller's audio and transcripts while the model runs, is in
 `phonebot.call.turns.PhoneTurnStopStrategy`.
 """
@@ -26,6 +27,7 @@ from pipecat.utils.env import env_truthy
 from threadpoolctl import threadpool_limits
 
 from phonebot.ai.inference.sessions import smart_turn_session
+from phonebot.ops.cores import usable_cores
 from phonebot.pipecat_compat import init_smart_turn_state
 
 __all__ = [
@@ -35,7 +37,7 @@ __all__ = [
     "smart_turn_executor",
 ]
 
-SMART_TURN_THREADS = os.cpu_count() or 1
+SMART_TURN_THREADS = usable_cores()
 # The inference threads' scheduling priority, under the event loop's (Linux `nice`: each
 # step is ~1.25x less CPU share when both want a core). When many calls' turns end at once
 # (40 calls started by a campaign within a second), the predictions used every core, and

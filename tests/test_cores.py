@@ -1,0 +1,120 @@
+"""The cores a server process may use (phonebot.ops.cores): affinity and cgroup CPU limits.
+
+The cgroup trees are written by hand in a temporary folder in the kernel's documented
+formats (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), so every layout
+is tested whatever this machine's own is; the pools' sizes are checked in a child process
+whose affinity is set to one core.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from phonebot.ops import cores
+from phonebot.ops.cores import cgroup_cpu_limit, usable_cores
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cgroup_file(root: Path, relative: str, text: str) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def self_cgroup(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "proc-self-cgroup"
+    path.write_text(text)
+    return path
+
+
+def test_a_v2_limit_on_the_process_cgroup_is_quota_over_period(tmp_path):
+    root = tmp_path / "fs"
+    cgroup_file(root, "cgroup.controllers", "cpu memory\n")
+    cgroup_file(root, "kubepods/pod1/app/cpu.max", "150000 100000\n")
+    proc = self_cgroup(tmp_path, "0::/kubepods/pod1/app\n")
+    assert cgroup_cpu_limit(root, proc) == 1.5
+
+
+def test_a_parents_tighter_limit_binds_the_process(tmp_path):
+    """A pod's limit sits on the pod's cgroup, above its containers'."""
+    root = tmp_path / "fs"
+    cgroup_file(root, "cgroup.controllers", "cpu\n")
+    cgroup_file(root, "kubepods/pod1/cpu.max", "200000 100000\n")
+    cgroup_file(root, "kubepods/pod1/app/cpu.max", "max 100000\n")
+    proc = self_cgroup(tmp_path, "0::/kubepods/pod1/app\n")
+    assert cgroup_cpu_limit(root, proc) == 2.0
+
+
+def test_no_limit_anywhere_is_none(tmp_path):
+    root = tmp_path / "fs"
+    cgroup_file(root, "cgroup.controllers", "cpu\n")
+    cgroup_file(root, "system.slice/cpu.max", "max 100000\n")
+    assert cgroup_cpu_limit(root, self_cgroup(tmp_path, "0::/system.slice\n")) is None
+    assert cgroup_cpu_limit(root, tmp_path / "no-such-file") is None
+
+
+def test_a_v1_quota_is_read_from_the_cpu_controller_and_minus_one_is_none(tmp_path):
+    root = tmp_path / "fs"
+    cgroup_file(root, "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "50000\n")
+    cgroup_file(root, "cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n")
+    cgroup_file(root, "cpu,cpuacct/cpu.cfs_quota_us", "-1\n")
+    cgroup_file(root, "cpu,cpuacct/cpu.cfs_period_us", "100000\n")
+    proc = self_cgroup(tmp_path, "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
+    assert cgroup_cpu_limit(root, proc) == 0.5
+    outside = self_cgroup(tmp_path, "4:cpu,cpuacct:/\n")
+    assert cgroup_cpu_limit(root, outside) is None
+
+
+def test_systemds_hybrid_layout_reads_v2_under_unified(tmp_path):
+    root = tmp_path / "fs"
+    cgroup_file(root, "unified/user.slice/cpu.max", "300000 100000\n")
+    cgroup_file(root, "cpu/cpu.cfs_quota_us", "-1\n")
+    cgroup_file(root, "cpu/cpu.cfs_period_us", "100000\n")
+    proc = self_cgroup(tmp_path, "1:cpu:/\n0::/user.slice\n")
+    assert cgroup_cpu_limit(root, proc) == 3.0
+
+
+def test_usable_cores_is_the_affinity_capped_by_the_limit_rounded_up(tmp_path, monkeypatch):
+    root = tmp_path / "fs"
+    cgroup_file(root, "cgroup.controllers", "cpu\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    proc = self_cgroup(tmp_path, "0::/pod\n")
+    cgroup_file(root, "pod/cpu.max", "150000 100000\n")
+    assert usable_cores(root, proc) == 2
+    cgroup_file(root, "pod/cpu.max", "20000 100000\n")  # a fifth of a CPU: still one thread
+    assert usable_cores(root, proc) == 1
+    cgroup_file(root, "pod/cpu.max", "max 100000\n")
+    assert usable_cores(root, proc) == 32
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert usable_cores(root, proc) == 1
+
+
+def test_this_machines_reading_is_no_more_than_its_cores():
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+    assert cores.usable_cores is usable_cores
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and at least two cores to tell one from the machine's count",
+)
+def test_a_process_pinned_to_one_core_sizes_every_inference_pool_to_one():
+    """What `taskset -c 0 python server.py` (or a pod with a 1-CPU limit) gets: one thread
+    per pool, where `os.cpu_count()` would have given the machine's count."""
+    script = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from phonebot.ai.inference.turn import SMART_TURN_THREADS\n"
+        "from phonebot.ai.offline.piper_voice import SYNTHESIS_THREADS\n"
+        "from phonebot.ai.offline.whisper import DECODE_THREADS\n"
+        "print(SMART_TURN_THREADS, SYNTHESIS_THREADS, DECODE_THREADS, os.cpu_count())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[:3] == ["1", "1", "1"] and int(out[3]) >= 2
