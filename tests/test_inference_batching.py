@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_info
 
 from phonebot import pipecat_compat as compat
 from phonebot.ai.inference import SharedSileroVADAnalyzer, SharedSmartTurnAnalyzer, SileroBatcher
-from phonebot.ai.inference.turn import SMART_TURN_NICE, smart_turn_executor
+from phonebot.ai.inference.turn import SMART_TURN_NICE, SMART_TURN_THREADS, smart_turn_executor
 from phonebot.ai.offline.espeak import synthesize_at
 
 RATE = 8000
@@ -158,7 +158,7 @@ async def test_a_failing_run_falls_back_to_scoring_alone(monkeypatch) -> None:
 async def test_simultaneous_turn_ends_run_side_by_side() -> None:
     """k calls ending their turns at once are predicted in parallel on every core, not one
     after the other on one thread: counted, not timed."""
-    cores = os.cpu_count() or 1
+    cores = SMART_TURN_THREADS  # the cores this process may use (phonebot.ops.cores)
     k = max(2, cores)
     running, most = 0, 0
     lock = threading.Lock()

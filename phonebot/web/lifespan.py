@@ -22,7 +22,6 @@ from phonebot import __version__
 from phonebot.ai.inference import load_shared_models
 from phonebot.ai.inference.turn import SMART_TURN_THREADS, smart_turn_executor
 from phonebot.ai.providers import ProviderChoice, chosen_providers
-from phonebot.ops.cores import usable_cores
 from phonebot.ops.diagnostics import resource_usage_log
 from phonebot.ops.heap import freeze_startup_heap, thaw_heap
 from phonebot.ops.threads import start_every_thread, started_default_executor
@@ -73,9 +72,9 @@ def log_configuration(services: AppServices, providers: ProviderChoice) -> None:
     logger.info(f"Phone bot {__version__} ({mode}): {providers.describe()}")
     loop = type(asyncio.get_running_loop())
     logger.info(f"Event loop: {loop.__module__}.{loop.__qualname__}")
-    # The inference pools' size: fewer than the machine's cores in a container with a
-    # CPU limit or under `taskset` (phonebot.ops.cores).
-    logger.info(f"Cores usable: {usable_cores()} of the machine's {os.cpu_count()}")
+    # The inference pools' size, one thread per core the process may use: fewer than the
+    # machine's in a container with a CPU limit or under `taskset` (phonebot.ops.cores).
+    logger.info(f"Cores usable: {SMART_TURN_THREADS} of the machine's {os.cpu_count()}")
     if settings.webhook_auth == "external":
         logger.info("WEBHOOK_AUTH=external: webhook signatures are left to your gateway")
     elif not checks_webhook_signatures(settings):
