@@ -33,70 +33,82 @@ def self_cgroup(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_a_v2_limit_on_the_process_cgroup_is_quota_over_period(tmp_path):
+V2 = {"cgroup.controllers": "cpu memory\n"}  # cgroup v2 mounted at the root
+
+# (files under the cgroup mount, /proc/self/cgroup, the limit expected)
+LAYOUTS = {
+    "v2: quota over period": (
+        {**V2, "kubepods/pod1/app/cpu.max": "150000 100000\n"},
+        "0::/kubepods/pod1/app\n",
+        1.5,
+    ),
+    # A pod's limit sits on the pod's cgroup, above its containers'.
+    "v2: a parent's tighter limit binds": (
+        {
+            **V2,
+            "kubepods/pod1/cpu.max": "200000 100000\n",
+            "kubepods/pod1/app/cpu.max": "400000 100000\n",
+        },
+        "0::/kubepods/pod1/app\n",
+        2.0,
+    ),
+    "v2: max is no limit": (
+        {**V2, "system.slice/cpu.max": "max 100000\n"},
+        "0::/system.slice\n",
+        None,
+    ),
+    "v2: a zero period is no limit": ({**V2, "pod/cpu.max": "100000 0\n"}, "0::/pod\n", None),
+    "v2: a garbled file is no limit": ({**V2, "pod/cpu.max": "lots\n"}, "0::/pod\n", None),
+    "v1: the cpu controller's quota": (
+        {
+            "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+            "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+            "cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+            "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        },
+        "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n",
+        0.5,
+    ),
+    "v1: a quota of -1 is no limit": (
+        {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+        "4:cpu,cpuacct:/\n",
+        None,
+    ),
+    # Docker on cgroup v1: /proc/self/cgroup names the host's path, which the container's
+    # mount does not have; its root is the container's cgroup.
+    "v1: no cgroup namespace": (
+        {"cpu,cpuacct/cpu.cfs_quota_us": "150000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+        "4:cpu,cpuacct:/kubepods/burstable/pod1/abc\n",
+        1.5,
+    ),
+    # Some systems mount "cpu,cpuacct" and link "cpu" to it; others only have "cpu".
+    "v1: the controller list under cpu": (
+        {"cpu/x/cpu.cfs_quota_us": "300000\n", "cpu/x/cpu.cfs_period_us": "100000\n"},
+        "4:cpu,cpuacct:/x\n",
+        3.0,
+    ),
+    "hybrid: v2 under unified": (
+        {
+            "unified/user.slice/cpu.max": "300000 100000\n",
+            "cpu/cpu.cfs_quota_us": "-1\n",
+            "cpu/cpu.cfs_period_us": "100000\n",
+        },
+        "1:cpu:/\n0::/user.slice\n",
+        3.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("files, proc_text, limit", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_the_cgroup_cpu_limit_in_each_layout(tmp_path, files, proc_text, limit):
     root = tmp_path / "fs"
-    cgroup_file(root, "cgroup.controllers", "cpu memory\n")
-    cgroup_file(root, "kubepods/pod1/app/cpu.max", "150000 100000\n")
-    proc = self_cgroup(tmp_path, "0::/kubepods/pod1/app\n")
-    assert cgroup_cpu_limit(root, proc) == 1.5
+    for relative, text in files.items():
+        cgroup_file(root, relative, text)
+    assert cgroup_cpu_limit(root, self_cgroup(tmp_path, proc_text)) == limit
 
 
-def test_a_parents_tighter_limit_binds_the_process(tmp_path):
-    """A pod's limit sits on the pod's cgroup, above its containers'."""
-    root = tmp_path / "fs"
-    cgroup_file(root, "cgroup.controllers", "cpu\n")
-    cgroup_file(root, "kubepods/pod1/cpu.max", "200000 100000\n")
-    cgroup_file(root, "kubepods/pod1/app/cpu.max", "400000 100000\n")
-    proc = self_cgroup(tmp_path, "0::/kubepods/pod1/app\n")
-    assert cgroup_cpu_limit(root, proc) == 2.0
-
-
-def test_no_limit_anywhere_is_none(tmp_path):
-    root = tmp_path / "fs"
-    cgroup_file(root, "cgroup.controllers", "cpu\n")
-    cgroup_file(root, "system.slice/cpu.max", "max 100000\n")
-    assert cgroup_cpu_limit(root, self_cgroup(tmp_path, "0::/system.slice\n")) is None
-    assert cgroup_cpu_limit(root, tmp_path / "no-such-file") is None
-
-
-def test_a_v1_quota_is_read_from_the_cpu_controller_and_minus_one_is_none(tmp_path):
-    root = tmp_path / "fs"
-    cgroup_file(root, "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "50000\n")
-    cgroup_file(root, "cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n")
-    cgroup_file(root, "cpu,cpuacct/cpu.cfs_quota_us", "-1\n")
-    cgroup_file(root, "cpu,cpuacct/cpu.cfs_period_us", "100000\n")
-    proc = self_cgroup(tmp_path, "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
-    assert cgroup_cpu_limit(root, proc) == 0.5
-    outside = self_cgroup(tmp_path, "4:cpu,cpuacct:/\n")
-    assert cgroup_cpu_limit(root, outside) is None
-
-
-def test_v1_without_a_cgroup_namespace_reads_the_containers_own_mount(tmp_path):
-    """Docker on cgroup v1: /proc/self/cgroup names the host's path, which the container's
-    mount does not have; its root is the container's cgroup."""
-    root = tmp_path / "fs"
-    cgroup_file(root, "cpu,cpuacct/cpu.cfs_quota_us", "150000\n")
-    cgroup_file(root, "cpu,cpuacct/cpu.cfs_period_us", "100000\n")
-    proc = self_cgroup(tmp_path, "4:cpu,cpuacct:/kubepods/burstable/pod1/abc\n")
-    assert cgroup_cpu_limit(root, proc) == 1.5
-
-
-def test_a_v1_controller_list_with_no_such_directory_is_read_under_cpu(tmp_path):
-    """Some systems mount "cpu,cpuacct" and link "cpu" to it; others only have "cpu"."""
-    root = tmp_path / "fs"
-    cgroup_file(root, "cpu/x/cpu.cfs_quota_us", "300000\n")
-    cgroup_file(root, "cpu/x/cpu.cfs_period_us", "100000\n")
-    assert cgroup_cpu_limit(root, self_cgroup(tmp_path, "4:cpu,cpuacct:/x\n")) == 3.0
-
-
-def test_a_zero_period_or_a_garbled_file_is_no_limit(tmp_path):
-    root = tmp_path / "fs"
-    cgroup_file(root, "cgroup.controllers", "cpu\n")
-    proc = self_cgroup(tmp_path, "0::/pod\n")
-    cgroup_file(root, "pod/cpu.max", "100000 0\n")
-    assert cgroup_cpu_limit(root, proc) is None
-    cgroup_file(root, "pod/cpu.max", "lots\n")
-    assert cgroup_cpu_limit(root, proc) is None
+def test_no_proc_self_cgroup_is_no_limit(tmp_path):
+    assert cgroup_cpu_limit(tmp_path, tmp_path / "no-such-file") is None
 
 
 def test_a_cgroup_name_that_is_not_utf8_is_still_found(tmp_path):
@@ -118,15 +130,6 @@ def test_an_unreadable_cgroup_leaves_the_affinity(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cores, "cgroup_cpu_limit", denied)
     assert usable_cores(tmp_path, tmp_path / "proc-self-cgroup") == 3
-
-
-def test_systemds_hybrid_layout_reads_v2_under_unified(tmp_path):
-    root = tmp_path / "fs"
-    cgroup_file(root, "unified/user.slice/cpu.max", "300000 100000\n")
-    cgroup_file(root, "cpu/cpu.cfs_quota_us", "-1\n")
-    cgroup_file(root, "cpu/cpu.cfs_period_us", "100000\n")
-    proc = self_cgroup(tmp_path, "1:cpu:/\n0::/user.slice\n")
-    assert cgroup_cpu_limit(root, proc) == 3.0
 
 
 def test_usable_cores_is_the_affinity_capped_by_the_limit_rounded_up(tmp_path, monkeypatch):
