@@ -169,3 +169,16 @@ def test_a_process_pinned_to_one_core_sizes_every_inference_pool_to_one():
     assert child.returncode == 0, child.stderr[-2000:]
     out = child.stdout.split()
     assert out[:3] == ["1", "1", "1"] and int(out[3]) >= 2
+
+
+def test_the_pools_share_one_reading(monkeypatch):
+    """Smart Turn, Whisper and Piper are sized at import from one reading of the cgroup."""
+    readings = []
+    reading = cores.cgroup_cpu_limit
+    monkeypatch.setattr(cores, "cgroup_cpu_limit", lambda *a: readings.append(a) or reading(*a))
+    cores.process_cores.cache_clear()
+    try:
+        assert cores.process_cores() == cores.process_cores() == usable_cores()
+        assert len(readings) == 2  # one for both process_cores() calls, one for usable_cores()
+    finally:
+        cores.process_cores.cache_clear()

@@ -18,16 +18,24 @@ files (cgroup v2 `cpu.max`; v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
 
 from loguru import logger
 
-__all__ = ["cgroup_cpu_limit", "usable_cores"]
+__all__ = ["cgroup_cpu_limit", "process_cores", "usable_cores"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+
+@functools.cache
+def process_cores() -> int:
+    """`usable_cores()` for this process, read once: the three pools sized at import share
+    the one reading (and an unreadable cgroup is warned about once, not per pool)."""
+    return usable_cores()
 
 
 def usable_cores(
@@ -87,7 +95,7 @@ def _own_cgroup_and_parents(cgroup_root: Path, proc_self_cgroup: Path) -> list[P
         if base is None:
             continue
         directory = base / path.strip("/")
-        while directory != base and base in directory.parents:
+        while base in directory.parents:
             directories.append(directory)
             directory = directory.parent
         directories.append(base)

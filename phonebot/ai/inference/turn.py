@@ -27,7 +27,7 @@ from pipecat.utils.env import env_truthy
 from threadpoolctl import threadpool_limits
 
 from phonebot.ai.inference.sessions import smart_turn_session
-from phonebot.ops.cores import usable_cores
+from phonebot.ops.cores import process_cores
 from phonebot.pipecat_compat import init_smart_turn_state
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "smart_turn_executor",
 ]
 
-SMART_TURN_THREADS = usable_cores()
+SMART_TURN_THREADS = process_cores()
 # The inference threads' scheduling priority, under the event loop's (Linux `nice`: each
 # step is ~1.25x less CPU share when both want a core). When many calls' turns end at once
 # (40 calls started by a campaign within a second), the predictions used every core, and

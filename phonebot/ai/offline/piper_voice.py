@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from phonebot.audio import resample_pcm16
-from phonebot.ops.cores import usable_cores
+from phonebot.ops.cores import process_cores
 
 if TYPE_CHECKING:
     from piper import PiperVoice, SynthesisConfig
@@ -67,7 +67,7 @@ VOICE_NAME = "en_US-joe-medium"
 JOE_SHA256 = "58afce0321b8d9c46d7cdf9c16500cc55a793b4220212dba6b70fb788b3baf06"
 ONNX_THREADS = 1
 # Sentences being synthesised at once, process-wide: one per core (see the module docstring).
-SYNTHESIS_THREADS = usable_cores()
+SYNTHESIS_THREADS = process_cores()
 _HASH_BLOCK = 1 << 20
 
 

